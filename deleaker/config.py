@@ -1,0 +1,98 @@
+"""DeLeaker's knobs, with the defaults of the spec (FLUX.1-dev, 20 steps, 57 blocks per step)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+#: Blocks per step of FLUX.1 (19 double-stream + 38 single-stream), the unit of the window defaults.
+REFERENCE_NUM_BLOCKS = 57
+
+#: Knobs that count block steps; scaled by ``num_blocks / 57`` for other models (see `DeLeakerConfig.for_model`).
+WINDOW_FIELDS = (
+    "start_aggregating_from",
+    "stop_aggregating_at",
+    "start_intervention_from",
+    "stop_intervention_at",
+)
+
+
+@dataclass(frozen=True)
+class DeLeakerConfig:
+    """Every knob of DeLeaker attention. The window knobs count block steps ``t = step * num_blocks + offset``."""
+
+    std_mul_text: float = 1.0
+    std_mul_image_image: float = 1.0
+    k_strength: float = 1.2
+    start_aggregating_from: int = 12
+    stop_aggregating_at: int = 684
+    start_intervention_from: int = 18
+    stop_intervention_at: int = 1140
+    use_history: bool = True
+    do_smoothing: bool = True
+    do_image_image: bool = True
+    do_image_text_strengthening: bool = True
+    do_image_text_weakening: bool = True
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"DeLeakerConfig.{f.name} must be a bool, got {value!r}")
+            elif f.type in ("int", int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"DeLeakerConfig.{f.name} must be an int (block steps), got {value!r}")
+                if value < 0:
+                    raise ConfigError(f"DeLeakerConfig.{f.name} must be >= 0, got {value}")
+            else:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                    raise ConfigError(f"DeLeakerConfig.{f.name} must be a finite number, got {value!r}")
+        if self.stop_aggregating_at < self.start_aggregating_from:
+            raise ConfigError(
+                f"stop_aggregating_at ({self.stop_aggregating_at}) must be >= start_aggregating_from "
+                f"({self.start_aggregating_from})"
+            )
+        if self.stop_intervention_at < self.start_intervention_from:
+            raise ConfigError(
+                f"stop_intervention_at ({self.stop_intervention_at}) must be >= start_intervention_from "
+                f"({self.start_intervention_from})"
+            )
+
+    @classmethod
+    def for_model(cls, num_blocks: int, **overrides: Any) -> "DeLeakerConfig":
+        """The config for a model with ``num_blocks`` joint attentions per step.
+
+        Window knobs that are not in ``overrides`` are the spec's defaults scaled by ``num_blocks / 57`` (rounded),
+        so the windows keep their place in the denoising schedule; everything in ``overrides`` is taken as given.
+        """
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ConfigError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown DeLeaker option(s) {unknown}; allowed: {sorted(known)}")
+        defaults = cls()
+        scaled = {
+            name: int(round(getattr(defaults, name) * num_blocks / REFERENCE_NUM_BLOCKS))
+            for name in WINDOW_FIELDS
+            if name not in overrides
+        }
+        return cls(**{**scaled, **overrides})
+
+    @classmethod
+    def resolve(cls, config: "DeLeakerConfig | Mapping[str, Any] | None", num_blocks: int) -> "DeLeakerConfig":
+        """What pipelines accept: a full config (used as is), a mapping of overrides, or None (scaled defaults)."""
+        if isinstance(config, cls):
+            return config
+        if config is None:
+            return cls.for_model(num_blocks)
+        if isinstance(config, Mapping):
+            return cls.for_model(num_blocks, **dict(config))
+        raise ConfigError(f"deleaker_config must be a DeLeakerConfig, a mapping of options or None, got {type(config)}")
+
+    def intervenes_at(self, block_step: int) -> bool:
+        return self.start_intervention_from <= block_step <= self.stop_intervention_at

@@ -1,0 +1,143 @@
+"""``DeLeakerFluxPipeline``: diffusers' ``FluxPipeline`` with DeLeaker attention, state owned per call."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from diffusers import FluxPipeline
+
+from .config import DeLeakerConfig
+from .entities import entity_token_mask
+from .errors import DeLeakerError
+from .processor import DeLeakerState, install_deleaker_processors
+
+#: Entity rows of the mask (the spec's E_max); prompts may name fewer entities.
+DEFAULT_MAX_ENTITIES = 4
+
+
+def latent_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
+    """The ``(gh, gw)`` token grid of an image, as ``FluxPipeline.prepare_latents`` computes it (2x2 patches)."""
+    return int(height) // (vae_scale_factor * 2), int(width) // (vae_scale_factor * 2)
+
+
+class DeLeakerFluxPipeline(FluxPipeline):
+    """``FluxPipeline`` that mitigates leakage between the ``entities`` named in the prompt.
+
+    Loads like ``FluxPipeline`` (``from_pretrained`` on a local diffusers folder, or built from components).
+    Called without entities it is exactly ``FluxPipeline``. With entities, each call builds its own
+    `DeLeakerState` (entity mask, grid, config, step, history) and passes it to every joint attention.
+    """
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer, image_encoder=None, feature_extractor=None):
+        super().__init__(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.num_blocks = install_deleaker_processors(self.transformer)
+
+    def deleaker_state(
+        self,
+        prompt: str,
+        entities: Sequence[str],
+        *,
+        height: int,
+        width: int,
+        max_sequence_length: int = 512,
+        max_entities: int = DEFAULT_MAX_ENTITIES,
+        deleaker_config: DeLeakerConfig | Mapping[str, Any] | None = None,
+    ) -> DeLeakerState:
+        """The per-call state for ``prompt`` and its ``entities`` (raises `EntityError` before any work)."""
+        config = DeLeakerConfig.resolve(deleaker_config, self.num_blocks)
+        mask = entity_token_mask(
+            self.tokenizer_2, prompt, entities, max_sequence_length=max_sequence_length, max_entities=max_entities
+        )
+        device = self._execution_device
+        return DeLeakerState(
+            entity_mask=mask.to(device),
+            grid=latent_grid(height, width, self.vae_scale_factor),
+            config=config,
+            step=torch.zeros((), dtype=torch.int64, device=device),
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        entities: Optional[Sequence[str]] = None,
+        deleaker_config: DeLeakerConfig | Mapping[str, Any] | None = None,
+        max_entities: int = DEFAULT_MAX_ENTITIES,
+        height: int | None = None,
+        width: int | None = None,
+        max_sequence_length: int = 512,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        **kwargs: Any,
+    ):
+        """``FluxPipeline.__call__`` plus ``entities`` (strings of the prompt, 2 to ``max_entities``) and
+        ``deleaker_config`` (a `DeLeakerConfig` used as is, a mapping of overrides of the model-scaled defaults,
+        or None for those defaults). Without entities, exactly ``FluxPipeline.__call__``.
+        """
+        common = dict(
+            height=height,
+            width=width,
+            max_sequence_length=max_sequence_length,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            **kwargs,
+        )
+        if not entities:
+            return super().__call__(
+                prompt=prompt,
+                joint_attention_kwargs=joint_attention_kwargs,
+                callback_on_step_end=callback_on_step_end,
+                **common,
+            )
+
+        if isinstance(prompt, (list, tuple)):
+            if len(set(prompt)) != 1:
+                raise DeLeakerError("entities apply to one prompt; got a list of different prompts")
+            prompt_text = prompt[0]
+        elif isinstance(prompt, str):
+            prompt_text = prompt
+        else:
+            raise DeLeakerError("entities need the prompt text (prompt=...), not only prompt embeddings")
+        if kwargs.get("true_cfg_scale", 1.0) > 1 and (
+            kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
+        ):
+            raise DeLeakerError("DeLeaker does not support true CFG (negative prompts): its history is per pass")
+        if joint_attention_kwargs and "deleaker_state" in joint_attention_kwargs:
+            raise DeLeakerError("pass entities=..., not a deleaker_state: the pipeline owns the per-call state")
+
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        state = self.deleaker_state(
+            prompt_text,
+            entities,
+            height=height,
+            width=width,
+            max_sequence_length=max_sequence_length,
+            max_entities=max_entities,
+            deleaker_config=deleaker_config,
+        )
+
+        def advance_then_user_callback(pipe, step_index, timestep, callback_kwargs):
+            state.advance()
+            if callback_on_step_end is None:
+                return {}
+            return callback_on_step_end(pipe, step_index, timestep, callback_kwargs)
+
+        return super().__call__(
+            prompt=prompt,
+            joint_attention_kwargs={**(joint_attention_kwargs or {}), "deleaker_state": state},
+            callback_on_step_end=advance_then_user_callback,
+            **{**common, "height": height, "width": width},
+        )

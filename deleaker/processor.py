@@ -1,0 +1,145 @@
+"""DeLeaker in diffusers' ``FluxTransformer2DModel``: a thin attention processor and the per-call state it reads.
+
+The processor does what diffusers' ``FluxAttnProcessor`` does (projections, QK-norm, text-first concatenation,
+RoPE) and replaces only the attention by ``torch.ops.deleaker.attention``. It holds no per-call state: the pipeline
+passes a `DeLeakerState` through ``joint_attention_kwargs={"deleaker_state": state}``; without one, the stock
+``FluxAttnProcessor`` runs, so the model is exactly diffusers' FLUX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+from .config import DeLeakerConfig
+from .errors import ShapeError
+from .library import call_attention
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class DeLeakerState:
+    """What one generation call threads through every joint attention of the transformer.
+
+    Attributes:
+        entity_mask: ``(E_max, T)`` bool, the entities' text tokens, on the model's device.
+        grid: ``(gh, gw)``, the latent patch grid of this call.
+        config: the knobs, already scaled to the model (`DeLeakerConfig.for_model`).
+        step: int64 scalar tensor, the denoising step index; the caller advances it after each step.
+        history: ``(B, E_max, gh * gw)`` float32 running mean of entity affinities; ``None`` until the first
+            block allocates zeros for the batch it sees. Each block replaces it with its updated history.
+    """
+
+    entity_mask: Tensor
+    grid: Tuple[int, int]
+    config: DeLeakerConfig
+    step: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    history: Optional[Tensor] = None
+
+    def advance(self) -> None:
+        """Move to the next denoising step (in place, so a captured graph sees the new value)."""
+        self.step.add_(1)
+
+
+class DeLeakerFluxAttnProcessor:
+    """Attention processor of one FLUX joint attention, at ``block_offset`` of ``num_blocks`` blocks per step."""
+
+    def __init__(self, block_offset: int, num_blocks: int) -> None:
+        if not 0 <= block_offset < num_blocks:
+            raise ValueError(f"block_offset must be in [0, {num_blocks}), got {block_offset}")
+        self.block_offset = block_offset
+        self.num_blocks = num_blocks
+        self._plain = FluxAttnProcessor()
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None,
+        deleaker_state: Optional[DeLeakerState] = None,
+    ):
+        if deleaker_state is None:
+            return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None:
+            raise ShapeError("DeLeaker attention takes no attention_mask (FLUX passes none)")
+        if getattr(attn, "fused_projections", False):
+            raise ShapeError("DeLeaker attention needs unfused projections; call transformer.unfuse_qkv_projections()")
+
+        query, key, value = (
+            proj(hidden_states).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if encoder_hidden_states is not None:  # double-stream block: text tokens come in separately
+            text_query, text_key, text_value = (
+                proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+            query = torch.cat([text_query, query], dim=1)
+            key = torch.cat([text_key, key], dim=1)
+            value = torch.cat([text_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        # (B, N, H, D) -> (B, H, N, D), the op's layout.
+        query, key, value = (x.transpose(1, 2) for x in (query, key, value))
+        state = deleaker_state
+        text_len = state.entity_mask.shape[1]
+        if encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text_len:
+            raise ShapeError(
+                f"the entity mask covers T = {text_len} text tokens but the prompt embedding has "
+                f"{encoder_hidden_states.shape[1]}; build the mask with the pipeline's max_sequence_length"
+            )
+        if state.history is None:
+            state.history = query.new_zeros(
+                query.shape[0], state.entity_mask.shape[0], query.shape[2] - text_len, dtype=torch.float32
+            )
+        out, state.history = call_attention(
+            query,
+            key,
+            value,
+            state.entity_mask,
+            state.history,
+            state.step,
+            block_offset=self.block_offset,
+            num_blocks=self.num_blocks,
+            grid=state.grid,
+            config=state.config,
+        )
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [text_len, hidden_states.shape[1] - text_len], dim=1
+        )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
+
+
+def num_joint_blocks(transformer) -> int:
+    """Joint attentions per step of a ``FluxTransformer2DModel``, from its config (57 for FLUX.1)."""
+    return int(transformer.config.num_layers) + int(transformer.config.num_single_layers)
+
+
+def install_deleaker_processors(transformer) -> int:
+    """Give every joint attention of ``transformer`` a `DeLeakerFluxAttnProcessor`; returns ``num_blocks``.
+
+    Double-stream blocks get offsets ``0 .. num_layers - 1``, single-stream blocks follow, in execution order.
+    """
+    num_blocks = num_joint_blocks(transformer)
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    if len(blocks) != num_blocks:
+        raise ShapeError(f"transformer has {len(blocks)} blocks but its config says {num_blocks}")
+    for offset, block in enumerate(blocks):
+        block.attn.set_processor(DeLeakerFluxAttnProcessor(offset, num_blocks))
+    return num_blocks
