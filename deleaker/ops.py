@@ -163,6 +163,13 @@ def entity_affinity(probs_image_text: Tensor, entity_mask: Tensor) -> Tensor:
     return torch.einsum("bit,et->bei", probs_image_text.mean(1), weights)
 
 
+def _select(condition, if_true: Tensor, if_false: Tensor) -> Tensor:
+    """``torch.where`` for a tensor condition; a Python bool picks without touching the device."""
+    if isinstance(condition, torch.Tensor):
+        return torch.where(condition, if_true, if_false)
+    return if_true if condition else if_false
+
+
 def update_history(
     history: Tensor, affinity: Tensor, present: Tensor, block_step: BlockStep, config: DeLeakerConfig
 ) -> Tuple[Tensor, Tensor]:
@@ -173,12 +180,13 @@ def update_history(
     if not config.use_history:
         return history.clone(), affinity
     start, stop = config.start_aggregating_from, config.stop_aggregating_at
-    t = torch.as_tensor(block_step, device=affinity.device).reshape(())
-    m = (t - start).to(torch.float32)
+    t = block_step.reshape(()) if isinstance(block_step, torch.Tensor) else block_step
+    # m >= 0 wherever the running mean is selected (t > start); clamping keeps the unselected branch finite.
+    m = (t - start).clamp(min=0).to(torch.float32) if isinstance(t, torch.Tensor) else max(t - start, 0)
     running = history * (m / (m + 1)) + affinity / (m + 1)
-    new_history = torch.where(t == start, affinity, torch.where((t > start) & (t < stop), running, history))
+    new_history = _select(t == start, affinity, _select((t > start) & (t < stop), running, history))
     new_history = new_history * present[None, :, None].to(new_history.dtype)
-    source = torch.where(t > start, new_history, affinity)
+    source = _select(t > start, new_history, affinity)
     return new_history, source
 
 
@@ -294,7 +302,9 @@ def _reference(
     image_text = image_logits[..., :text_len]
     weaken, strengthen = image_text_edits(masks, entity_mask)
     if config.do_image_text_strengthening:
-        image_text.copy_(torch.where(strengthen[:, None], image_text * config.k_strength, image_text))
+        # A -inf logit stays -inf (alpha <= 0 would turn it into nan or +inf).
+        scaled = strengthen[:, None] & (image_text != float("-inf"))
+        image_text.copy_(torch.where(scaled, image_text * config.k_strength, image_text))
     if config.do_image_text_weakening:
         image_text.masked_fill_(weaken[:, None], float("-inf"))
     if config.do_image_image:

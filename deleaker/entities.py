@@ -1,0 +1,187 @@
+"""Entities to T5 token positions and the ``(E_max, T)`` entity mask DeLeaker attention takes.
+
+Rules (spec, "Entities to tokens"):
+
+- Each entity must occur in the prompt as whole words, case-insensitively; runs of whitespace inside an entity
+  match any whitespace run (``"blue jay"`` matches ``"Blue  jay"``). Whole words: the characters just before and
+  after the match are not word characters (``"cat"`` is not found in ``"category"`` but is in ``"cat's"``).
+- Only an entity's first occurrence counts. Its tokens are the T5 tokens whose character span overlaps that
+  occurrence, in the prompt tokenized exactly as ``FluxPipeline`` does (``padding="max_length"``,
+  ``truncation=True``, ``max_length=max_sequence_length``), so positions index the text embeddings. A bare ``▁``
+  token in front of the first of them (SentencePiece splits e.g. ``"▁3D"`` into ``"▁"``, ``"3"``, ``"D"``) belongs
+  to the entity too, whether the tokenizer gives that ``▁`` the span of the preceding space (a ``tokenizer.json``
+  with a plain Metaspace pre-tokenizer, as google/t5-v1_1-xxl's) or of the word's first character
+  (transformers' ``T5TokenizerFast`` built from a vocabulary).
+- Overlap **[decision]**: entities are located independently (each at its first occurrence); two entities that
+  then share a token are an error, even if a later occurrence would not overlap. E.g. ``"blue jay"`` and ``"jay"``
+  in "a blue jay and a jay" is an error ("jay" first occurs inside "blue jay"); in "a jay and a blue jay" it is
+  not. Predictable beats clever: the user rewrites the prompt or the entity.
+- Errors (`EntityError`) come before any model work: wrong type, empty entity, fewer than `MIN_ENTITIES` or more
+  than ``max_entities``, duplicates (case-insensitive), entities not found (all of them are listed), an entity
+  whose tokens are cut by truncation to ``max_sequence_length``, overlapping entities.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, EntityError
+
+#: DeLeaker separates entities from each other: one entity alone has nothing to leak into.
+MIN_ENTITIES = 2
+
+#: The spec's E_max for the entity mask (FLUX pipelines and engines are built for this many rows).
+DEFAULT_MAX_ENTITIES = 4
+
+
+def entity_token_positions(
+    tokenizer: Any,
+    prompt: str,
+    entities: Sequence[str],
+    *,
+    max_sequence_length: int,
+    max_entities: int | None = None,
+) -> list[list[int]]:
+    """T5 token positions of each entity in ``prompt``, in entity order (each list ascending, non-empty).
+
+    ``tokenizer`` is FLUX's ``tokenizer_2`` (a fast tokenizer: offsets are needed). Positions are in
+    ``[0, max_sequence_length - 1)`` (the last kept position is at least ``</s>``). ``max_entities`` (optional)
+    bounds the count. Raises `EntityError` when the entities do not fit the prompt (see the module docstring).
+    """
+    names = _check_entities(entities, max_entities)
+    if not isinstance(prompt, str):
+        raise EntityError(f"prompt must be a str, got {type(prompt).__name__}")
+    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 2:
+        raise ConfigError(f"max_sequence_length must be an int >= 2, got {max_sequence_length!r}")
+    spans = _find_spans(prompt, names)
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            "entity positions need a fast tokenizer with offsets (e.g. T5TokenizerFast), "
+            f"got {type(tokenizer).__name__}"
+        )
+
+    # Exactly FluxPipeline's call, so positions line up with the T5 embeddings; the untruncated encoding tells
+    # whether truncation cut into an entity.
+    kept = tokenizer(
+        prompt, padding="max_length", max_length=max_sequence_length, truncation=True, return_offsets_mapping=True
+    )
+    full = tokenizer(prompt, truncation=False, return_offsets_mapping=True, verbose=False)
+    kept_offsets = [tuple(o) for o in kept["offset_mapping"]]
+    full_offsets = [tuple(o) for o in full["offset_mapping"]]
+
+    positions: list[list[int]] = []
+    cut: list[str] = []
+    for name, span in zip(names, spans):
+        in_full = _tokens_of_span(prompt, full_offsets, span)
+        in_kept = _tokens_of_span(prompt, kept_offsets, span)
+        if not in_full:
+            raise EntityError(f"entity {name!r} spells no T5 token (the tokenizer drops its characters)")
+        if in_kept != in_full:
+            cut.append(f"{name!r} (tokens {in_full[0]}..{in_full[-1]})")
+        positions.append(in_kept)
+    if cut:
+        raise EntityError(
+            f"entities cut off by max_sequence_length={max_sequence_length} (the prompt has {len(full_offsets)} "
+            f"T5 tokens including </s>): {', '.join(cut)}; every entity's tokens must lie before position "
+            f"{max_sequence_length - 1}: shorten the prompt or raise max_sequence_length"
+        )
+
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            shared = sorted(set(positions[i]) & set(positions[j]))
+            if shared:
+                raise EntityError(
+                    f"entities {names[i]!r} and {names[j]!r} overlap (both use T5 token(s) {shared} at their first "
+                    "occurrences); entities must not share words: give each entity once, as separate words"
+                )
+    return positions
+
+
+def entity_token_mask(
+    tokenizer: Any,
+    prompt: str,
+    entities: Sequence[str],
+    *,
+    max_sequence_length: int,
+    max_entities: int = DEFAULT_MAX_ENTITIES,
+) -> torch.Tensor:
+    """The ``(max_entities, max_sequence_length)`` bool mask of entity tokens: row ``e`` marks entity ``e``'s
+    T5 tokens (see `entity_token_positions`); rows past ``len(entities)`` are all False (absent entities).
+    """
+    if isinstance(max_entities, bool) or not isinstance(max_entities, int) or max_entities < MIN_ENTITIES:
+        raise ConfigError(f"max_entities must be an int >= {MIN_ENTITIES}, got {max_entities!r}")
+    positions = entity_token_positions(
+        tokenizer, prompt, entities, max_sequence_length=max_sequence_length, max_entities=max_entities
+    )
+    mask = torch.zeros(max_entities, max_sequence_length, dtype=torch.bool)
+    for row, cols in enumerate(positions):
+        mask[row, cols] = True
+    return mask
+
+
+def _check_entities(entities: Sequence[str], max_entities: int | None) -> list[str]:
+    """Entity strings stripped, after the checks that need no tokenizer."""
+    if isinstance(entities, str) or not isinstance(entities, Sequence):
+        raise EntityError(f"entities must be a list of strings, got {entities!r}")
+    names: list[str] = []
+    for i, entity in enumerate(entities):
+        if not isinstance(entity, str):
+            raise EntityError(f"entity {i} must be a str, got {entity!r}")
+        if not entity.strip():
+            raise EntityError(
+                f"entity {i} is empty or whitespace ({entity!r}); each entity must be words of the prompt"
+            )
+        names.append(entity.strip())
+    if len(names) < MIN_ENTITIES:
+        raise EntityError(f"got {len(names)} entity(ies) {names}; at least {MIN_ENTITIES} entities are needed")
+    if max_entities is not None and len(names) > max_entities:
+        raise EntityError(f"got {len(names)} entities {names}; at most max_entities={max_entities} are allowed")
+    seen: dict[str, str] = {}
+    duplicates: list[str] = []
+    for name in names:
+        key = " ".join(name.casefold().split())
+        if key in seen:
+            duplicates.append(f"{seen[key]!r} and {name!r}")
+        else:
+            seen[key] = name
+    if duplicates:
+        raise EntityError(
+            f"duplicate entities (case-insensitive): {'; '.join(duplicates)}; each entity must be given once"
+        )
+    return names
+
+
+def _find_spans(prompt: str, names: list[str]) -> list[tuple[int, int]]:
+    """Character span ``[start, end)`` of each entity's first whole-word, case-insensitive occurrence."""
+    spans: list[tuple[int, int]] = []
+    missing: list[str] = []
+    for name in names:
+        # Matching on the original text (IGNORECASE, not .lower()) keeps character offsets exact.
+        pattern = r"(?<!\w)" + r"\s+".join(re.escape(word) for word in name.split()) + r"(?!\w)"
+        match = re.search(pattern, prompt, flags=re.IGNORECASE)
+        if match is None:
+            missing.append(name)
+        else:
+            spans.append(match.span())
+    if missing:
+        raise EntityError(
+            f"entities not found in the prompt: {missing}; each entity must occur in the prompt {prompt!r} "
+            "as whole words (case-insensitive)"
+        )
+    return spans
+
+
+def _tokens_of_span(prompt: str, offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+    """Positions of the tokens whose character span overlaps ``span`` (zero-width spans, i.e. special tokens and
+    padding, are skipped), plus a whitespace-only token (a bare ``▁``) right in front of them."""
+    start, end = span
+    hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+    if hits and hits[0] > 0:
+        s, e = offsets[hits[0] - 1]
+        if e > s and e <= start and not prompt[s:start].strip():
+            hits.insert(0, hits[0] - 1)
+    return hits

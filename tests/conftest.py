@@ -1,0 +1,130 @@
+"""Shared fixtures: the tiny offline FLUX (deleaker.tiny) and the reference prompts with their entities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+# The reference examples (a copy of the project's slim_examples.jsonl, so the suite needs no file outside the repo;
+# tests/test_entities.py checks the copy against the original where that is present).
+SLIM_EXAMPLES: tuple[dict[str, Any], ...] = (
+    {
+        "prompt": "A bat and an owl are perched side by side on a tree branch.",
+        "entities": ["bat", "owl"],
+        "subset": "pairs",
+    },
+    {
+        "prompt": "A cow and a horse in a farm",
+        "entities": ["cow", "horse"],
+        "subset": "pairs",
+    },
+    {
+        "prompt": "The dolphin and the whale are cuddling together",
+        "entities": ["dolphin", "whale"],
+        "subset": "interactions",
+    },
+    {
+        "prompt": "An elephant and a moose are sitting back to back in a 3D render",
+        "entities": ["elephant", "moose"],
+        "subset": "interactions_with_style",
+    },
+    {
+        "prompt": (
+            "A bat is flying high in the night sky while an owl is perched on a tree branch and a moth "
+            "flutters"
+        ),
+        "entities": ["bat", "owl", "moth"],
+        "subset": "animal_triplets",
+    },
+    {
+        "prompt": "A strawberry, a radish, and a cherry sit together.",
+        "entities": ["strawberry", "radish", "cherry"],
+        "subset": "fruit_n_veg_triplets",
+    },
+    {
+        "prompt": (
+            "A crow tilts its head curiously, while a magpie pecks at the ground and a blue jay sings "
+            "from a tree"
+        ),
+        "entities": ["crow", "magpie", "blue jay"],
+        "subset": "animal_triplets",
+    },
+    {
+        "prompt": (
+            "A cat stretches lazily in the sun, while a cheetah scans the savanna and a leopard "
+            "lounges on a tree branch."
+        ),
+        "entities": ["cat", "cheetah", "leopard"],
+        "subset": "animal_triplets",
+    },
+    {
+        "prompt": "An eggplant, a plum, and a fig are laid out on a napkin",
+        "entities": ["eggplant", "plum", "fig"],
+        "subset": "fruit_n_veg_triplets",
+    },
+    {
+        "prompt": "A tomato, a bell pepper, and paprika are arranged side-by-side",
+        "entities": ["tomato", "bell pepper", "paprika"],
+        "subset": "fruit_n_veg_triplets",
+    },
+    {
+        "prompt": "A cat and a cheetah are splashing each other with water in a shallow river",
+        "entities": ["cat", "cheetah"],
+        "subset": "interactions",
+    },
+    {
+        "prompt": "In a 3D render a bee and a butterfly are holding onto each other tightly",
+        "entities": ["bee", "butterfly"],
+        "subset": "interactions_with_style",
+    },
+    {
+        "prompt": "A parrot and a toucan are one playfully tugging on the other's tail",
+        "entities": ["parrot", "toucan"],
+        "subset": "interactions",
+    },
+    {
+        "prompt": "A koala and a sloth are entwined together while hanging from a branch",
+        "entities": ["koala", "sloth"],
+        "subset": "interactions",
+    },
+    {
+        "prompt": (
+            "In a pop art style, A hippopotamus and a rhinoceros are one gently pushing the other with "
+            "its nose."
+        ),
+        "entities": ["hippopotamus", "rhinoceros"],
+        "subset": "interactions_with_style",
+    },
+    {
+        "prompt": "A zebra and a horse are rolling in the sand together, covering themselves in dust.",
+        "entities": ["zebra", "horse"],
+        "subset": "interactions",
+    },
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_components() -> dict[str, Any]:
+    """The tiny FLUX's ``FluxPipeline(**components)`` arguments, seed 0, built once per test session.
+
+    Shared by every test: do not mutate it (no ``.to()``, no processor swaps, no hooks, no weight edits).
+    A test that changes modules takes ``fresh_tiny_components`` or deep-copies (``copy.deepcopy``) what it changes.
+    """
+    from deleaker.tiny import build_tiny_flux_components
+
+    return build_tiny_flux_components(seed=0)
+
+
+@pytest.fixture
+def fresh_tiny_components() -> dict[str, Any]:
+    """A private copy of the tiny FLUX (seed 0, same weights as ``tiny_components``), free to mutate."""
+    from deleaker.tiny import build_tiny_flux_components
+
+    return build_tiny_flux_components(seed=0)
+
+
+@pytest.fixture(scope="session")
+def slim_examples() -> tuple[dict[str, Any], ...]:
+    """The reference prompts, each ``{"prompt", "entities", "subset"}`` (read-only)."""
+    return SLIM_EXAMPLES

@@ -1,0 +1,225 @@
+"""The diffusers integration: processor == op, pipeline == FluxPipeline when off, per-call state, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+from diffusers.models.transformers import transformer_flux
+
+from deleaker import DeLeakerConfig, EntityError, deleaker_attention
+from deleaker.errors import DeLeakerError
+from deleaker.pipeline import DeLeakerFluxPipeline, latent_grid
+from deleaker.processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
+
+PROMPT = "A cat and a cheetah are splashing each other with water in a shallow river"
+ENTITIES = ["cat", "cheetah"]
+TEXT_LEN = 32
+# Windows inside the first steps of the 4-block tiny model. Random weights give scattered entity masks that the
+# 3x3 opening would erase, so smoothing is off here (the op tests cover it) and the edits really happen.
+CONFIG = DeLeakerConfig(
+    do_smoothing=False,
+    start_aggregating_from=1,
+    stop_aggregating_at=9,
+    start_intervention_from=2,
+    stop_intervention_at=40,
+    std_mul_text=0.5,
+    std_mul_image_image=0.5,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture
+def components(tiny_components):
+    # Pipelines install processors on their transformer: give each test its own copy of the modules.
+    return {name: copy.deepcopy(c) for name, c in tiny_components.items()}
+
+
+def _transformer_inputs(pipe, height=64, width=96, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gh, gw = latent_grid(height, width, pipe.vae_scale_factor)
+    cfg = pipe.transformer.config
+    return dict(
+        hidden_states=torch.randn(batch, gh * gw, cfg.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(batch, TEXT_LEN, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.full((batch,), 0.7),
+        guidance=torch.full((batch,), 3.5),
+        txt_ids=torch.zeros(TEXT_LEN, 3),
+        img_ids=FluxPipeline._prepare_latent_image_ids(batch, gh, gw, "cpu", torch.float32),
+        return_dict=False,
+    ), (gh, gw)
+
+
+def _entity_mask(pipe):
+    from deleaker.entities import entity_token_mask
+
+    return entity_token_mask(pipe.tokenizer_2, PROMPT, ENTITIES, max_sequence_length=TEXT_LEN, max_entities=4)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_processor_equals_the_op_called_on_stock_projections(components, monkeypatch, batch):
+    """Our processor inside FLUX == diffusers' own processor with its attention replaced by deleaker_attention."""
+    pipe = DeLeakerFluxPipeline(**components)
+    transformer = pipe.transformer
+    inputs, grid = _transformer_inputs(pipe, batch=batch)
+    mask = _entity_mask(pipe)
+    steps = 3
+
+    state = DeLeakerState(entity_mask=mask, grid=grid, config=CONFIG)
+    ours, histories = [], []
+    for _ in range(steps):
+        ours.append(transformer(**inputs, joint_attention_kwargs={"deleaker_state": state})[0])
+        histories.append(state.history.clone())
+        state.advance()
+
+    # Independent path: stock FluxAttnProcessor everywhere, its attention call replaced by the functional op,
+    # block steps counted from the call order (every block of every step runs, in order).
+    calls = {"n": 0, "history": None}
+
+    def op_attention(query, key, value, attn_mask=None, **_):
+        t = calls["n"]
+        calls["n"] += 1
+        out, calls["history"] = deleaker_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            mask,
+            grid=grid,
+            block_step=t,
+            history=calls["history"],
+            config=CONFIG,
+        )
+        return out.transpose(1, 2)
+
+    stock = copy.deepcopy(transformer)
+    stock.set_attn_processor(transformer_flux.FluxAttnProcessor())
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", op_attention)
+    for step in range(steps):
+        theirs = stock(**inputs)[0]
+        torch.testing.assert_close(ours[step], theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(histories[step], calls["history"], rtol=1e-5, atol=1e-7)
+    assert calls["n"] == steps * pipe.num_blocks
+
+    # The case exercised the edits: the output differs from the same model without DeLeaker.
+    monkeypatch.undo()
+    plain = stock(**inputs)[0]
+    assert (ours[-1] - plain).abs().max() > 1e-3
+
+
+def test_processor_without_state_is_stock_flux(components):
+    pipe = DeLeakerFluxPipeline(**components)
+    inputs, _ = _transformer_inputs(pipe)
+    stock = copy.deepcopy(pipe.transformer)
+    stock.set_attn_processor(transformer_flux.FluxAttnProcessor())
+    assert torch.equal(pipe.transformer(**inputs)[0], stock(**inputs)[0])
+
+
+def test_block_offsets_follow_execution_order(components):
+    transformer = components["transformer"]
+    num_blocks = install_deleaker_processors(transformer)
+    assert num_blocks == transformer.config.num_layers + transformer.config.num_single_layers
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    offsets = [b.attn.processor.block_offset for b in blocks]
+    assert offsets == list(range(num_blocks))
+    assert all(isinstance(b.attn.processor, DeLeakerFluxAttnProcessor) for b in blocks)
+
+
+def _call(pipe, **kwargs):
+    args = dict(
+        prompt=PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=3.5,
+        max_sequence_length=TEXT_LEN,
+        output_type="np",
+        generator=torch.Generator().manual_seed(7),
+    )
+    args.update(kwargs)
+    return pipe(**args).images
+
+
+def test_pipeline_without_entities_is_exactly_flux_pipeline(tiny_components, components):
+    plain = FluxPipeline(**{n: copy.deepcopy(c) for n, c in tiny_components.items()})
+    ours = DeLeakerFluxPipeline(**components)
+    np.testing.assert_array_equal(_call(plain), _call(ours))
+    np.testing.assert_array_equal(_call(plain), _call(ours, entities=[]))
+
+
+def test_pipeline_with_entities_makes_an_image_that_deleaker_changed(components):
+    pipe = DeLeakerFluxPipeline(**components)
+    seen_steps = []
+
+    def user_callback(p, i, t, kwargs):
+        seen_steps.append(i)
+        return {}
+
+    image = pipe(
+        PROMPT,
+        entities=ENTITIES,
+        deleaker_config=CONFIG,
+        height=64,
+        width=96,
+        num_inference_steps=3,
+        max_sequence_length=TEXT_LEN,
+        generator=torch.Generator().manual_seed(7),
+        callback_on_step_end=user_callback,
+    ).images[0]
+    assert image.size == (96, 64)
+    assert seen_steps == [0, 1, 2]  # the user's callback still runs after the pipeline's own
+
+    edited = _call(pipe, entities=ENTITIES, deleaker_config=CONFIG)
+    plain = _call(pipe)
+    assert np.abs(edited - plain).max() > 1e-3
+    # A second call starts from a fresh state: same inputs, same image.
+    np.testing.assert_array_equal(edited, _call(pipe, entities=ENTITIES, deleaker_config=CONFIG))
+
+
+def test_pipeline_scales_default_windows_to_the_model(components):
+    pipe = DeLeakerFluxPipeline(**components)
+    state = pipe.deleaker_state(PROMPT, ENTITIES, height=64, width=96, max_sequence_length=TEXT_LEN)
+    assert state.config == DeLeakerConfig.for_model(pipe.num_blocks)
+    assert state.grid == latent_grid(64, 96, pipe.vae_scale_factor)
+    overridden = pipe.deleaker_state(
+        PROMPT, ENTITIES, height=64, width=64, max_sequence_length=TEXT_LEN, deleaker_config={"k_strength": 2.0}
+    )
+    assert overridden.config.k_strength == 2.0
+    assert overridden.config.stop_intervention_at == round(1140 * pipe.num_blocks / 57)
+
+
+@pytest.mark.parametrize(
+    "entities, message",
+    [
+        (["cat", "dog"], "dog"),
+        (["cat"], "at least 2|fewer than 2|at least two"),
+        (["cat", "cheetah", "water", "river", "shallow"], "at most|more than"),
+        (["cat", "Cat"], "duplicate"),
+    ],
+)
+def test_pipeline_rejects_bad_entities_before_any_work(components, entities, message):
+    pipe = DeLeakerFluxPipeline(**components)
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    pipe.text_encoder_2.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(EntityError, match=message):
+        _call(pipe, entities=entities)
+    assert calls == []
+
+
+def test_pipeline_rejects_unsupported_combinations(components):
+    pipe = DeLeakerFluxPipeline(**components)
+    with pytest.raises(DeLeakerError, match="one prompt"):
+        _call(pipe, prompt=[PROMPT, "A dog and a cat"], entities=ENTITIES)
+    with pytest.raises(DeLeakerError, match="true CFG"):
+        _call(pipe, entities=ENTITIES, true_cfg_scale=2.0, negative_prompt="blurry")
+    with pytest.raises(DeLeakerError, match="prompt text"):
+        _call(pipe, prompt=None, prompt_embeds=torch.zeros(1, TEXT_LEN, 32), entities=ENTITIES)
