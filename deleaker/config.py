@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -49,7 +50,7 @@ class DeLeakerConfig:
                 if value < 0:
                     raise ConfigError(f"DeLeakerConfig.{f.name} must be >= 0, got {value}")
             else:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ConfigError(f"DeLeakerConfig.{f.name} must be a finite number, got {value!r}")
         if self.stop_aggregating_at < self.start_aggregating_from:
             raise ConfigError(
