@@ -23,7 +23,7 @@ def _kernel_module():
 def cuda_attention_or_none(q, k, v, entity_mask, *, grid, block_step, history, config) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """The fused kernels' result for inputs they support, or None to let the caller run the reference."""
     module = _kernel_module()
-    if module is None or not module.supports(q):
+    if module is None or not module.supports(q, entity_mask):
         return None
     return module.deleaker_attention_cuda(
         q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config

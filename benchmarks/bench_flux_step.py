@@ -1,0 +1,149 @@
+"""One FLUX.1-dev transformer step (real config, random bf16 weights) with DeLeaker off and on, on one GPU.
+
+    python benchmarks/bench_flux_step.py --out benchmarks/flux_step.md
+
+Off: diffusers' stock attention processor. On: `DeLeakerFluxAttnProcessor` with two entities and a step inside
+the intervention window (every block edits), so the ratio is the worst case of a step. The same inputs and weights
+are used for both, in the same run; the table records the device, the date and the ratios against the issue's
+target (<= 1.15x). Needs CUDA and about 30 GiB of GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+import torch
+
+FLUX_DEV_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+
+def build_transformer(device: torch.device):
+    from diffusers import FluxTransformer2DModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # create the 12B parameters directly in bf16 on the GPU
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**FLUX_DEV_CONFIG)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def step_inputs(model, height: int, width: int, text_len: int, device: torch.device) -> dict:
+    from diffusers import FluxPipeline
+
+    gh, gw = height // 16, width // 16
+    g = torch.Generator(device=device).manual_seed(0)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    return dict(
+        hidden_states=torch.randn(1, gh * gw, 64, generator=g, **bf16),
+        encoder_hidden_states=torch.randn(1, text_len, 4096, generator=g, **bf16),
+        pooled_projections=torch.randn(1, 768, generator=g, **bf16),
+        timestep=torch.full((1,), 0.5, **bf16),
+        guidance=torch.full((1,), 3.5, **bf16),
+        txt_ids=torch.zeros(text_len, 3, **bf16),
+        img_ids=FluxPipeline._prepare_latent_image_ids(1, gh, gw, device, torch.bfloat16),
+        return_dict=False,
+    )
+
+
+def time_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="512x512:256,1024x1024:256,1024x1024:512", help="HxW:T,...")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=None, help="write the markdown table here too")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_flux_step.py needs a CUDA device")
+
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from deleaker import DeLeakerConfig
+    from deleaker.plugins_bridge import _kernel_module
+    from deleaker.processor import DeLeakerState, install_deleaker_processors
+
+    device = torch.device("cuda")
+    model = build_transformer(device)
+    stock = {name: FluxAttnProcessor() for name in model.attn_processors}
+    config = DeLeakerConfig()
+    kernels = "CUDA kernels" if _kernel_module() is not None else "PyTorch reference (kernels unavailable)"
+    rows = []
+    for spec in args.sizes.split(","):
+        size, text_len = spec.split(":")
+        height, width = (int(x) for x in size.split("x"))
+        text_len = int(text_len)
+        inputs = step_inputs(model, height, width, text_len, device)
+        mask = torch.zeros(4, text_len, dtype=torch.bool, device=device)
+        mask[0, 2], mask[1, 5:7] = True, True
+
+        model.set_attn_processor(stock)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            off_ms = time_ms(lambda: model(**inputs), args.repeats)
+        off_mem = torch.cuda.max_memory_allocated() / 2**30
+
+        install_deleaker_processors(model)
+
+        def on_step():
+            # Step 1: block steps 57..113, inside the default intervention and aggregation windows.
+            state = DeLeakerState(
+                entity_mask=mask,
+                grid=(height // 16, width // 16),
+                config=config,
+                step=torch.ones((), dtype=torch.int64, device=device),
+            )
+            model(**inputs, joint_attention_kwargs={"deleaker_state": state})
+
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            on_ms = time_ms(on_step, args.repeats)
+        on_mem = torch.cuda.max_memory_allocated() / 2**30
+        rows.append((f"{height}x{width}, T={text_len}", off_ms, on_ms, on_ms / off_ms, off_mem, on_mem))
+
+    lines = [
+        f"FLUX.1-dev transformer step, random bf16 weights, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"{datetime.date.today().isoformat()}, DeLeaker via {kernels}; median of {args.repeats}",
+        "",
+        "| case | DeLeaker off (ms) | DeLeaker on (ms) | ratio (target <= 1.15) | peak GiB off | peak GiB on |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {c} | {a:.1f} | {b:.1f} | {r:.2f}x | {m0:.1f} | {m1:.1f} |" for c, a, b, r, m0, m1 in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

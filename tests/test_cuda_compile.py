@@ -1,0 +1,168 @@
+"""CPU checks of the CUDA kernels: every .cu compiles with nvcc, and the ctypes structs match the header.
+
+Runs on CPU CI (nvcc and g++ are installed there; without them the tests skip, saying why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from deleaker.errors import DeLeakerError
+from deleaker.plugins import build, kernels
+
+HEADER = build.CSRC_DIR / "deleaker_params.h"
+MIB = 1 << 20
+
+
+def _nvcc_or_skip():
+    try:
+        return build.find_nvcc()
+    except build.NvccNotFoundError as exc:
+        pytest.skip(f"nvcc is not installed: {exc}")
+
+
+def _compile_objects(arch: str, out_dir) -> float:
+    """nvcc -c of every .cu for one arch into ``out_dir/sm<arch>/``; returns the seconds it took."""
+    spec = build.build_spec(archs=(arch,))
+    (out_dir / f"sm{arch}").mkdir()
+    started = time.perf_counter()
+    build.run_nvcc(build.compile_command(spec, out_dir / f"sm{arch}", object_only=True))
+    return time.perf_counter() - started
+
+
+def test_kernels_compile_for_sm90_and_sm89(tmp_path, record_property):
+    """One nvcc -c per arch, both at once; a compile error fails with nvcc's message."""
+    _nvcc_or_skip()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        times = dict(zip(("90", "89"), pool.map(lambda a: _compile_objects(a, tmp_path), ("90", "89"))))
+    wall = time.perf_counter() - started
+    record_property("nvcc_wall_s", round(wall, 1))
+    print(f"nvcc -c: sm_90 {times['90']:.1f} s, sm_89 {times['89']:.1f} s, wall {wall:.1f} s")
+    units = [p.stem for p in build.kernel_sources() if p.suffix == ".cu"]
+    for arch in ("90", "89"):
+        for unit in units:
+            obj = tmp_path / f"sm{arch}" / f"{unit}.o"
+            assert obj.stat().st_size > 10_000, f"{obj.name} for sm_{arch} is missing or suspiciously small"
+
+    # Link the sm_90 object and drive the ctypes binding on the CPU: sizes and argument checks need no GPU.
+    nvcc = build.find_nvcc()
+    library_path = tmp_path / "libdeleaker_sm90.so"
+    objects = [str(tmp_path / "sm90" / f"{unit}.o") for unit in units]
+    build.run_nvcc([str(nvcc), "-shared", *objects, "-o", str(library_path)])
+    library = kernels.KernelLibrary(library_path)
+    params = _flux_params(num_entities=4)
+    layout = library.workspace_layout(params)
+    assert library.workspace_bytes(params) == layout.total_bytes > layout.cut_bits
+    assert layout.cut_words == 4096 // 32
+    with pytest.raises(kernels.KernelLaunchError, match="q, k, v and out"):
+        library.launch(params, 0, 0, 0)  # NULL tensors: rejected at the one boundary, before any CUDA call
+
+
+def _flux_params(num_entities: int) -> kernels.DeLeakerParams:
+    """FLUX.1-dev at 1024x1024 (B=1, H=24, D=128, T=512, 64x64 grid), bf16, no tensors attached."""
+    return kernels.DeLeakerParams(
+        batch=1, heads=24, tokens=512 + 4096, text_tokens=512, head_dim=128, grid_h=64, grid_w=64,
+        num_entities=num_entities, dtype=kernels.DTYPE_BFLOAT16, num_blocks=57,
+    )
+
+
+def _struct_probe(tmp_path, body: str) -> dict:
+    """Compiles and runs a C++ program that includes the header; its ``name int...`` lines, in order."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++) to check the params header against")
+    source = tmp_path / "probe.cc"
+    source.write_text(
+        "#include <cstddef>\n#include <cstdio>\n"
+        f'#include "{HEADER}"\n'
+        "int main() {\n" + body + "  return 0;\n}\n"
+    )
+    exe = tmp_path / "probe"
+    subprocess.run([cxx, "-std=c++17", "-Wall", "-Werror", str(source), "-o", str(exe)], check=True)
+    lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
+    return {parts[0]: tuple(int(x) for x in parts[1:]) for parts in (line.split() for line in lines)}
+
+
+@pytest.mark.parametrize(
+    "struct, c_name, fields",
+    [
+        (kernels.DeLeakerParams, "DeLeakerParams", kernels.PARAMS_FIELDS),
+        (kernels.WorkspaceLayout, "DeLeakerWorkspaceLayout", kernels.LAYOUT_FIELDS),
+    ],
+)
+def test_ctypes_structs_match_header(tmp_path, struct, c_name, fields):
+    body = f'  std::printf("sizeof %zu\\n", sizeof({c_name}));\n'
+    body += "".join(
+        f'  std::printf("{name} %zu %zu\\n", offsetof({c_name}, {name}), sizeof((({c_name}*)0)->{name}));\n'
+        for name, _ in fields
+    )
+    header = _struct_probe(tmp_path, body)
+    assert header.pop("sizeof") == (ctypes.sizeof(struct),)
+    assert list(header) == [name for name, _ in fields]  # same fields, same order
+    for name, ctype in fields:
+        assert header[name] == (getattr(struct, name).offset, ctypes.sizeof(ctype)), name
+
+
+def test_workspace_fits_budget_at_flux_1024(tmp_path):
+    """Extra memory at FLUX.1-dev 1024x1024 (B=1, H=24, D=128, T=512, 64x64 grid): under 64 MiB up to E_max=8."""
+    body = ""
+    for entities in (4, 8):
+        body += (
+            "  { DeLeakerParams p = {}; p.batch = 1; p.heads = 24; p.head_dim = 128; p.text_tokens = 512;"
+            f" p.grid_h = 64; p.grid_w = 64; p.tokens = 512 + 4096; p.num_entities = {entities};"
+            f' std::printf("e{entities} %llu\\n", (unsigned long long)deleaker_workspace_layout(&p).total_bytes); }}\n'
+        )
+    sizes = _struct_probe(tmp_path, body)
+    assert 2 * MIB < sizes["e4"][0] < sizes["e8"][0] <= 64 * MIB, sizes
+
+
+def test_no_jit_without_prebuilt_library_is_a_typed_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELEAKER_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("DELEAKER_NO_JIT", "1")
+    with pytest.raises(build.KernelBuildError, match="DELEAKER_NO_JIT"):
+        build.build_library()
+
+
+def test_missing_nvcc_is_a_typed_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELEAKER_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DELEAKER_NO_JIT", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    with pytest.raises(build.NvccNotFoundError, match="nvcc was not found") as info:
+        build.build_library()
+    assert isinstance(info.value, DeLeakerError)
+
+
+def test_prebuilt_library_is_checked_against_its_manifest(tmp_path, monkeypatch):
+    """Under DELEAKER_NO_JIT a cached library is used only if its manifest matches the sources and its bytes."""
+    monkeypatch.setenv("DELEAKER_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("DELEAKER_NO_JIT", "1")
+    entry = tmp_path / "some-key"
+    entry.mkdir()
+    library = entry / build.LIBRARY_NAME
+    library.write_bytes(b"not really a library, but the manifest check only hashes bytes")
+    manifest = {
+        "source_hash": build.source_hash(build.kernel_sources()),
+        "archs": list(build.ARCHS),
+        "nvcc_version": "13.0.88",
+        "library_sha256": hashlib.sha256(library.read_bytes()).hexdigest(),
+    }
+    (entry / build.MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert build.build_library() == library
+    library.write_bytes(b"tampered")
+    with pytest.raises(build.KernelBuildError, match="DELEAKER_NO_JIT"):
+        build.build_library()
+    library.write_bytes(b"not really a library, but the manifest check only hashes bytes")
+    (entry / build.MANIFEST_NAME).write_text(json.dumps({**manifest, "source_hash": "stale"}))
+    with pytest.raises(build.KernelBuildError, match="DELEAKER_NO_JIT"):
+        build.build_library()
