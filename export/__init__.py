@@ -1,1 +1,12 @@
-"""Namespaced as `deleaker.export`."""
+"""Namespaced as `deleaker.export`: the DeLeaker FLUX transformer as ONNX.
+
+- `deleaker.export.contract`: `FluxTransformerIO`, the one I/O contract (names, dtypes, shapes, profiles).
+- `deleaker.export.wrapper`: `make_wrapper` / `FluxDeLeakerWrapper`, the fixed-signature module that is exported.
+- `deleaker.export.onnx_node`: the ``deleaker::DeLeakerAttention`` node (schema, attributes) and the two
+  translations of ``torch.ops.deleaker.attention`` (custom node, standard-ONNX decomposition).
+- `deleaker.export.exporter`: `export_transformer_onnx`, `export_model_onnx`, `export_attention_onnx`,
+  `check_onnx_model`, `read_export_metadata`.
+- `deleaker.export.ort`: ONNX Runtime sessions (`make_session`, `session_feeds`) and the node's Python reference.
+
+Submodules are imported on use (onnx/onnxscript are optional dependencies of the package).
+"""

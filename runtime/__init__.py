@@ -1,1 +1,38 @@
-"""Namespaced as `deleaker.runtime`."""
+"""``deleaker.runtime``: the lean FLUX.1 + DeLeaker runtime and the ``deleaker-trt`` CLI.
+
+Public API (imported on first use, so ``deleaker-trt --help`` and ``import deleaker.runtime`` stay light)::
+
+    from deleaker.runtime import DeLeakerRuntime
+    rt = DeLeakerRuntime.from_model("tiny")            # ONNX Runtime (default) or backend="torch"
+    rt = DeLeakerRuntime.from_engines("engines/512")   # TensorRT engines (or ONNX files) with manifests
+    result = rt("A cat and a dog", ["cat", "dog"], seed=0, steps=20, guidance=3.5, height=512, width=512)
+    result.image.save("out.png"); print(result.timings)
+
+One call at a time per instance (a lock serialises concurrent calls); no global state.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DeLeakerRuntime": "runtime",
+    "GenerationRequest": "runtime",
+    "GenerationResult": "runtime",
+    "TransformerBackend": "backends",
+    "TorchBackend": "backends",
+    "OnnxRuntimeBackend": "backends",
+    "TensorRTBackend": "backends",
+    "BackendError": "backends",
+    "FlowMatchSchedule": "schedule",
+    "flux_schedule": "schedule",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

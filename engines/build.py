@@ -1,0 +1,505 @@
+"""Build the DeLeaker FLUX transformer: ONNX export, optional FP8 Q/DQ, TensorRT engine, manifests.
+
+`build_engines(BuildRequest) -> BuildResult` is the one library call behind ``deleaker-trt build``. Stages:
+
+1. load the model (``tiny`` or a diffusers folder) and make its I/O contract (`FluxTransformerIO`);
+2. export the ONNX (one ``DeLeakerAttention`` node per joint attention) in the engine's float dtype, or reuse the
+   ONNX already in the output folder when its manifest matches (same weights, contract, knobs, plugin, precision);
+3. fp8: calibrate per-tensor E4M3 scales on prompts and insert Q/DQ (`deleaker.engines.fp8`);
+4. write the ONNX and its manifest (temp file, then rename);
+5. unless ``onnx_only``: TensorRT. The loaders are small callables in the Polygraphy style, composed as
+   ``save_engine(build_serialized_engine(network_from_onnx(path, trt), io, ...), path)``; the network is strongly
+   typed (precision comes from the ONNX's dtypes and Q/DQ nodes), with one optimization profile (the contract's
+   batch min/opt/max) and a timing cache kept in the output folder.
+
+Every failure is a typed `DeLeakerError` raised after cleaning up: no half-written engine is ever left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from deleaker.config import DeLeakerConfig
+from deleaker.errors import ConfigError, DeLeakerError
+
+from . import fp8 as fp8_lib
+from .manifest import EngineManifest, atomic_write_bytes, cuda_environment, plugin_info, sha256_file
+
+#: The ONNX's float dtype per engine precision. FP8 engines keep fp16 outside the quantized linears.
+ONNX_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "float16"}
+PRECISIONS = tuple(ONNX_DTYPES)
+
+#: Prompts the FP8 scales are calibrated on (the reference examples' kinds of scenes).
+DEFAULT_CALIBRATION_PROMPTS = (
+    "A bat and an owl are perched side by side on a tree branch.",
+    "The dolphin and the whale are cuddling together",
+    "A strawberry, a radish, and a cherry sit together.",
+    "In a pop art style, A hippopotamus and a rhinoceros are one gently pushing the other with its nose.",
+)
+#: Flow-matching sigmas (timesteps / 1000) the calibration evaluates each prompt at: early, middle and late.
+DEFAULT_CALIBRATION_SIGMAS = (1.0, 0.6, 0.2)
+
+TIMING_CACHE_NAME = "timing.cache"
+#: Protobuf's limit is 2 GiB; larger models store their weights beside the ONNX.
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class ModelNotFoundError(ConfigError):
+    """``--model`` is neither ``tiny`` nor a loadable diffusers FLUX folder."""
+
+
+class BuildError(DeLeakerError):
+    """TensorRT failed to parse the ONNX or to build the engine, or the GPU cannot build this precision."""
+
+
+class DiskFullError(DeLeakerError, OSError):
+    """No space left while writing an artifact (partial files were removed)."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build. ``height``/``width`` in pixels, ``text_len`` = T, ``max_entities`` = E_max (fixed per engine);
+    ``batch`` = (min, opt, max) of the engine's profile; ``deleaker_config``: overrides of the knobs (None:
+    defaults scaled to the model)."""
+
+    model: str
+    precision: str
+    out_dir: Path
+    height: int = 512
+    width: int = 512
+    text_len: int = 256
+    max_entities: int = 4
+    batch: Tuple[int, int, int] = (1, 1, 4)
+    onnx_only: bool = False
+    deleaker_config: Optional[Mapping[str, Any]] = None
+    calibration_prompts: Tuple[str, ...] = DEFAULT_CALIBRATION_PROMPTS
+    calibration_sigmas: Tuple[float, ...] = DEFAULT_CALIBRATION_SIGMAS
+    workspace_bytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("height", "width", "text_len", "max_entities"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if len(self.batch) != 3 or not 1 <= self.batch[0] <= self.batch[1] <= self.batch[2]:
+            raise ConfigError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {self.batch!r}")
+        if self.precision == "fp8" and not self.calibration_prompts:
+            raise ConfigError("fp8 needs at least one calibration prompt")
+
+    @property
+    def artifact_stem(self) -> str:
+        return f"transformer.{self.height}x{self.width}.{self.precision}"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """Paths written and seconds per stage. ``engine_path`` is None for ``onnx_only``."""
+
+    onnx_path: Path
+    onnx_manifest: Path
+    engine_path: Optional[Path]
+    engine_manifest: Optional[Path]
+    timings_s: Dict[str, float]
+    reused_onnx: bool
+
+
+Progress = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def disk_guard(*cleanup: Path) -> Iterator[None]:
+    """Turn ENOSPC into `DiskFullError`, removing ``cleanup`` paths (files or folders) on any error."""
+    try:
+        yield
+    except BaseException as err:
+        for path in cleanup:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise DiskFullError(
+                errno.ENOSPC, f"no space left on the device while writing {cleanup or 'artifacts'}"
+            ) from err
+        raise
+
+
+class _Stages:
+    """Times named stages and reports them through ``progress``."""
+
+    def __init__(self, progress: Optional[Progress]) -> None:
+        self.progress = progress
+        self.timings: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, what: str) -> Iterator[None]:
+        if self.progress:
+            self.progress(f"{what}...")
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        if self.progress:
+            self.progress(f"{what}: done in {self.timings[name]:.1f} s")
+
+
+def load_model(model: str) -> Tuple[Dict[str, Any], str]:
+    """``(FluxPipeline components, model id)`` of ``tiny`` or a diffusers folder; raises `ModelNotFoundError`."""
+    from deleaker.runtime.runtime import load_components
+
+    try:
+        return load_components(model)
+    except ConfigError as err:
+        raise ModelNotFoundError(f"--model: {err}") from err
+
+
+def model_sha256(transformer: torch.nn.Module) -> str:
+    """Hash of the transformer's config and weights (the runtime's ONNX cache uses the same one)."""
+    from deleaker.runtime.onnx_cache import transformer_sha256
+
+    return transformer_sha256(transformer)
+
+
+def vae_scale_factor(components: Mapping[str, Any]) -> int:
+    return 2 ** (len(components["vae"].config.block_out_channels) - 1)
+
+
+def export_onnx(transformer: torch.nn.Module, io: Any, config: DeLeakerConfig, path: Path) -> Path:
+    """Export the DeLeaker transformer (custom ``DeLeakerAttention`` nodes, ``io.dtype``) to ``path`` (atomic).
+
+    The export helper's `export_transformer_onnx` (checked, optimized, batch axis kept dynamic).
+    """
+    from deleaker.export.exporter import export_transformer_onnx
+
+    return export_transformer_onnx(transformer, io, path, config=config).onnx_path
+
+
+def export_fp8_onnx(
+    transformer: torch.nn.Module,
+    io: Any,
+    config: DeLeakerConfig,
+    scales: Mapping[str, "fp8_lib.LinearScales"],
+    path: Path,
+) -> Any:
+    """Export like `export_onnx`, insert the E4M3 Q/DQ nodes, write ``path``; returns the Q/DQ ``ModelProto``."""
+    import onnx
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        plain = export_onnx(transformer, io, config, staging / path.name)
+        weights = {name: layer.weight for name, layer in fp8_lib.quantizable_linears(transformer).items()}
+        model = fp8_lib.insert_fp8_qdq(onnx.load(str(plain)), scales, weights)
+        save_onnx(model, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model
+
+
+def save_onnx(model: Any, path: Path) -> None:
+    """Write ``model`` at ``path`` atomically; weights go to ``<name>.data`` beside it when the model is large."""
+    import onnx
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with disk_guard(tmp_dir):
+        large = model.ByteSize() > _EXTERNAL_DATA_BYTES
+        data_name = path.name + ".data"
+        onnx.save_model(model, str(tmp_dir / path.name), save_as_external_data=large, location=data_name)
+        if large:
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        os.replace(tmp_dir / path.name, path)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def calibration_batches(
+    components: Mapping[str, Any], io: Any, prompts: Sequence[str], sigmas: Sequence[float], seed: int = 0
+) -> List[Dict[str, torch.Tensor]]:
+    """Contract inputs for FP8 calibration: each prompt, encoded by the model's own text encoders, at each sigma.
+
+    Latents are seeded standard normal (what the denoiser sees at sigma 1, roughly its input scale later); the
+    step index follows the sigma's position, so DeLeaker's windows behave as in a real run.
+    """
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(
+        **{
+            k: components[k]
+            for k in ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+        }
+    )
+    batches = []
+    with torch.no_grad():
+        for p, prompt in enumerate(prompts):
+            prompt_embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=io.text_len)
+            for k, sigma in enumerate(sigmas):
+                batch = io.sample_inputs(batch=io.batch_min, seed=seed + 1000 * p + k, step=k)
+                batch["encoder_hidden_states"] = prompt_embeds.to(batch["encoder_hidden_states"].dtype)
+                batch["pooled_projections"] = pooled.to(batch["pooled_projections"].dtype)
+                batch["timestep"] = torch.full_like(batch["timestep"], float(sigma))
+                batches.append(batch)
+    return batches
+
+
+def calibrate_fp8(
+    transformer: torch.nn.Module, io: Any, config: DeLeakerConfig, batches: Sequence[Dict[str, torch.Tensor]]
+) -> Dict[str, "fp8_lib.LinearScales"]:
+    """Per-tensor E4M3 scales of the quantizable linears, from the DeLeaker model run on ``batches``.
+
+    ``io`` must have the transformer's current dtype (calibrate in float32, before casting for export).
+    """
+    from deleaker.export.wrapper import make_wrapper
+
+    wrapper = make_wrapper(transformer, io, config).eval()
+    return fp8_lib.calibrate(transformer, lambda batch: wrapper(*batch.values()), batches)
+
+
+def quantization_record(scales: Mapping[str, "fp8_lib.LinearScales"], model: Any, batches: int) -> Dict[str, Any]:
+    """What the manifest records about the FP8 quantization."""
+    return {
+        "format": "float8_e4m3fn",
+        "granularity": "per-tensor",
+        "high_precision_modules": list(fp8_lib.HIGH_PRECISION_MODULES),
+        "calibration_batches": batches,
+        "scales": {name: dataclasses.asdict(s) for name, s in scales.items()},
+        "qdq": fp8_lib.qdq_summary(model),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorRT loaders (each a small function of the previous one's output)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Network:
+    """A parsed TensorRT network with the objects that must outlive it (builder, parser)."""
+
+    trt: ModuleType
+    builder: Any
+    network: Any
+    parser: Any
+    logger: Any
+
+
+def network_from_onnx(onnx_path: Path, trt: ModuleType, *, plugins: bool = True) -> Network:
+    """Parse ``onnx_path`` into a strongly typed network, with the DeLeaker plugin registered first."""
+    from deleaker.plugins.trt_plugin import register_plugin
+
+    if plugins:
+        register_plugin(trt)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BuildError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors))
+    return Network(trt, builder, network, parser, logger)
+
+
+def build_serialized_engine(
+    net: Network,
+    profiles: Mapping[str, Tuple[Sequence[int], Sequence[int], Sequence[int]]],
+    *,
+    timing_cache: Optional[Path] = None,
+    workspace_bytes: Optional[int] = None,
+) -> bytes:
+    """Build the engine with one optimization profile and a timing cache (read if present, written back).
+
+    ``profiles``: ``{input name: (min, opt, max) shape}`` (`FluxTransformerIO.profiles`); inputs whose min and max
+    agree are static and left out of the profile.
+    """
+    trt = net.trt
+    config = net.builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    profile = net.builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles.items():
+        if lo != hi:  # only the dynamic (batch) inputs need a range
+            profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = net.builder.build_serialized_network(net.network, config)
+    if serialized is None:
+        raise BuildError("TensorRT failed to build the engine (see its log above)")
+    if timing_cache is not None:
+        atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(serialized))
+
+
+def save_engine(data: bytes, path: Path) -> Path:
+    """Write the serialized engine atomically (temp file in the same folder, then rename)."""
+    with disk_guard():
+        atomic_write_bytes(path, data)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one call
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _reusable_onnx(onnx_path: Path, expected: Mapping[str, Any]) -> bool:
+    """True when ``onnx_path`` exists, hashes to its manifest and the manifest matches ``expected``."""
+    try:
+        manifest = EngineManifest.read(onnx_path)
+        manifest.check_artifact(onnx_path.parent)
+    except DeLeakerError:
+        return False
+    return all(
+        json.dumps(getattr(manifest, k), sort_keys=True) == json.dumps(v, sort_keys=True) for k, v in expected.items()
+    )
+
+
+def build_engines(request: BuildRequest, progress: Optional[Progress] = None) -> BuildResult:
+    """Build what ``request`` asks for into ``request.out_dir`` (see the module docstring for the stages).
+
+    Raises:
+        ModelNotFoundError: bad ``model``. ConfigError: bad sizes for the model.
+        TensorRTUnavailableError: TensorRT is not importable (the ONNX and its manifest are written first).
+        BuildError: TensorRT cannot parse/build, the GPU lacks FP8, or this TensorRT cannot host the plugin.
+        DiskFullError: no space left (partial files removed).
+    """
+    from deleaker.export.contract import FluxTransformerIO, dtype_name
+
+    stage = _Stages(progress)
+    out_dir = Path(request.out_dir)
+    with stage("load", f"loading model {request.model}"):
+        components, model_id = load_model(request.model)
+        transformer = components["transformer"].eval()
+        dtype = ONNX_DTYPES[request.precision]
+        io = FluxTransformerIO.from_transformer(
+            transformer,
+            height=request.height,
+            width=request.width,
+            text_len=request.text_len,
+            max_entities=request.max_entities,
+            vae_scale_factor=vae_scale_factor(components),
+            batch=request.batch,
+            dtype=dtype,
+        )
+        config = DeLeakerConfig.resolve(request.deleaker_config, io.num_blocks)
+        model_hash = model_sha256(transformer)
+        plugin = plugin_info()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the output folder {out_dir}: {err}") from err
+
+    onnx_path = out_dir / f"{request.artifact_stem}.onnx"
+    expected = {
+        "model_sha256": model_hash,
+        "precision": request.precision,
+        "io": io.to_dict(),
+        "deleaker_config": dataclasses.asdict(config),
+        "plugin": plugin,
+    }
+    reused = _reusable_onnx(onnx_path, expected)
+    if reused:
+        if progress:
+            progress(f"reusing {onnx_path} (its manifest matches this request)")
+        onnx_manifest = EngineManifest.read(onnx_path)
+    else:
+        scales, quantization = None, None
+        if request.precision == "fp8":
+            with stage("calibrate", f"calibrating FP8 scales on {len(request.calibration_prompts)} prompts"):
+                # Calibrate in the loaded precision (float32 for diffusers' default), before the cast for export.
+                calib_io = dataclasses.replace(io, dtype=dtype_name(next(transformer.parameters()).dtype))
+                batches = calibration_batches(
+                    components, calib_io, request.calibration_prompts, request.calibration_sigmas
+                )
+                scales = calibrate_fp8(transformer, calib_io, config, batches)
+        with stage("export", f"exporting ONNX ({dtype})"):
+            EngineManifest.path_for(onnx_path).unlink(missing_ok=True)  # a stale manifest must not outlive its ONNX
+            transformer.to(io.spec("hidden_states").torch_dtype)
+            with disk_guard():
+                if scales is None:
+                    export_onnx(transformer, io, config, onnx_path)
+                else:
+                    model = export_fp8_onnx(transformer, io, config, scales, onnx_path)
+                    quantization = quantization_record(scales, model, len(batches))
+        with stage("manifest", f"hashing {onnx_path.name}, writing its manifest"):
+            onnx_hash = sha256_file(onnx_path)
+            data_path = onnx_path.with_name(onnx_path.name + ".data")  # external weights of a > 2 GB model
+            data_files = {data_path.name: sha256_file(data_path)} if data_path.is_file() else {}
+            onnx_manifest = EngineManifest(
+                kind="onnx",
+                artifact=onnx_path.name,
+                artifact_sha256=onnx_hash,
+                model_id=model_id,
+                onnx_sha256=onnx_hash,
+                quantization=quantization,
+                data_files=data_files,
+                timings_s=dict(stage.timings),
+                **expected,
+            )
+            with disk_guard(onnx_path):
+                onnx_manifest.write(out_dir)
+    onnx_manifest_path = EngineManifest.path_for(onnx_path)
+    if request.onnx_only:
+        return BuildResult(onnx_path, onnx_manifest_path, None, None, dict(stage.timings), reused)
+
+    engine_path = out_dir / f"{request.artifact_stem}.plan"
+    with stage("engine", "building the TensorRT engine"):
+        from deleaker.plugins.trt_plugin import TensorRTUnavailableError, import_tensorrt
+
+        try:
+            trt = import_tensorrt()
+        except TensorRTUnavailableError as err:
+            raise TensorRTUnavailableError(
+                f"{err} The ONNX and its manifest are written ({onnx_path}); run this command again once TensorRT "
+                "is installed: it reuses them."
+            ) from err
+        if trt.__name__ == "tensorrt_rtx":
+            raise BuildError(
+                "only TensorRT-RTX is installed; its Python API cannot host the DeLeaker plugin (a Python "
+                "IPluginV3), so it cannot build this network. Install TensorRT >= 10.8 (`pip install tensorrt-cu12`)"
+            )
+        gpu_name, capability = cuda_environment()
+        if capability is None:
+            raise BuildError("building a TensorRT engine needs a CUDA GPU; none is visible")
+        if request.precision == "fp8":
+            try:
+                fp8_lib.check_fp8_capable(capability)
+            except ConfigError as err:
+                raise BuildError(str(err)) from err
+        net = network_from_onnx(onnx_path, trt)
+        with disk_guard():  # the timing cache and the engine are written atomically: nothing partial to remove
+            data = build_serialized_engine(
+                net, io.profiles(), timing_cache=out_dir / TIMING_CACHE_NAME, workspace_bytes=request.workspace_bytes
+            )
+        save_engine(data, engine_path)
+    manifest = dataclasses.replace(
+        onnx_manifest,
+        kind="engine",
+        data_files={},
+        artifact=engine_path.name,
+        artifact_sha256=sha256_file(engine_path),
+        tensorrt_version=trt.__version__,
+        gpu_name=gpu_name,
+        compute_capability=tuple(capability),
+        timings_s=dict(stage.timings),
+    )
+    with disk_guard(engine_path):
+        engine_manifest = manifest.write(out_dir)
+    return BuildResult(onnx_path, onnx_manifest_path, engine_path, engine_manifest, dict(stage.timings), reused)

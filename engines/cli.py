@@ -1,0 +1,83 @@
+"""``deleaker-trt build``: parse the options into a `BuildRequest`, call `build_engines`, print stage timings.
+
+Mounted on the ``deleaker-trt`` group by ``deleaker.runtime.cli`` (``from deleaker.engines.cli import build``).
+Typed errors print ``error: <message>`` on stderr and exit 1; usage errors exit 2 (click).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from deleaker.errors import DeLeakerError
+
+from .build import PRECISIONS, BuildRequest, build_engines
+
+EXIT_ERROR = 1
+
+
+class BuildCliError(click.ClickException):
+    """A library error shown as ``error: <message>`` on stderr, exit code 1."""
+
+    exit_code = EXIT_ERROR
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@click.command("build")
+@click.option("--model", required=True, help="'tiny' (built-in test model) or a local diffusers FLUX folder.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    required=True,
+    help="Engine precision: fp16/bf16 (strongly typed) or fp8 (E4M3 Q/DQ on the linears, fp16 elsewhere).",
+)
+@click.option("--height", type=click.IntRange(min=1), default=512, show_default=True, help="Image height in pixels.")
+@click.option("--width", type=click.IntRange(min=1), default=512, show_default=True, help="Image width in pixels.")
+@click.option(
+    "--max-entities",
+    type=click.IntRange(2, 8),
+    default=4,
+    show_default=True,
+    help="E_max: entity rows of the engine (the kernels take at most 8).",
+)
+@click.option("--text-len", type=click.IntRange(1, 512), default=256, show_default=True, help="T5 tokens T.")
+@click.option(
+    "--batch",
+    type=(int, int, int),
+    default=(1, 1, 4),
+    show_default=True,
+    help="Batch profile MIN OPT MAX of the engine.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output folder (ONNX, engine, manifests, timing cache).",
+)
+@click.option("--onnx-only", is_flag=True, help="Stop after the ONNX and its manifest (no TensorRT needed).")
+def build(model, precision, height, width, max_entities, text_len, batch, out_dir, onnx_only) -> None:
+    """Export the DeLeaker FLUX transformer to ONNX and build a TensorRT engine with a manifest."""
+    try:
+        request = BuildRequest(
+            model=model,
+            precision=precision,
+            out_dir=out_dir,
+            height=height,
+            width=width,
+            text_len=text_len,
+            max_entities=max_entities,
+            batch=tuple(batch),
+            onnx_only=onnx_only,
+        )
+        result = build_engines(request, progress=lambda line: click.echo(line, err=True))
+    except DeLeakerError as err:
+        raise BuildCliError(str(err)) from err
+    click.echo(f"onnx: {result.onnx_path}" + (" (reused)" if result.reused_onnx else ""))
+    if result.engine_path is not None:
+        click.echo(f"engine: {result.engine_path}")
+    total = sum(result.timings_s.values())
+    click.echo("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items()) + f" (total {total:.1f}s)")

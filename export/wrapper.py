@@ -1,0 +1,177 @@
+"""``FluxDeLeakerWrapper``: the FLUX transformer with DeLeaker state as plain tensors, for export.
+
+The wrapper's ``forward`` takes exactly the contract's inputs (`FluxTransformerIO.input_names`, in order) and
+returns ``(noise_pred, history_out)``. Nothing in it branches on input values, so ``torch.export`` sees one graph
+in which every joint attention is one ``torch.ops.deleaker.attention`` call, with the history threaded through
+them in block order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Tuple
+
+import torch
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
+from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+from torch import nn
+
+from deleaker.config import DeLeakerConfig
+from deleaker.errors import ShapeError
+from deleaker.processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
+
+from .contract import FluxTransformerIO
+
+Tensor = torch.Tensor
+
+
+class Float32FluxPosEmbed(FluxPosEmbed):
+    """``FluxPosEmbed`` with its rotary angles in float32 instead of float64.
+
+    TensorRT has no float64 tensors; diffusers computes FLUX's RoPE angles in float64 on CUDA/CPU. Angles are at most
+    ``max(ids)`` radians (~128 at 2048 px), so float32 changes cos/sin by ~1e-5 at worst: far below fp16/bf16
+    engines' rounding, and within the fp32 ORT-vs-PyTorch tolerance of the tests.
+    """
+
+    def forward(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
+        pos = ids.float()
+        cos_out, sin_out = [], []
+        for i in range(ids.shape[-1]):
+            cos, sin = get_1d_rotary_pos_embed(
+                self.axes_dim[i], pos[:, i], theta=self.theta, repeat_interleave_real=True, use_real=True,
+                freqs_dtype=torch.float32,
+            )
+            cos_out.append(cos)
+            sin_out.append(sin)
+        return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
+
+
+@contextlib.contextmanager
+def float32_rope(transformer: nn.Module) -> Iterator[None]:
+    """Within the block, ``transformer.pos_embed`` computes in float32 (`Float32FluxPosEmbed`); restored after."""
+    original = transformer.pos_embed
+    replacement = Float32FluxPosEmbed(theta=original.theta, axes_dim=original.axes_dim)
+    transformer.pos_embed = replacement
+    try:
+        yield
+    finally:
+        transformer.pos_embed = original
+
+
+def has_deleaker_processors(transformer: nn.Module) -> bool:
+    """True when every joint attention of ``transformer`` already runs a `DeLeakerFluxAttnProcessor`."""
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    return all(isinstance(block.attn.processor, DeLeakerFluxAttnProcessor) for block in blocks)
+
+
+class FluxDeLeakerWrapper(nn.Module):
+    """Fixed-signature ``FluxTransformer2DModel`` + DeLeaker (use `make_wrapper` to get the right subclass).
+
+    Installs the DeLeaker processors on ``transformer`` unless they are there (they behave as stock FLUX when no
+    state is passed, so this does not change the transformer's other uses). ``config`` is used as given (already
+    scaled to the model, see `DeLeakerConfig.for_model`).
+    """
+
+    def __init__(self, transformer: nn.Module, io: FluxTransformerIO, config: DeLeakerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, DeLeakerConfig):
+            raise TypeError(f"config must be a DeLeakerConfig, got {type(config).__name__}")
+        if not has_deleaker_processors(transformer):
+            install_deleaker_processors(transformer)
+        self.transformer = transformer
+        self.io = io
+        self.config = config
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        timestep: Tensor,
+        img_ids: Tensor,
+        txt_ids: Tensor,
+        guidance: Tensor,
+        entity_mask: Tensor,
+        history: Tensor,
+        step: Tensor,
+    ) -> Tuple[Tensor, Tensor]:
+        """One denoising evaluation of a model with guidance embeddings (FLUX.1-dev).
+
+        Args (shapes as in `FluxTransformerIO`): ``hidden_states (B, Nimg, C_in)``, ``encoder_hidden_states
+        (B, T, joint_dim)``, ``pooled_projections (B, pooled_dim)``, ``timestep (B,)``, ``img_ids (Nimg, 3)``,
+        ``txt_ids (T, 3)``, ``guidance (B,)``, ``entity_mask (E_max, T)`` int, ``history (B, E_max, Nimg)``
+        float32, ``step ()`` int.
+
+        Returns: ``noise_pred (B, Nimg, C_out)`` and ``history_out (B, E_max, Nimg)`` float32.
+        """
+        return self._run(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
+            entity_mask, history, step,
+        )
+
+    def _run(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        timestep: Tensor,
+        img_ids: Tensor,
+        txt_ids: Tensor,
+        guidance: Optional[Tensor],
+        entity_mask: Tensor,
+        history: Tensor,
+        step: Tensor,
+    ) -> Tuple[Tensor, Tensor]:
+        # The node takes a bool mask and an int64 step (the kernels' ABI); the graph inputs are int32.
+        state = DeLeakerState(
+            entity_mask=entity_mask.to(torch.bool),
+            grid=self.io.grid,
+            config=self.config,
+            step=step.to(torch.int64).reshape(()),
+            history=history,
+        )
+        noise_pred = self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            joint_attention_kwargs={"deleaker_state": state},
+            return_dict=False,
+        )[0]
+        return noise_pred, state.history
+
+
+class FluxDeLeakerWrapperNoGuidance(FluxDeLeakerWrapper):
+    """`FluxDeLeakerWrapper` of a model without guidance embeddings (FLUX.1-schnell): no ``guidance`` input."""
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        timestep: Tensor,
+        img_ids: Tensor,
+        txt_ids: Tensor,
+        entity_mask: Tensor,
+        history: Tensor,
+        step: Tensor,
+    ) -> Tuple[Tensor, Tensor]:
+        """As `FluxDeLeakerWrapper.forward`, without ``guidance``."""
+        return self._run(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, None,
+            entity_mask, history, step,
+        )
+
+
+def make_wrapper(transformer: nn.Module, io: FluxTransformerIO, config: DeLeakerConfig) -> FluxDeLeakerWrapper:
+    """The wrapper whose ``forward`` takes ``io.input_names`` in order (with or without ``guidance``)."""
+    if bool(transformer.config.guidance_embeds) != io.guidance_embeds:
+        raise ShapeError(
+            f"the contract says guidance_embeds={io.guidance_embeds} but the transformer's config says "
+            f"{transformer.config.guidance_embeds}; build the contract from this transformer"
+        )
+    cls = FluxDeLeakerWrapper if io.guidance_embeds else FluxDeLeakerWrapperNoGuidance
+    return cls(transformer, io, config)

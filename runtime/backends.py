@@ -1,0 +1,244 @@
+"""Transformer backends: one small interface, three implementations (PyTorch, ONNX Runtime, TensorRT).
+
+The interface (`TransformerBackend`) is the transformer I/O contract of ``deleaker.export.contract``: one call of
+the FLUX transformer with DeLeaker state. Inputs, by name (torch tensors on the backend's ``device``; each backend
+casts to the dtypes its graph declares):
+
+- ``hidden_states (B, Nimg, C_in)``, ``encoder_hidden_states (B, T, joint_dim)``, ``pooled_projections (B, pooled)``
+- ``timestep (B,)``: the scheduler's ``t / 1000`` (what ``FluxTransformer2DModel`` takes)
+- ``img_ids (Nimg, 3)``, ``txt_ids (T, 3)``; ``guidance (B,)`` only for models with guidance embeddings
+- ``entity_mask (E_max, T)`` bool/int: an all-zero mask means plain FLUX (no entity, no intervention)
+- ``history (B, E_max, Nimg)`` float32, ``step``: 0-d integer, the denoising step index
+
+Outputs: ``noise_pred (B, Nimg, C_out)`` and ``history_out (B, E_max, Nimg)`` float32 (the state for the next step).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Mapping, Optional, Protocol, runtime_checkable
+
+import torch
+
+from deleaker.config import DeLeakerConfig
+from deleaker.errors import DeLeakerError
+from deleaker.processor import DeLeakerState, install_deleaker_processors
+
+Tensor = torch.Tensor
+
+#: Names of the inputs every backend takes, in the contract's order (``guidance`` only with guidance embeddings).
+INPUT_NAMES = (
+    "hidden_states",
+    "encoder_hidden_states",
+    "pooled_projections",
+    "timestep",
+    "img_ids",
+    "txt_ids",
+    "guidance",
+    "entity_mask",
+    "history",
+    "step",
+)
+
+
+class BackendError(DeLeakerError, RuntimeError):
+    """A transformer backend cannot be created or run (missing package, bad graph, wrong inputs)."""
+
+
+@runtime_checkable
+class TransformerBackend(Protocol):
+    """One denoising step of the transformer: ``backend(inputs) -> (noise_pred, history_out)``.
+
+    Contract: ``inputs`` maps every name of `INPUT_NAMES` the model uses to a torch tensor (see the module
+    docstring for shapes); the call does not keep references to them; outputs are new torch tensors on
+    ``device`` (``noise_pred`` in ``dtype``, ``history_out`` float32). Backends are not thread-safe: one call at a
+    time (the runtime guarantees it).
+    """
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]: ...
+
+
+class TorchBackend:
+    """The diffusers ``FluxTransformer2DModel`` with DeLeaker processors (``torch.ops.deleaker.attention``).
+
+    On CUDA the op dispatches to the fused kernels when they are built (``deleaker.plugins``), else to the
+    PyTorch reference. An all-zero entity mask runs diffusers' stock attention: exactly plain FLUX.
+    """
+
+    name = "torch"
+
+    def __init__(self, transformer: torch.nn.Module, config: DeLeakerConfig | None = None) -> None:
+        self.transformer = transformer.eval()
+        self.num_blocks = install_deleaker_processors(self.transformer)
+        self.config = DeLeakerConfig.resolve(config, self.num_blocks)
+        param = next(self.transformer.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+
+    @torch.no_grad()
+    def __call__(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        hidden = inputs["hidden_states"]
+        entity_mask = inputs["entity_mask"].to(torch.bool)
+        history = inputs["history"]
+        state = None
+        if bool(entity_mask.any()):
+            gh_gw = inputs["img_ids"][:, 1:].max(dim=0).values.to(torch.int64) + 1
+            state = DeLeakerState(
+                entity_mask=entity_mask,
+                grid=(int(gh_gw[0]), int(gh_gw[1])),
+                config=self.config,
+                # The processors read the step in place; a copy keeps the caller's tensor untouched.
+                step=inputs["step"].to(torch.int64).reshape(()).clone(),
+                history=history.to(torch.float32).clone(),
+            )
+        guidance = inputs.get("guidance") if self.transformer.config.guidance_embeds else None
+        noise_pred = self.transformer(
+            hidden_states=hidden.to(self.dtype),
+            encoder_hidden_states=inputs["encoder_hidden_states"].to(self.dtype),
+            pooled_projections=inputs["pooled_projections"].to(self.dtype),
+            timestep=inputs["timestep"].to(self.dtype),
+            img_ids=inputs["img_ids"],
+            txt_ids=inputs["txt_ids"],
+            guidance=guidance,
+            joint_attention_kwargs=None if state is None else {"deleaker_state": state},
+            return_dict=False,
+        )[0]
+        return noise_pred, (history if state is None else state.history)
+
+
+class OnnxRuntimeBackend:
+    """An exported transformer graph (with ``DeLeakerAttention`` nodes) in an ONNX Runtime session.
+
+    The session comes from the export helper's factory (`deleaker.export.ort.make_session`), which registers the
+    custom node's implementation; feeds are cast to the dtypes of the I/O contract ``io``
+    (`deleaker.export.ort.session_feeds`). CPU by default; ``providers`` as ONNX Runtime takes them.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, io: Any, *, providers: Optional[list[str]] = None) -> None:
+        try:
+            ort_helpers = importlib.import_module("deleaker.export.ort")
+        except ImportError as exc:  # onnx / onnxruntime missing
+            raise BackendError(
+                f"the onnxruntime backend needs the [onnx] extra (pip install 'deleaker-trt[onnx]'): {exc}"
+            ) from exc
+        self.path = Path(onnx_path)
+        self.io = io
+        self._feeds = ort_helpers.session_feeds
+        try:
+            self.session = ort_helpers.make_session(self.path, providers=providers)
+        except DeLeakerError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own types for a corrupt or unsupported graph
+            raise BackendError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
+        outputs = [o.name for o in self.session.get_outputs()]
+        if list(outputs) != list(io.output_names):
+            raise BackendError(f"{self.path} has outputs {outputs}, the contract {list(io.output_names)}")
+        self.device = torch.device("cpu")
+        self.dtype = io.spec("noise_pred").torch_dtype
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        feeds = self._feeds(self.io, {name: inputs[name] for name in self.io.input_names})
+        try:
+            noise_pred, history = self.session.run(list(self.io.output_names), feeds)
+        except Exception as exc:  # onnxruntime's own error types (e.g. a node type the session cannot run)
+            raise BackendError(f"ONNX Runtime failed on {self.path.name}: {exc}") from exc
+        return torch.from_numpy(noise_pred), torch.from_numpy(history)
+
+
+class TensorRTBackend:
+    """A built TensorRT engine of the transformer (DeLeaker plugin inside), run with ``execute_async_v3``.
+
+    Device buffers for every input and output are allocated once, at the contract's largest batch, and bound
+    with ``set_tensor_address``; a call copies the inputs in, enqueues the engine on a private stream and returns
+    copies of the outputs. With ``cuda_graph=True`` the first call of each batch size is captured into a CUDA
+    graph and later calls replay it (the buffers never move, so the graph stays valid).
+
+    Not validated on this project's CPU-only CI: written against TensorRT 10's Python API and tested where a GPU
+    and TensorRT are present. ``tensorrt`` is imported when an instance is created, never at module import.
+    """
+
+    name = "tensorrt"
+
+    def __init__(
+        self, engine_path: str | Path, io: Any, *, cuda_graph: bool = True, device: str | torch.device = "cuda"
+    ) -> None:
+        from deleaker.plugins import trt_plugin
+
+        trt = trt_plugin.import_tensorrt()  # raises TensorRTUnavailableError (a DeLeakerError) with install hints
+        if not torch.cuda.is_available():
+            raise BackendError("the tensorrt backend needs a CUDA GPU; none is visible to torch")
+        trt_plugin.register_plugin(trt)
+        self._trt = trt
+        self.io = io
+        self.device = torch.device(device)
+        self.dtype = io.spec("noise_pred").torch_dtype
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise BackendError(f"TensorRT could not deserialize {engine_path} (see its log above)")
+        self.context = self.engine.create_execution_context()
+        engine_names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        wanted = set(io.input_names) | set(io.output_names)
+        if engine_names != wanted:
+            raise BackendError(f"{engine_path} has tensors {sorted(engine_names)}, the contract {sorted(wanted)}")
+        self._stream = torch.cuda.Stream(self.device)
+        self._buffers = {
+            spec.name: torch.empty(spec.concrete(io.batch_max), dtype=spec.torch_dtype, device=self.device)
+            for spec in io.inputs + io.outputs
+        }
+        for name, buffer in self._buffers.items():
+            self.context.set_tensor_address(name, buffer.data_ptr())
+        self._use_graphs = cuda_graph
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._batch: Optional[int] = None
+
+    def _view(self, name: str, batch: int) -> Tensor:
+        # Batch-major buffers: the first ``batch`` rows are contiguous, at the same address.
+        return self._buffers[name][:batch] if self.io.spec(name).dynamic_axes else self._buffers[name]
+
+    def _set_batch(self, batch: int) -> None:
+        if batch == self._batch:
+            return
+        self.io.check_batch(batch)
+        for spec in self.io.inputs:
+            self.context.set_input_shape(spec.name, spec.concrete(batch))
+        self._batch = batch
+
+    def _enqueue(self) -> None:
+        if not self.context.execute_async_v3(self._stream.cuda_stream):
+            raise BackendError("TensorRT execute_async_v3 failed (see its log above)")
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        batch = int(inputs["hidden_states"].shape[0])
+        self._set_batch(batch)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            for spec in self.io.inputs:
+                self._view(spec.name, batch).copy_(inputs[spec.name].reshape(spec.concrete(batch)), non_blocking=True)
+            if not self._use_graphs:
+                self._enqueue()
+            elif batch in self._graphs:
+                self._graphs[batch].replay()
+            else:
+                self._enqueue()  # warm-up outside capture: TensorRT allocates lazily on the first run
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self._stream):
+                    self._enqueue()
+                self._graphs[batch] = graph
+                graph.replay()
+            noise_pred = self._view("noise_pred", batch).clone()
+            history = self._view("history_out", batch).clone()
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_stream(self._stream)
+        # Allocated on the private stream, used on the caller's: keep the allocator from reusing them early.
+        noise_pred.record_stream(consumer)
+        history.record_stream(consumer)
+        return noise_pred, history

@@ -1,0 +1,221 @@
+"""Loading a directory of built artifacts (TensorRT engines or ONNX files, each with its manifest).
+
+A directory holds one artifact per resolution, each beside ``<artifact>.manifest.json``
+(``deleaker.engines.manifest.EngineManifest``). Loading checks, before any generation:
+
+- the directory exists and has at least one manifest of the wanted kind;
+- every manifest parses and all agree on the model, ``T``, ``E_max`` and DeLeaker knobs (one runtime, one model);
+- each artifact's bytes hash to its manifest's ``artifact_sha256`` (a truncated or corrupted file is refused);
+- engines fit this machine (``EngineManifest.check_compatible``: GPU, TensorRT and plugin versions). Without
+  TensorRT the directory still loads, so requests can be validated (resolution, prompt, entities); the first
+  generation then raises TensorRT's absence before any model runs.
+
+Text encoders and the VAE come from the model the manifests name (``tiny`` or a diffusers folder).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+
+from deleaker.errors import ConfigError, DeLeakerError
+
+from .backends import BackendError, OnnxRuntimeBackend, TensorRTBackend, TransformerBackend
+from .schedule import ShiftConfig
+from .text import TextEncoders
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runtime import DeLeakerRuntime
+
+#: Manifest kind -> backend that runs it.
+KIND_BACKENDS = {"engine": "tensorrt", "onnx": "onnxruntime"}
+
+
+class EngineDirError(DeLeakerError, ValueError):
+    """An engine directory is missing, empty, or its manifests disagree."""
+
+
+def _manifest_module():
+    from deleaker.engines import manifest
+
+    return manifest
+
+
+def read_manifests(engine_dir: Path) -> list[Any]:
+    """Every ``*.manifest.json`` of ``engine_dir``, parsed (raises `EngineDirError` / ``ManifestError``)."""
+    manifest = _manifest_module()
+    if not engine_dir.exists():
+        raise EngineDirError(f"engine directory {engine_dir} does not exist")
+    if not engine_dir.is_dir():
+        raise EngineDirError(f"{engine_dir} is not a directory")
+    paths = sorted(engine_dir.glob("*" + manifest.MANIFEST_SUFFIX))
+    if not paths:
+        raise EngineDirError(
+            f"{engine_dir} has no *{manifest.MANIFEST_SUFFIX} files: build engines with `deleaker-trt build`"
+        )
+    return [manifest.EngineManifest.read(p) for p in paths]
+
+
+def current_environment(manifest_mod: Any) -> Any:
+    """The `Environment` of this process: GPU, TensorRT version, plugin version and source hash."""
+    from deleaker.plugins import trt_plugin
+
+    trt = trt_plugin.import_tensorrt()
+    gpu_name, capability = manifest_mod.cuda_environment()
+    if capability is None:
+        raise BackendError("TensorRT engines need a CUDA GPU; none is visible")
+    info = manifest_mod.plugin_info()
+    return manifest_mod.Environment(
+        gpu_name=gpu_name,
+        compute_capability=capability,
+        tensorrt_version=trt.__version__,
+        plugin_version=info["version"],
+        plugin_sha256=info["sha256"],
+    )
+
+
+def load_engine_dir(
+    cls: type,
+    engine_dir: str | Path,
+    *,
+    backend: Optional[str] = None,
+    device: Optional[str] = None,
+    precision: Optional[str] = None,
+    cuda_graph: bool = True,
+    ort_providers: Optional[list[str]] = None,
+) -> "DeLeakerRuntime":
+    """``cls`` (a `DeLeakerRuntime`) for ``engine_dir``; ``backend`` picks the artifact kind when both exist
+    (default: TensorRT engines if there are any, else ONNX files), ``precision`` (fp16, bf16, fp8) the artifacts
+    when the directory has several precisions of one resolution."""
+    from .runtime import PerResolution, load_components, transformer_config
+
+    start = time.perf_counter()
+    engine_dir = Path(engine_dir)
+    manifest_mod = _manifest_module()
+    manifests = read_manifests(engine_dir)
+    kinds = {m.kind for m in manifests}
+    if backend is None:
+        backend = "tensorrt" if "engine" in kinds else "onnxruntime"
+    wanted_kind = {v: k for k, v in KIND_BACKENDS.items()}.get(backend)
+    if wanted_kind is None:
+        raise ConfigError(
+            f"backend {backend!r} cannot run an engine directory; allowed: {sorted(KIND_BACKENDS.values())}"
+        )
+    chosen = [m for m in manifests if m.kind == wanted_kind]
+    if not chosen:
+        raise EngineDirError(
+            f"{engine_dir} has no {wanted_kind} artifacts for the {backend} backend (it has: {sorted(kinds)})"
+        )
+
+    if precision is not None:
+        available = sorted({m.precision for m in chosen})
+        chosen = [m for m in chosen if m.precision == precision]
+        if not chosen:
+            raise EngineDirError(f"{engine_dir} has no {precision} {wanted_kind} artifacts (it has: {available})")
+    sizes = [(m.height, m.width) for m in chosen]
+    for size in sorted(set(sizes)):
+        if sizes.count(size) > 1:
+            precisions = sorted(m.precision for m in chosen if (m.height, m.width) == size)
+            raise EngineDirError(
+                f"{engine_dir} has {len(precisions)} {wanted_kind} artifacts for {size[0]}x{size[1]} "
+                f"({', '.join(precisions)}); choose one with --precision"
+            )
+
+    first = chosen[0]
+    for m in chosen[1:]:
+        for what in ("model_id", "model_sha256", "text_len", "max_entities", "deleaker_config", "precision"):
+            if getattr(m, what) != getattr(first, what):
+                raise EngineDirError(
+                    f"manifests in {engine_dir} disagree on {what}: {m.artifact} has {getattr(m, what)!r}, "
+                    f"{first.artifact} has {getattr(first, what)!r}; keep one model's artifacts per directory"
+                )
+
+    from deleaker.export.contract import FluxTransformerIO
+    from deleaker.plugins.trt_plugin import TensorRTUnavailableError
+
+    # The machine check needs TensorRT. Without it the directory still loads (so requests can be validated), and
+    # the first generation raises the TensorRT error before any model runs.
+    env = None
+    if wanted_kind == "engine":
+        try:
+            env = current_environment(manifest_mod)
+        except TensorRTUnavailableError:
+            env = None
+
+    loaders: dict[tuple[int, int], Callable[[], TransformerBackend]] = {}
+    for m in chosen:
+        key = (m.height, m.width)
+        path = m.check_artifact(engine_dir)  # hash check: refuses truncated or corrupted files
+        if env is not None:
+            m.check_compatible(env)
+        io = FluxTransformerIO.from_dict(m.io)
+        if wanted_kind == "onnx" and io.dtype != "float32" and _uses_custom_node(path):
+            raise EngineDirError(
+                f"{m.artifact} is {io.dtype} with DeLeakerAttention nodes; ONNX Runtime runs that node in float32 "
+                "only: use the tensorrt backend, or export the ONNX with its decomposition"
+            )
+        if wanted_kind == "engine":
+            loaders[key] = lambda p=path, io=io: TensorRTBackend(p, io, cuda_graph=cuda_graph, device=device or "cuda")
+        else:
+            loaders[key] = lambda p=path, io=io: OnnxRuntimeBackend(p, io, providers=ort_providers)
+
+    components, _ = load_components(first.model_id, with_transformer=False)
+    config_of_transformer = transformer_config(first.model_id, components)
+    transformer = components.pop("transformer", None)
+    if transformer is not None:  # in memory anyway (the tiny model): check the engines were built from it
+        from .onnx_cache import transformer_sha256
+
+        if transformer_sha256(transformer) != first.model_sha256:
+            raise EngineDirError(
+                f"{first.artifact} was built from other weights than the model {first.model_id!r} loads now; "
+                "rebuild the engines"
+            )
+        del transformer
+    dtype = _torch_dtype(first.io.get("dtype", "float32"))
+    # Without CUDA an engine directory still loads on the CPU (requests can be validated); its TensorRT backend
+    # then refuses to start with a clear error.
+    gpu = wanted_kind == "engine" and torch.cuda.is_available()
+    run_device = torch.device(device or "cuda") if gpu else torch.device("cpu")
+    # T5 overflows in fp16: the encoders and the VAE run in bf16 on the GPU (as FLUX.1 ships), fp32 on the CPU.
+    parts_dtype = torch.bfloat16 if run_device.type == "cuda" else torch.float32
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        module = components[name]
+        if next(module.parameters()).dtype != parts_dtype:
+            module.to(dtype=parts_dtype)
+        module.to(run_device)
+    vae_scale_factor = 2 ** (len(components["vae"].config.block_out_channels) - 1)
+    if int(first.io["in_channels"]) != int(config_of_transformer["in_channels"]):
+        raise EngineDirError(f"{first.artifact} was built for another model than {first.model_id}")
+    source = PerResolution(backend, 2 * vae_scale_factor, loaders)
+    default_size = min(loaders, key=lambda hw: hw[0] * hw[1])
+    runtime = cls(
+        text=TextEncoders(
+            components["tokenizer"], components["text_encoder"], components["tokenizer_2"], components["text_encoder_2"]
+        ),
+        vae=components["vae"],
+        transformer_config=config_of_transformer,
+        source=source,
+        shift=ShiftConfig.from_scheduler_config(components["scheduler"].config),
+        text_len=first.text_len,
+        max_entities=first.max_entities,
+        default_size=default_size,
+        dtype=dtype,
+        device=run_device,
+        load_seconds=time.perf_counter() - start,
+        model_source=first.model_id,
+        deleaker_config=first.deleaker_config,
+    )
+    return runtime
+
+
+def _uses_custom_node(path: Path) -> bool:
+    from deleaker.export.ort import uses_custom_node
+
+    return uses_custom_node(path)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]

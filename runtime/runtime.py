@@ -1,0 +1,537 @@
+"""``DeLeakerRuntime``: load once, generate many images; FLUX.1 + DeLeaker with a pluggable transformer backend.
+
+The runtime owns the parts every backend shares -- prompt encoding (CLIP + T5 in PyTorch), the flow-matching
+Euler schedule, latent packing and ids, the denoising loop that threads the DeLeaker state (entity mask, history,
+step) through the transformer, VAE decode -- and asks a `TransformerBackend` for each transformer call.
+
+Thread safety: an instance holds one set of models and preallocated buffers, so calls on one instance run one at a
+time (a lock serialises them; concurrent callers wait). Use one instance per thread for parallel generation. There
+is no global state: two instances are independent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from deleaker.config import DeLeakerConfig
+from deleaker.errors import ConfigError, ShapeError
+
+from .backends import OnnxRuntimeBackend, TorchBackend, TransformerBackend
+from .defaults import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_MAX_ENTITIES,
+    DEFAULT_MODEL_BACKEND,
+    DEFAULT_STEPS,
+    DEFAULT_TEXT_LEN,
+    MODEL_BACKENDS,
+)
+from .schedule import (
+    ShiftConfig,
+    euler_step,
+    flux_schedule,
+    image_ids,
+    initial_latents,
+    latent_grid,
+    text_ids,
+    unpack_latents,
+)
+from .text import TextEncoders
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to generate.
+
+    Attributes:
+        prompt: the text; entities: 2 to ``E_max`` strings of the prompt (its T5 tokens are the entity's).
+        seed: the starting noise is ``torch.randn`` from ``torch.Generator("cpu").manual_seed(seed)``, as
+            ``FluxPipeline`` with that generator. height/width: pixels, None for the runtime's default size.
+        deleaker: False renders plain FLUX (all-zero entity mask) from the same seed, for comparisons.
+    """
+
+    prompt: str
+    entities: tuple[str, ...]
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    height: Optional[int] = None
+    width: Optional[int] = None
+    deleaker: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "entities", tuple(self.entities) if not isinstance(self.entities, str) else self.entities
+        )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
+            raise ConfigError(f"steps must be an int in [1, 1000], got {self.steps!r}")
+        if (
+            isinstance(self.guidance, bool)
+            or not isinstance(self.guidance, (int, float))
+            or self.guidance != self.guidance
+        ):
+            raise ConfigError(f"guidance must be a number, got {self.guidance!r}")
+
+
+@dataclass
+class GenerationResult:
+    """An image, the time each stage took (seconds) and, when asked for, the latents after every step.
+
+    ``latents``: ``steps`` tensors ``(1, Nimg, C)`` float32 (CPU), in order; None unless ``record_latents``.
+    """
+
+    image: Image.Image
+    timings: dict[str, float]
+    request: GenerationRequest
+    latents: Optional[list[Tensor]] = None
+
+
+class TransformerSource:
+    """Where a runtime gets its backend for a resolution; subclasses say which resolutions they serve."""
+
+    name: str = "?"
+
+    def check_resolution(self, height: int, width: int) -> None:
+        raise NotImplementedError
+
+    def backend(self, height: int, width: int) -> TransformerBackend:
+        raise NotImplementedError
+
+
+class AnyResolution(TransformerSource):
+    """One backend for every resolution that is a multiple of ``2 * vae_scale_factor`` (PyTorch)."""
+
+    def __init__(self, backend: TransformerBackend, patch: int, max_pixels: int = 2048) -> None:
+        self._backend, self._patch, self._max = backend, patch, max_pixels
+        self.name = backend.name
+
+    def check_resolution(self, height: int, width: int) -> None:
+        check_size(height, width, self._patch, self._max)
+
+    def backend(self, height: int, width: int) -> TransformerBackend:
+        return self._backend
+
+
+class PerResolution(TransformerSource):
+    """One backend per resolution: fixed ones (engines, ONNX files), or made on first use by ``factory``."""
+
+    def __init__(
+        self,
+        name: str,
+        patch: int,
+        backends: Mapping[tuple[int, int], Callable[[], TransformerBackend]],
+        factory: Optional[Callable[[int, int], TransformerBackend]] = None,
+        max_pixels: int = 2048,
+    ) -> None:
+        self.name, self._patch, self._factory, self._max = name, patch, factory, max_pixels
+        self._loaders = dict(backends)
+        self._loaded: dict[tuple[int, int], TransformerBackend] = {}
+
+    @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        return sorted(self._loaders)
+
+    def check_resolution(self, height: int, width: int) -> None:
+        check_size(height, width, self._patch, self._max)
+        if self._factory is None and (height, width) not in self._loaders:
+            allowed = ", ".join(f"{h}x{w}" for h, w in self.resolutions)
+            raise ShapeError(f"no {self.name} engine for {height}x{width}; this directory has: {allowed}")
+
+    def backend(self, height: int, width: int) -> TransformerBackend:
+        key = (height, width)
+        if key not in self._loaded:
+            if key in self._loaders:
+                self._loaded[key] = self._loaders[key]()
+            elif self._factory is not None:
+                self._loaded[key] = self._factory(height, width)
+            else:  # check_resolution runs first; this is a programming error
+                raise ShapeError(f"no backend for {height}x{width}")
+        return self._loaded[key]
+
+
+def check_size(height: Any, width: Any, patch: int, max_pixels: int = 2048) -> None:
+    """Raise `ShapeError` unless both sides are ints, multiples of ``patch`` and within ``[patch, max_pixels]``."""
+    for side, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ShapeError(f"{side} must be an int, got {value!r}")
+        if value % patch or not patch <= value <= max_pixels:
+            raise ShapeError(
+                f"{side} {value} is not allowed: it must be a multiple of {patch} (2 x the VAE scale factor) "
+                f"between {patch} and {max_pixels}"
+            )
+
+
+class DeLeakerRuntime:
+    """FLUX.1 with DeLeaker; load once (`from_model`, `from_engines`), then call ``rt(prompt, entities, ...)``.
+
+    Calls on one instance are serialised by a lock (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        *,
+        text: TextEncoders,
+        vae: torch.nn.Module,
+        transformer_config: Mapping[str, Any],
+        source: TransformerSource,
+        shift: ShiftConfig = ShiftConfig(),
+        text_len: int = DEFAULT_TEXT_LEN,
+        max_entities: int = DEFAULT_MAX_ENTITIES,
+        default_size: tuple[int, int] = (512, 512),
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        load_seconds: float = 0.0,
+        model_source: Optional[str] = None,
+        deleaker_config: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self.text = text
+        self.vae = vae.eval()
+        self.transformer_config = dict(transformer_config)
+        self.source = source
+        self.shift = shift
+        self.text_len = int(text_len)
+        self.max_entities = int(max_entities)
+        self.default_size = default_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.load_seconds = load_seconds
+        #: ``"tiny"`` or the model folder the runtime was loaded from (what `verify` compares against).
+        self.model_source = model_source
+        #: The DeLeaker knobs the backend runs with (every field of `DeLeakerConfig`, scaled to the model).
+        self.deleaker_config = dict(deleaker_config or {})
+        self._lock = threading.Lock()
+
+    # --- construction -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(
+        cls,
+        model: str | Path = "tiny",
+        *,
+        backend: str = DEFAULT_MODEL_BACKEND,
+        text_len: int = DEFAULT_TEXT_LEN,
+        max_entities: int = DEFAULT_MAX_ENTITIES,
+        deleaker_config: DeLeakerConfig | Mapping[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        ort_providers: Optional[list[str]] = None,
+    ) -> "DeLeakerRuntime":
+        """A runtime for a diffusers FLUX folder (``model`` = path) or the built-in tiny model (``"tiny"``).
+
+        ``backend``: ``"onnxruntime"`` (default) exports the transformer with DeLeaker nodes once per resolution
+        into ``cache_dir`` (default `default_cache_dir`), keyed by a hash of the weights, contract and knobs, and
+        checked against its manifest on reuse; ``"torch"`` runs the diffusers transformer with DeLeaker
+        processors (CUDA kernels on GPU when built). ``device`` defaults to CUDA when available (torch backend
+        only; ONNX export and text encoders stay on the CPU for the onnxruntime backend), ``dtype`` to bfloat16
+        on CUDA and float32 on the CPU.
+        """
+        if backend not in MODEL_BACKENDS:
+            raise ConfigError(
+                f"backend {backend!r} cannot load a model; allowed: {MODEL_BACKENDS} "
+                "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
+            )
+        start = time.perf_counter()
+        components, model_id = load_components(model)
+        return cls.from_components(
+            components,
+            model_id=model_id,
+            backend=backend,
+            text_len=text_len,
+            max_entities=max_entities,
+            deleaker_config=deleaker_config,
+            cache_dir=cache_dir,
+            device=device,
+            dtype=dtype,
+            ort_providers=ort_providers,
+            default_size=(64, 64) if model_id == "tiny" else (512, 512),
+            started_at=start,
+        )
+
+    @classmethod
+    def from_components(
+        cls,
+        components: Mapping[str, Any],
+        *,
+        model_id: str,
+        backend: str = DEFAULT_MODEL_BACKEND,
+        text_len: int = DEFAULT_TEXT_LEN,
+        max_entities: int = DEFAULT_MAX_ENTITIES,
+        deleaker_config: DeLeakerConfig | Mapping[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        ort_providers: Optional[list[str]] = None,
+        default_size: tuple[int, int] = (512, 512),
+        started_at: Optional[float] = None,
+    ) -> "DeLeakerRuntime":
+        """A runtime around ``FluxPipeline`` components already in memory (``pipe.components``).
+
+        The modules are used in place (moved to ``device``/``dtype``; the transformer gets DeLeaker processors,
+        which act as stock FLUX without a DeLeaker state). ``model_id`` names the model in caches and reports.
+        Other arguments as `from_model`.
+        """
+        start = time.perf_counter() if started_at is None else started_at
+        if backend not in MODEL_BACKENDS:
+            raise ConfigError(
+                f"backend {backend!r} cannot load a model; allowed: {MODEL_BACKENDS} "
+                "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
+            )
+        components = dict(components)
+        if backend == "torch":
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        else:
+            device = torch.device("cpu")
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        for name in ("text_encoder", "text_encoder_2", "vae", "transformer"):
+            module = components[name]
+            # Casting only when needed: diffusers warns on every dtype cast of a loaded model.
+            if next(module.parameters()).dtype != dtype:
+                module.to(dtype=dtype)
+            module.to(device)
+        transformer = components["transformer"]
+        num_blocks = int(transformer.config.num_layers) + int(transformer.config.num_single_layers)
+        config = DeLeakerConfig.resolve(deleaker_config, num_blocks)
+        vae_scale_factor = 2 ** (len(components["vae"].config.block_out_channels) - 1)
+        patch = 2 * vae_scale_factor
+        if backend == "torch":
+            source: TransformerSource = AnyResolution(TorchBackend(transformer, config), patch)
+        else:
+            from .onnx_cache import exported_onnx  # onnx/onnxscript are optional: import on use
+
+            def export_for(height: int, width: int) -> TransformerBackend:
+                path, io = exported_onnx(
+                    transformer,
+                    model_id=model_id,
+                    height=height,
+                    width=width,
+                    text_len=text_len,
+                    max_entities=max_entities,
+                    vae_scale_factor=vae_scale_factor,
+                    config=config,
+                    cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+                )
+                return OnnxRuntimeBackend(path, io, providers=ort_providers)
+
+            source = PerResolution("onnxruntime", patch, {}, factory=export_for)
+        return cls(
+            text=TextEncoders(
+                components["tokenizer"],
+                components["text_encoder"],
+                components["tokenizer_2"],
+                components["text_encoder_2"],
+            ),
+            vae=components["vae"],
+            transformer_config=transformer.config,
+            source=source,
+            shift=ShiftConfig.from_scheduler_config(components["scheduler"].config),
+            text_len=text_len,
+            max_entities=max_entities,
+            default_size=default_size,
+            dtype=dtype,
+            device=device,
+            load_seconds=time.perf_counter() - start,
+            model_source=model_id,
+            deleaker_config=dataclasses.asdict(config),
+        )
+
+    @classmethod
+    def from_engines(cls, engine_dir: str | Path, **kwargs: Any) -> "DeLeakerRuntime":
+        """A runtime for a directory of built transformer engines (TensorRT) or ONNX files with a manifest.
+
+        See `deleaker.runtime.engine_dir.load_engine_dir` for the checks (manifest, versions, hashes) and keyword
+        arguments.
+        """
+        from .engine_dir import load_engine_dir
+
+        return load_engine_dir(cls, engine_dir, **kwargs)
+
+    # --- validation -------------------------------------------------------------------------------------------
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with the default size filled in; raises a typed error for anything that cannot run.
+
+        Checks, without running any model: prompt length in T5 tokens, entities (found, distinct, 2..E_max),
+        resolution (multiple of ``2 * vae_scale_factor``, served by the backend).
+        """
+        height = self.default_size[0] if request.height is None else request.height
+        width = self.default_size[1] if request.width is None else request.width
+        request = replace(request, height=height, width=width)
+        self.text.check_prompt(request.prompt, self.text_len)
+        self.text.entity_mask(request.prompt, request.entities, text_len=self.text_len, max_entities=self.max_entities)
+        self.source.check_resolution(height, width)
+        return request
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str,
+        entities: Sequence[str],
+        *,
+        seed: int = 0,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        deleaker: bool = True,
+    ) -> GenerationResult:
+        """Generate one image; see `GenerationRequest` for the arguments. Returns image and per-stage timings."""
+        return self.generate(GenerationRequest(prompt, tuple(entities), seed, steps, guidance, height, width, deleaker))
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        record_latents: bool = False,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> GenerationResult:
+        """Run ``request``: validate, encode, denoise ``steps`` times, decode.
+
+        ``progress(step_done, steps)`` is called after every step; ``record_latents`` keeps each step's latents.
+        Timings (seconds): ``backend_load`` (first use of a resolution: export/engine load), ``encode``,
+        ``denoise``, ``decode``, ``total``.
+        """
+        with self._lock:
+            return self._generate(request, record_latents, progress)
+
+    def _generate(self, request, record_latents, progress) -> GenerationResult:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        request = self.resolve(request)
+        height, width = request.height, request.width
+        grid = latent_grid(height, width, self.vae_scale_factor)
+
+        tick = time.perf_counter()
+        backend = self.source.backend(height, width)
+        timings["backend_load"] = time.perf_counter() - tick
+
+        # 1. Text: T5 sequence + CLIP pooled, and the entity mask (all zeros renders plain FLUX).
+        tick = time.perf_counter()
+        embeds, pooled = self.text.encode(request.prompt, text_len=self.text_len, dtype=self.dtype)
+        mask = self.text.entity_mask(
+            request.prompt, request.entities, text_len=self.text_len, max_entities=self.max_entities
+        )
+        if not request.deleaker:
+            mask = torch.zeros_like(mask)
+        timings["encode"] = time.perf_counter() - tick
+
+        # 2. Latents, ids and the schedule.
+        tick = time.perf_counter()
+        device = backend.device
+        channels = int(self.transformer_config["in_channels"]) // 4
+        latents = initial_latents(request.seed, 1, channels, grid, dtype=self.dtype).to(device)
+        schedule = flux_schedule(request.steps, grid[0] * grid[1], self.shift)
+        timesteps = torch.from_numpy(schedule.timesteps).to(device)
+        inputs: dict[str, Tensor] = {
+            "encoder_hidden_states": embeds.to(device),
+            "pooled_projections": pooled.to(device),
+            "img_ids": image_ids(grid).to(device),
+            "txt_ids": text_ids(self.text_len).to(device),
+            "entity_mask": mask.to(device),
+            "history": torch.zeros(1, self.max_entities, grid[0] * grid[1], dtype=torch.float32, device=device),
+        }
+        if self.transformer_config.get("guidance_embeds", False):
+            inputs["guidance"] = torch.full([1], float(request.guidance), dtype=torch.float32, device=device)
+
+        # 3. Denoising loop: the backend returns the history for the next step.
+        recorded: list[Tensor] = []
+        for i in range(schedule.num_steps):
+            inputs["hidden_states"] = latents
+            # As FluxPipeline: the timestep in the latents' dtype, divided by 1000 (sigma).
+            inputs["timestep"] = timesteps[i].expand(latents.shape[0]).to(latents.dtype) / 1000
+            inputs["step"] = torch.tensor(i, dtype=torch.int64, device=device)
+            noise_pred, inputs["history"] = backend(inputs)
+            latents = euler_step(latents, noise_pred.to(device), schedule, i)
+            if record_latents:
+                recorded.append(latents.detach().to("cpu", torch.float32).clone())
+            if progress is not None:
+                progress(i + 1, schedule.num_steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings["denoise"] = time.perf_counter() - tick
+
+        # 4. VAE decode.
+        tick = time.perf_counter()
+        image = self.decode(latents, grid)
+        timings["decode"] = time.perf_counter() - tick
+        timings["total"] = time.perf_counter() - start
+        return GenerationResult(
+            image=image, timings=timings, request=request, latents=recorded if record_latents else None
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, grid: tuple[int, int]) -> Image.Image:
+        """Packed latents ``(1, Nimg, C)`` -> PIL image, as ``FluxPipeline`` (unpack, unscale, decode, to 8 bit)."""
+        vae_param = next(self.vae.parameters())
+        x = unpack_latents(latents, grid)
+        x = (x / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+        image = self.vae.decode(x.to(vae_param.device, vae_param.dtype), return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1)
+        array = image.cpu().permute(0, 2, 3, 1).float().numpy()[0]
+        return Image.fromarray((array * 255).round().astype("uint8"))
+
+    @property
+    def backend_name(self) -> str:
+        return self.source.name
+
+
+def default_cache_dir() -> Path:
+    """``$DELEAKER_CACHE`` or ``$XDG_CACHE_HOME/deleaker-trt`` (``~/.cache/deleaker-trt``)."""
+    import os
+
+    if os.environ.get("DELEAKER_CACHE"):
+        return Path(os.environ["DELEAKER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deleaker-trt"
+
+
+def load_components(model: str | Path, *, with_transformer: bool = True) -> tuple[dict[str, Any], str]:
+    """FluxPipeline components of ``model`` (``"tiny"`` or a local diffusers folder) and a stable model id.
+
+    The id is ``"tiny"`` or the folder's resolved path; caches also hash the weights, so a changed folder never
+    reuses an old export. ``with_transformer=False`` skips loading a folder's transformer weights (engines
+    replace them): ``components["transformer"]`` is then None (see `transformer_config`).
+    """
+    if str(model) == "tiny":
+        from deleaker.tiny import build_tiny_flux_components
+
+        return build_tiny_flux_components(0), "tiny"
+    path = Path(model)
+    if not path.is_dir():
+        raise ConfigError(f"model {str(model)!r} is neither 'tiny' nor a directory")
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(f"{path} is not a diffusers model folder (no model_index.json)")
+    from diffusers import FluxPipeline
+
+    try:
+        if with_transformer:
+            pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
+        else:
+            pipe = FluxPipeline.from_pretrained(path, transformer=None, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the FLUX model in {path}: {exc}") from exc
+    return dict(pipe.components), str(path.resolve())
+
+
+def transformer_config(model: str | Path, components: Mapping[str, Any]) -> dict[str, Any]:
+    """The transformer's config: from the loaded module, else from ``<model>/transformer/config.json``."""
+    if components.get("transformer") is not None:
+        return dict(components["transformer"].config)
+    path = Path(model) / "transformer" / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the transformer config {path}: {exc}") from exc

@@ -1,0 +1,152 @@
+"""FLUX.1's sampling schedule and latent layout, as small pure functions.
+
+Everything here reproduces diffusers' ``FluxPipeline`` + ``FlowMatchEulerDiscreteScheduler`` (dynamic shifting,
+exponential time shift) bit for bit, without instantiating either: the runtime needs the numbers, not the classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from deleaker.errors import ConfigError
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    """The resolution-dependent shift of FLUX.1-dev's ``scheduler_config.json``."""
+
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    num_train_timesteps: int = 1000
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> "ShiftConfig":
+        """Read the fields from a diffusers scheduler config (missing keys keep FLUX.1-dev's values)."""
+        if not config.get("use_dynamic_shifting", True):
+            raise ConfigError("the runtime implements FLUX's dynamic shifting only (use_dynamic_shifting=True)")
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise ConfigError(f"unsupported time_shift_type {config.get('time_shift_type')!r}; allowed: 'exponential'")
+        for flag in (
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "invert_sigmas",
+            "stochastic_sampling",
+            "shift_terminal",
+        ):
+            if config.get(flag):
+                raise ConfigError(f"unsupported scheduler option {flag}={config[flag]!r}")
+        defaults = cls()
+        return cls(
+            base_shift=float(config.get("base_shift", defaults.base_shift)),
+            max_shift=float(config.get("max_shift", defaults.max_shift)),
+            base_image_seq_len=int(config.get("base_image_seq_len", defaults.base_image_seq_len)),
+            max_image_seq_len=int(config.get("max_image_seq_len", defaults.max_image_seq_len)),
+            num_train_timesteps=int(config.get("num_train_timesteps", defaults.num_train_timesteps)),
+        )
+
+
+def calculate_shift(image_seq_len: int, shift: ShiftConfig = ShiftConfig()) -> float:
+    """``mu``: linear in the number of image tokens, from ``base_shift`` at 256 tokens to ``max_shift`` at 4096."""
+    m = (shift.max_shift - shift.base_shift) / (shift.max_image_seq_len - shift.base_image_seq_len)
+    b = shift.base_shift - m * shift.base_image_seq_len
+    return image_seq_len * m + b
+
+
+@dataclass(frozen=True)
+class FlowMatchSchedule:
+    """The Euler schedule of one call.
+
+    Attributes:
+        sigmas: ``(steps + 1,)`` float32, decreasing from about 1 to a final 0.
+        timesteps: ``(steps,)`` float32, ``sigmas[:-1] * num_train_timesteps`` (the transformer gets ``t / 1000``).
+    """
+
+    sigmas: np.ndarray
+    timesteps: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+def flux_schedule(num_steps: int, image_seq_len: int, shift: ShiftConfig = ShiftConfig()) -> FlowMatchSchedule:
+    """FLUX's schedule: ``sigmas = linspace(1, 1/steps, steps)``, shifted by ``exp(mu) / (exp(mu) + (1/s - 1))``.
+
+    The arithmetic follows the scheduler's own (float64 linspace cast to float32, shift in float32), so the
+    values are identical to ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=..., mu=...)``.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ConfigError(f"steps must be a positive int, got {num_steps!r}")
+    mu = calculate_shift(image_seq_len, shift)
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+    sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+    sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
+    timesteps = sigmas * shift.num_train_timesteps
+    sigmas = torch.cat([sigmas, torch.zeros(1)])
+    return FlowMatchSchedule(sigmas=sigmas.numpy(), timesteps=timesteps.numpy())
+
+
+def euler_step(latents: Tensor, noise_pred: Tensor, schedule: FlowMatchSchedule, index: int) -> Tensor:
+    """One Euler step ``x + (sigma[i+1] - sigma[i]) * v``, in float32, cast back to ``noise_pred``'s dtype.
+
+    ``latents``, ``noise_pred``: ``(B, Nimg, C)``.
+    """
+    sigmas = torch.from_numpy(schedule.sigmas).to(latents.device)
+    dt = sigmas[index + 1] - sigmas[index]
+    return (latents.to(torch.float32) + dt * noise_pred).to(noise_pred.dtype)
+
+
+def latent_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
+    """The ``(gh, gw)`` token grid of an image: VAE downsampling, then 2x2 patches."""
+    return int(height) // (vae_scale_factor * 2), int(width) // (vae_scale_factor * 2)
+
+
+def image_ids(grid: tuple[int, int]) -> Tensor:
+    """``(gh * gw, 3)`` float32 position ids of the image tokens: ``(0, row, col)``, row-major."""
+    gh, gw = grid
+    ids = torch.zeros(gh, gw, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(gh)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(gw)[None, :]
+    return ids.reshape(gh * gw, 3)
+
+
+def text_ids(text_len: int) -> Tensor:
+    """``(T, 3)`` float32 zeros: FLUX gives text tokens no position."""
+    return torch.zeros(text_len, 3)
+
+
+def pack_latents(latents: Tensor) -> Tensor:
+    """``(B, C, 2*gh, 2*gw)`` VAE latents -> ``(B, gh*gw, 4*C)`` tokens of 2x2 patches."""
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``(B, gh*gw, 4*C)`` tokens -> ``(B, C, 2*gh, 2*gw)`` VAE latents (inverse of `pack_latents`)."""
+    b, _, channels = tokens.shape
+    gh, gw = grid
+    latents = tokens.view(b, gh, gw, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, gh * 2, gw * 2)
+
+
+def initial_latents(
+    seed: int, batch: int, channels: int, grid: tuple[int, int], *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The packed starting noise ``(B, gh*gw, 4*channels)`` of ``FluxPipeline`` given
+    ``generator=torch.Generator("cpu").manual_seed(seed)``: drawn on the CPU, so it is the same on every device.
+    """
+    gh, gw = grid
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    noise = torch.randn((batch, channels, gh * 2, gw * 2), generator=generator, dtype=dtype)
+    return pack_latents(noise)

@@ -1,0 +1,77 @@
+"""Prompt encoding for FLUX.1 (CLIP pooled + T5 sequence), in PyTorch, as ``FluxPipeline`` does it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from deleaker.entities import entity_token_mask
+from deleaker.errors import DeLeakerError, EntityError
+
+Tensor = torch.Tensor
+
+
+class PromptError(DeLeakerError, ValueError):
+    """The prompt does not fit the model (too many T5 tokens for the text length ``T``)."""
+
+
+@dataclass
+class TextEncoders:
+    """CLIP (pooled embedding) and T5 (token embeddings) with their tokenizers; modules stay where the caller put them.
+
+    ``encode`` returns what ``FluxPipeline.encode_prompt`` returns for one prompt: ``prompt_embeds (1, T, joint_dim)``
+    and ``pooled_projections (1, pooled_dim)``.
+    """
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    tokenizer_2: object
+    text_encoder_2: torch.nn.Module
+
+    def t5_token_count(self, prompt: str) -> int:
+        """Tokens T5 sees for ``prompt``, end-of-sequence included (what must fit in ``T``)."""
+        return len(self.tokenizer_2(prompt, padding=False, truncation=False).input_ids)
+
+    def check_prompt(self, prompt: str, text_len: int) -> None:
+        """Raise `PromptError` when ``prompt`` has more T5 tokens than ``text_len`` (FluxPipeline would truncate)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("the prompt must be a non-empty string")
+        count = self.t5_token_count(prompt)
+        if count > text_len:
+            raise PromptError(
+                f"the prompt has {count} T5 tokens but the model takes at most {text_len} "
+                f"(max_sequence_length); shorten the prompt"
+            )
+
+    def entity_mask(self, prompt: str, entities: Sequence[str], *, text_len: int, max_entities: int) -> Tensor:
+        """``(max_entities, text_len)`` bool: each entity's T5 tokens (raises `EntityError` naming the entity)."""
+        if isinstance(entities, str):
+            raise EntityError(f"entities must be a list of strings, got the string {entities!r}")
+        return entity_token_mask(
+            self.tokenizer_2, prompt, list(entities), max_sequence_length=text_len, max_entities=max_entities
+        )
+
+    @torch.no_grad()
+    def encode(self, prompt: str, *, text_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(prompt_embeds (1, T, joint_dim), pooled (1, pooled_dim))`` for one prompt, cast to ``dtype``."""
+        clip_ids = self.tokenizer(
+            [prompt],
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        clip_device = next(self.text_encoder.parameters()).device
+        pooled = self.text_encoder(clip_ids.to(clip_device), output_hidden_states=False).pooler_output
+        t5_ids = self.tokenizer_2(
+            [prompt], padding="max_length", max_length=text_len, truncation=True, return_tensors="pt"
+        ).input_ids
+        t5_device = next(self.text_encoder_2.parameters()).device
+        embeds = self.text_encoder_2(t5_ids.to(t5_device), output_hidden_states=False)[0]
+        # FluxPipeline casts the pooled output to CLIP's dtype and the sequence to T5's; the backend then takes
+        # them in the transformer's dtype.
+        pooled = pooled.to(self.text_encoder.dtype).to(dtype)
+        embeds = embeds.to(self.text_encoder_2.dtype).to(dtype)
+        return embeds, pooled

@@ -1,0 +1,267 @@
+"""The lean runtime: schedule and latent layout equal diffusers', the torch backend equals DeLeakerFluxPipeline,
+ONNX Runtime equals PyTorch, engine directories are checked before use, one instance serves many calls."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift
+from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+from deleaker import DeLeakerConfig, EntityError
+from deleaker.errors import DeLeakerError, ShapeError
+from deleaker.pipeline import DeLeakerFluxPipeline
+from deleaker.runtime import onnx_cache as onnx_cache_mod
+from deleaker.runtime import schedule as sched
+from deleaker.runtime.images import psnr
+from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest
+from deleaker.runtime.text import PromptError
+
+PROMPT = "A cat and a cheetah are splashing each other with water in a shallow river"
+ENTITIES = ("cat", "cheetah")
+TEXT_LEN = 32
+# Windows inside the first steps of the 4-block tiny model and thresholds that give masks on random weights, so
+# DeLeaker changes the image (the spec defaults scaled to 4 blocks find no masks on random weights).
+CONFIG = DeLeakerConfig(
+    start_aggregating_from=1,
+    stop_aggregating_at=9,
+    start_intervention_from=2,
+    stop_intervention_at=40,
+    std_mul_text=0.5,
+    std_mul_image_image=0.5,
+)
+FLUX_DEV_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+# --- schedule and latent layout: diffusers' numbers exactly ---------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 20, 28, 50])
+@pytest.mark.parametrize(
+    "height,width,vae_scale", [(64, 64, 4), (512, 512, 8), (1024, 1024, 8), (768, 1360, 8), (2048, 2048, 8)]
+)
+def test_schedule_equals_flux_pipeline_and_scheduler(steps, height, width, vae_scale):
+    gh, gw = sched.latent_grid(height, width, vae_scale)
+    seq_len = gh * gw
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    mu = diffusers_calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
+    timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+
+    ours = sched.flux_schedule(steps, seq_len, sched.ShiftConfig.from_scheduler_config(scheduler.config))
+
+    assert sched.calculate_shift(seq_len) == mu
+    np.testing.assert_array_equal(ours.timesteps, timesteps.numpy())
+    np.testing.assert_array_equal(ours.sigmas, scheduler.sigmas.numpy())
+    assert ours.sigmas.dtype == np.float32 and ours.sigmas[-1] == 0 and ours.num_steps == steps
+
+
+def test_euler_step_equals_scheduler_step():
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    steps, seq_len = 4, 64
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=sched.calculate_shift(seq_len))
+    scheduler.set_begin_index(0)
+    ours = sched.flux_schedule(steps, seq_len)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, seq_len, 16, generator=g)
+    ref = x.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        v = torch.randn(1, seq_len, 16, generator=g)
+        ref = scheduler.step(v, t, ref, return_dict=False)[0]
+        x = sched.euler_step(x, v, ours, i)
+        torch.testing.assert_close(x, ref, rtol=0, atol=0)
+
+
+def test_scheduler_config_without_dynamic_shifting_is_refused():
+    with pytest.raises(DeLeakerError, match="dynamic shifting"):
+        sched.ShiftConfig.from_scheduler_config({"use_dynamic_shifting": False})
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5), (8, 6)])
+def test_latent_layout_equals_flux_pipeline(grid):
+    gh, gw = grid
+    latents = torch.randn(2, 16, 2 * gh, 2 * gw)
+    packed = sched.pack_latents(latents)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(latents, 2, 16, 2 * gh, 2 * gw), rtol=0, atol=0)
+    torch.testing.assert_close(sched.unpack_latents(packed, grid), latents, rtol=0, atol=0)
+    ids = FluxPipeline._prepare_latent_image_ids(1, gh, gw, "cpu", torch.float32)
+    torch.testing.assert_close(sched.image_ids(grid), ids, rtol=0, atol=0)
+
+
+# --- torch backend == DeLeakerFluxPipeline -------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_runtime(tiny_components):
+    components = {k: copy.deepcopy(v) for k, v in tiny_components.items()}
+    return DeLeakerRuntime.from_components(
+        components, model_id="tiny", backend="torch", text_len=TEXT_LEN, deleaker_config=CONFIG, default_size=(64, 64)
+    )
+
+
+def _pipeline_latents(components, *, entities, seed, steps, height=64, width=64, deleaker=True):
+    pipe_cls = DeLeakerFluxPipeline if deleaker else FluxPipeline
+    pipe = pipe_cls(**{k: copy.deepcopy(v) for k, v in components.items()})
+    latents = []
+
+    def keep(_pipe, _i, _t, kwargs):
+        latents.append(kwargs["latents"].clone())
+        return {}
+
+    extra = {"entities": list(entities), "deleaker_config": CONFIG} if deleaker else {}
+    out = pipe(
+        PROMPT,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+        max_sequence_length=TEXT_LEN,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        callback_on_step_end=keep,
+        output_type="pil",
+        **extra,
+    )
+    return latents, out.images[0]
+
+
+def test_torch_backend_equals_deleaker_pipeline(torch_runtime, tiny_components):
+    result = torch_runtime.generate(GenerationRequest(PROMPT, ENTITIES, seed=3, steps=3), record_latents=True)
+    ref_latents, ref_image = _pipeline_latents(tiny_components, entities=ENTITIES, seed=3, steps=3)
+
+    assert len(result.latents) == 3
+    for ours, ref in zip(result.latents, ref_latents):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    assert np.array_equal(np.asarray(result.image), np.asarray(ref_image))
+    assert result.image.size == (64, 64)
+    assert set(result.timings) >= {"encode", "denoise", "decode", "total"}
+
+    # DeLeaker intervened: plain FLUX from the same seed differs (slightly: random weights), and equals FluxPipeline.
+    plain = torch_runtime.generate(
+        GenerationRequest(PROMPT, ENTITIES, seed=3, steps=3, deleaker=False), record_latents=True
+    )
+    assert (plain.latents[-1] - result.latents[-1]).abs().max() > 1e-5
+    plain_latents, plain_image = _pipeline_latents(tiny_components, entities=ENTITIES, seed=3, steps=3, deleaker=False)
+    torch.testing.assert_close(plain.latents[-1], plain_latents[-1], rtol=0, atol=1e-5)
+    assert np.array_equal(np.asarray(plain.image), np.asarray(plain_image))
+
+
+def test_one_instance_serves_concurrent_calls(torch_runtime):
+    request = GenerationRequest(PROMPT, ENTITIES, seed=1, steps=1)
+    expected = np.asarray(torch_runtime.generate(request).image)
+    images = []
+    threads = [
+        threading.Thread(target=lambda: images.append(np.asarray(torch_runtime.generate(request).image)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(images) == 2 and all(np.array_equal(img, expected) for img in images)
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(entities=("cat", "dog")), EntityError, "dog"),
+        (dict(entities=("cat", "cheetah", "river", "water", "shallow")), EntityError, "4"),
+        (dict(prompt="a cat and a cheetah " + "very " * 40), PromptError, "T5 tokens"),
+        (dict(height=60), ShapeError, "multiple of 8"),
+        (dict(width=4096), ShapeError, "between 8 and 2048"),
+    ],
+)
+def test_bad_requests_fail_before_any_work(torch_runtime, change, error, message):
+    request = GenerationRequest(**{**dict(prompt=PROMPT, entities=ENTITIES, steps=1), **change})
+    # `resolve` is the validation `generate` runs first; it touches no model.
+    with pytest.raises(error, match=message):
+        torch_runtime.resolve(request)
+    with pytest.raises(error, match=message):
+        torch_runtime.generate(request)
+
+
+# --- ONNX Runtime backend == PyTorch --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    # Shared with tests/test_cli.py (same folder, same key: tiny weights, 64x64, T = 32, CONFIG): one export.
+    return tmp_path_factory.getbasetemp() / "deleaker-onnx-cache"
+
+
+def test_onnxruntime_backend_equals_torch(tiny_components, torch_runtime, onnx_cache):
+    components = {k: copy.deepcopy(v) for k, v in tiny_components.items()}
+    rt = DeLeakerRuntime.from_components(
+        components,
+        model_id="tiny",
+        backend="onnxruntime",
+        text_len=TEXT_LEN,
+        deleaker_config=CONFIG,
+        default_size=(64, 64),
+        cache_dir=onnx_cache,
+    )
+    request = GenerationRequest(PROMPT, ENTITIES, seed=5, steps=2)
+    got = rt.generate(request, record_latents=True)
+    want = torch_runtime.generate(request, record_latents=True)
+
+    assert rt.backend_name == "onnxruntime" and rt.deleaker_config == torch_runtime.deleaker_config
+    for ours, ref in zip(got.latents, want.latents):
+        assert float((ours - ref).norm() / ref.norm()) < 1e-4
+    assert psnr(got.image, want.image) > 40
+
+    # The export is cached under a hash of weights, contract and knobs: one entry, reused by a new runtime.
+    entries = [p for p in (onnx_cache / "onnx").iterdir() if not p.name.startswith(".")]
+    manifests = [json.loads((p / onnx_cache_mod.MANIFEST_NAME).read_text()) for p in entries]
+    assert any(
+        m["io"]["height"] == 64 and m["io"]["text_len"] == TEXT_LEN and m["model_id"] == "tiny" for m in manifests
+    )
+    again = DeLeakerRuntime.from_components(
+        {k: copy.deepcopy(v) for k, v in tiny_components.items()},
+        model_id="tiny",
+        backend="onnxruntime",
+        text_len=TEXT_LEN,
+        deleaker_config=CONFIG,
+        default_size=(64, 64),
+        cache_dir=onnx_cache,
+    )
+    mtimes = {p.name: (p / onnx_cache_mod.ARTIFACT_NAME).stat().st_mtime_ns for p in entries}
+    second = again.generate(request)
+    assert np.array_equal(np.asarray(second.image), np.asarray(got.image))
+    assert {p.name: (p / onnx_cache_mod.ARTIFACT_NAME).stat().st_mtime_ns for p in entries} == mtimes
+    assert sorted(p.name for p in (onnx_cache / "onnx").iterdir()) == sorted(p.name for p in entries)
+
+
+def test_damaged_cache_entry_is_not_reused(onnx_cache, tmp_path):
+    entries = [p for p in (onnx_cache / "onnx").iterdir() if (p / onnx_cache_mod.MANIFEST_NAME).is_file()]
+    if not entries:
+        pytest.skip("needs the export of test_onnxruntime_backend_equals_torch")
+    entry = tmp_path / "entry"
+    shutil.copytree(entries[0], entry)
+    key = json.loads((entry / onnx_cache_mod.MANIFEST_NAME).read_text())["key"]
+    assert onnx_cache_mod.is_valid_entry(entry, key)
+    assert not onnx_cache_mod.is_valid_entry(entry, "0" * 64)  # another model/contract/knobs
+    data = (entry / onnx_cache_mod.ARTIFACT_NAME).read_bytes()
+    (entry / onnx_cache_mod.ARTIFACT_NAME).write_bytes(data[: len(data) // 2])  # truncated
+    assert not onnx_cache_mod.is_valid_entry(entry, key)
+
+
+def test_transformer_hash_follows_the_weights(tiny_components):
+    transformer = copy.deepcopy(tiny_components["transformer"])
+    before = onnx_cache_mod.transformer_sha256(transformer)
+    assert before == onnx_cache_mod.transformer_sha256(tiny_components["transformer"])
+    with torch.no_grad():
+        next(transformer.parameters()).view(-1)[0] += 1e-3
+    assert onnx_cache_mod.transformer_sha256(transformer) != before
