@@ -378,12 +378,16 @@ def load_transformer(
 
     from deleaker.tiny import TINY_MODEL_NAME, build_tiny_flux_components
 
-    dtype = dtype_name(precision)
+    try:
+        dtype = dtype_name(precision)
+    except ConfigError:
+        dtype = None
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"precision must be float32, float16 or bfloat16 (fp32/fp16/bf16), got {precision!r}")
     torch_dtype = getattr(torch, dtype)
     if str(model_path_or_tiny) == TINY_MODEL_NAME:
-        return build_tiny_flux_components(seed)["transformer"].to(torch_dtype), 4
+        transformer = build_tiny_flux_components(seed)["transformer"]
+        return (transformer if torch_dtype == torch.float32 else transformer.to(torch_dtype)), 4
     path = Path(model_path_or_tiny)
     if (path / "transformer" / "config.json").is_file():
         transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype)

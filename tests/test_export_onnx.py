@@ -26,6 +26,7 @@ from deleaker.export.exporter import (
     check_onnx_model,
     export_model_onnx,
     export_transformer_onnx,
+    load_transformer,
     read_export_metadata,
     sha256_file,
 )
@@ -165,6 +166,15 @@ def test_contract_without_guidance_and_bad_values(transformer):
         io.check_batch(5)
 
 
+def test_load_transformer_tiny_and_bad_paths(tmp_path):
+    transformer, vae_scale_factor = load_transformer("tiny", "bf16")
+    assert next(transformer.parameters()).dtype == torch.bfloat16 and vae_scale_factor == 4
+    with pytest.raises(ConfigError, match="local diffusers folder"):
+        load_transformer(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="precision"):
+        load_transformer("tiny", "int8")
+
+
 def test_export_rejects_a_contract_that_does_not_fit(transformer, io, tmp_path):
     fp16_io = dataclasses.replace(io, dtype="float16")
     with pytest.raises(ConfigError, match="transformer is float32 but the contract says float16"):
@@ -290,15 +300,21 @@ def test_onnxruntime_matches_pytorch_over_steps(exports, io, torch_steps, kind):
     assert rel_l2(history, outputs[1][1][:1]) < ORT_RTOL[kind]
 
 
-def test_export_model_onnx_tiny_fp16(tmp_path):
-    """``build --onnx-only``'s function: the tiny model in fp16, custom nodes in fp16, contract in the metadata."""
+def test_export_model_onnx_from_a_diffusers_folder_in_fp16(tmp_path):
+    """``build --onnx-only``'s function on a saved diffusers folder, in fp16: custom nodes in fp16, the VAE's
+    scale factor read from the folder, the contract in the metadata."""
+    from deleaker.tiny import save_tiny_flux
+
+    model_dir = save_tiny_flux(tmp_path / "model")
+    out_dir = tmp_path / "onnx"
     result = export_model_onnx(
-        "tiny", height=64, width=64, text_len=8, max_entities=2, precision="fp16", out_dir=tmp_path
+        model_dir, height=64, width=64, text_len=8, max_entities=2, precision="fp16", out_dir=out_dir
     )
     assert result.onnx_path.name == "transformer_64x64_t8_e2_float16.onnx"
-    assert [p.name for p in tmp_path.iterdir()] == [result.onnx_path.name]
+    assert [p.name for p in out_dir.iterdir()] == [result.onnx_path.name]
     io, config, decomposed = read_export_metadata(result.onnx_path)
     assert io.dtype == "float16" and io.text_len == 8 and io.max_entities == 2 and not decomposed
+    assert io.vae_scale_factor == 4 and io.grid == (8, 8)
     assert config == DeLeakerConfig.for_model(NUM_BLOCKS)
     model = onnx.load(str(result.onnx_path))
     assert _value_info(model.graph.input[0])[0] == onnx.TensorProto.FLOAT16
