@@ -461,20 +461,15 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
 
     engine_path = out_dir / f"{request.artifact_stem}.plan"
     with stage("engine", "building the TensorRT engine"):
-        from deleaker.plugins.trt_plugin import TensorRTUnavailableError, import_tensorrt
+        from deleaker.plugins.trt_plugin import TensorRTUnavailableError, import_plugin_capable_tensorrt
 
         try:
-            trt = import_tensorrt()
+            trt = import_plugin_capable_tensorrt()
         except TensorRTUnavailableError as err:
             raise TensorRTUnavailableError(
                 f"{err} The ONNX and its manifest are written ({onnx_path}); run this command again once TensorRT "
                 "is installed: it reuses them."
             ) from err
-        if trt.__name__ == "tensorrt_rtx":
-            raise BuildError(
-                "only TensorRT-RTX is installed; its Python API cannot host the DeLeaker plugin (a Python "
-                "IPluginV3), so it cannot build this network. Install TensorRT >= 10.8 (`pip install tensorrt-cu12`)"
-            )
         gpu_name, capability = cuda_environment()
         if capability is None:
             raise BuildError("building a TensorRT engine needs a CUDA GPU; none is visible")

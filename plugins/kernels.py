@@ -8,9 +8,11 @@ Nothing here imports torch or needs a GPU until `load_library` is called.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from pathlib import Path
 
+from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError
 
 from .build import build_library
@@ -104,6 +106,11 @@ class WorkspaceLayout(ctypes.Structure):
     """Mirror of ``DeLeakerWorkspaceLayout``."""
 
     _fields_ = list(LAYOUT_FIELDS)
+
+
+def config_fields(config: DeLeakerConfig) -> dict:
+    """The `DeLeakerParams` fields that carry the knobs: same names as the config's, bools as 0/1 ints."""
+    return {name: int(v) if isinstance(v, bool) else v for name, v in dataclasses.asdict(config).items()}
 
 
 class KernelLaunchError(DeLeakerError, RuntimeError):

@@ -385,18 +385,7 @@ def params_from_descs(
         block_offset=fields.block_offset,
         num_blocks=fields.num_blocks,
         softmax_scale=1.0 / math.sqrt(head_dim),
-        std_mul_text=config.std_mul_text,
-        std_mul_image_image=config.std_mul_image_image,
-        k_strength=config.k_strength,
-        start_aggregating_from=config.start_aggregating_from,
-        stop_aggregating_at=config.stop_aggregating_at,
-        start_intervention_from=config.start_intervention_from,
-        stop_intervention_at=config.stop_intervention_at,
-        use_history=int(config.use_history),
-        do_smoothing=int(config.do_smoothing),
-        do_image_image=int(config.do_image_image),
-        do_image_text_strengthening=int(config.do_image_text_strengthening),
-        do_image_text_weakening=int(config.do_image_text_weakening),
+        **kernels.config_fields(config),
         reserved=0,
     )
 
@@ -448,6 +437,18 @@ def import_tensorrt() -> ModuleType:
         "TensorRT's Python package is not importable (" + "; ".join(errors) + "). Install TensorRT >= 10.8 for your "
         "CUDA version (`pip install tensorrt-cu12` from NVIDIA's index, or the wheel of a TensorRT tarball)."
     )
+
+
+def import_plugin_capable_tensorrt() -> ModuleType:
+    """`import_tensorrt`, refusing TensorRT-RTX: its Python API cannot host the DeLeaker plugin (a Python
+    IPluginV3), so it can neither build nor run our networks. Raises `TensorRTUnavailableError`."""
+    trt = import_tensorrt()
+    if trt.__name__ == "tensorrt_rtx":
+        raise TensorRTUnavailableError(
+            "only TensorRT-RTX is installed; its Python API cannot host the DeLeaker plugin (a Python IPluginV3), "
+            "so it cannot build or run these networks. Install TensorRT >= 10.8 (`pip install tensorrt-cu12`)."
+        )
+    return trt
 
 
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64"}

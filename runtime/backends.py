@@ -171,7 +171,7 @@ class TensorRTBackend:
     ) -> None:
         from deleaker.plugins import trt_plugin
 
-        trt = trt_plugin.import_tensorrt()  # raises TensorRTUnavailableError (a DeLeakerError) with install hints
+        trt = trt_plugin.import_plugin_capable_tensorrt()  # TensorRTUnavailableError, with install hints
         if not torch.cuda.is_available():
             raise BackendError("the tensorrt backend needs a CUDA GPU; none is visible to torch")
         trt_plugin.register_plugin(trt)

@@ -45,7 +45,8 @@ def _progress_factory(enabled: bool):
 
     class _Bar:
         def __init__(self, total: int, description: str) -> None:
-            self._bar = tqdm(total=total, desc=description, file=sys.stderr, leave=False, unit="step")
+            # leave=True: the finished bar stays, so its last state is drawn even when a run beats tqdm's refresh.
+            self._bar = tqdm(total=total, desc=description, file=sys.stderr, leave=True, unit="step")
 
         def update(self, done: int, total: int) -> None:
             self._bar.update(done - self._bar.n)

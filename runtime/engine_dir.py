@@ -59,14 +59,19 @@ def read_manifests(engine_dir: Path) -> list[Any]:
     return [manifest.EngineManifest.read(p) for p in paths]
 
 
-def current_environment(manifest_mod: Any) -> Any:
-    """The `Environment` of this process: GPU, TensorRT version, plugin version and source hash."""
+def current_environment(manifest_mod: Any) -> Optional[Any]:
+    """The `Environment` of this process (GPU, TensorRT version, plugin version and source hash), or None when
+    TensorRT is not importable or no CUDA GPU is visible: then engines cannot run here at all, the directory is
+    still loaded so requests can be validated, and the first generation raises the reason."""
     from deleaker.plugins import trt_plugin
 
-    trt = trt_plugin.import_tensorrt()
+    try:
+        trt = trt_plugin.import_plugin_capable_tensorrt()
+    except trt_plugin.TensorRTUnavailableError:
+        return None
     gpu_name, capability = manifest_mod.cuda_environment()
     if capability is None:
-        raise BackendError("TensorRT engines need a CUDA GPU; none is visible")
+        return None
     info = manifest_mod.plugin_info()
     return manifest_mod.Environment(
         gpu_name=gpu_name,
@@ -134,16 +139,9 @@ def load_engine_dir(
                 )
 
     from deleaker.export.contract import FluxTransformerIO
-    from deleaker.plugins.trt_plugin import TensorRTUnavailableError
 
-    # The machine check needs TensorRT. Without it the directory still loads (so requests can be validated), and
-    # the first generation raises the TensorRT error before any model runs.
-    env = None
-    if wanted_kind == "engine":
-        try:
-            env = current_environment(manifest_mod)
-        except TensorRTUnavailableError:
-            env = None
+    # The machine check needs TensorRT and a GPU (see `current_environment`).
+    env = current_environment(manifest_mod) if wanted_kind == "engine" else None
 
     loaders: dict[tuple[int, int], Callable[[], TransformerBackend]] = {}
     for m in chosen:
