@@ -7,7 +7,7 @@ peak memory allocated during one call above what was allocated before it (output
 
     python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.md
 
-TODO: the FLUX.1-dev whole transformer step benchmark (random weights, eager vs kernels vs TensorRT).
+The whole FLUX.1-dev transformer step is timed by ``benchmarks/bench_flux_step.py``.
 """
 
 from __future__ import annotations
