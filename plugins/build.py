@@ -58,7 +58,7 @@ class BuildSpec:
 
     @property
     def key(self) -> str:
-        text = json.dumps([self.source_hash, list(self.archs), self.nvcc_version, list(NVCC_FLAGS)])
+        text = json.dumps([self.source_hash, self.nvcc_version, compile_flags(self.archs)])
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -118,7 +118,16 @@ def jit_forbidden() -> bool:
 
 
 def gencode_flags(archs: Sequence[str]) -> list[str]:
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    """Machine code for each arch, plus PTX of the newest so that later GPUs JIT-compile it instead of failing."""
+    newest = max(archs, key=int)
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs] + [
+        f"-gencode=arch=compute_{newest},code=compute_{newest}"
+    ]
+
+
+def compile_flags(archs: Sequence[str]) -> list[str]:
+    """Every nvcc flag that shapes the binary (what the cache key and the manifest record)."""
+    return [*NVCC_FLAGS, *gencode_flags(archs)]
 
 
 def compile_command(spec: BuildSpec, output: Path, *, object_only: bool = False) -> list[str]:
@@ -126,7 +135,7 @@ def compile_command(spec: BuildSpec, output: Path, *, object_only: bool = False)
     source in the directory ``output`` (one nvcc call either way)."""
     units = [str(p) for p in spec.sources if p.suffix == ".cu"]
     target = ["-c", "-odir", str(output)] if object_only else ["-shared", "-o", str(output)]
-    return [str(spec.nvcc), *NVCC_FLAGS, *gencode_flags(spec.archs), *target, *units]
+    return [str(spec.nvcc), *compile_flags(spec.archs), *target, *units]
 
 
 def run_nvcc(command: list[str]) -> None:
@@ -158,7 +167,11 @@ def find_prebuilt(archs: Sequence[str] = ARCHS) -> Path | None:
     root = cache_root()
     if not root.is_dir():
         return None
-    expected = {"source_hash": source_hash(kernel_sources()), "archs": list(archs)}
+    expected = {
+        "source_hash": source_hash(kernel_sources()),
+        "archs": list(archs),
+        "nvcc_flags": compile_flags(archs),
+    }
     for directory in sorted(root.iterdir()):
         if directory.is_dir() and _manifest_ok(directory, expected):
             return directory / LIBRARY_NAME
@@ -196,7 +209,7 @@ def build_library(archs: Sequence[str] = ARCHS, *, force: bool = False) -> Path:
             os.replace(staged, directory / LIBRARY_NAME)
         manifest = {
             **expected,
-            "nvcc_flags": list(NVCC_FLAGS),
+            "nvcc_flags": compile_flags(spec.archs),
             "library_sha256": hashlib.sha256((directory / LIBRARY_NAME).read_bytes()).hexdigest(),
         }
         staged_manifest = directory / (MANIFEST_NAME + ".tmp")

@@ -229,6 +229,8 @@ def _debug_views(library: "kernels.KernelLibrary", params, workspace: Tensor) ->
         return workspace[offset : offset + count * size].view(dtype).reshape(shape).clone()
 
     words = view(layout.cut_bits, torch.int32, (b, n, layout.cut_words)).to(torch.int64) & 0xFFFFFFFF
+    if not params.do_image_image:
+        words.zero_()  # the launcher memsets the cut bits only when the image-image pass runs: not written here
     bits = (words[..., None] >> torch.arange(32, device=workspace.device)) & 1
     return {
         "lse": view(layout.lse, torch.float32, (b, h, n)),

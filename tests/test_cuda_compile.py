@@ -155,6 +155,7 @@ def test_prebuilt_library_is_checked_against_its_manifest(tmp_path, monkeypatch)
         "source_hash": build.source_hash(build.kernel_sources()),
         "archs": list(build.ARCHS),
         "nvcc_version": "13.0.88",
+        "nvcc_flags": build.compile_flags(build.ARCHS),
         "library_sha256": hashlib.sha256(library.read_bytes()).hexdigest(),
     }
     (entry / build.MANIFEST_NAME).write_text(json.dumps(manifest))
@@ -166,3 +167,15 @@ def test_prebuilt_library_is_checked_against_its_manifest(tmp_path, monkeypatch)
     (entry / build.MANIFEST_NAME).write_text(json.dumps({**manifest, "source_hash": "stale"}))
     with pytest.raises(build.KernelBuildError, match="DELEAKER_NO_JIT"):
         build.build_library()
+    # A library built with other flags (here: without the PTX of the newest arch) is not this build.
+    (entry / build.MANIFEST_NAME).write_text(json.dumps({**manifest, "nvcc_flags": list(build.NVCC_FLAGS)}))
+    with pytest.raises(build.KernelBuildError, match="DELEAKER_NO_JIT"):
+        build.build_library()
+
+
+def test_library_carries_ptx_of_the_newest_arch_for_later_gpus():
+    flags = build.compile_flags(build.ARCHS)
+    newest = max(build.ARCHS, key=int)
+    assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in flags
+    assert all(f"-gencode=arch=compute_{a},code=sm_{a}" in flags for a in build.ARCHS)
+    assert build.build_spec(("80",)).key != build.build_spec(("90",)).key

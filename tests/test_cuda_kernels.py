@@ -8,6 +8,7 @@ must equal the reference's except at near-ties; their output error against the f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -250,6 +251,37 @@ def test_plain_attention_outside_window_equals_sdpa(dtype, head_dim):
         err, err_sdpa = rel_l2(out, exact), rel_l2(sdpa, exact)
         assert not out.isnan().any()
         assert err <= 2 * err_sdpa + 1e-4 and err < 1e-2, (block_step, err, err_sdpa)
+
+
+@pytest.mark.parametrize(
+    "switch",
+    ["do_smoothing", "do_image_image", "do_image_text_strengthening", "do_image_text_weakening", "use_history"],
+)
+def test_each_switch_off_matches_reference(switch):
+    """Each knob switched off (paths the shape sweep never takes), inside both windows."""
+    config = dataclasses.replace(CONFIG, **{switch: False})
+    grid, e_max = (16, 16), 4
+    (q, k, v), entity_mask = structured_inputs(1, 2, 77, grid, 64, 3, e_max, torch.float16, seed=300)
+    out, history = poisoned_outputs(q, e_max, grid[0] * grid[1])
+    out, history, debug = _cuda_op().deleaker_attention_cuda_debug(
+        q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None, config=config, out=out, new_history=history
+    )
+    torch.cuda.synchronize()
+    assert not out.isnan().any() and not history.isnan().any(), "an output element was not written"
+    ref = reference_steps(q, k, entity_mask, grid, INSIDE, None, config)
+    torch.testing.assert_close(history, ref["history"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(debug["source"], ref["source"], rtol=1e-4, atol=1e-7)
+    if config.do_smoothing:
+        assert torch.equal(debug["masks"], smooth_masks(debug["raw_masks"], grid))
+    else:
+        assert torch.equal(debug["masks"], debug["raw_masks"])
+    assert debug["masks"].any()
+    if not config.do_image_image:
+        assert not debug["cut"].any()
+    exact = edited_attention(q, k, v, debug["masks"], debug["cut"], entity_mask, config, upcast=True)
+    lowp = edited_attention(q, k, v, debug["masks"], debug["cut"], entity_mask, config, upcast=False)
+    err, err_lowp = rel_l2(out, exact), rel_l2(lowp, exact)
+    assert err <= 2 * err_lowp + 1e-6 and err < 1e-2, (switch, err, err_lowp)
 
 
 @pytest.mark.parametrize("use_history", [True, False])
