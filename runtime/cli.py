@@ -166,8 +166,28 @@ def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, de
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="deleaker-trt")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Show the libraries' own warnings (transformers, torch's exporter).")
+def main(verbose: bool) -> None:
     """DeLeaker for FLUX.1: entity leakage mitigation with ONNX Runtime, TensorRT or PyTorch."""
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own output: the libraries' notices (transformers' torchvision notice, the ONNX
+    exporter's registration warnings) say nothing actionable to a user of this command. The CLI is the process's
+    entry point, so it may set these process-wide; the library API never does."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # Deprecation notices address developers of this package, not users of the command.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|diffusers|onnxscript)\.")
 
 
 @main.command()
