@@ -268,12 +268,17 @@ def run_job(
 
 
 def _generate(rt: DeLeakerRuntime, request: GenerationRequest, progress_factory, description: str, **kwargs):
+    # Load the backend before the bar starts, so the bar measures steps, not a first-use export.
+    load_seconds = rt.prepare(request)
     bar = progress_factory(request.steps, description) if progress_factory is not None else None
     try:
-        return rt.generate(request, progress=None if bar is None else bar.update, **kwargs)
+        result = rt.generate(request, progress=None if bar is None else bar.update, **kwargs)
     finally:
         if bar is not None:
             bar.close()
+    result.timings["backend_load"] += load_seconds
+    result.timings["total"] += load_seconds
+    return result
 
 
 # --- verify --------------------------------------------------------------------------------------------------

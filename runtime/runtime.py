@@ -392,6 +392,15 @@ class DeLeakerRuntime:
         """Generate one image; see `GenerationRequest` for the arguments. Returns image and per-stage timings."""
         return self.generate(GenerationRequest(prompt, tuple(entities), seed, steps, guidance, height, width, deleaker))
 
+    def prepare(self, request: GenerationRequest) -> float:
+        """Validate ``request`` and load the backend for its resolution now (the first use of a resolution may
+        export the model or load an engine); returns the seconds that took, 0 when it was loaded already."""
+        with self._lock:
+            request = self.resolve(request)
+            tick = time.perf_counter()
+            self.source.backend(request.height, request.width)
+            return time.perf_counter() - tick
+
     def generate(
         self,
         request: GenerationRequest,

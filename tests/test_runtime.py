@@ -238,7 +238,11 @@ def test_onnxruntime_backend_equals_torch(tiny_components, torch_runtime, onnx_c
         cache_dir=onnx_cache,
     )
     mtimes = {p.name: (p / onnx_cache_mod.ARTIFACT_NAME).stat().st_mtime_ns for p in entries}
+    # prepare() loads the resolution's backend (an ORT session over the cached file) once; generate reuses it.
+    first_load = again.prepare(request)
+    assert again.prepare(request) < first_load
     second = again.generate(request)
+    assert second.timings["backend_load"] < first_load
     assert np.array_equal(np.asarray(second.image), np.asarray(got.image))
     assert {p.name: (p / onnx_cache_mod.ARTIFACT_NAME).stat().st_mtime_ns for p in entries} == mtimes
     assert sorted(p.name for p in (onnx_cache / "onnx").iterdir()) == sorted(p.name for p in entries)
