@@ -347,3 +347,18 @@ def test_engine_dir_without_tensorrt_says_so_before_generating(tiny_components, 
 def test_usage_errors_exit_2(tmp_path, args, message):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("verbose", [[], ["--verbose"]])
+def test_library_warnings_hidden_unless_verbose(tiny, tmp_path, verbose):
+    """Without --verbose the CLI drops deprecation notices; with it they reach the user. Errors show either way."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = invoke(*verbose, "run", *tiny, "--prompt", "A cow and a dog", "--entities", "cow,horse", "--out",
+                        tmp_path / "x.png")
+        warnings.warn("a library deprecation notice", FutureWarning)
+    assert result.exit_code == 1 and "horse" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+    assert any("deprecation notice" in str(w.message) for w in caught) == bool(verbose)
