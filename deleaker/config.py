@@ -12,6 +12,12 @@ from .errors import ConfigError
 #: Blocks per step of FLUX.1 (19 double-stream + 38 single-stream), the unit of the window defaults.
 REFERENCE_NUM_BLOCKS = 57
 
+def num_joint_blocks(transformer_config: Mapping[str, Any]) -> int:
+    """Joint attentions per step of a ``FluxTransformer2DModel`` (57 for FLUX.1), from its config
+    (``transformer.config`` or its config.json dict)."""
+    return int(transformer_config["num_layers"]) + int(transformer_config["num_single_layers"])
+
+
 #: Knobs that count block steps; scaled by ``num_blocks / 57`` for other models (see `DeLeakerConfig.for_model`).
 WINDOW_FIELDS = (
     "start_aggregating_from",

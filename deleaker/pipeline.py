@@ -10,15 +10,11 @@ from diffusers import FluxPipeline
 from .config import DeLeakerConfig
 from .entities import entity_token_mask
 from .errors import DeLeakerError
+from .geometry import latent_grid
 from .processor import DeLeakerState, install_deleaker_processors
 
 #: Entity rows of the mask (the spec's E_max); prompts may name fewer entities.
 DEFAULT_MAX_ENTITIES = 4
-
-
-def latent_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
-    """The ``(gh, gw)`` token grid of an image, as ``FluxPipeline.prepare_latents`` computes it (2x2 patches)."""
-    return int(height) // (vae_scale_factor * 2), int(width) // (vae_scale_factor * 2)
 
 
 class DeLeakerFluxPipeline(FluxPipeline):

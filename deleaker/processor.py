@@ -15,7 +15,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from .config import DeLeakerConfig
+from .config import DeLeakerConfig, num_joint_blocks
 from .errors import ShapeError
 from .library import call_attention
 
@@ -126,17 +126,12 @@ class DeLeakerFluxAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
-def num_joint_blocks(transformer) -> int:
-    """Joint attentions per step of a ``FluxTransformer2DModel``, from its config (57 for FLUX.1)."""
-    return int(transformer.config.num_layers) + int(transformer.config.num_single_layers)
-
-
 def install_deleaker_processors(transformer) -> int:
     """Give every joint attention of ``transformer`` a `DeLeakerFluxAttnProcessor`; returns ``num_blocks``.
 
     Double-stream blocks get offsets ``0 .. num_layers - 1``, single-stream blocks follow, in execution order.
     """
-    num_blocks = num_joint_blocks(transformer)
+    num_blocks = num_joint_blocks(transformer.config)
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     if len(blocks) != num_blocks:
         raise ShapeError(f"transformer has {len(blocks)} blocks but its config says {num_blocks}")

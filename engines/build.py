@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 
 from deleaker.config import DeLeakerConfig
+from deleaker.geometry import vae_scale_factor
 from deleaker.errors import ConfigError, DeLeakerError
 
 from . import fp8 as fp8_lib
@@ -170,17 +171,6 @@ def load_model(model: str) -> Tuple[Dict[str, Any], str]:
         return load_components(model)
     except ConfigError as err:
         raise ModelNotFoundError(f"--model: {err}") from err
-
-
-def model_sha256(transformer: torch.nn.Module) -> str:
-    """Hash of the transformer's config and weights (the runtime's ONNX cache uses the same one)."""
-    from deleaker.runtime.onnx_cache import transformer_sha256
-
-    return transformer_sha256(transformer)
-
-
-def vae_scale_factor(components: Mapping[str, Any]) -> int:
-    return 2 ** (len(components["vae"].config.block_out_channels) - 1)
 
 
 def export_onnx(transformer: torch.nn.Module, io: Any, config: DeLeakerConfig, path: Path) -> Path:
@@ -394,12 +384,14 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
             width=request.width,
             text_len=request.text_len,
             max_entities=request.max_entities,
-            vae_scale_factor=vae_scale_factor(components),
+            vae_scale_factor=vae_scale_factor(components["vae"].config),
             batch=request.batch,
             dtype=dtype,
         )
         config = DeLeakerConfig.resolve(request.deleaker_config, io.num_blocks)
-        model_hash = model_sha256(transformer)
+        from deleaker.runtime.onnx_cache import transformer_sha256  # the hash the runtime's ONNX cache uses too
+
+        model_hash = transformer_sha256(transformer)
         plugin = plugin_info()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

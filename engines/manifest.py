@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from deleaker.errors import DeLeakerError
+from deleaker.hashing import sha256_file
 
 #: Bumped when the manifest's fields change incompatibly.
 MANIFEST_FORMAT = 1
@@ -63,15 +64,6 @@ class Environment:
     width: Optional[int] = None
     text_len: Optional[int] = None
     max_entities: Optional[int] = None
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes (streamed: FLUX weights are tens of GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike) -> str:

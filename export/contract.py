@@ -37,6 +37,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from deleaker.config import num_joint_blocks
 from deleaker.errors import ConfigError, ShapeError
 
 #: Name of the dynamic batch axis in shapes and in the ONNX graph.
@@ -197,7 +198,7 @@ class FluxTransformerIO:
         try:
             in_channels = int(config["in_channels"])
             out_channels = int(config.get("out_channels") or in_channels)
-            num_blocks = int(config["num_layers"]) + int(config["num_single_layers"])
+            num_blocks = num_joint_blocks(config)
             joint_dim = int(config["joint_attention_dim"])
             pooled_dim = int(config["pooled_projection_dim"])
             guidance = bool(config.get("guidance_embeds", False))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -29,9 +28,10 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 import onnx
 import torch
 
-from deleaker.config import DeLeakerConfig
+from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
-from deleaker.processor import num_joint_blocks
+from deleaker.hashing import sha256_file
+from deleaker.geometry import vae_scale_factor
 
 from .contract import FluxTransformerIO, dtype_name
 from .onnx_node import DOMAIN, ONNX_OPSET, OP_TYPE, register_onnx_schema, translation_table
@@ -96,15 +96,6 @@ class ExportResult:
         }
 
 
-def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _model_dtype(transformer: torch.nn.Module) -> torch.dtype:
     return next(transformer.parameters()).dtype
 
@@ -114,7 +105,7 @@ def _check_export_inputs(transformer: torch.nn.Module, io: FluxTransformerIO, co
         raise TypeError(f"io must be a FluxTransformerIO, got {type(io).__name__}")
     if not isinstance(config, DeLeakerConfig):
         raise TypeError(f"config must be a DeLeakerConfig (scaled to the model), got {type(config).__name__}")
-    num_blocks = num_joint_blocks(transformer)
+    num_blocks = num_joint_blocks(transformer.config)
     if num_blocks != io.num_blocks:
         raise ShapeError(f"the contract is for {io.num_blocks} blocks per step but the transformer has {num_blocks}")
     model_dtype = dtype_name(_model_dtype(transformer))
@@ -358,12 +349,10 @@ def read_export_metadata(onnx_path: Union[str, Path]) -> Tuple[FluxTransformerIO
 
 
 def _vae_scale_factor(model_dir: Path) -> int:
-    # FluxPipeline: 2 ** (len(vae.config.block_out_channels) - 1).
     vae_config = model_dir / "vae" / "config.json"
     if not vae_config.is_file():
         return 8  # FLUX.1's
-    channels = json.loads(vae_config.read_text()).get("block_out_channels", [0, 0, 0, 0])
-    return 2 ** (len(channels) - 1)
+    return vae_scale_factor({"block_out_channels": [0, 0, 0, 0], **json.loads(vae_config.read_text())})
 
 
 def load_transformer(
@@ -386,8 +375,10 @@ def load_transformer(
         raise ConfigError(f"precision must be float32, float16 or bfloat16 (fp32/fp16/bf16), got {precision!r}")
     torch_dtype = getattr(torch, dtype)
     if str(model_path_or_tiny) == TINY_MODEL_NAME:
-        transformer = build_tiny_flux_components(seed)["transformer"]
-        return (transformer if torch_dtype == torch.float32 else transformer.to(torch_dtype)), 4
+        components = build_tiny_flux_components(seed)
+        transformer = components["transformer"]
+        scale = vae_scale_factor(components["vae"].config)
+        return (transformer if torch_dtype == torch.float32 else transformer.to(torch_dtype)), scale
     path = Path(model_path_or_tiny)
     if (path / "transformer" / "config.json").is_file():
         transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype)

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from deleaker.errors import ConfigError, DeLeakerError
+from deleaker.geometry import vae_scale_factor
 
-from .backends import BackendError, OnnxRuntimeBackend, TensorRTBackend, TransformerBackend
+from .backends import OnnxRuntimeBackend, TensorRTBackend, TransformerBackend
 from .schedule import ShiftConfig
 from .text import TextEncoders
 
@@ -184,10 +185,10 @@ def load_engine_dir(
         if next(module.parameters()).dtype != parts_dtype:
             module.to(dtype=parts_dtype)
         module.to(run_device)
-    vae_scale_factor = 2 ** (len(components["vae"].config.block_out_channels) - 1)
+    scale = vae_scale_factor(components["vae"].config)
     if int(first.io["in_channels"]) != int(config_of_transformer["in_channels"]):
         raise EngineDirError(f"{first.artifact} was built for another model than {first.model_id}")
-    source = PerResolution(backend, 2 * vae_scale_factor, loaders)
+    source = PerResolution(backend, 2 * scale, loaders)
     default_size = min(loaders, key=lambda hw: hw[0] * hw[1])
     runtime = cls(
         text=TextEncoders(

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from deleaker.config import DeLeakerConfig
+from deleaker.hashing import sha256_file
 
 from .backends import BackendError
 
@@ -110,7 +111,7 @@ def exported_onnx(
         manifest = {
             "key": key,
             "artifact": ARTIFACT_NAME,
-            "files": {f.name: _sha256_file(f) for f in files},
+            "files": {f.name: sha256_file(f) for f in files},
             "model_id": model_id,
             "model_sha256": model_sha,
             "io": io.to_dict(),
@@ -129,14 +130,6 @@ def exported_onnx(
     return artifact, io
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_valid_entry(entry: Path, key: str) -> bool:
     """True when ``entry``'s manifest is for ``key`` and every file it lists hashes to the recorded value."""
     try:
@@ -145,7 +138,7 @@ def is_valid_entry(entry: Path, key: str) -> bool:
         return (
             manifest.get("key") == key
             and ARTIFACT_NAME in files
-            and all(_sha256_file(entry / name) == digest for name, digest in files.items())
+            and all(sha256_file(entry / name) == digest for name, digest in files.items())
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False

@@ -22,7 +22,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from PIL import Image
 
-from deleaker.config import DeLeakerConfig
+from deleaker.config import DeLeakerConfig, num_joint_blocks
+from deleaker.geometry import latent_grid, vae_scale_factor
+from deleaker.tiny import TINY_MODEL_NAME
 from deleaker.errors import ConfigError, ShapeError
 
 from .backends import OnnxRuntimeBackend, TorchBackend, TransformerBackend
@@ -40,7 +42,6 @@ from .schedule import (
     flux_schedule,
     image_ids,
     initial_latents,
-    latent_grid,
     text_ids,
     unpack_latents,
 )
@@ -206,7 +207,7 @@ class DeLeakerRuntime:
         self.default_size = default_size
         self.dtype = dtype
         self.device = torch.device(device)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae.config)
         self.load_seconds = load_seconds
         #: ``"tiny"`` or the model folder the runtime was loaded from (what `verify` compares against).
         self.model_source = model_source
@@ -303,10 +304,10 @@ class DeLeakerRuntime:
                 module.to(dtype=dtype)
             module.to(device)
         transformer = components["transformer"]
-        num_blocks = int(transformer.config.num_layers) + int(transformer.config.num_single_layers)
+        num_blocks = num_joint_blocks(transformer.config)
         config = DeLeakerConfig.resolve(deleaker_config, num_blocks)
-        vae_scale_factor = 2 ** (len(components["vae"].config.block_out_channels) - 1)
-        patch = 2 * vae_scale_factor
+        scale = vae_scale_factor(components["vae"].config)
+        patch = 2 * scale
         if backend == "torch":
             source: TransformerSource = AnyResolution(TorchBackend(transformer, config), patch)
         else:
@@ -320,7 +321,7 @@ class DeLeakerRuntime:
                     width=width,
                     text_len=text_len,
                     max_entities=max_entities,
-                    vae_scale_factor=vae_scale_factor,
+                    vae_scale_factor=scale,
                     config=config,
                     cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
                 )
@@ -514,10 +515,10 @@ def load_components(model: str | Path, *, with_transformer: bool = True) -> tupl
     reuses an old export. ``with_transformer=False`` skips loading a folder's transformer weights (engines
     replace them): ``components["transformer"]`` is then None (see `transformer_config`).
     """
-    if str(model) == "tiny":
+    if str(model) == TINY_MODEL_NAME:
         from deleaker.tiny import build_tiny_flux_components
 
-        return build_tiny_flux_components(0), "tiny"
+        return build_tiny_flux_components(0), TINY_MODEL_NAME
     path = Path(model)
     if not path.is_dir():
         raise ConfigError(f"model {str(model)!r} is neither 'tiny' nor a directory")

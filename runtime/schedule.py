@@ -106,11 +106,6 @@ def euler_step(latents: Tensor, noise_pred: Tensor, schedule: FlowMatchSchedule,
     return (latents.to(torch.float32) + dt * noise_pred).to(noise_pred.dtype)
 
 
-def latent_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
-    """The ``(gh, gw)`` token grid of an image: VAE downsampling, then 2x2 patches."""
-    return int(height) // (vae_scale_factor * 2), int(width) // (vae_scale_factor * 2)
-
-
 def image_ids(grid: tuple[int, int]) -> Tensor:
     """``(gh * gw, 3)`` float32 position ids of the image tokens: ``(0, row, col)``, row-major."""
     gh, gw = grid

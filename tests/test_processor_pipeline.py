@@ -12,7 +12,8 @@ from diffusers.models.transformers import transformer_flux
 
 from deleaker import DeLeakerConfig, EntityError, deleaker_attention
 from deleaker.errors import DeLeakerError
-from deleaker.pipeline import DeLeakerFluxPipeline, latent_grid
+from deleaker.geometry import latent_grid
+from deleaker.pipeline import DeLeakerFluxPipeline
 from deleaker.processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
 
 PROMPT = "A cat and a cheetah are splashing each other with water in a shallow river"

@@ -17,6 +17,7 @@ from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
 from deleaker import DeLeakerConfig, EntityError
 from deleaker.errors import DeLeakerError, ShapeError
+from deleaker.geometry import latent_grid
 from deleaker.pipeline import DeLeakerFluxPipeline
 from deleaker.runtime import onnx_cache as onnx_cache_mod
 from deleaker.runtime import schedule as sched
@@ -56,7 +57,7 @@ FLUX_DEV_SCHEDULER = dict(
     "height,width,vae_scale", [(64, 64, 4), (512, 512, 8), (1024, 1024, 8), (768, 1360, 8), (2048, 2048, 8)]
 )
 def test_schedule_equals_flux_pipeline_and_scheduler(steps, height, width, vae_scale):
-    gh, gw = sched.latent_grid(height, width, vae_scale)
+    gh, gw = latent_grid(height, width, vae_scale)
     seq_len = gh * gw
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
     mu = diffusers_calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
