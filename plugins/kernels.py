@@ -175,8 +175,3 @@ class KernelLibrary:
 def load_library(path: str | None = None) -> KernelLibrary:
     """The kernel library at ``path``, or the cached build of the current sources (built on first use)."""
     return KernelLibrary(Path(path) if path is not None else build_library())
-
-
-def launch(params: DeLeakerParams, workspace_ptr: int, workspace_bytes: int, stream_handle: int) -> None:
-    """`KernelLibrary.launch` on the default library."""
-    load_library().launch(params, workspace_ptr, workspace_bytes, stream_handle)

@@ -143,79 +143,119 @@ def _run(q, k, v, entity_mask, *, grid, block_step, history, config, out, new_hi
             f"the CUDA kernels take CUDA float16/bfloat16 q, k, v with head dim in {_HEAD_DIMS}, got "
             f"{q.dtype} on {q.device} with head dim {q.shape[-1]}"
         )
+    _check_kernel_shapes(q, entity_mask)
+    with torch.cuda.device(q.device):
+        return launch_kernels(
+            kernels.load_library(), q, k, v, entity_mask, grid=grid, block_step=block_step, history=history,
+            config=config, out=out, new_history=new_history, stream=torch.cuda.current_stream(q.device).cuda_stream,
+            debug=debug,
+        )
+
+
+def _check_kernel_shapes(q: Tensor, entity_mask: Tensor) -> None:
+    if q.dtype not in _DTYPES or q.shape[-1] not in _HEAD_DIMS:
+        raise ShapeError(
+            f"the kernels take float16/bfloat16 q with head dim in {_HEAD_DIMS}, got {q.dtype} with head dim "
+            f"{q.shape[-1]}"
+        )
+    if entity_mask.shape[0] > kernels.MAX_ENTITIES:
+        raise ShapeError(
+            f"the CUDA kernels take at most {kernels.MAX_ENTITIES} entity rows, got {entity_mask.shape[0]}"
+        )
+
+
+def launch_kernels(
+    library: "kernels.KernelLibrary",
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    entity_mask: Tensor,
+    *,
+    grid: Tuple[int, int],
+    block_step: BlockStep,
+    history: Tensor | None,
+    config: DeLeakerConfig,
+    out: Tensor | None,
+    new_history: Tensor | None,
+    stream: int,
+    debug: bool,
+) -> Tuple[Tensor, Tensor, Dict[str, Tensor] | None]:
+    """Tensors to `kernels.DeLeakerParams`, one launch of ``library`` on ``stream``, and the outputs.
+
+    The one place tensors become kernel arguments. It takes whatever memory ``library`` addresses: CUDA tensors
+    for the real library, CPU tensors for the CPU emulation of the tests (``tests/cuda_emulator``). A tensor
+    ``block_step`` on ``q``'s device is read by the kernels; one on the CPU next to CUDA inputs is read here.
+    Inputs are checked by the caller.
+    """
+    _check_kernel_shapes(q, entity_mask)
     num_entities, text_len = entity_mask.shape
-    if num_entities > kernels.MAX_ENTITIES:
-        raise ShapeError(f"the CUDA kernels take at most {kernels.MAX_ENTITIES} entity rows, got {num_entities}")
     batch, heads, tokens, head_dim = q.shape
     image_tokens = grid[0] * grid[1]
-    library = kernels.load_library()
+    q, k, v = (_contiguous_rows(x) for x in (q, k, v))
+    if out is None:
+        out = torch.empty((batch, heads, tokens, head_dim), dtype=q.dtype, device=q.device)
+    _check_output("out", out, (batch, heads, tokens, head_dim), q.dtype, q.device)
+    if new_history is None:
+        new_history = torch.empty((batch, num_entities, image_tokens), dtype=torch.float32, device=q.device)
+    _check_output("new_history", new_history, (batch, num_entities, image_tokens), torch.float32, q.device)
+    history_in = history.contiguous() if history is not None else None
+    mask_bytes = entity_mask.to(torch.uint8).contiguous()
 
-    with torch.cuda.device(q.device):
-        q, k, v = (_contiguous_rows(x) for x in (q, k, v))
-        if out is None:
-            out = torch.empty((batch, heads, tokens, head_dim), dtype=q.dtype, device=q.device)
-        _check_output("out", out, (batch, heads, tokens, head_dim), q.dtype, q.device)
-        if new_history is None:
-            new_history = torch.empty((batch, num_entities, image_tokens), dtype=torch.float32, device=q.device)
-        _check_output("new_history", new_history, (batch, num_entities, image_tokens), torch.float32, q.device)
-        history_in = history.contiguous() if history is not None else None
-        mask_bytes = entity_mask.to(torch.uint8).contiguous()
+    step_tensor = None
+    if isinstance(block_step, torch.Tensor) and block_step.device != q.device and block_step.device.type == "cpu":
+        block_step = int(block_step.reshape(()))  # a CPU scalar costs no device sync
+    if isinstance(block_step, torch.Tensor):
+        step_tensor = block_step.reshape(()).to(device=q.device, dtype=torch.int64)
+        block_offset, num_blocks = 0, 1
+    else:
+        if block_step >= 2**31:
+            raise ShapeError(f"block_step must be < 2**31, got {block_step}")
+        block_offset, num_blocks = int(block_step), 1
 
-        step_tensor = None
-        if isinstance(block_step, torch.Tensor) and block_step.device.type == "cpu":
-            block_step = int(block_step.reshape(()))  # a CPU scalar costs no device sync
-        if isinstance(block_step, torch.Tensor):
-            step_tensor = block_step.reshape(()).to(device=q.device, dtype=torch.int64)
-            block_offset, num_blocks = 0, 1
-        else:
-            if block_step >= 2**31:
-                raise ShapeError(f"block_step must be < 2**31, got {block_step}")
-            block_offset, num_blocks = int(block_step), 1
-
-        params = kernels.DeLeakerParams(
-            q=q.data_ptr(),
-            k=k.data_ptr(),
-            v=v.data_ptr(),
-            out=out.data_ptr(),
-            entity_mask=mask_bytes.data_ptr(),
-            history_in=history_in.data_ptr() if history_in is not None else None,
-            history_out=new_history.data_ptr(),
-            step=step_tensor.data_ptr() if step_tensor is not None else None,
-            q_batch_stride=_strides(q)[0],
-            q_head_stride=_strides(q)[1],
-            q_row_stride=_strides(q)[2],
-            k_batch_stride=_strides(k)[0],
-            k_head_stride=_strides(k)[1],
-            k_row_stride=_strides(k)[2],
-            v_batch_stride=_strides(v)[0],
-            v_head_stride=_strides(v)[1],
-            v_row_stride=_strides(v)[2],
-            o_batch_stride=_strides(out)[0],
-            o_head_stride=_strides(out)[1],
-            o_row_stride=_strides(out)[2],
-            batch=batch,
-            heads=heads,
-            tokens=tokens,
-            text_tokens=text_len,
-            head_dim=head_dim,
-            grid_h=grid[0],
-            grid_w=grid[1],
-            num_entities=num_entities,
-            dtype=_DTYPES[q.dtype],
-            block_offset=block_offset,
-            num_blocks=num_blocks,
-            softmax_scale=1.0 / math.sqrt(head_dim),
-            **kernels.config_fields(config),
-            reserved=0,
-        )
-        workspace_bytes = library.workspace_bytes(params)
-        workspace = torch.empty(max(workspace_bytes, 256), dtype=torch.uint8, device=q.device)
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        library.launch(params, workspace.data_ptr(), workspace_bytes, stream)
-        views = _debug_views(library, params, workspace) if debug else None
+    params = kernels.DeLeakerParams(
+        q=q.data_ptr(),
+        k=k.data_ptr(),
+        v=v.data_ptr(),
+        out=out.data_ptr(),
+        entity_mask=mask_bytes.data_ptr(),
+        history_in=history_in.data_ptr() if history_in is not None else None,
+        history_out=new_history.data_ptr(),
+        step=step_tensor.data_ptr() if step_tensor is not None else None,
+        **_stride_fields(q=q, k=k, v=v, o=out),
+        batch=batch,
+        heads=heads,
+        tokens=tokens,
+        text_tokens=text_len,
+        head_dim=head_dim,
+        grid_h=grid[0],
+        grid_w=grid[1],
+        num_entities=num_entities,
+        dtype=_DTYPES[q.dtype],
+        block_offset=block_offset,
+        num_blocks=num_blocks,
+        softmax_scale=1.0 / math.sqrt(head_dim),
+        **kernels.config_fields(config),
+        reserved=0,
+    )
+    workspace_bytes = library.workspace_bytes(params)
+    # The kernels want it 256-byte aligned: CUDA allocations are; host memory (the emulator's) may not be.
+    raw_workspace = torch.empty(workspace_bytes + 512, dtype=torch.uint8, device=q.device)
+    start = -raw_workspace.data_ptr() % 256
+    workspace = raw_workspace[start : start + max(workspace_bytes, 256)]
+    library.launch(params, workspace.data_ptr(), workspace_bytes, stream)
+    views = _debug_views(library, params, workspace) if debug else None
     # Temporaries (workspace, copies) may be freed now: the caching allocator reuses their memory only for work
     # queued later on this stream, so after the kernels.
     return out, new_history, views
+
+
+def _stride_fields(**tensors: Tensor) -> Dict[str, int]:
+    """``{name}_batch_stride``, ``{name}_head_stride`` and ``{name}_row_stride`` of each tensor."""
+    fields = {}
+    for name, x in tensors.items():
+        for dim, stride in zip(("batch", "head", "row"), _strides(x)):
+            fields[f"{name}_{dim}_stride"] = stride
+    return fields
 
 
 def _debug_views(library: "kernels.KernelLibrary", params, workspace: Tensor) -> Dict[str, Tensor]:

@@ -29,7 +29,9 @@ The mask and step dtypes are the exporter's (`deleaker.export.contract.NODE_ENTI
 the graph's int32 inputs are cast to them before the node.
 
 Not checkable here (no GPU, and TensorRT-RTX's Python API aborts on a Python plugin right after creating it):
-``get_output_shapes`` with a real ``IExprBuilder``, ``enqueue``, and whether TensorRT's builder accepts the plugin.
+``get_output_shapes`` with a real ``IExprBuilder``, ``enqueue`` called by TensorRT, and whether TensorRT's builder
+accepts the plugin. ``on_shape_change`` and ``enqueue`` called directly with TensorRT's real descriptor types do
+run, on the CPU emulation of the kernels (``tests/test_kernels_emulated.py``).
 """
 
 from __future__ import annotations
@@ -390,10 +392,10 @@ def params_from_descs(
     )
 
 
-def workspace_size(input_descs: Sequence[TensorDesc], fields: PluginFields) -> int:
+def workspace_size(input_descs: Sequence[TensorDesc], fields: PluginFields, library: Any = None) -> int:
     """Bytes of device workspace for the shapes in ``input_descs`` (the kernel library's own arithmetic)."""
     params = params_from_descs(input_descs, [0] * NUM_INPUTS, [0] * NUM_OUTPUTS, fields)
-    return int(_kernels().load_library().workspace_bytes(params))
+    return int((library or _kernels().load_library()).workspace_bytes(params))
 
 
 def _launch_from_descs(
@@ -405,15 +407,17 @@ def _launch_from_descs(
     stream: int,
     fields: PluginFields,
     workspace_bytes: Optional[int] = None,
+    library: Any = None,
 ) -> None:
     """Run one DeLeaker attention call on device pointers: the only place the plugin reaches the kernels.
 
-    ``workspace`` is a device address of at least `workspace_size` bytes; ``stream`` a ``cudaStream_t`` as an int.
+    ``workspace`` is a device address of at least `workspace_size` bytes; ``stream`` a ``cudaStream_t`` as an int;
+    ``library`` a `deleaker.plugins.kernels.KernelLibrary` (None: the default build).
     """
     params = params_from_descs(input_descs, inputs, outputs, fields)
-    kernels = _kernels()
-    size = int(kernels.load_library().workspace_bytes(params)) if workspace_bytes is None else workspace_bytes
-    kernels.launch(params, workspace, size, stream)
+    library = library or _kernels().load_library()
+    size = int(library.workspace_bytes(params)) if workspace_bytes is None else workspace_bytes
+    library.launch(params, workspace, size, stream)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,6 +518,8 @@ def plugin_classes(trt: ModuleType) -> Tuple[type, type]:
             self.num_outputs = NUM_OUTPUTS
             self.fields = fields
             self._workspace_bytes: Optional[int] = None
+            # The kernel library it launches: None is the default build; the tests set the CPU emulation's.
+            self.kernel_library: Any = None
 
         # --- core ---
         def get_capability_interface(self, capability_type: Any) -> Any:
@@ -522,6 +528,7 @@ def plugin_classes(trt: ModuleType) -> Tuple[type, type]:
         def clone(self) -> "DeLeakerAttentionPlugin":
             twin = DeLeakerAttentionPlugin(self.fields)
             twin._workspace_bytes = self._workspace_bytes
+            twin.kernel_library = self.kernel_library
             return twin
 
         # --- build ---
@@ -542,7 +549,7 @@ def plugin_classes(trt: ModuleType) -> Tuple[type, type]:
             check_io_shapes([tensor_desc(d).shape for d in inputs], self.fields)
 
         def get_workspace_size(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> int:
-            return workspace_size([tensor_desc(d) for d in inputs], self.fields)
+            return workspace_size([tensor_desc(d) for d in inputs], self.fields, self.kernel_library)
 
         def get_valid_tactics(self) -> list:
             return []
@@ -551,7 +558,7 @@ def plugin_classes(trt: ModuleType) -> Tuple[type, type]:
         def on_shape_change(self, inputs: Sequence[Any], outputs: Sequence[Any]) -> None:
             descs = [tensor_desc(d) for d in inputs]
             check_io_shapes([d.shape for d in descs], self.fields)
-            self._workspace_bytes = workspace_size(descs, self.fields)
+            self._workspace_bytes = workspace_size(descs, self.fields, self.kernel_library)
 
         def set_tactic(self, tactic: int) -> None:
             pass
@@ -573,6 +580,7 @@ def plugin_classes(trt: ModuleType) -> Tuple[type, type]:
                 int(stream),
                 self.fields,
                 self._workspace_bytes,
+                self.kernel_library,
             )
 
     class DeLeakerAttentionCreator(trt.IPluginCreatorV3One):

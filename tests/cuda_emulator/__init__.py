@@ -1,0 +1,141 @@
+"""The DeLeaker kernels' real CUDA source, run on the CPU by a small CUDA emulator (test infrastructure).
+
+``include/`` stands in for ``<cuda_runtime.h>``, ``<cuda_fp16.h>``, ``<cuda_bf16.h>`` and ``<mma.h>``;
+``emu_runtime.cpp`` schedules each block's threads as cooperative fibers (see ``include/emu_cuda.h``). The
+kernel sources of ``plugins/csrc`` are compiled by g++ unchanged except for two mechanical rewrites that C++
+cannot express: ``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``::emu::launch(kernel, grid, block,
+smem, stream, args)`` and ``extern __shared__ ... smem[]`` becomes a pointer to the block's buffer. Each rewrite
+must match the expected number of sites, so a source change the rewriter does not understand fails loudly.
+
+The result is a shared library with the same C ABI as the real one (`deleaker.plugins.kernels.KernelLibrary`
+loads it), taking host pointers, plus two knobs (`EmulatedLibrary.configure`). What it proves and what it
+cannot: see the header of ``include/emu_cuda.h``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Sequence, Tuple
+
+from deleaker.errors import DeLeakerError
+from deleaker.plugins import build, kernels
+
+HERE = Path(__file__).resolve().parent
+LIBRARY_NAME = "libdeleaker_emulated.so"
+CXX_FLAGS = (
+    "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-fno-strict-aliasing", "-pthread",
+    "-Wall", "-Werror", "-Wno-unknown-pragmas",  # nvcc's `#pragma unroll` means nothing to g++
+    "-Wl,-z,defs",  # an emulator function the kernels need but nobody defined fails the build, not the load
+)
+
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(")
+_EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
+#: Sites of each rewrite in plugins/csrc (launches: stats, mask, region x2, flash; dynamic shared memory:
+#: stats, region, flash).
+EXPECTED_LAUNCHES = 5
+EXPECTED_EXTERN_SMEM = 3
+#: (kernel source file name, text, replacement)
+Mutation = Tuple[str, str, str]
+
+
+class EmulatorBuildError(DeLeakerError, RuntimeError):
+    """The emulated kernel library cannot be built (no C++ compiler, or a compile error)."""
+
+
+def rewrite(text: str) -> tuple[str, int, int]:
+    """The two mechanical rewrites of a kernel source; returns the text and the count of each."""
+    text, launches = _LAUNCH.subn(r"::emu::launch(\1, \2, ", text)
+    text, smem = _EXTERN_SMEM.subn(r"unsigned char* \1 = ::emu::dynamic_smem();", text)
+    return text, launches, smem
+
+
+def _sources() -> list[Path]:
+    return [*build.kernel_sources(), *sorted((HERE / "include").iterdir()), HERE / "emu_runtime.cpp"]
+
+
+def _key(cxx: str, mutations: Sequence[Mutation]) -> str:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    digest = hashlib.sha256(repr((version, CXX_FLAGS, tuple(mutations))).encode())
+    for path in _sources():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def find_cxx() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise EmulatorBuildError("no C++ compiler (g++ or $CXX) to build the CUDA emulator")
+    return cxx
+
+
+def build_emulated_library(mutations: Sequence[Mutation] = ()) -> Path:
+    """The emulated kernel library for the current sources, built once into the kernel cache.
+
+    ``mutations``: ``(file name, old, new)`` text replacements applied to the kernel sources first (each ``old``
+    must occur exactly once): the tests build deliberately broken kernels with them.
+    """
+    cxx = find_cxx()
+    pending = {name: [(old, new) for file, old, new in mutations if file == name] for name, _, _ in mutations}
+    directory = build.cache_root() / "emulated" / _key(cxx, mutations)
+    library = directory / LIBRARY_NAME
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.is_file():
+            return library
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            staged = Path(tmp)
+            launches = smem = 0
+            for path in build.kernel_sources():
+                text = path.read_text()
+                for old, new in pending.pop(path.name, []):
+                    if text.count(old) != 1:
+                        raise EmulatorBuildError(f"mutation target not found exactly once in {path.name}: {old!r}")
+                    text = text.replace(old, new)
+                text, n_launch, n_smem = rewrite(text)
+                launches, smem = launches + n_launch, smem + n_smem
+                (staged / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)).write_text(text)
+            if pending:
+                raise EmulatorBuildError(f"mutations name files that are not kernel sources: {sorted(pending)}")
+            if (launches, smem) != (EXPECTED_LAUNCHES, EXPECTED_EXTERN_SMEM):
+                raise EmulatorBuildError(
+                    f"the emulator's source rewrite found {launches} kernel launches and {smem} dynamic shared "
+                    f"memory declarations, expected {EXPECTED_LAUNCHES} and {EXPECTED_EXTERN_SMEM}: update "
+                    f"tests/cuda_emulator for the new kernel sources"
+                )
+            units = [str(p) for p in staged.glob("*.cpp")] + [str(HERE / "emu_runtime.cpp")]
+            command = [cxx, *CXX_FLAGS, f"-I{HERE / 'include'}", f"-I{staged}", *units, "-o", str(staged / "lib.so")]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise EmulatorBuildError(f"building the CUDA emulator failed:\n{result.stderr[-6000:]}")
+            os.replace(staged / "lib.so", library)
+    return library
+
+
+class EmulatedLibrary(kernels.KernelLibrary):
+    """The kernel library's C ABI on host memory, with the emulator's knobs."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        emulator = ctypes.CDLL(str(path))
+        emulator.deleaker_emulator_configure.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
+        emulator.deleaker_emulator_configure.restype = None
+        emulator.deleaker_emulator_launches.argtypes = []
+        emulator.deleaker_emulator_launches.restype = ctypes.c_uint64
+        self._emulator = emulator
+
+    def configure(self, *, schedule_seed: int = 0, layout_seed: int = 0) -> None:
+        """Thread resume order (0 ascending, 1 descending, >= 2 shuffled) and accumulator layout (0: sm_80's)."""
+        self._emulator.deleaker_emulator_configure(schedule_seed, layout_seed)
+
+    def launches(self) -> int:
+        """Kernel launches so far."""
+        return int(self._emulator.deleaker_emulator_launches())

@@ -1,0 +1,385 @@
+// The CUDA emulator's scheduler and runtime calls (see include/emu_cuda.h for the model).
+#include <sys/mman.h>
+#include <setjmp.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "emu_cuda.h"
+
+namespace emu {
+namespace {
+
+enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  ThreadContext id;
+  int lane = 0;
+  State state = State::kRunnable;
+  const char* waiting_at = "";
+  alignas(16) unsigned char slots[2][96];  // warp collectives, double-buffered by `collectives` parity
+  uint64_t collectives = 0;                 // warp collectives this thread has entered
+  int predicates[2] = {0, 0};               // block collectives, double-buffered by `block_collectives` parity
+  uint64_t block_collectives = 0;
+  jmp_buf resume;                            // where this fiber continues
+  bool started = false;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  const std::function<void()>* body = nullptr;
+  ucontext_t start;  // the scheduler's context when it starts a fiber
+  jmp_buf scheduler;  // where the scheduler continues when a fiber yields
+};
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr int kDefaultSmemLimit = 48 * 1024;
+constexpr int kOptinSmemLimit = 227 * 1024;  // an H100's per-block opt-in limit
+constexpr int kSmCount = 132;                // an H100 SXM's SM count
+
+thread_local Fiber* g_current = nullptr;
+thread_local Block* g_block = nullptr;
+std::mutex g_launch_mutex;  // one emulated launch at a time (the globals below are per launch)
+std::string g_failure;      // the first failure of the block in flight
+cudaError_t g_last_error = cudaSuccess;
+cudaError_t g_message_code = cudaSuccess;  // the code g_last_message explains
+std::string g_last_message;
+unsigned char* g_smem = nullptr;
+std::map<const void*, int> g_max_smem;
+uint64_t g_schedule_seed = 0;
+uint64_t g_launches = 0;
+AccumulatorLayout g_layout;
+std::vector<void*> g_stacks;
+
+void make_layout(uint64_t seed) {
+  std::vector<int> cells(256);
+  std::iota(cells.begin(), cells.end(), 0);
+  if (seed != 0) std::shuffle(cells.begin(), cells.end(), std::mt19937_64(seed));
+  for (int l = 0; l < 32; ++l)
+    for (int i = 0; i < 8; ++i) {
+      int r, c;
+      if (seed == 0) {  // sm_80+: two m16n8 tiles side by side (PTX ISA, mma.m16n8k16 C/D fragment)
+        r = l / 4 + 8 * ((i / 2) % 2);
+        c = 8 * (i / 4) + 2 * (l % 4) + (i % 2);
+      } else {
+        r = cells[l * 8 + i] / 16;
+        c = cells[l * 8 + i] % 16;
+      }
+      g_layout.rows[l][i] = r;
+      g_layout.cols[l][i] = c;
+      g_layout.lane_of[r][c] = l;
+      g_layout.element_of[r][c] = i;
+    }
+}
+
+struct LayoutInit {
+  LayoutInit() { make_layout(0); }
+} g_layout_init;
+
+void set_error(cudaError_t code, const std::string& message) {
+  if (g_last_error == cudaSuccess) {
+    g_last_error = code;
+    g_message_code = code;
+    g_last_message = message;
+  }
+}
+
+void ensure_stacks(size_t count) {
+  const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+  while (g_stacks.size() < count) {
+    void* stack =
+        mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (stack == MAP_FAILED) {
+      std::fprintf(stderr, "cuda emulator: cannot map a fiber stack\n");
+      std::abort();
+    }
+    mprotect(stack, page, PROT_NONE);  // a guard page: a stack overflow faults instead of corrupting memory
+    g_stacks.push_back(stack);
+  }
+}
+
+// Fibers start with makecontext/swapcontext and then switch with _setjmp/_longjmp, which (unlike swapcontext)
+// make no system call: a warp collective switches 32 times.
+void yield(State state, const char* what) {
+  Fiber* f = g_current;
+  f->state = state;
+  f->waiting_at = what;
+  if (_setjmp(f->resume) == 0) _longjmp(g_block->scheduler, 1);
+}
+
+void fiber_entry() {
+  (*g_block->body)();
+  g_current->state = State::kDone;
+  _longjmp(g_block->scheduler, 1);
+}
+
+void resume(Fiber& f) {
+  g_current = &f;
+  if (_setjmp(g_block->scheduler) == 0) {
+    if (f.started) {
+      _longjmp(f.resume, 1);
+    } else {
+      f.started = true;
+      swapcontext(&g_block->start, &f.ctx);
+    }
+  }
+  g_current = nullptr;
+}
+
+const char* state_name(const Fiber& f) {
+  switch (f.state) {
+    case State::kRunnable: return "running";
+    case State::kBlockBarrier:
+    case State::kWarpBarrier: return f.waiting_at;
+    case State::kDone: return "exited";
+  }
+  return "?";
+}
+
+// Releases the barriers whose threads have all arrived; false if none could be released.
+bool release(Block& block) {
+  const int n = (int)block.fibers.size();
+  bool released = false;
+  for (int w = 0; w < n / 32; ++w) {
+    Fiber* lanes = &block.fibers[w * 32];
+    if (!std::all_of(lanes, lanes + 32, [](const Fiber& f) { return f.state == State::kWarpBarrier; })) continue;
+    for (int l = 1; l < 32; ++l)
+      if (std::string(lanes[l].waiting_at) != lanes[0].waiting_at)
+        g_failure = "warp " + std::to_string(w) + " diverged: lane 0 waits at " + lanes[0].waiting_at + ", lane " +
+                    std::to_string(l) + " at " + lanes[l].waiting_at;
+    for (int l = 0; l < 32; ++l) lanes[l].state = State::kRunnable;
+    released = true;
+  }
+  if (released) return true;
+  int done = 0, at_block = 0;
+  for (const Fiber& f : block.fibers) {
+    done += f.state == State::kDone;
+    at_block += f.state == State::kBlockBarrier;
+  }
+  if (at_block > 0 && at_block + done == n) {
+    if (done > 0) {
+      g_failure = std::to_string(at_block) + " threads wait at __syncthreads after " + std::to_string(done) +
+                  " threads of their block exited";
+      return false;
+    }
+    for (Fiber& f : block.fibers) f.state = State::kRunnable;
+    return true;
+  }
+  return false;
+}
+
+// Runs one block to completion (or to its first failure, left in g_failure).
+void run_block(Block& block, dim3 block_idx, dim3 block_dim, dim3 grid_dim) {
+  const int n = (int)(block_dim.x * block_dim.y * block_dim.z);
+  block.fibers.assign(n, Fiber{});
+  for (int t = 0; t < n; ++t) {
+    Fiber& f = block.fibers[t];
+    f.id.thread_idx = dim3(t % block_dim.x, (t / block_dim.x) % block_dim.y, t / (block_dim.x * block_dim.y));
+    f.id.block_idx = block_idx;
+    f.id.block_dim = block_dim;
+    f.id.grid_dim = grid_dim;
+    f.lane = t % 32;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = g_stacks[t];
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (g_schedule_seed == 1) std::reverse(order.begin(), order.end());
+  std::mt19937_64 rng(g_schedule_seed + 0x9e3779b97f4a7c15ull * (block_idx.x + 7u * block_idx.y + 131u * block_idx.z));
+  for (;;) {
+    if (g_schedule_seed >= 2) std::shuffle(order.begin(), order.end(), rng);
+    for (int t : order) {
+      Fiber& f = block.fibers[t];
+      if (f.state != State::kRunnable) continue;
+      resume(f);
+      if (!g_failure.empty()) return;
+    }
+    if (std::all_of(block.fibers.begin(), block.fibers.end(), [](const Fiber& f) { return f.state == State::kDone; }))
+      return;
+    if (!release(block)) {
+      if (g_failure.empty()) {
+        g_failure = "deadlock:";
+        for (int w = 0; w < n / 32; ++w)
+          g_failure += " warp " + std::to_string(w) + " lane 0 " + state_name(block.fibers[w * 32]) + ", lane 31 " +
+                       state_name(block.fibers[w * 32 + 31]) + ";";
+      }
+      return;
+    }
+    if (!g_failure.empty()) return;
+  }
+}
+
+Fiber& peer(int lane) { return g_block->fibers[(g_current - g_block->fibers.data()) / 32 * 32 + lane]; }
+
+}  // namespace
+
+const ThreadContext& context() { return g_current->id; }
+int lane() { return g_current->lane; }
+
+void block_barrier(const char* what) { yield(State::kBlockBarrier, what); }
+void warp_barrier(const char* what) { yield(State::kWarpBarrier, what); }
+
+void warp_collective(const void* value, size_t bytes, const char* what) {
+  Fiber* f = g_current;
+  memcpy(f->slots[f->collectives & 1], value, bytes);
+  warp_barrier(what);
+  ++f->collectives;
+}
+
+const void* peer_slot(int lane) {
+  const Fiber& p = peer(lane);
+  return p.slots[(g_current->collectives - 1) & 1];
+}
+
+void peer_slots(const void* slots[32]) {
+  const int parity = (g_current->collectives - 1) & 1;
+  const Fiber* lanes = &peer(0);
+  for (int l = 0; l < 32; ++l) slots[l] = lanes[l].slots[parity];
+}
+
+unsigned warp_ballot(int predicate) {
+  const int mine = predicate != 0;
+  warp_collective(&mine, sizeof(mine), "__ballot_sync");
+  unsigned bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= (unsigned)*static_cast<const int*>(peer_slot(l)) << l;
+  return bits;
+}
+
+int block_or(int predicate) {
+  Fiber* f = g_current;
+  const int parity = f->block_collectives & 1;
+  f->predicates[parity] = predicate != 0;
+  block_barrier("__syncthreads_or");
+  ++f->block_collectives;
+  int any = 0;
+  for (const Fiber& other : g_block->fibers) any |= other.predicates[parity];
+  return any;
+}
+
+void fail(const char* message) {
+  if (g_failure.empty()) g_failure = message;
+}
+
+void fail_now(const char* message) {
+  fail(message);
+  g_current->state = State::kDone;
+  _longjmp(g_block->scheduler, 1);
+}
+
+unsigned char* dynamic_smem() { return g_smem; }
+const AccumulatorLayout& accumulator_layout() { return g_layout; }
+
+void set_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > kOptinSmemLimit) {
+    set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: " + std::to_string(bytes) +
+                                         " bytes of dynamic shared memory exceed the device's opt-in limit");
+    return;
+  }
+  g_max_smem[kernel] = bytes;
+}
+
+void run_grid(const void* kernel, dim3 grid, dim3 block_dim, size_t smem_bytes, const std::function<void()>& body) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  ++g_launches;
+  const size_t threads = (size_t)block_dim.x * block_dim.y * block_dim.z;
+  if (threads == 0 || threads > 1024 || threads % 32 != 0) {
+    set_error(cudaErrorInvalidValue, "launch with " + std::to_string(threads) +
+                                         " threads per block (the emulator takes whole warps, at most 1024)");
+    return;
+  }
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+    set_error(cudaErrorInvalidValue, "launch with an invalid grid");
+    return;
+  }
+  const auto found = g_max_smem.find(kernel);
+  const int limit = found != g_max_smem.end() ? std::max(found->second, kDefaultSmemLimit) : kDefaultSmemLimit;
+  if (smem_bytes > (size_t)limit) {
+    set_error(cudaErrorInvalidValue, "launch with " + std::to_string(smem_bytes) +
+                                         " bytes of dynamic shared memory, above the kernel's limit of " +
+                                         std::to_string(limit) + " (cudaFuncSetAttribute not called?)");
+    return;
+  }
+  ensure_stacks(threads);
+  Block block;
+  block.body = &body;
+  Block* saved_block = g_block;
+  g_block = &block;
+  const size_t smem_alloc = (smem_bytes + 127) / 128 * 128 + 128;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        g_smem = static_cast<unsigned char*>(std::aligned_alloc(128, smem_alloc));
+        memset(g_smem, 0xFF, smem_alloc);  // NaN as floats: a read before any write shows
+        g_failure.clear();
+        run_block(block, dim3(x, y, z), block_dim, grid);
+        std::free(g_smem);
+        g_smem = nullptr;
+        if (!g_failure.empty()) {
+          set_error(cudaErrorLaunchFailure, "emulated kernel failed in block (" + std::to_string(x) + ", " +
+                                                std::to_string(y) + ", " + std::to_string(z) + "): " + g_failure);
+          g_block = saved_block;
+          return;
+        }
+      }
+  g_block = saved_block;
+}
+
+}  // namespace emu
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = emu::kSmCount; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = emu::kOptinSmemLimit; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
+  memset(ptr, value, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t code = emu::g_last_error;
+  emu::g_last_error = cudaSuccess;
+  return code;
+}
+
+const char* cudaGetErrorString(cudaError_t code) {
+  if (code == cudaSuccess) return "no error";
+  if (code == emu::g_message_code) return emu::g_last_message.c_str();
+  return code == cudaErrorInvalidValue ? "invalid argument" : "unspecified launch failure";
+}
+
+extern "C" {
+
+//! Resume order of runnable threads (0: ascending, 1: descending, >= 2: shuffled with that seed) and the
+//! accumulator layout (0: sm_80's, else a random one from that seed).
+void deleaker_emulator_configure(uint64_t schedule_seed, uint64_t layout_seed) {
+  std::lock_guard<std::mutex> lock(emu::g_launch_mutex);
+  emu::g_schedule_seed = schedule_seed;
+  emu::make_layout(layout_seed);
+}
+
+//! Kernel launches so far.
+uint64_t deleaker_emulator_launches(void) { return emu::g_launches; }
+
+}  // extern "C"

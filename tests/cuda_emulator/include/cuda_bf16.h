@@ -1,0 +1,3 @@
+// The CUDA emulator stands in for <cuda_bf16.h> (see emu_cuda.h).
+#pragma once
+#include "emu_cuda.h"

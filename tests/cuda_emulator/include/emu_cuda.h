@@ -1,0 +1,306 @@
+// A CPU emulation of the parts of CUDA the DeLeaker kernels use, so that their real source (plugins/csrc) runs
+// and is checked on machines without a GPU. Test infrastructure only: it proves the kernels' logic (indexing,
+// barriers, warp collectives, the wmma accumulator row mapping, masks, windows), never their speed, and never
+// the behaviour of real hardware (memory model, tensor-core rounding, the real fragment layout is assumed).
+//
+// Model: a launch runs its blocks one after another; the threads of a block are cooperative fibers (ucontext)
+// that run until they reach a synchronisation point (__syncthreads, __syncwarp, shuffles, ballots, wmma::mma_sync).
+// The scheduler then releases a barrier once every thread it concerns has arrived, and fails the launch, naming
+// the barrier, when threads diverge (a warp collective not reached by all 32 lanes, __syncthreads reached by
+// some threads after others exited, a deadlock). The order in which runnable threads resume is a knob
+// (`deleaker_emulator_configure`): a missing barrier shows up as results that change with it.
+//
+// Shared memory: the dynamic part is a fresh buffer per block, filled with 0xFF bytes (NaN as floats) so that a
+// read before a write is visible; `__shared__` arrays become function-local statics, which is sound because
+// blocks never run concurrently. Atomics are plain read-modify-writes for the same reason.
+#pragma once
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <functional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+// ---- vector and index types ------------------------------------------------------------------------------
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+// ---- half and bfloat16 (storage types with round-to-nearest-even conversions) ------------------------------
+
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+#ifndef __FLT16_MAX__
+#error "the CUDA emulator needs a compiler with _Float16 (GCC >= 12 or Clang >= 15 on x86-64)"
+#endif
+
+inline __half __float2half_rn(float f) {
+  const _Float16 h = (_Float16)f;  // IEEE conversion, round to nearest even
+  __half out;
+  memcpy(&out.bits, &h, 2);
+  return out;
+}
+inline float __half2float(__half h) {
+  _Float16 v;
+  memcpy(&v, &h.bits, 2);
+  return (float)v;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  __nv_bfloat16 out;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    out.bits = (uint16_t)((u >> 16) | 0x0040u);  // NaN stays a (quiet) NaN
+  } else {
+    out.bits = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  return out;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = (uint32_t)b.bits << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- runtime types -----------------------------------------------------------------------------------------
+
+struct CUstream_st;
+typedef struct CUstream_st* cudaStream_t;
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorLaunchFailure = 719,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream);
+cudaError_t cudaGetLastError();
+const char* cudaGetErrorString(cudaError_t code);
+
+namespace emu {
+
+//! What each emulated thread sees of itself.
+struct ThreadContext {
+  dim3 thread_idx, block_idx, block_dim, grid_dim;
+};
+
+const ThreadContext& context();
+int lane();
+
+//! Block barrier (__syncthreads) and warp barrier (any warp collective); `what` names it in errors.
+void block_barrier(const char* what);
+void warp_barrier(const char* what);
+//! A warp collective: every lane publishes `bytes` (<= 96) into its slot, then waits at a warp barrier; after
+//! it, `peer_slot(l)` is lane l's slot until lane l's next-but-one collective (slots are double-buffered, and no
+//! lane can get two collectives ahead of another), so each collective costs one barrier.
+void warp_collective(const void* value, size_t bytes, const char* what);
+const void* peer_slot(int lane);
+//! All 32 lanes' slots of the warp's last collective (peer_slot for every lane at once).
+void peer_slots(const void* slots[32]);
+int block_or(int predicate);
+unsigned warp_ballot(int predicate);
+//! Fails the launch in flight with `message` (the thread's fiber stops at its next barrier).
+void fail(const char* message);
+[[noreturn]] void fail_now(const char* message);
+
+unsigned char* dynamic_smem();
+void set_max_dynamic_smem(const void* kernel, int bytes);
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
+
+//! The wmma accumulator layout in use: element i of lane l holds (row, col) = (rows[l][i], cols[l][i]).
+struct AccumulatorLayout {
+  int rows[32][8];
+  int cols[32][8];
+  int lane_of[16][16];
+  int element_of[16][16];
+};
+const AccumulatorLayout& accumulator_layout();
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t, Args&&... args) {
+  // Arguments are converted to the kernel's parameter types once, as a real launch copies them.
+  const std::tuple<std::decay_t<Params>...> values(std::forward<Args>(args)...);
+  run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, [&]() {
+    std::tuple<std::decay_t<Params>...> copy = values;  // each thread its own copy of the parameters
+    std::apply(kernel, copy);
+  });
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(__half x) { return __half2float(x); }
+inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+}  // namespace emu
+
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) emu::set_max_dynamic_smem((const void*)kernel, value);
+  return cudaSuccess;
+}
+
+#define threadIdx (::emu::context().thread_idx)
+#define blockIdx (::emu::context().block_idx)
+#define blockDim (::emu::context().block_dim)
+#define gridDim (::emu::context().grid_dim)
+
+// ---- intrinsics --------------------------------------------------------------------------------------------
+
+inline void __syncthreads() { emu::block_barrier("__syncthreads"); }
+inline int __syncthreads_or(int predicate) { return emu::block_or(predicate); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) emu::fail_now("the emulator takes only full-warp masks in __syncwarp");
+  emu::warp_barrier("__syncwarp");
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  static_assert(sizeof(T) <= 16 && std::is_trivially_copyable<T>::value, "shuffle of a small trivial type");
+  if (mask != 0xffffffffu) emu::fail_now("the emulator takes only full-warp masks in __shfl_xor_sync");
+  emu::warp_collective(&value, sizeof(T), "__shfl_xor_sync");
+  T result;
+  memcpy(&result, emu::peer_slot((emu::lane() ^ lane_mask) & 31), sizeof(T));
+  return result;
+}
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  if (mask != 0xffffffffu) emu::fail_now("the emulator takes only full-warp masks in __ballot_sync");
+  return emu::warp_ballot(predicate);
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+// Blocks never run concurrently: atomics are plain read-modify-writes.
+inline double atomicAdd(double* address, double value) {
+  const double old = *address;
+  *address = old + value;
+  return old;
+}
+inline unsigned atomicOr(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old | value;
+  return old;
+}
+
+// ---- nvcuda::wmma (16x16x16, fp16/bf16 inputs, fp32 accumulator) -------------------------------------------
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment;
+
+// Input fragments: lane l holds the 8 cells l * 8 .. l * 8 + 7 of the 16x16 tile in row-major order (cell
+// r * 16 + c is element (r, c)), as float (exact for fp16/bf16). The kernels never index input fragments, so
+// this per-lane split only has to be one the emulator's mma_sync reads back.
+template <typename Use, typename T, typename Layout>
+struct fragment<Use, 16, 16, 16, T, Layout> {
+  static_assert(std::is_same<Use, matrix_a>::value || std::is_same<Use, matrix_b>::value, "input fragment");
+  float part[8];
+};
+
+// The accumulator: 8 floats per lane in the layout of emu::accumulator_layout() (sm_80's by default).
+template <>
+struct fragment<accumulator, 16, 16, 16, float, void> {
+  static constexpr int num_elements = 8;
+  float x[8];
+};
+
+template <typename Use, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& frag, float value) {
+  for (float& x : frag.part) x = value;
+}
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float, void>& frag, float value) {
+  for (float& x : frag.x) x = value;
+}
+
+template <typename Use, typename T, typename Layout, typename Elem>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& frag, const Elem* ptr, unsigned ldm) {
+  static_assert(std::is_same<T, Elem>::value, "fragment and memory element types differ");
+  const int l = emu::lane();
+  for (int i = 0; i < 8; ++i) {
+    const int r = (l * 8 + i) / 16, c = (l * 8 + i) % 16;
+    // Element (r, c) of the logical matrix: row-major memory holds it at r * ldm + c, column-major at c * ldm + r.
+    const size_t at = std::is_same<Layout, row_major>::value ? (size_t)r * ldm + c : (size_t)c * ldm + r;
+    frag.part[i] = emu::to_float(ptr[at]);
+  }
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float, void>& frag, const float* ptr, unsigned ldm,
+                             layout_t layout) {
+  const emu::AccumulatorLayout& map = emu::accumulator_layout();
+  const int l = emu::lane();
+  for (int i = 0; i < 8; ++i) {
+    const int r = map.rows[l][i], c = map.cols[l][i];
+    frag.x[i] = ptr[layout == mem_row_major ? (size_t)r * ldm + c : (size_t)c * ldm + r];
+  }
+}
+
+inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float, void>& frag, unsigned ldm,
+                              layout_t layout) {
+  const emu::AccumulatorLayout& map = emu::accumulator_layout();
+  const int l = emu::lane();
+  for (int i = 0; i < 8; ++i) {
+    const int r = map.rows[l][i], c = map.cols[l][i];
+    ptr[layout == mem_row_major ? (size_t)r * ldm + c : (size_t)c * ldm + r] = frag.x[i];
+  }
+}
+
+// D = A B + C for the whole warp. Products are exact in float; the sum is taken in double and rounded once.
+template <typename T, typename LayoutA, typename LayoutB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
+                     const fragment<accumulator, 16, 16, 16, float, void>& c) {
+  float mine[24];  // this lane's parts of A, B and C
+  memcpy(mine, a.part, 32);
+  memcpy(mine + 8, b.part, 32);
+  memcpy(mine + 16, c.x, 32);
+  emu::warp_collective(mine, sizeof(mine), "wmma::mma_sync");
+  const float* slots[32];
+  emu::peer_slots(reinterpret_cast<const void**>(slots));
+  const emu::AccumulatorLayout& map = emu::accumulator_layout();
+  const int l = emu::lane();
+  for (int i = 0; i < 8; ++i) {
+    const int r = map.rows[l][i], col = map.cols[l][i];
+    double sum = slots[map.lane_of[r][col]][16 + map.element_of[r][col]];
+    for (int k = 0; k < 16; ++k) {
+      const int a_cell = r * 16 + k, b_cell = k * 16 + col;
+      sum += (double)slots[a_cell / 8][a_cell % 8] * (double)slots[b_cell / 8][8 + b_cell % 8];
+    }
+    d.x[i] = (float)sum;  // d may be c: this lane's C was copied into its slot above
+  }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
