@@ -3,8 +3,9 @@
 The same checks as the GPU tests (``kernel_checks.py``) on shapes that stay quick on two cores, plus what only
 an emulator can show: results that do not depend on the order threads run in between barriers (a missing
 barrier shows up as a difference), nor on the wmma accumulator's element layout (which CUDA leaves
-unspecified and the flash kernel reads through a probe), and launches that skip the kernels a host-known window
-does not need. Mutants of the kernel source show that these checks catch the bugs they are meant to catch.
+unspecified and the flash kernel reads through a probe), nor on the SM count that sizes the image-image pass's
+grid; launches that skip the kernels a host-known window does not need; and the TensorRT plugin's runtime
+methods driving the kernels. Mutants of the kernel source show that these checks catch the bugs they are meant to catch.
 
 None of this says anything about speed or about real hardware; the GPU tests say that, on a GPU.
 """
@@ -103,12 +104,16 @@ def _call(library, block_step, *, seed=3, grid=(16, 16), dtype=torch.float16, he
     return runner(library)(q, k, v, entity_mask, grid=grid, block_step=block_step, history=None, config=CONFIG)
 
 
-def _assert_identical(a, b, what: str) -> None:
+#: Debug views written on every call; the others (lse, masks, union, cut) only inside the intervention window.
+VIEWS_ALWAYS_WRITTEN = ("affinity", "source")
+
+
+def _assert_identical(a, b, what: str, views=None) -> None:
     out_a, hist_a, views_a = a
     out_b, hist_b, views_b = b
     assert torch.equal(out_a, out_b), f"{what}: the outputs differ"
     assert torch.equal(hist_a, hist_b), f"{what}: the histories differ"
-    for name in views_a:
+    for name in views or views_a:
         assert torch.equal(views_a[name], views_b[name]), f"{what}: {name} differs"
 
 
@@ -126,6 +131,20 @@ def test_results_do_not_depend_on_thread_order_or_fragment_layout(library, head_
         _assert_identical(base, other, f"schedule {schedule_seed}, layout {layout_seed}")
 
 
+def test_image_image_pass_striding_over_tiles_gives_the_same_results(library):
+    """On a one-SM device the image-image pass gets 4 blocks for all its tiles (each block strides over
+    several); on the 132-SM device every tile of these shapes has a block of its own."""
+    for grid in ((20, 24), (33, 33)):
+        base = _call(library, INSIDE, grid=grid)
+        assert int(base[2]["union_count"].max()) > 2 * 64, "the union must span 3 x 3 tiles or more (> 4 blocks)"
+        library.configure(device=1)
+        try:
+            strided = _call(library, INSIDE, grid=grid)
+        finally:
+            library.configure()
+        _assert_identical(base, strided, f"one SM vs 132 SMs, grid {grid}")
+
+
 def test_host_step_skips_the_kernels_the_window_does_not_need(library):
     """A Python int step lets the launcher skip stats and the image-image pass outside the windows; a device
     step launches every kernel and lets them decide (and gives the same results)."""
@@ -136,7 +155,8 @@ def test_host_step_skips_the_kernels_the_window_does_not_need(library):
         launches.append(library.launches() - before)
     # 0: outside both windows: mask (history and bookkeeping) and flash. INSIDE: stats, mask, region x2, flash.
     assert launches == [2, 5, 5, 5]
-    _assert_identical(_call(library, 0), _call(library, torch.tensor(0)), "host vs device step 0")
+    outside = _call(library, 0), _call(library, torch.tensor(0))
+    _assert_identical(*outside, "host vs device step 0", VIEWS_ALWAYS_WRITTEN)
     _assert_identical(_call(library, INSIDE), _call(library, torch.tensor(INSIDE)), "host vs device step inside")
 
 

@@ -126,15 +126,17 @@ class EmulatedLibrary(kernels.KernelLibrary):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         emulator = ctypes.CDLL(str(path))
-        emulator.deleaker_emulator_configure.argtypes = [ctypes.c_uint64, ctypes.c_uint64]
-        emulator.deleaker_emulator_configure.restype = None
+        emulator.deleaker_emulator_configure.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+        emulator.deleaker_emulator_configure.restype = ctypes.c_int
         emulator.deleaker_emulator_launches.argtypes = []
         emulator.deleaker_emulator_launches.restype = ctypes.c_uint64
         self._emulator = emulator
 
-    def configure(self, *, schedule_seed: int = 0, layout_seed: int = 0) -> None:
-        """Thread resume order (0 ascending, 1 descending, >= 2 shuffled) and accumulator layout (0: sm_80's)."""
-        self._emulator.deleaker_emulator_configure(schedule_seed, layout_seed)
+    def configure(self, *, schedule_seed: int = 0, layout_seed: int = 0, device: int = 0) -> None:
+        """Thread resume order (0 ascending, 1 descending, >= 2 shuffled), accumulator layout (0: sm_80's) and
+        the current device (0: 132 SMs like an H100; 1: a single SM, so the image-image pass strides)."""
+        if self._emulator.deleaker_emulator_configure(schedule_seed, layout_seed, device) != 0:
+            raise ValueError(f"the emulator has devices 0 and 1, got {device}")
 
     def launches(self) -> int:
         """Kernel launches so far."""

@@ -45,7 +45,6 @@ struct Block {
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kDefaultSmemLimit = 48 * 1024;
 constexpr int kOptinSmemLimit = 227 * 1024;  // an H100's per-block opt-in limit
-constexpr int kSmCount = 132;                // an H100 SXM's SM count
 
 thread_local Fiber* g_current = nullptr;
 thread_local Block* g_block = nullptr;
@@ -57,6 +56,11 @@ std::string g_last_message;
 unsigned char* g_smem = nullptr;
 std::map<const void*, int> g_max_smem;
 uint64_t g_schedule_seed = 0;
+// Emulated devices: 0 has an H100 SXM's 132 SMs; 1 has a single SM, so that grids sized from the SM count
+// (the image-image pass) are smaller than the work and their blocks stride over it.
+constexpr int kSmCounts[] = {132, 1};
+constexpr int kDevices = sizeof(kSmCounts) / sizeof(kSmCounts[0]);
+int g_device = 0;
 uint64_t g_launches = 0;
 AccumulatorLayout g_layout;
 std::vector<void*> g_stacks;
@@ -340,13 +344,14 @@ void run_grid(const void* kernel, dim3 grid, dim3 block_dim, size_t smem_bytes, 
 }  // namespace emu
 
 cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = emu::g_device;
   return cudaSuccess;
 }
 
-cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device < 0 || device >= emu::kDevices) return cudaErrorInvalidValue;
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = emu::kSmCount; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = emu::kSmCounts[device]; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = emu::kOptinSmemLimit; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
@@ -371,12 +376,16 @@ const char* cudaGetErrorString(cudaError_t code) {
 
 extern "C" {
 
-//! Resume order of runnable threads (0: ascending, 1: descending, >= 2: shuffled with that seed) and the
-//! accumulator layout (0: sm_80's, else a random one from that seed).
-void deleaker_emulator_configure(uint64_t schedule_seed, uint64_t layout_seed) {
+//! Resume order of runnable threads (0: ascending, 1: descending, >= 2: shuffled with that seed), the
+//! accumulator layout (0: sm_80's, else a random one from that seed) and the current device (0: 132 SMs,
+//! 1: one SM); returns 0, or 1 for an unknown device.
+int deleaker_emulator_configure(uint64_t schedule_seed, uint64_t layout_seed, int device) {
   std::lock_guard<std::mutex> lock(emu::g_launch_mutex);
+  if (device < 0 || device >= emu::kDevices) return 1;
   emu::g_schedule_seed = schedule_seed;
   emu::make_layout(layout_seed);
+  emu::g_device = device;
+  return 0;
 }
 
 //! Kernel launches so far.
