@@ -273,12 +273,8 @@ int block_or(int predicate) {
   return any;
 }
 
-void fail(const char* message) {
-  if (g_failure.empty()) g_failure = message;
-}
-
 void fail_now(const char* message) {
-  fail(message);
+  if (g_failure.empty()) g_failure = message;
   g_current->state = State::kDone;
   _longjmp(g_block->scheduler, 1);
 }

@@ -127,8 +127,7 @@ const void* peer_slot(int lane);
 void peer_slots(const void* slots[32]);
 int block_or(int predicate);
 unsigned warp_ballot(int predicate);
-//! Fails the launch in flight with `message` (the thread's fiber stops at its next barrier).
-void fail(const char* message);
+//! Fails the launch in flight with `message`; the calling thread stops there.
 [[noreturn]] void fail_now(const char* message);
 
 unsigned char* dynamic_smem();
