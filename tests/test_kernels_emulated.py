@@ -45,18 +45,23 @@ SHAPES = [
 
 
 @functools.cache
-def emulated_library(mutations: tuple = ()) -> cuda_emulator.EmulatedLibrary:
+def _build(mutations: tuple) -> cuda_emulator.EmulatedLibrary:
     return cuda_emulator.EmulatedLibrary(cuda_emulator.build_emulated_library(mutations))
 
 
-@pytest.fixture(scope="module")
-def library():
+def emulated_library(mutations: tuple = ()) -> cuda_emulator.EmulatedLibrary:
+    """The emulated library (built once per set of mutations); skips the test where no C++ compiler is found."""
     try:
-        lib = emulated_library()
+        return _build(mutations)
     except cuda_emulator.EmulatorBuildError as exc:
         if "no C++ compiler" in str(exc):
             pytest.skip(str(exc))
         raise
+
+
+@pytest.fixture(scope="module")
+def library():
+    lib = emulated_library()
     yield lib
     lib.configure(schedule_seed=0, layout_seed=0)
 
@@ -196,12 +201,7 @@ MUTANTS = {
 
 
 def _mutant(name: str) -> cuda_emulator.EmulatedLibrary:
-    try:
-        return emulated_library((MUTANTS[name],))
-    except cuda_emulator.EmulatorBuildError as exc:
-        if "no C++ compiler" in str(exc):
-            pytest.skip(str(exc))
-        raise
+    return emulated_library((MUTANTS[name],))
 
 
 def test_mutant_with_a_fixed_fragment_layout_is_caught(library):
