@@ -481,7 +481,7 @@ def stage_flux_step(ctx: Context) -> Dict[str, Any]:
         raise StageSkipped("no CUDA device")
     table = ctx.out / "flux_step.md"
     command = [sys.executable, str(HERE / "bench_flux_step.py"), "--sizes", "1024x1024:512", "--repeats", "5",
-               "--out", str(table)]
+               "--graph", "--out", str(table)]
     result = run_logged(command, ctx.out / "flux_step.log", timeout=240)
     result.pop("tail_full", None)
     if table.is_file():
