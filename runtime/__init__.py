@@ -18,8 +18,9 @@ from typing import Any
 
 _EXPORTS = {
     "DeLeakerRuntime": "runtime",
-    "GenerationRequest": "runtime",
+    "GenerationRequest": "request",
     "GenerationResult": "runtime",
+    "NonFiniteError": "runtime",
     "TransformerBackend": "backends",
     "TorchBackend": "backends",
     "OnnxRuntimeBackend": "backends",
