@@ -132,15 +132,18 @@ class PerResolution(TransformerSource):
 
 
 def check_size(height: Any, width: Any, patch: int, max_pixels: int = MAX_SIDE) -> None:
-    """Raise `ShapeError` unless both sides are ints, multiples of ``patch`` and within ``[patch, max_pixels]``."""
-    for side, value in (("height", height), ("width", width)):
+    """Raise `ShapeError` unless both sides are ints, multiples of ``patch`` and within ``[patch, max_pixels]``.
+    The message names every side that is wrong (a CLI side left out copies the other one)."""
+    sides = (("height", height), ("width", width))
+    for side, value in sides:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ShapeError(f"{side} must be an int, got {value!r}")
-        if value % patch or not patch <= value <= max_pixels:
-            raise ShapeError(
-                f"{side} {value} is not allowed: it must be a multiple of {patch} (2 x the VAE scale factor) "
-                f"between {patch} and {max_pixels}"
-            )
+    bad = [f"{side} {value}" for side, value in sides if value % patch or not patch <= value <= max_pixels]
+    if bad:
+        raise ShapeError(
+            f"{' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} not allowed: each side must be a multiple of "
+            f"{patch} (2 x the VAE scale factor) between {patch} and {max_pixels}"
+        )
 
 
 class DeLeakerRuntime:

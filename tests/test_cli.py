@@ -142,7 +142,7 @@ def test_verify_onnxruntime_against_torch(tiny):
 
     strict = invoke("verify", *tiny, "--prompt", PROMPT, "--entities", "cat,cheetah", "--max-rel-err", "1e-30")
     if report["max_step_rel_err"] > 1e-30:
-        assert strict.exit_code == 1 and "beyond tolerance" in strict.stderr
+        assert strict.exit_code == 1 and "verify: FAIL" in strict.stderr and "max rel. error" in strict.stderr
 
 
 @pytest.mark.parametrize(
@@ -151,8 +151,12 @@ def test_verify_onnxruntime_against_torch(tiny):
         (["--entities", "cat,dog"], "not found in the prompt: ['dog']"),
         (["--entities", "cat,cheetah,water,river,shallow"], "at most max_entities=4"),
         (["--entities", "cat"], "at least 2"),
-        (["--height", "60"], "height 60 is not allowed: it must be a multiple of 8"),
-        (["--width", "4096"], "between 8 and 2048"),
+        (["--height", "60"], "height 60 and width 60 are not allowed: each side must be a multiple of 8"),
+        (["--width", "4096"], "width must be an int in [1, 2048] pixels, got 4096"),
+        (["--width", "4"], "and width 4 are not allowed: each side must be a multiple of 8 (2 x the VAE scale factor) "
+                           "between 8 and 2048"),
+        (["--height", "64", "--width", "36"], "error: width 36 is not allowed"),
+        (["--width", "0"], "width must be an int in [1, 2048] pixels, got 0"),
         (["--prompt", "a cat and a cheetah" + " and a cat" * 30], "T5 tokens but the model takes at most 32"),
         (["--backend", "tensorrt"], "tensorrt backend runs built engines"),
         (["--set", "k_strengthh=2"], "unknown DeLeaker option"),
@@ -340,7 +344,7 @@ def test_engine_dir_without_tensorrt_says_so_before_generating(tiny_components, 
         (["run", "--model", "tiny", "--engines", "x", "--prompt", "p", "--entities", "a,b"], "exactly one of"),
         (["run", "--model", "tiny", "--entities", "a,b"], "give --prompt and --entities"),
         (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--backend", "cuda"], "Invalid value"),
-        (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--steps", "0"], "Invalid value"),
+        (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--steps", "x"], "Invalid value"),
         (["run", "--model", "tiny", "--set", "k_strength"], "expected KNOB=VALUE"),
     ],
 )
