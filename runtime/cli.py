@@ -170,12 +170,21 @@ def _overrides(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
         name, sep, text = item.partition("=")
         if not sep or not name.strip():
             raise click.BadParameter(f"expected KNOB=VALUE, got {item!r}", param_hint="--set")
-        try:
-            value = json.loads(text.strip().lower() if text.strip().lower() in ("true", "false") else text)
-        except (json.JSONDecodeError, RecursionError):
-            raise click.BadParameter(f"{name}: {text!r:.40} is not a number or true/false", param_hint="--set") from None
-        parsed.append((name.strip(), value))
+        parsed.append((name.strip(), _knob_value(name.strip(), text.strip())))
     return tuple(parsed)
+
+
+def _knob_value(name: str, text: str) -> Any:
+    """``true``/``false`` (any case), an int, or a float: also ``inf``/``nan``, which the config then refuses
+    with its range (one message for every out-of-range number)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    raise click.BadParameter(f"{name}: {text!r:.40} is not a number or true/false", param_hint="--set")
 
 
 def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
@@ -226,6 +235,10 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # torch imports lazily here and its logging setup resets the level of "torch.onnx" on import (which then warns
+    # that torchvision is missing, once per torchvision op): TORCH_LOGS sets it where torch reads it; the level
+    # set directly covers a torch imported already (tests).
+    os.environ.setdefault("TORCH_LOGS", "-onnx")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     # Deprecation notices address developers of this package, not users of the command.
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -31,6 +32,8 @@ ProgressFactory = Callable[[int, str], Any]
 MAX_LINE_BYTES = 1 << 20
 #: Largest ``T`` (``--text-len``): FLUX.1's ``max_sequence_length`` goes up to 512.
 MAX_TEXT_LEN = 512
+#: Devices a runtime can generate on: the CPU or a CUDA GPU (torch's other device types cannot run the model).
+DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d{1,3})?")
 
 
 class BatchFileError(DeLeakerError, ValueError):
@@ -80,11 +83,15 @@ class RuntimeSpec:
                 f"max_entities must be an int in [2, {MAX_ENTITIES}] (the kernels take at most {MAX_ENTITIES} "
                 f"entities), got {self.max_entities!r}"
             )
+        if self.device is not None and (not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device)):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r:.40}")
         DeLeakerConfig.check_overrides(dict(self.deleaker_overrides))
 
     def open(self) -> "DeLeakerRuntime":
-        """Load the runtime (checks the engine manifest, loads the model); no generation yet."""
+        """Load the runtime (checks the device, the engine manifest, loads the model); no generation yet."""
         from .runtime import DeLeakerRuntime
+
+        self._check_device()
 
         if self.engines is not None:
             return DeLeakerRuntime.from_engines(
@@ -99,6 +106,19 @@ class RuntimeSpec:
             device=self.device,
             deleaker_config=dict(self.deleaker_overrides) or None,
         )
+
+
+    def _check_device(self) -> None:
+        """Raise `ConfigError` when ``device`` names a GPU this machine does not have (torch is imported here)."""
+        if self.device is None or not self.device.startswith("cuda"):
+            return
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(self.device.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ConfigError(f"device {self.device!r} is not available: this machine has {have}; use --device cpu")
 
 
 @dataclass(frozen=True)
