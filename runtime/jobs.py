@@ -493,6 +493,18 @@ def reference_spec(candidate: "DeLeakerRuntime", spec: RuntimeSpec) -> RuntimeSp
     )
 
 
+def _generate_compared(
+    rt: "DeLeakerRuntime", request: GenerationRequest, progress_factory, who: str
+) -> "GenerationResult":
+    """`_generate` recording the latents; a non-finite result is a FAIL of the verification, saying whose."""
+    from .runtime import NonFiniteError
+
+    try:
+        return _generate(rt, request, progress_factory, rt.backend_name, record_latents=True)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"verify: FAIL: {who} gave no finite result: {exc}") from None
+
+
 def verify(
     job: VerifyJob,
     *,
@@ -509,8 +521,8 @@ def verify(
     request = cand.resolve(job.request)
     ref = reference if reference is not None else reference_spec(cand, job.candidate).open()
     ref.resolve(request)
-    got = _generate(cand, request, progress_factory, cand.backend_name, record_latents=True)
-    want = _generate(ref, request, progress_factory, "torch", record_latents=True)
+    got = _generate_compared(cand, request, progress_factory, f"the candidate ({cand.backend_name})")
+    want = _generate_compared(ref, request, progress_factory, "the PyTorch reference")
     errors = [
         float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
         for a, b in zip(got.latents, want.latents)
