@@ -127,16 +127,27 @@ def _check_knob(name: str, kind: Any, value: Any) -> None:
     """Raise `ConfigError` unless ``value`` has the knob's type (``kind``: its dataclass annotation) and range."""
     if kind in ("bool", bool):
         if not isinstance(value, bool):
-            raise ConfigError(f"DeLeakerConfig.{name} must be a bool, got {value!r}")
+            raise ConfigError(f"DeLeakerConfig.{name} must be a bool, got {shown(value)}")
     elif kind in ("int", int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"DeLeakerConfig.{name} must be an int (block steps), got {value!r}")
+            raise ConfigError(f"DeLeakerConfig.{name} must be an int (block steps), got {shown(value)}")
         if not 0 <= value <= MAX_BLOCK_STEP:
-            raise ConfigError(f"DeLeakerConfig.{name} must be in [0, 2**31 - 1] (block steps), got {value}")
+            raise ConfigError(f"DeLeakerConfig.{name} must be in [0, 2**31 - 1] (block steps), got {shown(value)}")
     else:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"DeLeakerConfig.{name} must be a finite number, got {value!r}")
+        # abs() < inf before isfinite: isfinite overflows on an int beyond float's range.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < math.inf:
+            raise ConfigError(f"DeLeakerConfig.{name} must be a finite number, got {shown(value)}")
         low, high, low_included = FLOAT_RANGES[name]
         if not (low <= value if low_included else low < value) or value > high:
             interval = f"{'[' if low_included else '('}{low:g}, {high:g}]"
-            raise ConfigError(f"DeLeakerConfig.{name} must be in {interval}, got {value!r}")
+            raise ConfigError(f"DeLeakerConfig.{name} must be in {interval}, got {shown(value)}")
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters; an int too long to print (Python
+    refuses more than 4300 digits) is described by its size."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an int of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -21,21 +21,54 @@ class OutputError(DeLeakerError, OSError):
 
 def check_output_files(paths: Iterable[str | Path]) -> None:
     """Raise `OutputError` unless every path can be written as a PNG (checked before any generation): a file name
-    ending in .png, not a directory, writable if it exists, in a folder that is (or can be created) writable.
-    Each distinct folder is probed once, so a batch of thousands of images costs one write test."""
+    ending in .png and short enough for the filesystem (with the temporary name it is written under first), not a
+    directory, writable if it exists, in a folder that is (or can be created) writable. Each distinct folder is
+    probed once, so a batch of thousands of images costs one write test."""
     folders: set[Path] = set()
     for path in map(Path, paths):
-        if path.name.lower() == ".png":
-            raise OutputError(f"output {path} has no name before .png; give a file name such as out.png")
-        if path.suffix.lower() != ".png":
-            raise OutputError(f"output {path} must end in .png")
-        if path.is_dir():
-            raise OutputError(f"output {path} is a directory")
-        if path.parent not in folders:
-            check_output_dir(path.parent, create=True)
-            folders.add(path.parent)
-        if path.exists() and not os.access(path, os.W_OK):
-            raise OutputError(f"output {path} exists and is not writable")
+        try:
+            _check_output_file(path, folders)
+        except OutputError:
+            raise
+        except OSError as exc:  # e.g. a name too long for the filesystem, a path through a file
+            raise OutputError(f"output {path} cannot be written: {exc.strerror or exc}") from None
+
+
+def _check_output_file(path: Path, folders: set[Path]) -> None:
+    if path.name.lower() == ".png":
+        raise OutputError(f"output {path} has no name before .png; give a file name such as out.png")
+    if path.suffix.lower() != ".png":
+        raise OutputError(f"output {path} must end in .png")
+    longest = _name_max(path.parent)
+    if len(os.fsencode(path.name)) + _TEMPORARY_EXTRA > longest:
+        raise OutputError(
+            f"output file name {path.name[:40]}... is too long: at most {longest - _TEMPORARY_EXTRA} bytes here"
+        )
+    if path.is_dir():
+        raise OutputError(f"output {path} is a directory")
+    if path.parent not in folders:
+        check_output_dir(path.parent, create=True)
+        folders.add(path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"output {path} exists and is not writable")
+
+
+#: Most bytes a temporary name adds to the file's name (see `_temporary_path`; Linux pids have at most 7 digits).
+_TEMPORARY_EXTRA = len(".") + len(".4194304.0123abcd.tmp")
+
+
+def _temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before its rename: a unique hidden name beside it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _name_max(folder: Path) -> int:
+    """Longest file name (bytes) of the filesystem holding ``folder`` (or its nearest existing ancestor)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def check_output_dir(path: str | Path, *, create: bool) -> Path:
@@ -93,7 +126,7 @@ def save_pngs_atomic(images: Sequence[tuple[Image.Image, Path]], record: Optiona
             current = path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             # A unique name opened exclusively (mode "xb" honours the umask, unlike mkstemp's 0600).
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp = _temporary_path(path)
             with open(tmp, "xb") as handle:
                 staged.append((tmp, path))
                 image.save(handle, format="PNG", pnginfo=info)

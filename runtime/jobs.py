@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from deleaker.config import DeLeakerConfig
+from deleaker.config import DeLeakerConfig, shown
 from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.plugins.kernels import MAX_ENTITIES
@@ -72,7 +72,11 @@ class RuntimeSpec:
             raise ConfigError("--precision selects engines (--engines DIR); a --model runs in its own dtype")
         if self.model is not None and self.backend == "tensorrt":
             raise ConfigError("the tensorrt backend runs built engines: pass --engines DIR (see `deleaker-trt build`)")
-        if isinstance(self.text_len, bool) or not isinstance(self.text_len, int) or not 1 <= self.text_len <= MAX_TEXT_LEN:
+        if (
+            isinstance(self.text_len, bool)
+            or not isinstance(self.text_len, int)
+            or not 1 <= self.text_len <= MAX_TEXT_LEN
+        ):
             raise ConfigError(f"text_len must be an int in [1, {MAX_TEXT_LEN}] (T5 tokens), got {self.text_len!r}")
         if (
             isinstance(self.max_entities, bool)
@@ -312,14 +316,15 @@ def _existing_outputs(job: RenderJob, records: list[dict[str, Any]]) -> list[boo
             valid, stored = read_png_record(path)
             states.append(valid and stored == expected)
             if valid and stored != expected:
-                changed = sorted(k for k in expected.keys() | (stored or {}).keys() if (stored or {}).get(k) != expected.get(k))
+                stored_keys = (stored or {}).keys()
+                changed = sorted(k for k in expected.keys() | stored_keys if (stored or {}).get(k) != expected.get(k))
                 why = "has no record of its settings" if stored is None else f"was made with other {', '.join(changed)}"
                 conflicts.append(f"{path} ({item.label or 'this request'}) {why}")
         done.append(all(states))
     if conflicts:
-        shown = "; ".join(conflicts[:3]) + (f"; and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+        listed = "; ".join(conflicts[:3]) + (f"; and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
         raise OutputError(
-            f"existing outputs were not made by these requests: {shown}. Nothing was generated: pass --overwrite "
+            f"existing outputs were not made by these requests: {listed}. Nothing was generated: pass --overwrite "
             "to replace them, or choose another --out-dir"
         )
     return done
@@ -376,7 +381,8 @@ def run_job(
         if item.compare_out is not None:
             plain = _generate(rt, replace(request, deleaker=False), progress_factory, "FLUX")
             report.timings["plain_total"] = plain.timings["total"]
-            images.append((side_by_side(plain.image, result.image, request.prompt, ("FLUX", "DeLeaker")), item.compare_out))
+            pair = side_by_side(plain.image, result.image, request.prompt, ("FLUX", "DeLeaker"))
+            images.append((pair, item.compare_out))
         save_pngs_atomic(images, record)
     return JobReport(backend=rt.backend_name, load_seconds=rt.load_seconds, items=reports)
 
@@ -412,8 +418,8 @@ class VerifyJob:
     def __post_init__(self) -> None:
         for name in ("max_rel_err", "min_psnr"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a finite number > 0 (--max-rel-err, --min-psnr), got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a finite number > 0 (--max-rel-err, --min-psnr), got {shown(value)}")
 
 
 @dataclass

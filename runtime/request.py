@@ -11,7 +11,8 @@ Ranges (and why):
   refused before the tokenizer spends seconds and gigabytes on it.
 - ``entities``: a list or tuple (not a str, not a set) of 2 or more strings, each occurring in the prompt as whole
   words (case-insensitive), no duplicates.
-- ``seed``: an int in ``[0, 2**63)`` (``torch.Generator.manual_seed`` takes an int64).
+- ``seed``: an int in ``[0, 2**63)`` (``torch.Generator.manual_seed`` takes an int64). Numbers may be numpy
+  scalars; the request holds them as Python ints and floats.
 - ``steps``: an int in ``[1, MAX_STEPS]``.
 - ``guidance``: a finite number in ``[0, MAX_GUIDANCE]``. FLUX.1-dev's guidance embedding was distilled for
   about 1 to 10; the transformer multiplies it by 1000 and embeds it with sinusoids in float32/bf16, so far larger
@@ -23,10 +24,12 @@ Ranges (and why):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+from deleaker.config import shown
 from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError, EntityError, ShapeError
 
@@ -58,27 +61,41 @@ def _check_text(what: str, value: str) -> None:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_settings(seed: Any, steps: Any, guidance: Any, height: Any, width: Any) -> None:
+def _checked_settings(seed: Any, steps: Any, guidance: Any, height: Any, width: Any) -> dict[str, Any]:
+    """The settings as Python ints and float (numpy scalars are accepted), or a typed error naming the first bad
+    one with its allowed range."""
     if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
-        raise ConfigError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        raise ConfigError(f"seed must be an int in [0, 2**63), got {shown(seed)}")
     if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
-        raise ConfigError(f"steps must be an int in [1, {MAX_STEPS}], got {steps!r}")
+        raise ConfigError(f"steps must be an int in [1, {MAX_STEPS}], got {shown(steps)}")
     if (
         isinstance(guidance, bool)
-        or not isinstance(guidance, (int, float))
+        or not isinstance(guidance, numbers.Real)
+        or not 0 <= guidance <= MAX_GUIDANCE  # before isfinite: that overflows on an int beyond float's range
         or not math.isfinite(guidance)
-        or not 0 <= guidance <= MAX_GUIDANCE
     ):
         raise ConfigError(
             f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}] (FLUX.1-dev is distilled for about "
-            f"1 to 10), got {guidance!r}"
+            f"1 to 10), got {shown(guidance)}"
         )
     for side, value in (("height", height), ("width", width)):
         if value is not None and (not _is_int(value) or not 1 <= value <= MAX_SIDE):
-            raise ShapeError(f"{side} must be an int in [1, {MAX_SIDE}] pixels, got {value!r}")
+            raise ShapeError(f"{side} must be an int in [1, {MAX_SIDE}] pixels, got {shown(value)}")
+    return {
+        "seed": int(seed),
+        "steps": int(steps),
+        "guidance": float(guidance),
+        "height": None if height is None else int(height),
+        "width": None if width is None else int(width),
+    }
+
+
+def _set_fields(instance: Any, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        object.__setattr__(instance, name, value)
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,7 @@ class ImageSettings:
     width: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check_settings(self.seed, self.steps, self.guidance, self.height, self.width)
+        _set_fields(self, _checked_settings(self.seed, self.steps, self.guidance, self.height, self.width))
 
     def square(self) -> "ImageSettings":
         """These settings with a missing side equal to the given one (the CLI's ``--height``/``--width``)."""
@@ -149,6 +166,6 @@ class GenerationRequest:
             if isinstance(entity, str):
                 _check_text(f"entity {entity!r}", entity)
         check_entity_words(self.prompt, self.entities)
-        _check_settings(self.seed, self.steps, self.guidance, self.height, self.width)
+        _set_fields(self, _checked_settings(self.seed, self.steps, self.guidance, self.height, self.width))
         if not isinstance(self.deleaker, bool):
-            raise ConfigError(f"deleaker must be a bool, got {self.deleaker!r}")
+            raise ConfigError(f"deleaker must be a bool, got {shown(self.deleaker)}")

@@ -385,7 +385,8 @@ def _strict_json(text: str):
 def test_missing_gpu_is_one_error_line(tiny, tmp_path):
     result = invoke("run", *tiny, "--backend", "torch", "--device", "cuda:1", "--prompt", PROMPT, "--entities",
                     "cat,cheetah", "--out", tmp_path / "x.png")
-    assert result.exit_code == 1 and "device 'cuda:1' is not available: this machine has no CUDA device" in result.stderr
+    assert result.exit_code == 1
+    assert "device 'cuda:1' is not available: this machine has no CUDA device" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -95,7 +95,8 @@ def test_first_run_says_it_exports_and_prints_no_library_noise(tmp_path):
     """A cold cache exports the ONNX for ~10 s: one line on stderr says so and why; no torchvision notices."""
     cache, out = tmp_path / "cache", tmp_path / "x.png"
     args = ["run", "--model", "tiny", "--text-len", "32", "--steps", "1", "--no-progress", "--prompt", PROMPT,
-            "--entities", "cat,cheetah", "--cache-dir", str(cache), "--set", "std_mul_text=0.25", "--out", str(out)]  # fmt: skip
+            "--entities", "cat,cheetah", "--cache-dir", str(cache), "--set", "std_mul_text=0.25",
+            "--out", str(out)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TRANSFORMERS_VERBOSITY")}
     result = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr

@@ -129,6 +129,9 @@ def test_unknown_option_lists_allowed_names() -> None:
         ("stop_intervention_at", 2**31),
         ("stop_aggregating_at", 10**23),
         ("stop_intervention_at", 1e23),
+        # Too long for repr() (the message describes it), and beyond float's range (math.isfinite() overflows).
+        pytest.param("stop_intervention_at", 10**5000, id="window-5000-digits"),
+        pytest.param("k_strength", 10**400, id="k_strength-400-digits"),
     ],
 )
 def test_bad_types_and_values(name: str, value) -> None:

@@ -228,11 +228,23 @@ def test_bad_requests_fail_before_any_work(torch_runtime, change, error, message
         (dict(height=64.0), ShapeError, "height"),
         (dict(height=10**30), ShapeError, "height"),
         (dict(deleaker="yes"), ConfigError, "deleaker must be a bool"),
+        (dict(seed=10**5000), ConfigError, "got an int of 16610 bits"),  # too long for repr(): still a message
+        (dict(guidance=10**400), ConfigError, "guidance must be a finite number"),  # isfinite() would overflow
     ],
 )
 def test_request_is_checked_when_made_without_a_model(change, error, message):
     with pytest.raises(error, match=message):
         GenerationRequest(**{**dict(prompt=PROMPT, entities=ENTITIES), **change})
+
+
+def test_numpy_scalars_become_python_numbers():
+    request = GenerationRequest(PROMPT, ENTITIES, seed=np.int64(3), steps=np.int32(2), guidance=np.float32(2.5),
+                                height=np.int64(64), width=np.uint16(64))  # fmt: skip
+    assert (request.seed, request.steps, request.guidance, request.height, request.width) == (3, 2, 2.5, 64, 64)
+    assert all(type(v) is int for v in (request.seed, request.steps, request.height, request.width))
+    assert type(request.guidance) is float
+    with pytest.raises(ConfigError, match="seed"):
+        GenerationRequest(PROMPT, ENTITIES, seed=np.float64(3.0))
 
 
 def test_call_refuses_a_string_of_entities(torch_runtime):
