@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,8 +25,9 @@ from .defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_MAX_ENTITIES, DEFAULT_
 
 #: Exit code of a typed error (bad input, incompatible engine, verification beyond tolerance).
 EXIT_ERROR = 1
-#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+#: Exit codes after Ctrl-C and SIGTERM (128 + the signal's number), as shells report them.
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class DeLeakerCliError(click.ClickException):
@@ -37,17 +39,35 @@ class DeLeakerCliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so that it unwinds as Ctrl-C does (temporary files removed)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 @contextlib.contextmanager
 def _reported_errors() -> Iterator[None]:
-    """Library errors become one ``error:`` line (exit 1); Ctrl-C ends the command with exit 130. Outputs are
-    written atomically (temporary file, then rename), so an interrupted run leaves no partial file."""
+    """Library errors become one ``error:`` line (exit 1); Ctrl-C and SIGTERM end the command with exit 130 and
+    143. Outputs are written atomically (temporary file, then rename; removed while unwinding), so an interrupted
+    run leaves no partial file."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (the CLI called from a test runner's worker): keep the default
+        previous = None
     try:
         yield
     except DeLeakerError as exc:
         raise DeLeakerCliError(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; no output was written for the image in progress", err=True)
-        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    except (KeyboardInterrupt, _Terminated) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        what, code = ("interrupted", EXIT_INTERRUPTED) if interrupted else ("terminated", EXIT_TERMINATED)
+        click.echo(f"error: {what}; no output was written for the image in progress", err=True)
+        raise click.exceptions.Exit(code) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _echo_json(report: dict[str, Any]) -> None:

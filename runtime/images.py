@@ -180,6 +180,10 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[s
     return lines or [""]
 
 
+#: Lines of the prompt under a side-by-side comparison; the rest is cut (the full prompt is in the PNG's record).
+MAX_CAPTION_LINES = 8
+
+
 def side_by_side(left: Image.Image, right: Image.Image, caption: str, labels: tuple[str, str]) -> Image.Image:
     """``left`` and ``right`` next to each other, each labelled, with ``caption`` wrapped underneath
     (PIL's default font)."""
@@ -188,6 +192,8 @@ def side_by_side(left: Image.Image, right: Image.Image, caption: str, labels: tu
     height = max(left.height, right.height)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines = _wrap(measure, caption, font, width - 4)
+    if len(lines) > MAX_CAPTION_LINES:  # a long prompt must not make a canvas thousands of pixels tall
+        lines = lines[: MAX_CAPTION_LINES - 1] + [lines[MAX_CAPTION_LINES - 1] + " ..."]
     line_height = 12
     canvas = Image.new("RGB", (width, height + line_height * (len(lines) + 1) + 6), "white")
     canvas.paste(left.convert("RGB"), (0, 0))

@@ -527,3 +527,14 @@ def test_verify_of_a_non_finite_candidate_is_a_fail(tiny_components):
                          steps=2))
     with pytest.raises(NonFiniteError, match=r"verify: FAIL: the candidate \(torch\) gave no finite result"):
         jobs.verify(job, candidate=candidate, reference=reference)
+
+
+def test_side_by_side_caption_is_bounded():
+    """A 20,000-character prompt (the longest allowed) captions the pair in MAX_CAPTION_LINES lines, not thousands."""
+    from deleaker.runtime.images import MAX_CAPTION_LINES, side_by_side
+
+    image = Image.new("RGB", (64, 64))
+    short = side_by_side(image, image, "a cat", ("FLUX", "DeLeaker"))
+    long = side_by_side(image, image, "word " * 4000, ("FLUX", "DeLeaker"))
+    assert long.width == 128 and long.height <= short.height + 12 * MAX_CAPTION_LINES
+    assert side_by_side(image, image, "猫 and 🐱 " + "x" * 5000, ("FLUX", "DeLeaker")).height < long.height + 12

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from deleaker.runtime.cli import main
@@ -64,7 +65,11 @@ def test_full_disk_is_one_error_line_and_compare_writes_both_or_neither(tmp_path
         assert _files(out.parent) == [], f"limit {limit}: {_files(out.parent)}"
 
 
-def test_ctrl_c_during_a_run_exits_130_and_leaves_no_file(tmp_path):
+@pytest.mark.parametrize(
+    "signum,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")], ids=["INT", "TERM"]
+)
+def test_a_signal_during_a_run_exits_cleanly_and_leaves_no_file(tmp_path, signum, code, word):
+    """Ctrl-C (SIGINT) or SIGTERM while denoising: one error line, 128 + the signal's number, no file."""
     out = tmp_path / "x.png"
     process = subprocess.Popen(
         [*CLI, *BASE, "--steps", "400", "--compare", "--out", str(out)],
@@ -80,14 +85,14 @@ def test_ctrl_c_during_a_run_exits_130_and_leaves_no_file(tmp_path):
             chunk = process.stderr.read(1)
             assert chunk, f"the run ended early: {seen}"
             seen += chunk
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, rest = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
     stderr = seen + rest
-    assert process.returncode == 130, stderr
-    assert "error: interrupted; no output was written" in stderr and "Traceback" not in stderr
+    assert process.returncode == code, stderr
+    assert f"error: {word}; no output was written" in stderr and "Traceback" not in stderr
     assert _files(tmp_path) == []
 
 
