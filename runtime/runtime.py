@@ -340,6 +340,10 @@ class DeLeakerRuntime:
         Checks, without running any model: prompt length in T5 tokens, entities (found, distinct, 2..E_max),
         resolution (multiple of ``2 * vae_scale_factor``, served by the backend).
         """
+        if not isinstance(request, GenerationRequest):
+            raise ConfigError(
+                f"expected a GenerationRequest, got {type(request).__name__} (or call the runtime: rt(prompt, entities))"
+            )
         height = self.default_size[0] if request.height is None else request.height
         width = self.default_size[1] if request.width is None else request.width
         request = replace(request, height=height, width=width)

@@ -247,6 +247,11 @@ def test_numpy_scalars_become_python_numbers():
         GenerationRequest(PROMPT, ENTITIES, seed=np.float64(3.0))
 
 
+def test_generate_refuses_what_is_not_a_request(torch_runtime):
+    with pytest.raises(ConfigError, match="expected a GenerationRequest, got str"):
+        torch_runtime.generate("a cat and a cheetah")
+
+
 def test_call_refuses_a_string_of_entities(torch_runtime):
     """``rt("a c and a d", "cd")`` once split "cd" into the entities c and d; a str is not a list of entities."""
     with pytest.raises(TypeError, match="split into letters") as info:
