@@ -259,26 +259,20 @@ def test_call_refuses_a_string_of_entities(torch_runtime):
     assert isinstance(info.value, EntityError)
 
 
-def _overflowing(components, module_path):
-    """``components`` deep-copied, with the weight at ``module_path`` scaled so that its output overflows
-    float32: a real model whose numbers leave float32's range (as extreme knobs or guidance can make them)."""
+def _overflowing_runtime(components, module_path):
+    """A torch runtime of ``components`` deep-copied, with the weight at ``module_path`` scaled so that its output
+    overflows float32: a real model whose numbers leave float32's range (as extreme knobs or guidance can)."""
     components = {k: copy.deepcopy(v) for k, v in components.items()}
     owner, _, name = module_path.partition(".")
-    module = components[owner].get_submodule(name)
     with torch.no_grad():
-        module.weight.mul_(3e38)
-    return components
+        components[owner].get_submodule(name).weight.mul_(3e38)
+    return DeLeakerRuntime.from_components(
+        components, model_id="tiny", backend="torch", text_len=TEXT_LEN, deleaker_config=CONFIG, default_size=(64, 64)
+    )
 
 
 def test_non_finite_latents_are_an_error_not_an_image(tiny_components):
-    rt = DeLeakerRuntime.from_components(
-        _overflowing(tiny_components, "transformer.proj_out"),
-        model_id="tiny",
-        backend="torch",
-        text_len=TEXT_LEN,
-        deleaker_config=CONFIG,
-        default_size=(64, 64),
-    )
+    rt = _overflowing_runtime(tiny_components, "transformer.proj_out")
     done = []
     with pytest.raises(NonFiniteError, match="after step 1 of 3") as info:
         rt.generate(GenerationRequest(PROMPT, ENTITIES, steps=3), progress=lambda i, n: done.append(i))
@@ -286,14 +280,7 @@ def test_non_finite_latents_are_an_error_not_an_image(tiny_components):
 
 
 def test_non_finite_decoded_image_is_an_error(tiny_components):
-    rt = DeLeakerRuntime.from_components(
-        _overflowing(tiny_components, "vae.decoder.conv_out"),
-        model_id="tiny",
-        backend="torch",
-        text_len=TEXT_LEN,
-        deleaker_config=CONFIG,
-        default_size=(64, 64),
-    )
+    rt = _overflowing_runtime(tiny_components, "vae.decoder.conv_out")
     with pytest.raises(NonFiniteError, match="decoded image"):
         rt.generate(GenerationRequest(PROMPT, ENTITIES, steps=1))
 
