@@ -1,21 +1,24 @@
 """DeLeaker for FLUX.1: the PyTorch reference (op, diffusers processor and pipeline, tiny offline model).
 
-Importing this package needs neither a GPU, TensorRT nor compiled kernels.
+Importing this package needs neither a GPU, TensorRT nor compiled kernels. Names are imported on first use, so
+``deleaker.errors`` or ``deleaker.config`` (what the CLI checks input with) load without torch.
 """
 
-from .config import REFERENCE_NUM_BLOCKS, DeLeakerConfig
-from .errors import ConfigError, DeLeakerError, EntityError, ShapeError
-from .decomposed import deleaker_attention_decomposed
-from .ops import deleaker_attention, deleaker_attention_reference
+from __future__ import annotations
 
-__all__ = [
-    "REFERENCE_NUM_BLOCKS",
-    "ConfigError",
-    "DeLeakerConfig",
-    "DeLeakerError",
-    "EntityError",
-    "ShapeError",
-    "deleaker_attention",
-    "deleaker_attention_decomposed",
-    "deleaker_attention_reference",
-]
+from .lazy import lazy_exports
+
+_EXPORTS = {
+    "REFERENCE_NUM_BLOCKS": "config",
+    "DeLeakerConfig": "config",
+    "ConfigError": "errors",
+    "DeLeakerError": "errors",
+    "EntityError": "errors",
+    "ShapeError": "errors",
+    "deleaker_attention": "ops",
+    "deleaker_attention_decomposed": "decomposed",
+    "deleaker_attention_reference": "ops",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

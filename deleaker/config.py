@@ -18,6 +18,20 @@ def num_joint_blocks(transformer_config: Mapping[str, Any]) -> int:
     return int(transformer_config["num_layers"]) + int(transformer_config["num_single_layers"])
 
 
+#: Window knobs are block steps below 2**31: the graph stores them as int64 and every kernel takes them as int64,
+#: and a FLUX.1 run of 1000 steps counts only 57,000 block steps.
+MAX_BLOCK_STEP = 2**31 - 1
+#: ``(low, high, low_included)`` of the float knobs. ``k_strength`` multiplies an entity's own logits: <= 0 would
+#: invert or flatten the attention it is meant to strengthen (disable strengthening with
+#: ``do_image_text_strengthening=False``), and above 10 the softmax is saturated already while large logits
+#: overflow fp16. The ``std_mul_*`` thresholds are ``mean + std_mul * std`` of probabilities: beyond +-10 std
+#: nothing (or everything) is selected, and far larger values overflow float32 (inf * 0 std = NaN).
+FLOAT_RANGES = {
+    "std_mul_text": (-10.0, 10.0, True),
+    "std_mul_image_image": (-10.0, 10.0, True),
+    "k_strength": (0.0, 10.0, False),
+}
+
 #: Knobs that count block steps; scaled by ``num_blocks / 57`` for other models (see `DeLeakerConfig.for_model`).
 WINDOW_FIELDS = (
     "start_aggregating_from",
@@ -29,7 +43,12 @@ WINDOW_FIELDS = (
 
 @dataclass(frozen=True)
 class DeLeakerConfig:
-    """Every knob of DeLeaker attention. The window knobs count block steps ``t = step * num_blocks + offset``."""
+    """Every knob of DeLeaker attention. The window knobs count block steps ``t = step * num_blocks + offset``.
+
+    Ranges (refused with `ConfigError` outside them): window knobs are ints in ``[0, MAX_BLOCK_STEP]`` with
+    ``stop >= start``; ``k_strength`` in ``(0, 10]``; ``std_mul_text``/``std_mul_image_image`` in ``[-10, 10]``
+    (see `FLOAT_RANGES`); switches are bools.
+    """
 
     std_mul_text: float = 1.0
     std_mul_image_image: float = 1.0
@@ -46,18 +65,7 @@ class DeLeakerConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("bool", bool):
-                if not isinstance(value, bool):
-                    raise ConfigError(f"DeLeakerConfig.{f.name} must be a bool, got {value!r}")
-            elif f.type in ("int", int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ConfigError(f"DeLeakerConfig.{f.name} must be an int (block steps), got {value!r}")
-                if value < 0:
-                    raise ConfigError(f"DeLeakerConfig.{f.name} must be >= 0, got {value}")
-            else:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ConfigError(f"DeLeakerConfig.{f.name} must be a finite number, got {value!r}")
+            _check_knob(f.name, f.type, getattr(self, f.name))
         if self.stop_aggregating_at < self.start_aggregating_from:
             raise ConfigError(
                 f"stop_aggregating_at ({self.stop_aggregating_at}) must be >= start_aggregating_from "
@@ -78,10 +86,7 @@ class DeLeakerConfig:
         """
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ConfigError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"unknown DeLeaker option(s) {unknown}; allowed: {sorted(known)}")
+        cls.check_overrides(overrides)
         defaults = cls()
         scaled = {
             name: int(round(getattr(defaults, name) * num_blocks / REFERENCE_NUM_BLOCKS))
@@ -89,6 +94,19 @@ class DeLeakerConfig:
             if name not in overrides
         }
         return cls(**{**scaled, **overrides})
+
+    @classmethod
+    def check_overrides(cls, overrides: Mapping[str, Any]) -> None:
+        """Raise `ConfigError` for an unknown knob or a value of the wrong type or outside its range.
+
+        The checks of single knobs, without the model (`for_model` checks windows against each other once the
+        defaults are scaled): what the CLI runs before loading anything."""
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - set(types))
+        if unknown:
+            raise ConfigError(f"unknown DeLeaker option(s) {unknown}; allowed: {sorted(types)}")
+        for name, value in overrides.items():
+            _check_knob(name, types[name], value)
 
     @classmethod
     def resolve(cls, config: "DeLeakerConfig | Mapping[str, Any] | None", num_blocks: int) -> "DeLeakerConfig":
@@ -103,3 +121,33 @@ class DeLeakerConfig:
 
     def intervenes_at(self, block_step: int) -> bool:
         return self.start_intervention_from <= block_step <= self.stop_intervention_at
+
+
+def _check_knob(name: str, kind: Any, value: Any) -> None:
+    """Raise `ConfigError` unless ``value`` has the knob's type (``kind``: its dataclass annotation) and range."""
+    if kind in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"DeLeakerConfig.{name} must be a bool, got {shown(value)}")
+    elif kind in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"DeLeakerConfig.{name} must be an int (block steps), got {shown(value)}")
+        if not 0 <= value <= MAX_BLOCK_STEP:
+            raise ConfigError(f"DeLeakerConfig.{name} must be in [0, 2**31 - 1] (block steps), got {shown(value)}")
+    else:
+        # abs() < inf before isfinite: isfinite overflows on an int beyond float's range.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < math.inf:
+            raise ConfigError(f"DeLeakerConfig.{name} must be a finite number, got {shown(value)}")
+        low, high, low_included = FLOAT_RANGES[name]
+        if not (low <= value if low_included else low < value) or value > high:
+            interval = f"{'[' if low_included else '('}{low:g}, {high:g}]"
+            raise ConfigError(f"DeLeakerConfig.{name} must be in {interval}, got {shown(value)}")
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters; an int too long to print (Python
+    refuses more than 4300 digits) is described by its size."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an int of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

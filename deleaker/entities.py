@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, EntityError
+
+if TYPE_CHECKING:  # torch is imported where the mask is made: the string checks run without it
+    import torch
 
 #: DeLeaker separates entities from each other: one entity alone has nothing to leak into.
 MIN_ENTITIES = 2
@@ -117,10 +118,22 @@ def entity_token_mask(
     positions = entity_token_positions(
         tokenizer, prompt, entities, max_sequence_length=max_sequence_length, max_entities=max_entities
     )
+    import torch
+
     mask = torch.zeros(max_entities, max_sequence_length, dtype=torch.bool)
     for row, cols in enumerate(positions):
         mask[row, cols] = True
     return mask
+
+
+def check_entity_words(prompt: str, entities: Sequence[str], *, max_entities: int | None = None) -> list[str]:
+    """The entity checks that need no tokenizer (type, count, empty, duplicates, whole words of ``prompt``);
+    returns the stripped names. Raises `EntityError`. `entity_token_positions` runs these first."""
+    names = _check_entities(entities, max_entities)
+    if not isinstance(prompt, str):
+        raise EntityError(f"prompt must be a str, got {type(prompt).__name__}")
+    _find_spans(prompt, names)
+    return names
 
 
 def _check_entities(entities: Sequence[str], max_entities: int | None) -> list[str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from deleaker.errors import DeLeakerError
-
-from .build import PRECISIONS, BuildRequest, build_engines
+from deleaker.plugins.kernels import MAX_ENTITIES
+from deleaker.runtime.defaults import DEFAULT_PRECISION, PRECISIONS
 
 EXIT_ERROR = 1
 
@@ -31,17 +31,18 @@ class BuildCliError(click.ClickException):
 @click.option(
     "--precision",
     type=click.Choice(PRECISIONS),
-    required=True,
+    default=DEFAULT_PRECISION,
+    show_default=True,
     help="Engine precision: fp16/bf16 (strongly typed) or fp8 (E4M3 Q/DQ on the linears, fp16 elsewhere).",
 )
 @click.option("--height", type=click.IntRange(min=1), default=512, show_default=True, help="Image height in pixels.")
 @click.option("--width", type=click.IntRange(min=1), default=512, show_default=True, help="Image width in pixels.")
 @click.option(
     "--max-entities",
-    type=click.IntRange(2, 8),
+    type=click.IntRange(2, MAX_ENTITIES),
     default=4,
     show_default=True,
-    help="E_max: entity rows of the engine (the kernels take at most 8).",
+    help=f"E_max: entity rows of the engine (the kernels take at most {MAX_ENTITIES}).",
 )
 @click.option("--text-len", type=click.IntRange(1, 512), default=256, show_default=True, help="T5 tokens T.")
 @click.option(
@@ -61,6 +62,9 @@ class BuildCliError(click.ClickException):
 @click.option("--onnx-only", is_flag=True, help="Stop after the ONNX and its manifest (no TensorRT needed).")
 def build(model, precision, height, width, max_entities, text_len, batch, out_dir, onnx_only) -> None:
     """Export the DeLeaker FLUX transformer to ONNX and build a TensorRT engine with a manifest."""
+    # Imported here: the build pulls in torch and onnx, which `--help` and usage errors do not need.
+    from .build import BuildRequest, build_engines
+
     try:
         request = BuildRequest(
             model=model,

@@ -13,13 +13,13 @@ One call at a time per instance (a lock serialises concurrent calls); no global 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from deleaker.lazy import lazy_exports
 
 _EXPORTS = {
     "DeLeakerRuntime": "runtime",
-    "GenerationRequest": "runtime",
+    "GenerationRequest": "request",
     "GenerationResult": "runtime",
+    "NonFiniteError": "runtime",
     "TransformerBackend": "backends",
     "TorchBackend": "backends",
     "OnnxRuntimeBackend": "backends",
@@ -30,9 +30,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

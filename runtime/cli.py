@@ -1,23 +1,33 @@
 """``deleaker-trt``: the command line. Each command parses its options into a config object, calls one library
-function (``deleaker.runtime.jobs``), prints, and exits non-zero on a `DeLeakerError` (message on stderr, no
-traceback) or a usage error (click's exit code 2).
+function (``deleaker.runtime.jobs``), prints, and exits non-zero on a `DeLeakerError` (one ``error:`` line on
+stderr, exit 1, no traceback), a usage error (click's exit code 2) or Ctrl-C (exit 130).
+
+Nothing heavy is imported at module level: ``--help``, usage errors and every check that needs no model (numbers,
+knobs, paths, prompts files, entities as words of the prompt) answer before torch is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
 from deleaker.errors import DeLeakerError
+from deleaker.plugins.kernels import MAX_ENTITIES
 
-from .defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_MAX_ENTITIES, DEFAULT_STEPS, DEFAULT_TEXT_LEN
+from .defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_MAX_ENTITIES, DEFAULT_STEPS, DEFAULT_TEXT_LEN, PRECISIONS
 
 #: Exit code of a typed error (bad input, incompatible engine, verification beyond tolerance).
 EXIT_ERROR = 1
+#: Exit codes after Ctrl-C and SIGTERM (128 + the signal's number), as shells report them.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class DeLeakerCliError(click.ClickException):
@@ -29,8 +39,47 @@ class DeLeakerCliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-def _fail(exc: DeLeakerError) -> DeLeakerCliError:
-    return DeLeakerCliError(str(exc))
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so that it unwinds as Ctrl-C does (temporary files removed)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _reported_errors() -> Iterator[None]:
+    """Library errors become one ``error:`` line (exit 1); Ctrl-C and SIGTERM end the command with exit 130 and
+    143. Outputs are written atomically (temporary file, then rename; removed while unwinding), so an interrupted
+    run leaves no partial file."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (the CLI called from a test runner's worker): keep the default
+        previous = None
+    try:
+        yield
+    except DeLeakerError as exc:
+        raise DeLeakerCliError(str(exc)) from None
+    except (KeyboardInterrupt, _Terminated) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        what, code = ("interrupted", EXIT_INTERRUPTED) if interrupted else ("terminated", EXIT_TERMINATED)
+        click.echo(f"error: {what}; no output was written for the image in progress", err=True)
+        raise click.exceptions.Exit(code) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _echo_json(report: dict[str, Any]) -> None:
+    # allow_nan=False: strict JSON only (the reports hold null plus a reason where a number is not finite).
+    click.echo(json.dumps(report, indent=2, allow_nan=False))
+
+
+class _NoticeHandler(logging.Handler):
+    """The library's notices (``logging`` INFO of ``deleaker.*``, e.g. "exporting the ONNX ...") as stderr lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
 
 
 def _entities(value: str) -> tuple[str, ...]:
@@ -85,10 +134,10 @@ def _source_options(func):
         ),
         click.option(
             "--max-entities",
-            type=click.IntRange(2, 16),
+            type=click.IntRange(2, MAX_ENTITIES),
             default=DEFAULT_MAX_ENTITIES,
             show_default=True,
-            help="E_max (--model only; engines fix it).",
+            help=f"E_max (--model only; engines fix it; the kernels take at most {MAX_ENTITIES}).",
         ),
         click.option(
             "--cache-dir",
@@ -99,7 +148,7 @@ def _source_options(func):
         click.option("--device", default=None, help="torch device of the torch backend (default: cuda if available)."),
         click.option(
             "--precision",
-            type=click.Choice(("fp16", "bf16", "fp8")),
+            type=click.Choice(PRECISIONS),
             default=None,
             help="Engines of this precision (--engines only; needed when a directory has several).",
         ),
@@ -120,11 +169,18 @@ def _request_options(func):
     options = [
         click.option("--prompt", default=None, help="The prompt."),
         click.option("--entities", default=None, help="Comma-separated entities of the prompt, e.g. 'cat,dog'."),
-        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True),
-        click.option("--steps", type=click.IntRange(1, 1000), default=DEFAULT_STEPS, show_default=True),
-        click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True),
+        # Ranges are checked by the library (`ImageSettings`): one message and exit 1 for every out-of-range number.
+        click.option("--seed", type=int, default=0, show_default=True, help="Starting noise, an int in [0, 2**63)."),
+        click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Denoising steps, 1 to 1000."),
+        click.option(
+            "--guidance",
+            type=float,
+            default=DEFAULT_GUIDANCE,
+            show_default=True,
+            help="Guidance, a finite number in [0, 100].",
+        ),
         click.option("--height", type=int, default=None, help="Pixels (default: the engine's, 64 for tiny, else 512)."),
-        click.option("--width", type=int, default=None, help="Pixels (default: as --height)."),
+        click.option("--width", type=int, default=None, help="Pixels (default: as --height, or the engine's)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -138,12 +194,21 @@ def _overrides(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
         name, sep, text = item.partition("=")
         if not sep or not name.strip():
             raise click.BadParameter(f"expected KNOB=VALUE, got {item!r}", param_hint="--set")
-        try:
-            value = json.loads(text.strip().lower() if text.strip().lower() in ("true", "false") else text)
-        except json.JSONDecodeError:
-            raise click.BadParameter(f"{name}: {text!r} is not a number or true/false", param_hint="--set") from None
-        parsed.append((name.strip(), value))
+        parsed.append((name.strip(), _knob_value(name.strip(), text.strip())))
     return tuple(parsed)
+
+
+def _knob_value(name: str, text: str) -> Any:
+    """``true``/``false`` (any case), an int, or a float: also ``inf``/``nan``, which the config then refuses
+    with its range (one message for every out-of-range number)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    raise click.BadParameter(f"{name}: {text!r:.40} is not a number or true/false", param_hint="--set")
 
 
 def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
@@ -167,22 +232,37 @@ def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, de
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="deleaker-trt")
 @click.option("--verbose", is_flag=True, help="Show the libraries' own warnings (transformers, torch's exporter).")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """DeLeaker for FLUX.1: entity leakage mitigation with ONNX Runtime, TensorRT or PyTorch."""
     if not verbose:
         _quiet_libraries()
+    # What the library says it is doing (an ONNX export of a minute, say) goes to stderr while the command runs.
+    logger, handler = logging.getLogger("deleaker"), _NoticeHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    ctx.call_on_close(restore)
 
 
 def _quiet_libraries() -> None:
     """Keep the terminal for our own output: the libraries' notices (transformers' torchvision notice, the ONNX
     exporter's registration warnings) say nothing actionable to a user of this command. The CLI is the process's
     entry point, so it may set these process-wide; the library API never does."""
-    import logging
     import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # torch imports lazily here and its logging setup resets the level of "torch.onnx" on import (which then warns
+    # that torchvision is missing, once per torchvision op): TORCH_LOGS sets it where torch reads it; the level
+    # set directly covers a torch imported already (tests).
+    os.environ.setdefault("TORCH_LOGS", "-onnx")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     # Deprecation notices address developers of this package, not users of the command.
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -214,7 +294,15 @@ def _quiet_libraries() -> None:
     show_default=True,
     help="Output directory of a --prompts batch (NNNN.png per line).",
 )
-@click.option("--compare", is_flag=True, help="Also render plain FLUX (same seed); save both side by side.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="--prompts only: generate every line again, replacing its image (default: keep images made with the "
+    "same settings, refuse to touch images made otherwise).",
+)
+@click.option(
+    "--compare", is_flag=True, help="Also render plain FLUX (same seed); save both side by side in <out>_compare.png."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 def run(
@@ -237,37 +325,32 @@ def run(
     out,
     prompts_file,
     out_dir,
+    overwrite,
     compare,
     as_json,
     no_progress,
 ) -> None:
     """Generate images with DeLeaker (one --prompt, or a --prompts batch)."""
     from . import jobs
-    from .runtime import GenerationRequest
+    from .request import ImageSettings
 
-    try:
+    with _reported_errors():
         spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
-    except DeLeakerError as exc:
-        raise _fail(exc) from None
-    width = height if width is None else width
-    height = width if height is None else height
-    try:
+        settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompts_file is not None:
             if prompt is not None or entities is not None:
                 raise click.UsageError("--prompts replaces --prompt/--entities; give one or the other")
-            defaults = GenerationRequest("", (), seed=seed, steps=steps, guidance=guidance, height=height, width=width)
-            job = jobs.batch_job(spec, prompts_file, out_dir, defaults=defaults, compare=compare)
+            job = jobs.batch_job(spec, prompts_file, out_dir, settings=settings, compare=compare, overwrite=overwrite)
         else:
             if prompt is None or entities is None:
                 raise click.UsageError("give --prompt and --entities (or a --prompts FILE.jsonl batch)")
-            request = GenerationRequest(prompt, _entities(entities), seed, steps, guidance, height, width)
-            job = jobs.single_job(spec, request, out, compare=compare)
+            if overwrite:
+                raise click.UsageError("--overwrite applies to --prompts batches (a single --out is always written)")
+            job = jobs.single_job(spec, settings.request(prompt, _entities(entities)), out, compare=compare)
         report = jobs.run_job(job, progress_factory=_progress_factory(not no_progress))
-    except DeLeakerError as exc:
-        raise _fail(exc) from None
 
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        _echo_json(report.to_dict())
         return
     for item in report.items:
         if item.skipped:
@@ -321,43 +404,30 @@ def verify(
 ) -> None:
     """Run one prompt on a backend and on PyTorch; fail beyond tolerance (latent rel. error per step, PSNR)."""
     from . import jobs
-    from .runtime import GenerationRequest
+    from .request import ImageSettings
 
-    try:
+    with _reported_errors():
         spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
-    except DeLeakerError as exc:
-        raise _fail(exc) from None
-    if prompt is None or entities is None:
-        raise click.UsageError("give --prompt and --entities")
-    width = height if width is None else width
-    height = width if height is None else height
-    try:
-        request = GenerationRequest(prompt, _entities(entities), seed, steps, guidance, height, width)
-        report = jobs.verify(
-            jobs.VerifyJob(spec, request, max_rel_err=max_rel_err, min_psnr=min_psnr),
-            progress_factory=_progress_factory(not no_progress),
-        )
-    except DeLeakerError as exc:
-        raise _fail(exc) from None
+        settings = ImageSettings(seed, steps, guidance, height, width).square()
+        if prompt is None or entities is None:
+            raise click.UsageError("give --prompt and --entities")
+        job = jobs.VerifyJob(spec, settings.request(prompt, _entities(entities)), max_rel_err, min_psnr)
+        report = jobs.verify(job, progress_factory=_progress_factory(not no_progress))
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        _echo_json(report.to_dict())
     else:
         steps_text = " ".join(f"{e:.2e}" for e in report.step_rel_err)
+        psnr_text = "identical images" if report.psnr_db == float("inf") else f"{report.psnr_db:.2f} dB"
         click.echo(f"backend {report.backend} vs torch: latent rel. error per step {steps_text}")
-        click.echo(
-            f"final image PSNR {report.psnr_db:.2f} dB (min {min_psnr}); max rel. error "
-            f"{max(report.step_rel_err):.2e} (max {max_rel_err})"
-        )
+        worst = "not finite" if report.max_step_rel_err is None else f"{report.max_step_rel_err:.2e}"
+        click.echo(f"final image PSNR {psnr_text} (min {min_psnr} dB); max rel. error {worst} (max {max_rel_err})")
     if not report.passed:
-        raise DeLeakerCliError(
-            f"{report.backend} differs from PyTorch beyond tolerance (max rel. error {max(report.step_rel_err):.2e} "
-            f"> {max_rel_err} or PSNR {report.psnr_db:.2f} dB < {min_psnr} dB)"
-        )
+        raise DeLeakerCliError(f"verify: FAIL: {report.backend} vs PyTorch: {'; '.join(report.failures)}")
     click.echo("verify: PASS", err=True)
 
 
 # The engine build command lives with the engines (deleaker.engines.cli); the group only mounts it.
-# Model code is imported inside the commands, so `deleaker-trt --help` stays fast.
+# Model code is imported inside the commands, so `deleaker-trt --help` stays fast (tests/test_cli_fast.py).
 from deleaker.engines.cli import build as _build_command  # noqa: E402  (after the group it joins)
 
 main.add_command(_build_command)

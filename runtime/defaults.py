@@ -12,3 +12,8 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_TEXT_LEN = 256
 DEFAULT_MAX_ENTITIES = 4
+#: Engine precisions (``deleaker-trt build --precision``, ``run --precision``); fp16 is the default, as in trtexec
+#: and NVIDIA's diffusion demo. Equal to ``deleaker.engines.build.PRECISIONS`` (kept here so the CLI's --help needs
+#: no torch; tests/test_cli.py checks they agree).
+PRECISIONS = ("fp16", "bf16", "fp8")
+DEFAULT_PRECISION = "fp16"

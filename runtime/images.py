@@ -1,14 +1,16 @@
-"""Image helpers of the runtime and CLI: side-by-side comparison, atomic PNG writes, PNG validity, PSNR."""
+"""Image helpers of the runtime and CLI: side-by-side comparison, atomic PNG writes with a provenance record,
+PNG validity, PSNR."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from deleaker.errors import DeLeakerError
 
@@ -17,20 +19,56 @@ class OutputError(DeLeakerError, OSError):
     """An output path cannot be written (missing or read-only directory, not a .png, a directory in the way)."""
 
 
-def check_output_file(path: str | Path) -> Path:
-    """Raise `OutputError` unless ``path`` can be written as a PNG (checked before any generation).
+def check_output_files(paths: Iterable[str | Path]) -> None:
+    """Raise `OutputError` unless every path can be written as a PNG (checked before any generation): a file name
+    ending in .png and short enough for the filesystem (with the temporary name it is written under first), not a
+    directory, writable if it exists, in a folder that is (or can be created) writable. Each distinct folder is
+    probed once, so a batch of thousands of images costs one write test."""
+    folders: set[Path] = set()
+    for path in map(Path, paths):
+        try:
+            _check_output_file(path, folders)
+        except OutputError:
+            raise
+        except OSError as exc:  # e.g. a name too long for the filesystem, a path through a file
+            raise OutputError(f"output {path} cannot be written: {exc.strerror or exc}") from None
 
-    Missing parent folders are fine when they can be created (they are, at the first write).
-    """
-    path = Path(path)
+
+def _check_output_file(path: Path, folders: set[Path]) -> None:
+    if path.name.lower() == ".png":
+        raise OutputError(f"output {path} has no name before .png; give a file name such as out.png")
     if path.suffix.lower() != ".png":
         raise OutputError(f"output {path} must end in .png")
+    longest = _name_max(path.parent)
+    if len(os.fsencode(path.name)) + _TEMPORARY_EXTRA > longest:
+        raise OutputError(
+            f"output file name {path.name[:40]}... is too long: at most {longest - _TEMPORARY_EXTRA} bytes here"
+        )
     if path.is_dir():
         raise OutputError(f"output {path} is a directory")
-    check_output_dir(path.parent, create=True)
+    if path.parent not in folders:
+        check_output_dir(path.parent, create=True)
+        folders.add(path.parent)
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"output {path} exists and is not writable")
-    return path
+
+
+#: Most bytes a temporary name adds to the file's name (see `_temporary_path`; Linux pids have at most 7 digits).
+_TEMPORARY_EXTRA = len(".") + len(".4194304.0123abcd.tmp")
+
+
+def _temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before its rename: a unique hidden name beside it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _name_max(folder: Path) -> int:
+    """Longest file name (bytes) of the filesystem holding ``folder`` (or its nearest existing ancestor)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def check_output_dir(path: str | Path, *, create: bool) -> Path:
@@ -64,35 +102,70 @@ def _probe_write(directory: Path, message: str) -> None:
         raise OutputError(f"{message}: {exc.strerror or exc}") from None
 
 
-def save_png_atomic(image: Image.Image, path: str | Path) -> Path:
-    """Write ``image`` to ``path`` via a temporary file in the same directory and a rename: a reader (or a
-    resumed batch) sees either no file or the whole PNG, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened exclusively (mode "xb" honours the umask, unlike mkstemp's 0600).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+#: The PNG text chunk (iTXt) holding the JSON record of what produced an image.
+RECORD_KEY = "deleaker-trt"
+
+
+def save_pngs_atomic(images: Sequence[tuple[Image.Image, Path]], record: Optional[Mapping[str, Any]] = None) -> None:
+    """Write every ``(image, path)`` as a PNG, all or none: each goes to a temporary file in its directory first
+    (complete and fsynced), then all are renamed into place; a failure (a full disk, an interruption) removes the
+    temporary files and any file already renamed, so a reader or a resumed batch never sees a truncated PNG, nor one
+    image of a pair without the other. ``record`` (JSON-able) is stored in each PNG's ``deleaker-trt`` text chunk.
+
+    Raises `OutputError` naming the path and the system's reason (e.g. "No space left on device").
+    """
+    info = None
+    if record is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt(RECORD_KEY, json.dumps(record, sort_keys=True, allow_nan=False))
+    staged: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    current = None
     try:
-        with open(tmp, "xb") as handle:
-            image.save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for image, path in images:
+            current = path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A unique name opened exclusively (mode "xb" honours the umask, unlike mkstemp's 0600).
+            tmp = _temporary_path(path)
+            with open(tmp, "xb") as handle:
+                staged.append((tmp, path))
+                image.save(handle, format="PNG", pnginfo=info)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for tmp, path in staged:
+            current = path
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException as exc:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for path in placed:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {current}: {exc.strerror or exc}; nothing was written") from None
         raise
-    return path
+
+
+def read_png_record(path: str | Path) -> tuple[bool, Optional[dict[str, Any]]]:
+    """``(is a complete PNG, its deleaker-trt record or None)``; ``(False, None)`` for a missing or damaged file."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return False, None
+            image.load()  # decodes every chunk: a truncated file fails here
+            text = image.text.get(RECORD_KEY)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False, None
+    try:
+        record = json.loads(text) if text is not None else None
+    except (ValueError, RecursionError):
+        record = None
+    return True, record if isinstance(record, dict) else None
 
 
 def is_valid_png(path: str | Path) -> bool:
     """True when ``path`` is a complete, decodable PNG."""
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                return False
-            image.load()  # decodes every chunk: a truncated file fails here
-        return True
-    except (OSError, SyntaxError, ValueError):
-        return False
+    return read_png_record(path)[0]
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
@@ -107,6 +180,10 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[s
     return lines or [""]
 
 
+#: Lines of the prompt under a side-by-side comparison; the rest is cut (the full prompt is in the PNG's record).
+MAX_CAPTION_LINES = 8
+
+
 def side_by_side(left: Image.Image, right: Image.Image, caption: str, labels: tuple[str, str]) -> Image.Image:
     """``left`` and ``right`` next to each other, each labelled, with ``caption`` wrapped underneath
     (PIL's default font)."""
@@ -115,6 +192,8 @@ def side_by_side(left: Image.Image, right: Image.Image, caption: str, labels: tu
     height = max(left.height, right.height)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines = _wrap(measure, caption, font, width - 4)
+    if len(lines) > MAX_CAPTION_LINES:  # a long prompt must not make a canvas thousands of pixels tall
+        lines = lines[: MAX_CAPTION_LINES - 1] + [lines[MAX_CAPTION_LINES - 1] + " ..."]
     line_height = 12
     canvas = Image.new("RGB", (width, height + line_height * (len(lines) + 1) + 6), "white")
     canvas.paste(left.convert("RGB"), (0, 0))

@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
-
+from deleaker.config import DeLeakerConfig, shown
+from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError
+from deleaker.plugins.kernels import MAX_ENTITIES
 
-from .images import check_output_dir, check_output_file, is_valid_png, psnr, save_png_atomic, side_by_side
 from .defaults import BACKENDS, DEFAULT_MAX_ENTITIES, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN
-from .runtime import DeLeakerRuntime, GenerationRequest
+from .images import OutputError, check_output_files, psnr, read_png_record, save_pngs_atomic, side_by_side
+from .request import GenerationRequest, ImageSettings
+
+if TYPE_CHECKING:  # the runtime (torch, diffusers) is imported when a job opens it, after every cheap check
+    from .runtime import DeLeakerRuntime, GenerationResult
 
 #: ``progress_factory(total_steps, description)`` returns ``update(step_done, total)``, and a ``close()``.
 ProgressFactory = Callable[[int, str], Any]
+#: Longest line of a ``--prompts`` file: far above any prompt that fits T5 (see `request.MAX_PROMPT_CHARS`).
+MAX_LINE_BYTES = 1 << 20
+#: Largest ``T`` (``--text-len``): FLUX.1's ``max_sequence_length`` goes up to 512.
+MAX_TEXT_LEN = 512
+#: Devices a runtime can generate on: the CPU or a CUDA GPU (torch's other device types cannot run the model).
+DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d{1,3})?")
 
 
 class BatchFileError(DeLeakerError, ValueError):
@@ -61,9 +72,31 @@ class RuntimeSpec:
             raise ConfigError("--precision selects engines (--engines DIR); a --model runs in its own dtype")
         if self.model is not None and self.backend == "tensorrt":
             raise ConfigError("the tensorrt backend runs built engines: pass --engines DIR (see `deleaker-trt build`)")
+        if (
+            isinstance(self.text_len, bool)
+            or not isinstance(self.text_len, int)
+            or not 1 <= self.text_len <= MAX_TEXT_LEN
+        ):
+            raise ConfigError(f"text_len must be an int in [1, {MAX_TEXT_LEN}] (T5 tokens), got {self.text_len!r}")
+        if (
+            isinstance(self.max_entities, bool)
+            or not isinstance(self.max_entities, int)
+            or not 2 <= self.max_entities <= MAX_ENTITIES
+        ):
+            raise ConfigError(
+                f"max_entities must be an int in [2, {MAX_ENTITIES}] (the kernels take at most {MAX_ENTITIES} "
+                f"entities), got {self.max_entities!r}"
+            )
+        if self.device is not None and (not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device)):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r:.40}")
+        DeLeakerConfig.check_overrides(dict(self.deleaker_overrides))
 
-    def open(self) -> DeLeakerRuntime:
-        """Load the runtime (checks the engine manifest, loads the model); no generation yet."""
+    def open(self) -> "DeLeakerRuntime":
+        """Load the runtime (checks the device, the engine manifest, loads the model); no generation yet."""
+        from .runtime import DeLeakerRuntime
+
+        self._check_device()
+
         if self.engines is not None:
             return DeLeakerRuntime.from_engines(
                 self.engines, backend=self.backend, device=self.device, precision=self.precision
@@ -79,6 +112,19 @@ class RuntimeSpec:
         )
 
 
+    def _check_device(self) -> None:
+        """Raise `ConfigError` when ``device`` names a GPU this machine does not have (torch is imported here)."""
+        if self.device is None or not self.device.startswith("cuda"):
+            return
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(self.device.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ConfigError(f"device {self.device!r} is not available: this machine has {have}; use --device cpu")
+
+
 @dataclass(frozen=True)
 class JobItem:
     """One image of a job: the request, where it goes, and (``--compare``) where the side-by-side goes."""
@@ -91,11 +137,17 @@ class JobItem:
 
 @dataclass(frozen=True)
 class RenderJob:
-    """A list of images to render with one runtime. ``resume``: skip items whose outputs are already valid PNGs."""
+    """A list of images to render with one runtime.
+
+    ``keep_existing``: an output that is already there, complete and made with the same settings (its PNG's
+    record: prompt, entities, seed, steps, guidance, size, model, backend, T, E_max, knobs) is kept, and one made
+    otherwise is refused before any generation (a resumed batch). False: every output is written, replacing what
+    is there (a single image; a batch with ``--overwrite``).
+    """
 
     runtime: RuntimeSpec
     items: tuple[JobItem, ...]
-    resume: bool = False
+    keep_existing: bool = False
 
 
 @dataclass
@@ -147,35 +199,59 @@ def single_job(
 def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` of every non-blank line of a JSONL prompts file (format of slim_examples.jsonl).
 
-    Each record has ``prompt`` (str), ``entities`` (list of str) and optionally ``seed`` (int); other keys are
-    ignored. Raises `BatchFileError` naming the line.
+    Each record is a JSON object with ``prompt`` (str), ``entities`` (list of str) and optionally ``seed`` (int);
+    other keys are ignored. The file is UTF-8 (a byte-order mark is allowed), each line at most `MAX_LINE_BYTES`.
+    Raises `BatchFileError` naming the line.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise BatchFileError(f"prompts file {path} is a directory; give a JSONL file")
+    if not path.exists():
         raise BatchFileError(f"prompts file {path} does not exist")
+    if not path.is_file():
+        raise BatchFileError(f"prompts file {path} is not a regular file")
     records: list[tuple[int, dict[str, Any]]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BatchFileError(f"{path} line {number}: not JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise BatchFileError(f"{path} line {number}: expected an object, got {type(record).__name__}")
-            if not isinstance(record.get("prompt"), str):
-                raise BatchFileError(f"{path} line {number}: 'prompt' must be a string")
-            entities = record.get("entities")
-            if not isinstance(entities, list) or not all(isinstance(e, str) for e in entities):
-                raise BatchFileError(f"{path} line {number}: 'entities' must be a list of strings")
-            seed = record.get("seed")
-            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-                raise BatchFileError(f"{path} line {number}: 'seed' must be a non-negative int, got {seed!r}")
-            records.append((number, record))
+    try:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), start=1):
+                record = _parse_line(raw, f"{path} line {number}", first=number == 1)
+                if record is not None:
+                    records.append((number, record))
+    except OSError as exc:
+        raise BatchFileError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
     if not records:
         raise BatchFileError(f"prompts file {path} has no prompts")
     return records
+
+
+def _parse_line(raw: bytes, where: str, *, first: bool) -> Optional[dict[str, Any]]:
+    """The record of one line (None for a blank line); raises `BatchFileError` prefixed with ``where``."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise BatchFileError(f"{where}: longer than {MAX_LINE_BYTES} bytes; one JSON object per line, one prompt each")
+    try:
+        text = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise BatchFileError(f"{where}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BatchFileError(f"{where}: not JSON ({exc.msg})") from None
+    except RecursionError:
+        raise BatchFileError(f"{where}: JSON nested too deeply; expected a flat object") from None
+    if not isinstance(record, dict):
+        raise BatchFileError(f"{where}: expected a JSON object {{\"prompt\": ..., \"entities\": [...]}}, "
+                             f"got {type(record).__name__}")
+    if not isinstance(record.get("prompt"), str):
+        raise BatchFileError(f"{where}: 'prompt' must be a string")
+    entities = record.get("entities")
+    if not isinstance(entities, list) or not all(isinstance(e, str) for e in entities):
+        raise BatchFileError(f"{where}: 'entities' must be a list of strings")
+    seed = record.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise BatchFileError(f"{where}: 'seed' must be a non-negative int, got {seed!r:.40}")
+    return record
 
 
 def batch_job(
@@ -183,63 +259,107 @@ def batch_job(
     prompts_file: str | Path,
     out_dir: str | Path,
     *,
-    defaults: GenerationRequest,
+    settings: ImageSettings,
     compare: bool = False,
+    overwrite: bool = False,
 ) -> RenderJob:
     """A resumable job: line ``i`` (0-based among non-blank lines) of ``prompts_file`` goes to
-    ``out_dir/{i:04d}.png``; a line without ``seed`` takes ``defaults.seed``; other settings come from ``defaults``.
+    ``out_dir/{i:04d}.png``; a line without ``seed`` takes ``settings.seed``; other settings come from ``settings``.
+    Outputs made with the same settings are kept; ``overwrite`` writes every line again (see `RenderJob`).
     """
     out_dir = Path(out_dir)
     items = []
     for index, (number, record) in enumerate(read_prompts(prompts_file)):
-        request = GenerationRequest(
-            prompt=record["prompt"],
-            entities=tuple(record["entities"]),
-            seed=record.get("seed", defaults.seed),
-            steps=defaults.steps,
-            guidance=defaults.guidance,
-            height=defaults.height,
-            width=defaults.width,
-        )
+        label = f"{prompts_file} line {number}"
+        try:
+            request = settings.request(record["prompt"], record["entities"], seed=record.get("seed"))
+        except DeLeakerError as exc:
+            raise type(exc)(f"{label}: {exc}") from None
         out = out_dir / f"{index:04d}.png"
-        items.append(
-            JobItem(request, out, compare_path(out) if compare else None, label=f"{prompts_file} line {number}")
+        items.append(JobItem(request, out, compare_path(out) if compare else None, label=label))
+    return RenderJob(runtime, tuple(items), keep_existing=not overwrite)
+
+
+def output_record(rt: "DeLeakerRuntime", request: GenerationRequest) -> dict[str, Any]:
+    """What produced an image (stored in its PNG; a resumed batch compares it): the resolved request and the
+    runtime's identity (model, backend, T, E_max, every DeLeaker knob). JSON-able and finite."""
+    return {
+        "prompt": request.prompt,
+        "entities": list(request.entities),
+        "seed": request.seed,
+        "steps": request.steps,
+        "guidance": float(request.guidance),
+        "height": request.height,
+        "width": request.width,
+        "model": rt.model_source,
+        "backend": rt.backend_name,
+        "text_len": rt.text_len,
+        "max_entities": rt.max_entities,
+        "deleaker_config": dict(rt.deleaker_config),
+    }
+
+
+def _labelled(item: JobItem, exc: DeLeakerError) -> DeLeakerError:
+    return type(exc)(f"{item.label}: {exc}") if item.label else exc
+
+
+def _existing_outputs(job: RenderJob, records: list[dict[str, Any]]) -> list[bool]:
+    """For each item, True when its outputs exist, are complete and were made with its record (keep them).
+    Raises `OutputError` listing the items whose existing outputs were made with other settings."""
+    done, conflicts = [], []
+    for item, record in zip(job.items, records):
+        expected = json.loads(json.dumps(record))  # as read back from a PNG (lists, floats)
+        states = []
+        for path in (item.out, item.compare_out):
+            if path is None:
+                continue
+            valid, stored = read_png_record(path)
+            states.append(valid and stored == expected)
+            if valid and stored != expected:
+                stored_keys = (stored or {}).keys()
+                changed = sorted(k for k in expected.keys() | stored_keys if (stored or {}).get(k) != expected.get(k))
+                why = "has no record of its settings" if stored is None else f"was made with other {', '.join(changed)}"
+                conflicts.append(f"{path} ({item.label or 'this request'}) {why}")
+        done.append(all(states))
+    if conflicts:
+        listed = "; ".join(conflicts[:3]) + (f"; and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+        raise OutputError(
+            f"existing outputs were not made by these requests: {listed}. Nothing was generated: pass --overwrite "
+            "to replace them, or choose another --out-dir"
         )
-    return RenderJob(runtime, tuple(items), resume=True)
-
-
-def _outputs_done(item: JobItem) -> bool:
-    return is_valid_png(item.out) and (item.compare_out is None or is_valid_png(item.compare_out))
+    return done
 
 
 def run_job(
     job: RenderJob,
     *,
     progress_factory: Optional[ProgressFactory] = None,
-    runtime: Optional[DeLeakerRuntime] = None,
+    runtime: Optional["DeLeakerRuntime"] = None,
 ) -> JobReport:
-    """Render ``job``. Order: output paths checked, runtime opened (or ``runtime`` reused), every request
-    validated (prompt length, entities, resolution), then images generated and written atomically.
+    """Render ``job``. Order: output paths and (for a model) entity counts checked without loading anything,
+    runtime opened (or ``runtime`` reused), every request validated against the model (prompt length, entity
+    tokens, resolution), existing outputs compared with their requests (``keep_existing``), then images generated
+    and each item's files written together (`save_pngs_atomic`: all or none).
     """
-    for item in job.items:
-        if job.resume:
-            check_output_dir(item.out.parent, create=True)
-        else:
-            check_output_file(item.out)
-            if item.compare_out is not None:
-                check_output_file(item.compare_out)
+    check_output_files(p for item in job.items for p in (item.out, item.compare_out) if p is not None)
+    if runtime is None and job.runtime.model is not None:
+        for item in job.items:  # E_max is known before loading a model: say so before the load
+            try:
+                check_entity_words(item.request.prompt, item.request.entities, max_entities=job.runtime.max_entities)
+            except DeLeakerError as exc:
+                raise _labelled(item, exc) from None
     rt = runtime if runtime is not None else job.runtime.open()
     resolved = []
     for item in job.items:
         try:
             resolved.append(rt.resolve(item.request))
         except DeLeakerError as exc:
-            if not item.label:
-                raise
-            raise type(exc)(f"{item.label}: {exc}") from None
+            raise _labelled(item, exc) from None
+    records = [output_record(rt, request) for request in resolved]
+    keep = _existing_outputs(job, records) if job.keep_existing else [False] * len(job.items)
 
     reports = []
-    for item, request in zip(job.items, resolved):
+    for item, request, record, skip in zip(job.items, resolved, records, keep):
         report = ItemReport(
             out=str(item.out),
             compare_out=None if item.compare_out is None else str(item.compare_out),
@@ -250,24 +370,26 @@ def run_job(
             guidance=float(request.guidance),
             height=int(request.height),
             width=int(request.width),
+            skipped=skip,
         )
-        if job.resume and _outputs_done(item):
-            report.skipped = True
-            reports.append(report)
+        reports.append(report)
+        if skip:
             continue
         result = _generate(rt, request, progress_factory, "DeLeaker")
         report.timings = dict(result.timings)
+        images = [(result.image, item.out)]
         if item.compare_out is not None:
             plain = _generate(rt, replace(request, deleaker=False), progress_factory, "FLUX")
             report.timings["plain_total"] = plain.timings["total"]
-            canvas = side_by_side(plain.image, result.image, request.prompt, ("FLUX", "DeLeaker"))
-            save_png_atomic(canvas, item.compare_out)
-        save_png_atomic(result.image, item.out)
-        reports.append(report)
+            pair = side_by_side(plain.image, result.image, request.prompt, ("FLUX", "DeLeaker"))
+            images.append((pair, item.compare_out))
+        save_pngs_atomic(images, record)
     return JobReport(backend=rt.backend_name, load_seconds=rt.load_seconds, items=reports)
 
 
-def _generate(rt: DeLeakerRuntime, request: GenerationRequest, progress_factory, description: str, **kwargs):
+def _generate(
+    rt: "DeLeakerRuntime", request: GenerationRequest, progress_factory, description: str, **kwargs
+) -> "GenerationResult":
     # Load the backend before the bar starts, so the bar measures steps, not a first-use export.
     load_seconds = rt.prepare(request)
     bar = progress_factory(request.steps, description) if progress_factory is not None else None
@@ -294,37 +416,74 @@ class VerifyJob:
     min_psnr: float = 30.0
 
     def __post_init__(self) -> None:
-        if not self.max_rel_err > 0 or not self.min_psnr > 0:
-            raise ConfigError("tolerances must be positive (--max-rel-err, --min-psnr)")
+        for name in ("max_rel_err", "min_psnr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a finite number > 0 (--max-rel-err, --min-psnr), got {shown(value)}")
 
 
 @dataclass
 class VerifyReport:
-    """Per-step ``||x - x_ref|| / ||x_ref||`` of the latents, PSNR (dB) of the final images, and the verdict."""
+    """Per-step ``||x - x_ref|| / ||x_ref||`` of the latents, PSNR (dB) of the final images, and the verdict.
+
+    ``uniform_images``: both images are one flat colour (e.g. all black): equal, but with nothing in them to
+    compare, so a FAIL even though their PSNR is infinite.
+    """
 
     backend: str
     step_rel_err: list[float]
     psnr_db: float
     max_rel_err: float
     min_psnr: float
+    uniform_images: bool = False
+
+    @property
+    def max_step_rel_err(self) -> Optional[float]:
+        """The largest per-step error, None when there is none or any is not finite (NaN compares false)."""
+        if not self.step_rel_err or not all(math.isfinite(e) for e in self.step_rel_err):
+            return None
+        return max(self.step_rel_err)
+
+    @property
+    def failures(self) -> list[str]:
+        """Why the candidate fails (empty: it passes). Non-finite numbers and flat images always fail."""
+        reasons = []
+        bad = [i + 1 for i, e in enumerate(self.step_rel_err) if not math.isfinite(e)]
+        if not self.step_rel_err:
+            reasons.append("no step was compared")
+        if bad:
+            reasons.append(f"the latent error is not finite at step(s) {bad}")
+        elif self.step_rel_err and self.max_step_rel_err > self.max_rel_err:
+            reasons.append(f"max rel. error {self.max_step_rel_err:.2e} > {self.max_rel_err}")
+        if math.isnan(self.psnr_db):
+            reasons.append("the image PSNR is NaN")
+        elif self.psnr_db < self.min_psnr:
+            reasons.append(f"PSNR {self.psnr_db:.2f} dB < {self.min_psnr} dB")
+        if self.uniform_images:
+            reasons.append("both images are one flat colour (e.g. all black): nothing was compared")
+        return reasons
 
     @property
     def passed(self) -> bool:
-        return max(self.step_rel_err) <= self.max_rel_err and self.psnr_db >= self.min_psnr
+        return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able and strict (no NaN/Infinity): a non-finite number is null, with a field that says why."""
         return {
             "backend": self.backend,
-            "step_rel_err": self.step_rel_err,
-            "max_step_rel_err": max(self.step_rel_err),
-            "psnr_db": None if math.isinf(self.psnr_db) else self.psnr_db,
-            "identical_images": math.isinf(self.psnr_db),
+            "step_rel_err": [e if math.isfinite(e) else None for e in self.step_rel_err],
+            "non_finite_steps": [i + 1 for i, e in enumerate(self.step_rel_err) if not math.isfinite(e)],
+            "max_step_rel_err": self.max_step_rel_err,
+            "psnr_db": self.psnr_db if math.isfinite(self.psnr_db) else None,
+            "identical_images": self.psnr_db == math.inf,
+            "uniform_images": self.uniform_images,
             "tolerance": {"max_rel_err": self.max_rel_err, "min_psnr": self.min_psnr},
             "passed": self.passed,
+            "failures": self.failures,
         }
 
 
-def reference_spec(candidate: DeLeakerRuntime, spec: RuntimeSpec) -> RuntimeSpec:
+def reference_spec(candidate: "DeLeakerRuntime", spec: RuntimeSpec) -> RuntimeSpec:
     """The PyTorch runtime to compare ``candidate`` with: the same model, ``T``, ``E_max`` and knobs, on
     ``spec.device`` (default: CUDA in bf16 when available, else the CPU in fp32)."""
     model = spec.model if spec.model is not None else getattr(candidate, "model_source", None)
@@ -340,23 +499,41 @@ def reference_spec(candidate: DeLeakerRuntime, spec: RuntimeSpec) -> RuntimeSpec
     )
 
 
+def _generate_compared(
+    rt: "DeLeakerRuntime", request: GenerationRequest, progress_factory, who: str
+) -> "GenerationResult":
+    """`_generate` recording the latents; a non-finite result is a FAIL of the verification, saying whose."""
+    from .runtime import NonFiniteError
+
+    try:
+        return _generate(rt, request, progress_factory, rt.backend_name, record_latents=True)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"verify: FAIL: {who} gave no finite result: {exc}") from None
+
+
 def verify(
     job: VerifyJob,
     *,
     progress_factory: Optional[ProgressFactory] = None,
-    candidate: Optional[DeLeakerRuntime] = None,
-    reference: Optional[DeLeakerRuntime] = None,
+    candidate: Optional["DeLeakerRuntime"] = None,
+    reference: Optional["DeLeakerRuntime"] = None,
 ) -> VerifyReport:
     """Run ``job.request`` on the candidate backend and on PyTorch from the same seed; compare every step's
     latents (relative L2 error) and the final images (PSNR)."""
+    import numpy as np
+    import torch
+
     cand = candidate if candidate is not None else job.candidate.open()
     request = cand.resolve(job.request)
     ref = reference if reference is not None else reference_spec(cand, job.candidate).open()
     ref.resolve(request)
-    got = _generate(cand, request, progress_factory, cand.backend_name, record_latents=True)
-    want = _generate(ref, request, progress_factory, "torch", record_latents=True)
+    got = _generate_compared(cand, request, progress_factory, f"the candidate ({cand.backend_name})")
+    want = _generate_compared(ref, request, progress_factory, "the PyTorch reference")
     errors = [
         float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
         for a, b in zip(got.latents, want.latents)
     ]
-    return VerifyReport(cand.backend_name, errors, psnr(got.image, want.image), job.max_rel_err, job.min_psnr)
+    uniform = all(np.ptp(np.asarray(image.convert("RGB"))) == 0 for image in (got.image, want.image))
+    return VerifyReport(
+        cand.backend_name, errors, psnr(got.image, want.image), job.max_rel_err, job.min_psnr, uniform_images=uniform
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,9 @@ from .backends import BackendError
 ARTIFACT_NAME = "transformer.onnx"
 #: The cache entry's manifest: key, artifact hash, model hash, contract, knobs, versions.
 MANIFEST_NAME = "cache_manifest.json"
+
+#: Says when an export starts and why (the CLI shows ``deleaker.*`` INFO records on stderr).
+logger = logging.getLogger(__name__)
 
 
 def transformer_sha256(transformer: torch.nn.Module) -> str:
@@ -93,10 +97,13 @@ def exported_onnx(
     key = cache_key(model_sha, io.to_dict(), config)
     entry = Path(cache_dir) / "onnx" / key[:32]
     artifact = entry / ARTIFACT_NAME
+    reason = f"no export in the cache yet for these weights, T={text_len}, E_max={max_entities} and knobs"
     if entry.is_dir():
         if is_valid_entry(entry, key):
             return artifact, io
         shutil.rmtree(entry, ignore_errors=True)  # damaged or from another layout: export again
+        reason = "the cached export is damaged"
+    logger.info("exporting the ONNX for %dx%d (%s) into %s ...", height, width, reason, entry)
 
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)

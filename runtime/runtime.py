@@ -25,7 +25,7 @@ from PIL import Image
 from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.geometry import latent_grid, vae_scale_factor
 from deleaker.tiny import TINY_MODEL_NAME
-from deleaker.errors import ConfigError, ShapeError
+from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 
 from .backends import OnnxRuntimeBackend, TorchBackend, TransformerBackend
 from .defaults import (
@@ -45,45 +45,14 @@ from .schedule import (
     text_ids,
     unpack_latents,
 )
+from .request import MAX_SIDE, GenerationRequest
 from .text import TextEncoders
 
 Tensor = torch.Tensor
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One image to generate.
-
-    Attributes:
-        prompt: the text; entities: 2 to ``E_max`` strings of the prompt (its T5 tokens are the entity's).
-        seed: the starting noise is ``torch.randn`` from ``torch.Generator("cpu").manual_seed(seed)``, as
-            ``FluxPipeline`` with that generator. height/width: pixels, None for the runtime's default size.
-        deleaker: False renders plain FLUX (all-zero entity mask) from the same seed, for comparisons.
-    """
-
-    prompt: str
-    entities: tuple[str, ...]
-    seed: int = 0
-    steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
-    height: Optional[int] = None
-    width: Optional[int] = None
-    deleaker: bool = True
-
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "entities", tuple(self.entities) if not isinstance(self.entities, str) else self.entities
-        )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
-            raise ConfigError(f"steps must be an int in [1, 1000], got {self.steps!r}")
-        if (
-            isinstance(self.guidance, bool)
-            or not isinstance(self.guidance, (int, float))
-            or self.guidance != self.guidance
-        ):
-            raise ConfigError(f"guidance must be a number, got {self.guidance!r}")
+class NonFiniteError(DeLeakerError, ArithmeticError):
+    """The latents after a denoising step, or the decoded image, hold NaN or inf: there is no image to give."""
 
 
 @dataclass
@@ -114,7 +83,7 @@ class TransformerSource:
 class AnyResolution(TransformerSource):
     """One backend for every resolution that is a multiple of ``2 * vae_scale_factor`` (PyTorch)."""
 
-    def __init__(self, backend: TransformerBackend, patch: int, max_pixels: int = 2048) -> None:
+    def __init__(self, backend: TransformerBackend, patch: int, max_pixels: int = MAX_SIDE) -> None:
         self._backend, self._patch, self._max = backend, patch, max_pixels
         self.name = backend.name
 
@@ -134,7 +103,7 @@ class PerResolution(TransformerSource):
         patch: int,
         backends: Mapping[tuple[int, int], Callable[[], TransformerBackend]],
         factory: Optional[Callable[[int, int], TransformerBackend]] = None,
-        max_pixels: int = 2048,
+        max_pixels: int = MAX_SIDE,
     ) -> None:
         self.name, self._patch, self._factory, self._max = name, patch, factory, max_pixels
         self._loaders = dict(backends)
@@ -162,16 +131,19 @@ class PerResolution(TransformerSource):
         return self._loaded[key]
 
 
-def check_size(height: Any, width: Any, patch: int, max_pixels: int = 2048) -> None:
-    """Raise `ShapeError` unless both sides are ints, multiples of ``patch`` and within ``[patch, max_pixels]``."""
-    for side, value in (("height", height), ("width", width)):
+def check_size(height: Any, width: Any, patch: int, max_pixels: int = MAX_SIDE) -> None:
+    """Raise `ShapeError` unless both sides are ints, multiples of ``patch`` and within ``[patch, max_pixels]``.
+    The message names every side that is wrong (a CLI side left out copies the other one)."""
+    sides = (("height", height), ("width", width))
+    for side, value in sides:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ShapeError(f"{side} must be an int, got {value!r}")
-        if value % patch or not patch <= value <= max_pixels:
-            raise ShapeError(
-                f"{side} {value} is not allowed: it must be a multiple of {patch} (2 x the VAE scale factor) "
-                f"between {patch} and {max_pixels}"
-            )
+    bad = [f"{side} {value}" for side, value in sides if value % patch or not patch <= value <= max_pixels]
+    if bad:
+        raise ShapeError(
+            f"{' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} not allowed: each side must be a multiple of "
+            f"{patch} (2 x the VAE scale factor) between {patch} and {max_pixels}"
+        )
 
 
 class DeLeakerRuntime:
@@ -368,6 +340,10 @@ class DeLeakerRuntime:
         Checks, without running any model: prompt length in T5 tokens, entities (found, distinct, 2..E_max),
         resolution (multiple of ``2 * vae_scale_factor``, served by the backend).
         """
+        if not isinstance(request, GenerationRequest):
+            raise ConfigError(
+                f"expected a GenerationRequest, got {type(request).__name__} (or call the runtime: rt(prompt, entities))"
+            )
         height = self.default_size[0] if request.height is None else request.height
         width = self.default_size[1] if request.width is None else request.width
         request = replace(request, height=height, width=width)
@@ -391,7 +367,7 @@ class DeLeakerRuntime:
         deleaker: bool = True,
     ) -> GenerationResult:
         """Generate one image; see `GenerationRequest` for the arguments. Returns image and per-stage timings."""
-        return self.generate(GenerationRequest(prompt, tuple(entities), seed, steps, guidance, height, width, deleaker))
+        return self.generate(GenerationRequest(prompt, entities, seed, steps, guidance, height, width, deleaker))
 
     def prepare(self, request: GenerationRequest) -> float:
         """Validate ``request`` and load the backend for its resolution now (the first use of a resolution may
@@ -466,6 +442,13 @@ class DeLeakerRuntime:
             inputs["step"] = torch.tensor(i, dtype=torch.int64, device=device)
             noise_pred, inputs["history"] = backend(inputs)
             latents = euler_step(latents, noise_pred.to(device), schedule, i)
+            # One reduction and a host sync per step: cheap next to a transformer call, and a NaN caught here
+            # names its step instead of surfacing as a black image.
+            if not bool(torch.isfinite(latents).all()):
+                raise NonFiniteError(
+                    f"the latents hold NaN or inf after step {i + 1} of {schedule.num_steps} ({self.backend_name}, "
+                    f"{height}x{width}, guidance {request.guidance}): the model overflowed; no image was made"
+                )
             if record_latents:
                 recorded.append(latents.detach().to("cpu", torch.float32).clone())
             if progress is not None:
@@ -485,11 +468,15 @@ class DeLeakerRuntime:
 
     @torch.no_grad()
     def decode(self, latents: Tensor, grid: tuple[int, int]) -> Image.Image:
-        """Packed latents ``(1, Nimg, C)`` -> PIL image, as ``FluxPipeline`` (unpack, unscale, decode, to 8 bit)."""
+        """Packed latents ``(1, Nimg, C)`` -> PIL image, as ``FluxPipeline`` (unpack, unscale, decode, to 8 bit).
+
+        Raises `NonFiniteError` when the decoded image is not finite (it would become black or noise in 8 bit)."""
         vae_param = next(self.vae.parameters())
         x = unpack_latents(latents, grid)
         x = (x / self.vae.config.scaling_factor) + self.vae.config.shift_factor
         image = self.vae.decode(x.to(vae_param.device, vae_param.dtype), return_dict=False)[0]
+        if not bool(torch.isfinite(image).all()):
+            raise NonFiniteError("the decoded image holds NaN or inf (the VAE overflowed); no image was made")
         image = (image / 2 + 0.5).clamp(0, 1)
         array = image.cpu().permute(0, 2, 3, 1).float().numpy()[0]
         return Image.fromarray((array * 255).round().astype("uint8"))

@@ -8,13 +8,10 @@ from typing import Sequence
 import torch
 
 from deleaker.entities import entity_token_mask
-from deleaker.errors import DeLeakerError, EntityError
+
+from .request import PromptError
 
 Tensor = torch.Tensor
-
-
-class PromptError(DeLeakerError, ValueError):
-    """The prompt does not fit the model (too many T5 tokens for the text length ``T``)."""
 
 
 @dataclass
@@ -47,8 +44,6 @@ class TextEncoders:
 
     def entity_mask(self, prompt: str, entities: Sequence[str], *, text_len: int, max_entities: int) -> Tensor:
         """``(max_entities, text_len)`` bool: each entity's T5 tokens (raises `EntityError` naming the entity)."""
-        if isinstance(entities, str):
-            raise EntityError(f"entities must be a list of strings, got the string {entities!r}")
         return entity_token_mask(
             self.tokenizer_2, prompt, list(entities), max_sequence_length=text_len, max_entities=max_entities
         )

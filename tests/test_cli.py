@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -142,7 +143,7 @@ def test_verify_onnxruntime_against_torch(tiny):
 
     strict = invoke("verify", *tiny, "--prompt", PROMPT, "--entities", "cat,cheetah", "--max-rel-err", "1e-30")
     if report["max_step_rel_err"] > 1e-30:
-        assert strict.exit_code == 1 and "beyond tolerance" in strict.stderr
+        assert strict.exit_code == 1 and "verify: FAIL" in strict.stderr and "max rel. error" in strict.stderr
 
 
 @pytest.mark.parametrize(
@@ -151,8 +152,12 @@ def test_verify_onnxruntime_against_torch(tiny):
         (["--entities", "cat,dog"], "not found in the prompt: ['dog']"),
         (["--entities", "cat,cheetah,water,river,shallow"], "at most max_entities=4"),
         (["--entities", "cat"], "at least 2"),
-        (["--height", "60"], "height 60 is not allowed: it must be a multiple of 8"),
-        (["--width", "4096"], "between 8 and 2048"),
+        (["--height", "60"], "height 60 and width 60 are not allowed: each side must be a multiple of 8"),
+        (["--width", "4096"], "width must be an int in [1, 2048] pixels, got 4096"),
+        (["--width", "4"], "and width 4 are not allowed: each side must be a multiple of 8 (2 x the VAE scale factor) "
+                           "between 8 and 2048"),
+        (["--height", "64", "--width", "36"], "error: width 36 is not allowed"),
+        (["--width", "0"], "width must be an int in [1, 2048] pixels, got 0"),
         (["--prompt", "a cat and a cheetah" + " and a cat" * 30], "T5 tokens but the model takes at most 32"),
         (["--backend", "tensorrt"], "tensorrt backend runs built engines"),
         (["--set", "k_strengthh=2"], "unknown DeLeaker option"),
@@ -340,7 +345,7 @@ def test_engine_dir_without_tensorrt_says_so_before_generating(tiny_components, 
         (["run", "--model", "tiny", "--engines", "x", "--prompt", "p", "--entities", "a,b"], "exactly one of"),
         (["run", "--model", "tiny", "--entities", "a,b"], "give --prompt and --entities"),
         (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--backend", "cuda"], "Invalid value"),
-        (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--steps", "0"], "Invalid value"),
+        (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--steps", "x"], "Invalid value"),
         (["run", "--model", "tiny", "--set", "k_strength"], "expected KNOB=VALUE"),
     ],
 )
@@ -362,3 +367,174 @@ def test_library_warnings_hidden_unless_verbose(tiny, tmp_path, verbose):
     assert result.exit_code == 1 and "horse" in result.stderr
     assert not (tmp_path / "x.png").exists()
     assert any("deprecation notice" in str(w.message) for w in caught) == bool(verbose)
+
+
+# --- hardening: numbers, outputs, records, interruption ---------------------------------------------------------
+
+
+def _strict_json(text: str):
+    """Parse as a strict JSON parser would: NaN and Infinity are not JSON."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_missing_gpu_is_one_error_line(tiny, tmp_path):
+    result = invoke("run", *tiny, "--backend", "torch", "--device", "cuda:1", "--prompt", PROMPT, "--entities",
+                    "cat,cheetah", "--out", tmp_path / "x.png")
+    assert result.exit_code == 1
+    assert "device 'cuda:1' is not available: this machine has no CUDA device" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _batch(path, lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_batch_resume_refuses_outputs_made_otherwise(tiny, tmp_path):
+    """Each image records what made it; a resumed batch keeps matching images, refuses to touch the others before
+    any work, and --overwrite makes them again."""
+    lines = [
+        {"prompt": "A cow and a horse in a farm", "entities": ["cow", "horse"], "seed": 1},
+        {"prompt": "A bat and an owl on a branch", "entities": ["bat", "owl"], "seed": 2},
+    ]
+    prompts, out_dir = _batch(tmp_path / "p.jsonl", lines), tmp_path / "images"
+    args = ["run", *tiny, "--prompts", prompts, "--out-dir", out_dir, "--json"]
+    assert invoke(*args).exit_code == 0
+    first = {n: (out_dir / n).read_bytes() for n in ("0000.png", "0001.png")}
+    record = _strict_json(Image.open(out_dir / "0001.png").text["deleaker-trt"])
+    assert record["prompt"] == lines[1]["prompt"] and record["entities"] == ["bat", "owl"] and record["seed"] == 2
+    assert record["model"] == "tiny" and record["backend"] == "onnxruntime" and record["text_len"] == 32
+    assert record["deleaker_config"]["std_mul_text"] == 0.5 and (record["height"], record["width"]) == (64, 64)
+
+    _batch(prompts, [lines[0], {**lines[1], "seed": 3}])
+    changed = invoke(*args)
+    assert changed.exit_code == 1 and "Traceback" not in changed.output
+    assert f"{out_dir / '0001.png'} ({prompts} line 2) was made with other seed" in changed.stderr
+    assert "--overwrite" in changed.stderr and "0000.png" not in changed.stderr
+    assert {n: (out_dir / n).read_bytes() for n in first} == first  # nothing generated, nothing touched
+
+    other_guidance = invoke(*args, "--guidance", "4")
+    assert other_guidance.exit_code == 1 and "was made with other guidance" in other_guidance.stderr
+
+    overwritten = invoke(*args, "--overwrite")
+    assert overwritten.exit_code == 0, overwritten.output
+    assert _strict_json(overwritten.stdout)["generated"] == 2
+    assert (out_dir / "0000.png").read_bytes() == first["0000.png"]  # same line, same image
+    assert (out_dir / "0001.png").read_bytes() != first["0001.png"]  # seed 3 now
+    assert _strict_json(Image.open(out_dir / "0001.png").text["deleaker-trt"])["seed"] == 3
+    resumed = invoke(*args)
+    assert resumed.exit_code == 0 and _strict_json(resumed.stdout)["skipped"] == 2
+
+
+def test_batch_resume_refuses_an_image_without_a_record(tiny, tmp_path):
+    prompts = _batch(tmp_path / "p.jsonl", [{"prompt": "A cow and a horse in a farm", "entities": ["cow", "horse"]}])
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "0000.png")  # someone else's image
+    result = invoke("run", *tiny, "--prompts", prompts, "--out-dir", tmp_path / "images")
+    assert result.exit_code == 1 and "0000.png" in result.stderr and "has no record of its settings" in result.stderr
+    assert Image.open(tmp_path / "images" / "0000.png").getextrema() == ((0, 0),) * 3
+
+
+def test_overwrite_is_for_batches(tiny, tmp_path):
+    result = invoke("run", *tiny, "--prompt", PROMPT, "--entities", "cat,cheetah", "--overwrite",
+                    "--out", tmp_path / "x.png")
+    assert result.exit_code == 2 and "--overwrite applies to --prompts" in result.stderr
+
+
+def test_json_report_is_strict(tiny, tmp_path):
+    result = invoke("run", *tiny, "--prompt", PROMPT, "--entities", "cat,cheetah", "--out", tmp_path / "x.png",
+                    "--json")
+    assert result.exit_code == 0 and _strict_json(result.stdout)["generated"] == 1
+
+
+def test_verify_report_fails_on_non_finite_numbers_and_flat_images():
+    from deleaker.runtime.jobs import VerifyReport
+
+    nan_step = VerifyReport("onnxruntime", [1e-6, float("nan"), 1e-6], 50.0, 1e-2, 30.0)
+    assert max(nan_step.step_rel_err) == 1e-6  # why `max` alone said PASS: NaN compares false
+    assert not nan_step.passed and "the latent error is not finite at step(s) [2]" in nan_step.failures
+    inf_step = VerifyReport("onnxruntime", [float("inf")], 50.0, 1e-2, 30.0)
+    assert not inf_step.passed
+    nan_psnr = VerifyReport("onnxruntime", [1e-6], float("nan"), 1e-2, 30.0)
+    assert not nan_psnr.passed and "the image PSNR is NaN" in nan_psnr.failures
+    flat = VerifyReport("onnxruntime", [0.0], float("inf"), 1e-2, 30.0, uniform_images=True)
+    assert not flat.passed and any("flat colour" in f for f in flat.failures)
+    assert not VerifyReport("onnxruntime", [], 50.0, 1e-2, 30.0).passed
+    assert VerifyReport("onnxruntime", [1e-6, 2e-6], float("inf"), 1e-2, 30.0).passed  # identical real images
+
+    report = _strict_json(json.dumps(nan_step.to_dict(), allow_nan=False))
+    assert report["step_rel_err"] == [1e-6, None, 1e-6] and report["non_finite_steps"] == [2]
+    assert report["max_step_rel_err"] is None and report["passed"] is False and report["failures"]
+    flat_dict = _strict_json(json.dumps(flat.to_dict(), allow_nan=False))
+    assert flat_dict["psnr_db"] is None and flat_dict["identical_images"] and flat_dict["uniform_images"]
+
+
+def _torch_runtime(components):
+    from deleaker.runtime.runtime import DeLeakerRuntime
+
+    config = {k: json.loads(v) for k, v in (item.split("=") for item in KNOBS[1::2])}
+    return DeLeakerRuntime.from_components(
+        components, model_id="tiny", backend="torch", text_len=32, deleaker_config=config, default_size=(64, 64)
+    )
+
+
+def _components(tiny_components, edit=None):
+    import copy
+
+    components = {k: copy.deepcopy(v) for k, v in tiny_components.items()}
+    if edit is not None:
+        with torch.no_grad():
+            edit(components)
+    return components
+
+
+def _black_vae(components):
+    conv = components["vae"].decoder.conv_out
+    conv.weight.zero_()
+    conv.bias.fill_(-10.0)  # every pixel -10 before (x / 2 + 0.5).clamp(0, 1): black
+
+
+def test_verify_of_two_black_images_is_a_fail(tiny_components):
+    """Two all-black images are equal (infinite PSNR) but compare nothing: FAIL."""
+    from deleaker.runtime import jobs
+    from deleaker.runtime.request import GenerationRequest
+
+    candidate = _torch_runtime(_components(tiny_components, _black_vae))
+    reference = _torch_runtime(_components(tiny_components, _black_vae))
+    job = jobs.VerifyJob(jobs.RuntimeSpec(model="tiny", backend="torch"), GenerationRequest(PROMPT, ("cat", "cheetah"),
+                         steps=2))
+    report = jobs.verify(job, candidate=candidate, reference=reference)
+    assert report.psnr_db == float("inf") and report.uniform_images and not report.passed
+    assert _strict_json(json.dumps(report.to_dict(), allow_nan=False))["passed"] is False
+
+
+def test_verify_of_a_non_finite_candidate_is_a_fail(tiny_components):
+    from deleaker.runtime import jobs
+    from deleaker.runtime.request import GenerationRequest
+    from deleaker.runtime.runtime import NonFiniteError
+
+    def overflow(components):
+        components["transformer"].proj_out.weight.mul_(3e38)
+
+    candidate = _torch_runtime(_components(tiny_components, overflow))
+    reference = _torch_runtime(_components(tiny_components))
+    job = jobs.VerifyJob(jobs.RuntimeSpec(model="tiny", backend="torch"), GenerationRequest(PROMPT, ("cat", "cheetah"),
+                         steps=2))
+    with pytest.raises(NonFiniteError, match=r"verify: FAIL: the candidate \(torch\) gave no finite result"):
+        jobs.verify(job, candidate=candidate, reference=reference)
+
+
+def test_side_by_side_caption_is_bounded():
+    """A 20,000-character prompt (the longest allowed) captions the pair in MAX_CAPTION_LINES lines, not thousands."""
+    from deleaker.runtime.images import MAX_CAPTION_LINES, side_by_side
+
+    image = Image.new("RGB", (64, 64))
+    short = side_by_side(image, image, "a cat", ("FLUX", "DeLeaker"))
+    long = side_by_side(image, image, "word " * 4000, ("FLUX", "DeLeaker"))
+    assert long.width == 128 and long.height <= short.height + 12 * MAX_CAPTION_LINES
+    assert side_by_side(image, image, "猫 and 🐱 " + "x" * 5000, ("FLUX", "DeLeaker")).height < long.height + 12

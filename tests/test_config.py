@@ -118,6 +118,20 @@ def test_unknown_option_lists_allowed_names() -> None:
         ("std_mul_text", float("-inf")),
         ("k_strength", float("inf")),
         ("std_mul_image_image", None),
+        # Ranges (DeLeakerConfig's docstring): k_strength in (0, 10], std_mul_* in [-10, 10], windows < 2**31.
+        ("k_strength", 0.0),
+        ("k_strength", -1.2),
+        ("k_strength", 10.5),
+        ("k_strength", 3e38),
+        ("std_mul_text", 1e308),
+        ("std_mul_text", -10.01),
+        ("std_mul_image_image", 11),
+        ("stop_intervention_at", 2**31),
+        ("stop_aggregating_at", 10**23),
+        ("stop_intervention_at", 1e23),
+        # Too long for repr() (the message describes it), and beyond float's range (math.isfinite() overflows).
+        pytest.param("stop_intervention_at", 10**5000, id="window-5000-digits"),
+        pytest.param("k_strength", 10**400, id="k_strength-400-digits"),
     ],
 )
 def test_bad_types_and_values(name: str, value) -> None:
@@ -125,6 +139,23 @@ def test_bad_types_and_values(name: str, value) -> None:
         DeLeakerConfig(**{name: value})
     with pytest.raises(ConfigError, match=name):
         DeLeakerConfig.for_model(57, **{name: value})
+
+
+def test_range_edges_are_accepted() -> None:
+    config = DeLeakerConfig(k_strength=10, std_mul_text=-10.0, std_mul_image_image=10.0, stop_intervention_at=2**31 - 1)
+    assert config.stop_intervention_at == 2**31 - 1
+    DeLeakerConfig(k_strength=1e-6)
+
+
+def test_check_overrides_needs_no_model() -> None:
+    """What the CLI runs before loading anything: unknown names, types and single-knob ranges."""
+    DeLeakerConfig.check_overrides({"k_strength": 2.0, "stop_intervention_at": 5})
+    with pytest.raises(ConfigError, match="unknown DeLeaker option"):
+        DeLeakerConfig.check_overrides({"alpha": 1.0})
+    with pytest.raises(ConfigError, match=r"k_strength must be in \(0, 10\], got -1"):
+        DeLeakerConfig.check_overrides({"k_strength": -1})
+    with pytest.raises(ConfigError, match=r"stop_intervention_at must be in \[0, 2\*\*31 - 1\]"):
+        DeLeakerConfig.check_overrides({"stop_intervention_at": 10**23})
 
 
 def test_ints_accepted_for_float_knobs() -> None:

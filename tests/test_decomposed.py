@@ -126,8 +126,8 @@ def test_threaded_block_steps_like_a_model() -> None:
         ref_history = ref.history
 
 
-@pytest.mark.parametrize("alpha", [1.2, 2.0, 0.5, 0.0, -1.0])
-def test_k_strength_on_both_signs(alpha: float) -> None:
+@pytest.mark.parametrize("alpha", [1.2, 2.0, 0.5])
+def test_k_strength_with_logits_of_both_signs(alpha: float) -> None:
     config = dataclasses.replace(CONFIG, k_strength=alpha)
     case, history, ref = scenario_case("e3_emax4", 17, 6, config, negative_token=True, history_from={})
     assert_steps_match(case, 6, history, config, ref)
@@ -205,9 +205,9 @@ def test_rows_almost_all_cut_fall_back_and_stay_accurate(dtype: torch.dtype) -> 
 
 def test_overflowing_strengthening_falls_back_instead_of_nan() -> None:
     """exp(a * s - l) beyond float32's range makes Z infinite: the row is recomputed, never NaN."""
-    config = dataclasses.replace(CONFIG, k_strength=40.0)
+    config = dataclasses.replace(CONFIG, k_strength=10.0)  # the largest the config takes
     case, history, ref = scenario_case("e3_emax4", 23, 6, config, history_from={})
-    scaled = dataclasses.replace(case, q=case.q * 4.0)
+    scaled = dataclasses.replace(case, q=case.q * 6.0)
     ref = reference(scaled, 6, history, config)
     got = intermediates(scaled, 6, history, config)
     assert torch.isfinite(got.out).all()

@@ -456,7 +456,8 @@ def test_thresholds_are_per_sample() -> None:
 # --- strengthening, -inf, image-image regions -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("alpha", [1.2, 2.0, 0.5, 0.0, -1.0])
+# alpha <= 0 is refused by DeLeakerConfig (it would invert or flatten the entity's own attention).
+@pytest.mark.parametrize("alpha", [1.2, 2.0, 0.5, 0.01, 10.0])
 def test_k_strength_on_both_signs(alpha: float) -> None:
     config = dataclasses.replace(CONFIG, k_strength=alpha)
     case, history, ref = scenario_case("e2_emax2_5x7", 111, 6, config, history_from={}, negative_token=True)
@@ -471,7 +472,7 @@ def test_k_strength_on_both_signs(alpha: float) -> None:
 OVERLAP = dict(grid=(7, 9), entities=[(1, 2), (5,)], e_max=4, blobs=[[rect(0, 3, 0, 4), rect(0, 3, 2, 6)]])
 
 
-@pytest.mark.parametrize("alpha", [1.2, 0.0, -1.0])
+@pytest.mark.parametrize("alpha", [1.2, 0.01, 10.0])
 def test_weakened_logits_stay_minus_inf(alpha: float) -> None:
     config = dataclasses.replace(CONFIG, k_strength=alpha)
     case, history, ref = checked_case(121, 6, config, **OVERLAP)
@@ -483,9 +484,9 @@ def test_weakened_logits_stay_minus_inf(alpha: float) -> None:
     assert bool(torch.isfinite(out).all())
 
 
-@pytest.mark.parametrize("alpha", [1.2, 0.0, -1.0])
+@pytest.mark.parametrize("alpha", [1.2, 0.01, 10.0])
 def test_minus_inf_logit_is_not_strengthened(alpha: float) -> None:
-    """A logit that is -inf before the edits (here an fp32 overflow) stays -inf whatever the sign of alpha."""
+    """A logit that is -inf before the edits (here an fp32 overflow) stays -inf whatever alpha."""
     config = dataclasses.replace(CONFIG, k_strength=alpha)
     case = make_case(141, **SCENARIOS["e2_emax2_5x7"])
     T = case.text_len

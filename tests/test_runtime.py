@@ -16,13 +16,14 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_
 from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
 from deleaker import DeLeakerConfig, EntityError
-from deleaker.errors import DeLeakerError, ShapeError
+from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.geometry import latent_grid
 from deleaker.pipeline import DeLeakerFluxPipeline
 from deleaker.runtime import onnx_cache as onnx_cache_mod
 from deleaker.runtime import schedule as sched
 from deleaker.runtime.images import psnr
-from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest
+from deleaker.runtime.request import MAX_PROMPT_CHARS, EntitiesTypeError
+from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest, NonFiniteError
 from deleaker.runtime.text import PromptError
 
 PROMPT = "A cat and a cheetah are splashing each other with water in a shallow river"
@@ -178,11 +179,10 @@ def test_one_instance_serves_concurrent_calls(torch_runtime):
 @pytest.mark.parametrize(
     "change,error,message",
     [
-        (dict(entities=("cat", "dog")), EntityError, "dog"),
         (dict(entities=("cat", "cheetah", "river", "water", "shallow")), EntityError, "4"),
         (dict(prompt="a cat and a cheetah " + "very " * 40), PromptError, "T5 tokens"),
         (dict(height=60), ShapeError, "multiple of 8"),
-        (dict(width=4096), ShapeError, "between 8 and 2048"),
+        (dict(width=4), ShapeError, "between 8 and 2048"),
     ],
 )
 def test_bad_requests_fail_before_any_work(torch_runtime, change, error, message):
@@ -192,6 +192,97 @@ def test_bad_requests_fail_before_any_work(torch_runtime, change, error, message
         torch_runtime.resolve(request)
     with pytest.raises(error, match=message):
         torch_runtime.generate(request)
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(entities=("cat", "dog")), EntityError, "not found in the prompt: \\['dog'\\]"),
+        (dict(entities="cd"), EntitiesTypeError, "split into letters"),
+        (dict(entities={"cat", "cheetah"}), EntitiesTypeError, "list or tuple of strings, got set"),
+        (dict(entities=None), EntitiesTypeError, "got NoneType"),
+        (dict(entities=b"cat"), EntitiesTypeError, "got bytes"),
+        (dict(entities=("cat", 3)), EntityError, "entity 1 must be a str"),
+        (dict(prompt=""), PromptError, "non-empty"),
+        (dict(prompt=None), PromptError, "non-empty"),
+        (dict(prompt="a cat and a cheetah " + "x" * MAX_PROMPT_CHARS), PromptError, "at most 20000"),
+        (dict(prompt="a cat and a cheetah \ud800"), PromptError, "not valid Unicode"),
+        (dict(guidance=float("inf")), ConfigError, "guidance must be a finite number in \\[0, 100\\]"),
+        (dict(guidance=float("-inf")), ConfigError, "guidance"),
+        (dict(guidance=float("nan")), ConfigError, "guidance"),
+        (dict(guidance=3e38), ConfigError, "guidance"),
+        (dict(guidance=1e308), ConfigError, "guidance"),
+        (dict(guidance=-0.5), ConfigError, "guidance"),
+        (dict(guidance=100.5), ConfigError, "guidance"),
+        (dict(guidance="3.5"), ConfigError, "guidance"),
+        (dict(seed=-1), ConfigError, "seed"),
+        (dict(seed=2**63), ConfigError, "seed"),
+        (dict(seed=1.0), ConfigError, "seed"),
+        (dict(seed=True), ConfigError, "seed"),
+        (dict(steps=0), ConfigError, "steps"),
+        (dict(steps=1001), ConfigError, "steps"),
+        (dict(steps=2.0), ConfigError, "steps"),
+        (dict(height=0), ShapeError, "height must be an int in \\[1, 2048\\]"),
+        (dict(width=0), ShapeError, "width must be an int in \\[1, 2048\\]"),
+        (dict(width=4096), ShapeError, "width"),
+        (dict(height=64.0), ShapeError, "height"),
+        (dict(height=10**30), ShapeError, "height"),
+        (dict(deleaker="yes"), ConfigError, "deleaker must be a bool"),
+        (dict(seed=10**5000), ConfigError, "got an int of 16610 bits"),  # too long for repr(): still a message
+        (dict(guidance=10**400), ConfigError, "guidance must be a finite number"),  # isfinite() would overflow
+    ],
+)
+def test_request_is_checked_when_made_without_a_model(change, error, message):
+    with pytest.raises(error, match=message):
+        GenerationRequest(**{**dict(prompt=PROMPT, entities=ENTITIES), **change})
+
+
+def test_numpy_scalars_become_python_numbers():
+    request = GenerationRequest(PROMPT, ENTITIES, seed=np.int64(3), steps=np.int32(2), guidance=np.float32(2.5),
+                                height=np.int64(64), width=np.uint16(64))  # fmt: skip
+    assert (request.seed, request.steps, request.guidance, request.height, request.width) == (3, 2, 2.5, 64, 64)
+    assert all(type(v) is int for v in (request.seed, request.steps, request.height, request.width))
+    assert type(request.guidance) is float
+    with pytest.raises(ConfigError, match="seed"):
+        GenerationRequest(PROMPT, ENTITIES, seed=np.float64(3.0))
+
+
+def test_generate_refuses_what_is_not_a_request(torch_runtime):
+    with pytest.raises(ConfigError, match="expected a GenerationRequest, got str"):
+        torch_runtime.generate("a cat and a cheetah")
+
+
+def test_call_refuses_a_string_of_entities(torch_runtime):
+    """``rt("a c and a d", "cd")`` once split "cd" into the entities c and d; a str is not a list of entities."""
+    with pytest.raises(TypeError, match="split into letters") as info:
+        torch_runtime("a c and a d", "cd", steps=1)
+    assert isinstance(info.value, EntityError)
+
+
+def _overflowing_runtime(components, module_path):
+    """A torch runtime of ``components`` deep-copied, with the weight at ``module_path`` scaled so that its output
+    overflows float32: a real model whose numbers leave float32's range (as extreme knobs or guidance can)."""
+    components = {k: copy.deepcopy(v) for k, v in components.items()}
+    owner, _, name = module_path.partition(".")
+    with torch.no_grad():
+        components[owner].get_submodule(name).weight.mul_(3e38)
+    return DeLeakerRuntime.from_components(
+        components, model_id="tiny", backend="torch", text_len=TEXT_LEN, deleaker_config=CONFIG, default_size=(64, 64)
+    )
+
+
+def test_non_finite_latents_are_an_error_not_an_image(tiny_components):
+    rt = _overflowing_runtime(tiny_components, "transformer.proj_out")
+    done = []
+    with pytest.raises(NonFiniteError, match="after step 1 of 3") as info:
+        rt.generate(GenerationRequest(PROMPT, ENTITIES, steps=3), progress=lambda i, n: done.append(i))
+    assert isinstance(info.value, DeLeakerError) and done == []  # stopped at the first bad step
+
+
+def test_non_finite_decoded_image_is_an_error(tiny_components):
+    rt = _overflowing_runtime(tiny_components, "vae.decoder.conv_out")
+    with pytest.raises(NonFiniteError, match="decoded image"):
+        rt.generate(GenerationRequest(PROMPT, ENTITIES, steps=1))
 
 
 # --- ONNX Runtime backend == PyTorch --------------------------------------------------------------------------

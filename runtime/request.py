@@ -1,0 +1,171 @@
+"""`GenerationRequest`: one image to generate, validated without any model (a light module: no torch).
+
+Everything that can be refused from the request alone is refused here, when it is made, so that the CLI answers
+bad input before it imports torch or loads a model. What needs the model (T5 token count, entity tokens, the
+resolution's multiple, ``E_max``) is checked by `DeLeakerRuntime.resolve` before any generation.
+
+Ranges (and why):
+
+- ``prompt``: a non-empty str of at most `MAX_PROMPT_CHARS` characters, valid Unicode (no lone surrogates).
+  T5 takes at most 512 tokens; no prompt that fits comes near this many characters, and a longer one is
+  refused before the tokenizer spends seconds and gigabytes on it.
+- ``entities``: a list or tuple (not a str, not a set) of 2 or more strings, each occurring in the prompt as whole
+  words (case-insensitive), no duplicates.
+- ``seed``: an int in ``[0, 2**63)`` (``torch.Generator.manual_seed`` takes an int64). Numbers may be numpy
+  scalars; the request holds them as Python ints and floats.
+- ``steps``: an int in ``[1, MAX_STEPS]``.
+- ``guidance``: a finite number in ``[0, MAX_GUIDANCE]``. FLUX.1-dev's guidance embedding was distilled for
+  about 1 to 10; the transformer multiplies it by 1000 and embeds it with sinusoids in float32/bf16, so far larger
+  values (``1e308``, ``inf``) overflow to inf/NaN and give black images.
+- ``height``/``width``: None (the runtime's default size) or an int in ``[1, MAX_SIDE]``; the runtime then checks
+  the model's multiple (``2 x`` the VAE scale factor).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+from deleaker.config import shown
+from deleaker.entities import check_entity_words
+from deleaker.errors import ConfigError, DeLeakerError, EntityError, ShapeError
+
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+#: Longest prompt in characters (far above what 512 T5 tokens spell; see the module docstring).
+MAX_PROMPT_CHARS = 20_000
+#: Largest side in pixels any runtime serves (the memory of a 2048x2048 attention already needs a large GPU).
+MAX_SIDE = 2048
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+#: Seeds are int64 for torch.Generator.
+SEED_LIMIT = 2**63
+
+
+class PromptError(DeLeakerError, ValueError):
+    """The prompt is not a usable string, or does not fit the model (too many T5 tokens for ``T``)."""
+
+
+class EntitiesTypeError(EntityError, TypeError):
+    """``entities`` is not a list/tuple of strings (a str would be split into characters)."""
+
+
+def _check_text(what: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(f"{what} is not valid Unicode text (at character {exc.start}: {exc.reason})") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _checked_settings(seed: Any, steps: Any, guidance: Any, height: Any, width: Any) -> dict[str, Any]:
+    """The settings as Python ints and float (numpy scalars are accepted), or a typed error naming the first bad
+    one with its allowed range."""
+    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be an int in [0, 2**63), got {shown(seed)}")
+    if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"steps must be an int in [1, {MAX_STEPS}], got {shown(steps)}")
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, numbers.Real)
+        or not 0 <= guidance <= MAX_GUIDANCE  # before isfinite: that overflows on an int beyond float's range
+        or not math.isfinite(guidance)
+    ):
+        raise ConfigError(
+            f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}] (FLUX.1-dev is distilled for about "
+            f"1 to 10), got {shown(guidance)}"
+        )
+    for side, value in (("height", height), ("width", width)):
+        if value is not None and (not _is_int(value) or not 1 <= value <= MAX_SIDE):
+            raise ShapeError(f"{side} must be an int in [1, {MAX_SIDE}] pixels, got {shown(value)}")
+    return {
+        "seed": int(seed),
+        "steps": int(steps),
+        "guidance": float(guidance),
+        "height": None if height is None else int(height),
+        "width": None if width is None else int(width),
+    }
+
+
+def _set_fields(instance: Any, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        object.__setattr__(instance, name, value)
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Everything of a request but its text: seed, steps, guidance and size, validated as in `GenerationRequest`
+    (the CLI's options, shared by every line of a batch)."""
+
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    height: Optional[int] = None
+    width: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _set_fields(self, _checked_settings(self.seed, self.steps, self.guidance, self.height, self.width))
+
+    def square(self) -> "ImageSettings":
+        """These settings with a missing side equal to the given one (the CLI's ``--height``/``--width``)."""
+        if (self.height is None) == (self.width is None):
+            return self
+        side = self.height if self.height is not None else self.width
+        return replace(self, height=side, width=side)
+
+    def request(self, prompt: str, entities: Sequence[str], *, seed: Optional[int] = None) -> "GenerationRequest":
+        """A request for ``prompt``/``entities`` with these settings (``seed`` replaces this seed when given)."""
+        return GenerationRequest(
+            prompt, entities, self.seed if seed is None else seed, self.steps, self.guidance, self.height, self.width
+        )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to generate; refused here when invalid (see the module docstring for every range).
+
+    Attributes:
+        prompt: the text; entities: 2 to ``E_max`` strings of the prompt (its T5 tokens are the entity's).
+        seed: the starting noise is ``torch.randn`` from ``torch.Generator("cpu").manual_seed(seed)``, as
+            ``FluxPipeline`` with that generator. height/width: pixels, None for the runtime's default size.
+        deleaker: False renders plain FLUX (all-zero entity mask) from the same seed, for comparisons.
+    """
+
+    prompt: str
+    entities: tuple[str, ...]
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    height: Optional[int] = None
+    width: Optional[int] = None
+    deleaker: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise PromptError(f"the prompt must be a non-empty string, got {self.prompt!r:.80}")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise PromptError(
+                f"the prompt has {len(self.prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed "
+                "(T5 reads at most 512 tokens)"
+            )
+        _check_text("the prompt", self.prompt)
+        if isinstance(self.entities, (str, bytes)) or not isinstance(self.entities, Sequence):
+            hint = " (a string would be split into letters)" if isinstance(self.entities, str) else ""
+            raise EntitiesTypeError(
+                f"entities must be a list or tuple of strings, got {type(self.entities).__name__} "
+                f"{self.entities!r:.80}{hint}"
+            )
+        object.__setattr__(self, "entities", tuple(self.entities))
+        for entity in self.entities:
+            if isinstance(entity, str):
+                _check_text(f"entity {entity!r}", entity)
+        check_entity_words(self.prompt, self.entities)
+        _set_fields(self, _checked_settings(self.seed, self.steps, self.guidance, self.height, self.width))
+        if not isinstance(self.deleaker, bool):
+            raise ConfigError(f"deleaker must be a bool, got {shown(self.deleaker)}")

@@ -1,0 +1,165 @@
+"""``deleaker-trt`` answers ``--help`` and bad input without importing torch (a fresh process each, as a user
+runs it): well under a second on a 2-core machine, where importing torch, diffusers and transformers took 5-7 s.
+
+The time bounds are generous (1.5 s; measured about 0.1-0.3 s here, 1.6-1.7 s for ``--help`` and ~5 s for an
+input error before the CLI's imports were made lazy); the import checks are what hold on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+BOUND_S = 1.5
+
+# Runs the CLI in this process and reports whether torch was imported, whatever the exit.
+PROBE = """
+import sys
+from deleaker.runtime.cli import main
+try:
+    main(sys.argv[1:], prog_name="deleaker-trt")
+finally:
+    print("TORCH_IMPORTED=%s" % ("torch" in sys.modules), file=sys.stderr)
+"""
+
+
+def _cli(*args: str, cwd=None) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+    return done, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["verify", "--help"], ["build", "--help"]])
+def test_help_is_fast_and_needs_no_torch(args):
+    done, seconds = _cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert "Usage:" in done.stdout and "TORCH_IMPORTED=False" in done.stderr
+    assert seconds < BOUND_S, f"{args} took {seconds:.2f} s"
+
+
+def test_build_help_shows_the_default_precision_and_one_entity_limit():
+    from deleaker.engines.build import PRECISIONS as BUILD_PRECISIONS
+    from deleaker.plugins.kernels import MAX_ENTITIES
+    from deleaker.runtime.defaults import DEFAULT_PRECISION, PRECISIONS
+
+    assert PRECISIONS == BUILD_PRECISIONS and DEFAULT_PRECISION == "fp16"
+    build_help, _ = _cli("build", "--help")
+    assert "[default: fp16]" in build_help.stdout and f"at most {MAX_ENTITIES})" in build_help.stdout
+    run_help, _ = _cli("run", "--help")
+    assert f"at most {MAX_ENTITIES})" in run_help.stdout
+
+
+GOOD = ["run", "--model", "tiny", "--prompt", "a cat and a dog", "--entities", "cat,dog"]
+
+
+def _with(**changes: str) -> list[str]:
+    args = list(GOOD)
+    for flag, value in changes.items():
+        flag = "--" + flag.replace("_", "-")
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (_with(guidance="inf"), "guidance must be a finite number in [0, 100]"),
+        (_with(guidance="-inf"), "guidance must be a finite number"),
+        (_with(guidance="nan"), "guidance must be a finite number"),
+        (_with(guidance="3e38"), "guidance must be a finite number"),
+        (_with(guidance="1e308"), "guidance must be a finite number"),
+        (_with(seed="-1"), "seed must be an int in [0, 2**63)"),
+        (_with(seed=str(2**64)), "seed must be an int in [0, 2**63)"),
+        (_with(steps="0"), "steps must be an int in [1, 1000]"),
+        (_with(steps="100000"), "steps must be an int in [1, 1000]"),
+        (_with(width="0"), "width must be an int in [1, 2048] pixels, got 0"),
+        (_with(height="-64"), "height must be an int in [1, 2048] pixels"),
+        (_with(height=str(10**30)), "height must be an int in [1, 2048] pixels"),
+        (_with(set="k_strength=inf"), "k_strength must be a finite number"),
+        (_with(set="k_strength=1e400"), "k_strength must be a finite number"),
+        (_with(set="k_strength=NaN"), "k_strength must be a finite number"),
+        (_with(set="k_strength=-1"), "k_strength must be in (0, 10]"),
+        (_with(set="k_strength=0"), "k_strength must be in (0, 10]"),
+        (_with(set="std_mul_text=3e38"), "std_mul_text must be in [-10, 10]"),
+        (_with(set="stop_intervention_at=1e23"), "stop_intervention_at must be an int (block steps)"),
+        (_with(set="stop_intervention_at=100000000000000000000000"), "must be in [0, 2**31 - 1]"),
+        (_with(set="start_aggregating_from=-1"), "start_aggregating_from must be in [0, 2**31 - 1]"),
+        (_with(set="use_history=1"), "use_history must be a bool"),
+        (_with(entities="cat,cow"), "not found in the prompt: ['cow']"),
+        (_with(entities="cat"), "at least 2"),
+        (_with(entities="cat,cat"), "duplicate"),
+        (_with(set="k_strength=1" + "0" * 400), "k_strength must be in (0, 10], got 1000000000"),
+        (_with(set="stop_intervention_at=1" + "0" * 5000), "stop_intervention_at must be an int (block steps), got inf"),
+        (_with(out=".png"), "output .png has no name before .png"),
+        (_with(out="a" * 300 + ".png"), "is too long: at most"),
+        (_with(out="d" * 300 + "/x.png"), "cannot be written: File name too long"),
+        (_with(out="x.jpg"), "must end in .png"),
+        (["run", "--model", "tiny", "--prompts", "/"], "prompts file / is a directory"),
+        (["run", "--model", "tiny", "--prompts", "no-such.jsonl"], "prompts file no-such.jsonl does not exist"),
+        (_with(backend="torch", device="nonsense"), "device must be 'cpu', 'cuda' or 'cuda:N', got 'nonsense'"),
+        (_with(backend="torch", device="meta"), "device must be 'cpu', 'cuda' or 'cuda:N', got 'meta'"),
+        (["verify", *GOOD[1:], "--max-rel-err", "nan"], "max_rel_err must be a finite number > 0"),
+        (["verify", *GOOD[1:], "--min-psnr", "inf"], "min_psnr must be a finite number > 0"),
+    ],
+)
+def test_bad_input_is_one_error_line_fast_without_torch(tmp_path, args, message):
+    done, seconds = _cli(*args, cwd=tmp_path)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("TORCH_IMPORTED=")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "TORCH_IMPORTED=False" in done.stderr
+    assert list(tmp_path.iterdir()) == [], "no output, no folder"
+    assert seconds < BOUND_S, f"{args} took {seconds:.2f} s"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b'{"prompt": "a cat and a dog ' + b"x" * (40 << 20) + b'", "entities": ["cat", "dog"]}\n', "longer than"),
+        (
+            json.dumps({"prompt": "a cat and a dog " + "x " * 200_000, "entities": ["cat", "dog"]}).encode(),
+            "the prompt has 400016 characters; at most 20000",
+        ),
+        (b'{"prompt": "a cat \xff and a dog", "entities": ["cat", "dog"]}\n', "line 1: not UTF-8 text"),
+        (b"[" * 200_000 + b"]" * 200_000 + b"\n", "line 1: JSON nested too deeply"),
+        (b'{"prompt": ' * 100_000 + b"\n", "line 1: "),
+        (b"[1, 2]\n", "line 1: expected a JSON object"),
+        (b'"a cat and a dog"\n', "line 1: expected a JSON object"),
+        (b"\n\n  \n", "has no prompts"),
+        (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "seed": 1e30}\n', "'seed' must be"),
+        (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "seed": ' + b"9" * 30 + b"}\n", "seed"),
+        (b'{"prompt": "a cat and a dog", "entities": "cat,dog"}\n', "'entities' must be a list of strings"),
+        (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"]}\n{"prompt": 1}\n', "line 2: 'prompt'"),
+        (b'\xef\xbb\xbf{"prompt": "a cat and a dog", "entities": ["cat", "cow"]}\n', "line 1: entities not found"),
+    ],
+)
+def test_bad_prompts_file_is_refused_fast(tmp_path, content, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(content)
+    done, seconds = _cli("run", "--model", "tiny", "--prompts", prompts, "--out-dir", tmp_path / "out")
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("TORCH_IMPORTED=")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], [x[:200] for x in lines]
+    assert "TORCH_IMPORTED=False" in done.stderr
+    assert not (tmp_path / "out").exists()
+    assert seconds < BOUND_S, f"took {seconds:.2f} s"
+
+
+def test_batch_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat and a dog", "entities": ["cat", "dog"]}) + "\n")
+    (tmp_path / "out" / "0000.png").mkdir(parents=True)
+    done, seconds = _cli("run", "--model", "tiny", "--prompts", prompts, "--out-dir", tmp_path / "out")
+    assert done.returncode == 1 and f"output {tmp_path / 'out' / '0000.png'} is a directory" in done.stderr
+    assert "TORCH_IMPORTED=False" in done.stderr and seconds < BOUND_S
+    not_a_dir, _ = _cli("run", "--model", "tiny", "--prompts", prompts, "--out-dir", prompts)
+    assert not_a_dir.returncode == 1 and "is not a directory" in not_a_dir.stderr
