@@ -33,7 +33,8 @@ ARCHS: tuple[str, ...] = ("80", "86", "89", "90", "90a")
 LIBRARY_NAME = "libdeleaker_kernels.so"
 MANIFEST_NAME = "manifest.json"
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-NVCC_FLAGS: tuple[str, ...] = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-lineinfo")
+#: ``--threads 0``: one nvcc process compiles the targets in parallel on every core.
+NVCC_FLAGS: tuple[str, ...] = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-lineinfo", "--threads", "0")
 
 
 class KernelBuildError(DeLeakerError, RuntimeError):

@@ -227,14 +227,20 @@ def assert_correction_matches(q, k, v, entity_mask, out, views, ref, config, fal
         torch.testing.assert_close(views["thresholds"], region_thresholds(pbar, masks, config), rtol=1e-4,
                                    atol=1e-9, equal_nan=True)
         expected_cut = image_image_cuts(pbar, masks, views["thresholds"])
-        cut_diff = (views["cut"] != expected_cut) & ~threshold_near_ties(pbar, masks, views["thresholds"])
-        assert not cut_diff.any(), f"{int(cut_diff.sum())} image-image cuts differ away from a tie"
+        ties = threshold_near_ties(pbar, masks, views["thresholds"])
         if (masks.sum(-1) > 0).sum(-1).max() >= 2:
-            assert views["cut"].any(), "two non-empty masks should cut some image-image logits"
+            assert expected_cut.any(), "two non-empty masks should cut some image-image logits"
     else:
-        assert views["thresholds"].isnan().all() and not views["cut"].any()
-    exact, z_exact = exact_edited_attention(q, k, v, masks, views["cut"], entity_mask, config)
-    torch.testing.assert_close(views["z"].double(), z_exact, rtol=1e-4, atol=1e-5)
+        assert views["thresholds"].isnan().all()
+        expected_cut = ties = torch.zeros_like(pbar, dtype=torch.bool)
+    # The cut bits themselves, where the union fits one band (else they are checked through Z and the output).
+    cut = views.get("cut", expected_cut)
+    if "cut" in views:
+        cut_diff = (cut != expected_cut) & ~ties
+        assert not cut_diff.any(), f"{int(cut_diff.sum())} image-image cuts differ away from a tie"
+    exact, z_exact = exact_edited_attention(q, k, v, masks, cut, entity_mask, config)
+    far = ~ties.any(-1)[:, None, :].expand_as(z_exact)  # rows with a cell near a tie may differ in Z
+    torch.testing.assert_close(views["z"].double()[far], z_exact[far], rtol=1e-4, atol=1e-5)
     in_union = masks.any(1)  # (B, Nimg)
     z = views["z"]
     assert torch.equal(views["fallback"], in_union[:, None] & ~(torch.isfinite(z) & (z >= fallback_threshold)))
@@ -247,7 +253,7 @@ def assert_correction_matches(q, k, v, entity_mask, out, views, ref, config, fal
     # Output: within 2x the decomposed op's own error (when its masks and cuts are the kernels').
     err = rel_l2(out, exact)
     assert err < 1e-2, err
-    if torch.equal(masks, ref.masks) and torch.equal(views["cut"], ref.cut):
+    if torch.equal(masks, ref.masks) and torch.equal(cut, ref.cut):
         err_ref = rel_l2(ref.out, exact)
         assert err <= 2 * err_ref + 1e-6, (err, err_ref)
 

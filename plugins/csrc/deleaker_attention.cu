@@ -19,15 +19,16 @@
 // Why this shape, and what it costs (FLUX.1-dev 1024x1024: B = 1, H = 24, D = 128, T = 512, Nimg = 4096):
 // - Memory is O(tokens): per-head affinities B H E Nimg floats (1.5 MiB at E = 4), Z and the fallback lists
 //   2 B H Nimg ints (0.75 MiB), and the cut bits of one band, band_rows x ceil(Nimg / 64) 64-bit words per
-//   sample: 2 MiB at Nimg = 4096, 8 MiB at 2048x2048 (Nimg = 16384, 4 bands). About 4.6 MiB per call in all at
-//   the FLUX shape, about 20 MiB at 2048x2048; never an Nimg x Nimg buffer beyond one band of rows.
-// - Work, for region cells R = sum over pairs of |M_e| |M_f| (whole 64 x 64 tiles of U x U that hold one;
-//   grouping U by entity bits keeps the tiles of a mask with itself out): the statistics and the cut bits each
-//   recompute pbar, 2 H D FLOPs per cell on tensor cores plus H exp; the correction 4 D FLOPs per head and cell
-//   of the tiles that hold a cut (Q K^T again, then W V) plus 4 D |T_entities| per head and U row on CUDA cores;
-//   the fallback 4 D N per recomputed row and head. Against 4 H D N^2 for the attention itself: with masks over
-//   25% of the image and two entities, R ~ 0.03 N^2, so roughly 0.1x an attention's FLOPs (an estimate, not a
-//   measurement).
+//   sample: 2 MiB at Nimg = 4096, 8 MiB at 2048x2048 (Nimg = 16384, 4 bands). 4.5 MiB per call in all at the
+//   FLUX shape (6.4 MiB at E = 8), 18 MiB at 2048x2048 (the header's arithmetic); never an Nimg x Nimg buffer
+//   beyond one band of rows.
+// - Work (an estimate, not a measurement), for region cells R = sum over pairs of |M_e| |M_f|, counted in whole
+//   64 x 64 tiles of U x U (grouping U by entity bits keeps the tiles of a mask with itself out): the statistics
+//   and the cut bits each recompute pbar, 2 H D FLOPs per cell on tensor cores plus H exp; the correction
+//   4 H D FLOPs per cell of the tiles that hold a cut (Q K^T again, then W V) plus 4 H D |T_entities| per U row
+//   on CUDA cores; the fallback 4 D N per recomputed row and head. Against 4 H D N^2 for the attention itself:
+//   with two entities' masks over 25% of the image, R ~ 0.025 N^2, so about 0.05x an attention's FLOPs, plus
+//   the tiles' granularity and the launches (ten per call).
 // - Parallelism: the correction runs one block per (64 U rows, head), so a union of 1024 rows still gives
 //   16 x 24 blocks; the statistics and the cut bits one block per tile.
 // Alternatives weighed: one block per 64 U rows looping over heads, with the per-head numerator in a
