@@ -286,7 +286,7 @@ def check_history_threaded(run: KernelRun, use_history: bool, device: str) -> No
     Odd steps are Python ints (the host decides the launches), even ones tensors on ``device`` (read by the
     kernels)."""
     config = dataclasses.replace(CONFIG, use_history=use_history)
-    grid, e_max = (16, 20), 4
+    grid, e_max = (12, 13), 4
     hist_kernel = hist_ref = None
     for t in range(11):
         (q, k, v), entity_mask = structured_inputs(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -51,9 +52,22 @@ SHAPES = [
 ]
 
 
+#: The band size of the banded variant: several bands on the test shapes.
+BANDED = ("DELEAKER_BAND_ROWS=64",)
+
+
 @functools.cache
-def _build(mutations: tuple, defines: tuple) -> cuda_emulator.EmulatedLibrary:
-    library = cuda_emulator.EmulatedLibrary(cuda_emulator.build_emulated_library(mutations, defines))
+def _build_all() -> dict:
+    """Every library this module uses (plain, banded, each mutant), built two at a time: g++ runs one core each."""
+    variants = [((), ()), ((), BANDED), *(((mutation,), ()) for mutation in MUTANTS.values())]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        paths = list(pool.map(lambda variant: cuda_emulator.build_emulated_library(*variant), variants))
+    return dict(zip(variants, paths))
+
+
+@functools.cache
+def _load(mutations: tuple, defines: tuple) -> cuda_emulator.EmulatedLibrary:
+    library = cuda_emulator.EmulatedLibrary(_build_all()[(mutations, defines)])
     library.init()
     return library
 
@@ -62,7 +76,7 @@ def emulated_library(mutations: tuple = (), defines: tuple = ()) -> cuda_emulato
     """The emulated library (built once per set of mutations and defines, initialised on device 0); skips the
     test where no C++ compiler is found."""
     try:
-        return _build(mutations, defines)
+        return _load(mutations, defines)
     except cuda_emulator.EmulatorBuildError as exc:
         if "no C++ compiler" in str(exc):
             pytest.skip(str(exc))
@@ -197,7 +211,7 @@ def test_statistics_striding_over_slots_gives_the_same_results(library):
 def test_bands_give_the_same_results(library):
     """The union corrected in bands of 64 rows (several cut, correction and fallback launches) equals one band,
     bit for bit, with many rows through the fallback in every band."""
-    banded = emulated_library(defines=("DELEAKER_BAND_ROWS=64",))
+    banded = emulated_library(defines=BANDED)
     (q, k, v), entity_mask = structured_inputs(1, 2, 77, (20, 24), 64, 4, 4, torch.bfloat16, 7, device="cpu")
     results = [
         runner(lib)(q, k, v, entity_mask, grid=(20, 24), block_step=INSIDE, history=None, config=CONFIG,

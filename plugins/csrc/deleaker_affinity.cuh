@@ -45,7 +45,6 @@ struct AffinitySmem {
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kThreads) affinity_kernel(DeLeakerParams p, Workspace ws) {
   using Smem = AffinitySmem<Elem, D>;
-  constexpr int kLd = Smem::kLd;
   if (!window_of(p).need_affinity) return;
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -75,17 +74,7 @@ __global__ void __launch_bounds__(kThreads) affinity_kernel(DeLeakerParams p, Wo
   for (int e = 0; e < DELEAKER_MAX_ENTITIES; ++e) acc[e] = 0.0f;
   const int count = *ws.entity_token_count;
   for (int t0 = 0; t0 < count; t0 += kTile) {
-    __syncthreads();  // the previous tile's K and column lists are no longer read
-    if (threadIdx.x < kTile) {
-      const int at = t0 + (int)threadIdx.x;
-      col_token[threadIdx.x] = at < count ? ws.entity_tokens[at] : -1;
-      col_bits[threadIdx.x] = at < count ? ws.entity_token_bits[at] : 0u;
-    }
-    __syncthreads();
-    load_rows<Elem, D>(k_s, k, p.k_row_stride, col_token);
-    __syncthreads();
-    warp_qk<Elem, D>(q_s + warp * 16 * kLd, k_s, s_w);
-    __syncwarp();
+    entity_token_tile_qk<Elem, D>(p, ws, k, t0, count, q_s, k_s, s_w, col_token, col_bits);
     for (int n = 0; n < 32; ++n) {
       const int c = me.col(n);
       const uint32_t bits = col_bits[c];  // 0 past the end of the list

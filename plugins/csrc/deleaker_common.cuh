@@ -104,6 +104,24 @@ __device__ __forceinline__ void warp_qk(const Elem* q_rows, const Elem* k_rows, 
   for (int n = 0; n < kTile / 16; ++n) wmma::store_matrix_sync(s_out + n * 16, acc[n], kLdS, wmma::mem_row_major);
 }
 
+// One warp: O[16 x D] += P[16 x 64] V[64 x D] on tensor cores (P row-major, ld kLdP; V rows in shared memory).
+template <typename Elem, int D, int kLdP>
+__device__ __forceinline__ void warp_pv(wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&o)[D / 16],
+                                        const Elem* p_rows, const Elem* v_rows) {
+  constexpr int kLd = HeadDim<D>::kLd;
+#pragma unroll
+  for (int kk = 0; kk < kTile / 16; ++kk) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, Elem, wmma::row_major> a;
+    wmma::load_matrix_sync(a, p_rows + kk * 16, kLdP);
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, Elem, wmma::row_major> bv;
+      wmma::load_matrix_sync(bv, v_rows + kk * 16 * kLd + n * 16, kLd);
+      wmma::mma_sync(o[n], a, bv, o[n]);
+    }
+  }
+}
+
 // The cells of a warp's S tile each thread owns: lanes 2r and 2r+1 share row r (of the warp's 16), each takes 32
 // columns, visited in a rotated order so that the 32 lanes hit 32 different banks.
 struct CellOwner {
@@ -199,6 +217,28 @@ __device__ __forceinline__ Ranked block_rank(bool keep, int* warp_totals) {
     total += warp_totals[w];
   }
   return Ranked{keep ? offset + __popc(ballot & ((1u << lane) - 1u)) : -1, total};
+}
+
+// ---- the entity text tokens (the list entity_tokens_kernel compacts) -----------------------------------------
+
+// S of each warp's 16 rows (Q in q_s) against entries [t0, t0 + 64) of the entity token list: col_token and
+// col_bits get the tile's tokens and entity bits (-1 and 0 past the end), k_s their K rows, s_w the warp's S.
+// Starts with a __syncthreads (the previous tile's K and column lists are no longer read).
+template <typename Elem, int D>
+__device__ void entity_token_tile_qk(const DeLeakerParams& p, const Workspace& ws, const Elem* k, int t0, int count,
+                                     const Elem* q_s, Elem* k_s, float* s_w, int* col_token, uint32_t* col_bits) {
+  constexpr int kLd = HeadDim<D>::kLd;
+  __syncthreads();
+  if (threadIdx.x < kTile) {
+    const int at = t0 + (int)threadIdx.x;
+    col_token[threadIdx.x] = at < count ? ws.entity_tokens[at] : -1;
+    col_bits[threadIdx.x] = at < count ? ws.entity_token_bits[at] : 0u;
+  }
+  __syncthreads();
+  load_rows<Elem, D>(k_s, k, p.k_row_stride, col_token);
+  __syncthreads();
+  warp_qk<Elem, D>(q_s + (threadIdx.x / 32) * 16 * kLd, k_s, s_w);
+  __syncwarp();
 }
 
 // ---- image-image: pbar of a tile and its cuts (spec step 6, last item) ---------------------------------------

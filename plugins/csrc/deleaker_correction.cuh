@@ -130,17 +130,7 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
       __syncthreads();  // every warp is done with K
       load_rows<Elem, D>(kv_s, v, p.v_row_stride, col_token);
       __syncthreads();  // V and every W are written
-#pragma unroll
-      for (int kk = 0; kk < kTile / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, Elem, wmma::row_major> a;
-        wmma::load_matrix_sync(a, p_w + kk * 16, kLdP);
-#pragma unroll
-        for (int n = 0; n < D / 16; ++n) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, Elem, wmma::row_major> bv;
-          wmma::load_matrix_sync(bv, kv_s + kk * 16 * kLd + n * 16, kLd);
-          wmma::mma_sync(acc[n], a, bv, acc[n]);
-        }
-      }
+      warp_pv<Elem, D, kLdP>(acc, p_w, kv_s);
     }
   }
   __syncthreads();  // no warp reads W any more: the numerator overwrites it
@@ -155,17 +145,7 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
   const bool weaken = p.do_image_text_weakening != 0, strengthen = p.do_image_text_strengthening != 0;
   const int token_count = weaken || strengthen ? *ws.entity_token_count : 0;
   for (int t0 = 0; t0 < token_count; t0 += kTile) {
-    __syncthreads();  // the previous tile's V, W and column lists are no longer read
-    if (threadIdx.x < kTile) {
-      const int at = t0 + (int)threadIdx.x;
-      col_token[threadIdx.x] = at < token_count ? ws.entity_tokens[at] : -1;
-      col_bits[threadIdx.x] = at < token_count ? ws.entity_token_bits[at] : 0u;
-    }
-    __syncthreads();
-    load_rows<Elem, D>(kv_s, k, p.k_row_stride, col_token);
-    __syncthreads();
-    warp_qk<Elem, D>(q_s + warp * 16 * kLd, kv_s, s_w);
-    __syncwarp();
+    entity_token_tile_qk<Elem, D>(p, ws, k, t0, token_count, q_s, kv_s, s_w, col_token, col_bits);
     for (int i = 0; i < 32; ++i) {
       const int c = me.col(i);
       const uint32_t tb = col_bits[c];  // 0 past the end of the list

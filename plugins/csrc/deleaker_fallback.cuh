@@ -159,17 +159,7 @@ __global__ void __launch_bounds__(kThreads) fallback_kernel(DeLeakerParams p, Wo
     for (int n = 0; n < D / 16; ++n)
 #pragma unroll
       for (int x = 0; x < FragO::num_elements; ++x) o[n].x[x] *= row_scale[warp * 16 + (int)row_of.x[x]];
-#pragma unroll
-    for (int kk = 0; kk < kTile / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, Elem, wmma::row_major> a;
-      wmma::load_matrix_sync(a, p_w + kk * 16, kLdP);
-#pragma unroll
-      for (int n = 0; n < D / 16; ++n) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, Elem, wmma::row_major> bv;
-        wmma::load_matrix_sync(bv, v_s + kk * 16 * kLd + n * 16, kLd);
-        wmma::mma_sync(o[n], a, bv, o[n]);
-      }
-    }
+    warp_pv<Elem, D, kLdP>(o, p_w, v_s);
   }
 
   l += __shfl_xor_sync(0xffffffffu, l, 1);

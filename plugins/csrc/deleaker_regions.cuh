@@ -32,6 +32,29 @@ struct RegionSmem {
   static constexpr int kBytes = kWarpSums + smem_align(kWarps * DELEAKER_MAX_ENTITIES * DELEAKER_MAX_ENTITIES * 2 * 8);
 };
 
+// The parts of RegionSmem, as pointers.
+template <typename Elem, int D>
+struct RegionBuffers {
+  using Smem = RegionSmem<Elem, D>;
+  Elem *q, *k;
+  float *s_all, *lse, *thresholds;
+  int *row_token, *col_token;
+  uint32_t *row_bits, *col_bits, *partners;
+  double* warp_sums;
+  __device__ explicit RegionBuffers(unsigned char* smem)
+      : q(reinterpret_cast<Elem*>(smem + Smem::kQ)),
+        k(reinterpret_cast<Elem*>(smem + Smem::kK)),
+        s_all(reinterpret_cast<float*>(smem + Smem::kS)),
+        lse(reinterpret_cast<float*>(smem + Smem::kLse)),
+        thresholds(reinterpret_cast<float*>(smem + Smem::kThresholds)),
+        row_token(reinterpret_cast<int*>(smem + Smem::kRowToken)),
+        col_token(reinterpret_cast<int*>(smem + Smem::kColToken)),
+        row_bits(reinterpret_cast<uint32_t*>(smem + Smem::kRowBits)),
+        col_bits(reinterpret_cast<uint32_t*>(smem + Smem::kColBits)),
+        partners(reinterpret_cast<uint32_t*>(smem + Smem::kPartners)),
+        warp_sums(reinterpret_cast<double*>(smem + Smem::kWarpSums)) {}
+};
+
 // Rows (and columns) of U tile `tile`: their tokens and entity bits. Threads 0..63 fill the rows, 64..127 the
 // columns; a caller-side __syncthreads() publishes them.
 __device__ __forceinline__ void load_union_tile(const DeLeakerParams& p, const Workspace& ws, int b, int U, int row_tile,
@@ -72,19 +95,14 @@ __device__ __forceinline__ void pair_partners_from_thresholds(const float* thres
 // Grid (blocks, B): block x takes slots x, x + gridDim.x, ...; slot s covers U tiles [s * per_slot, ...).
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p, Workspace ws) {
-  using Smem = RegionSmem<Elem, D>;
   if (!window_of(p).intervene) return;
   extern __shared__ __align__(128) unsigned char smem[];
-  Elem* q_s = reinterpret_cast<Elem*>(smem + Smem::kQ);
-  Elem* k_s = reinterpret_cast<Elem*>(smem + Smem::kK);
-  float* s_all = reinterpret_cast<float*>(smem + Smem::kS);
-  float* lse_s = reinterpret_cast<float*>(smem + Smem::kLse);
-  int* row_token = reinterpret_cast<int*>(smem + Smem::kRowToken);
-  int* col_token = reinterpret_cast<int*>(smem + Smem::kColToken);
-  uint32_t* row_bits = reinterpret_cast<uint32_t*>(smem + Smem::kRowBits);
-  uint32_t* col_bits = reinterpret_cast<uint32_t*>(smem + Smem::kColBits);
-  uint32_t* partners = reinterpret_cast<uint32_t*>(smem + Smem::kPartners);
-  double* warp_sums = reinterpret_cast<double*>(smem + Smem::kWarpSums);
+  const RegionBuffers<Elem, D> s(smem);
+  Elem *q_s = s.q, *k_s = s.k;
+  float *s_all = s.s_all, *lse_s = s.lse;
+  int *row_token = s.row_token, *col_token = s.col_token;
+  uint32_t *row_bits = s.row_bits, *col_bits = s.col_bits, *partners = s.partners;
+  double* warp_sums = s.warp_sums;
 
   const int b = blockIdx.y, E = p.num_entities, pairs = E * E;
   const int U = ws.union_count[b];
@@ -175,23 +193,17 @@ using CutSmem = RegionSmem<Elem, D>;
 // against U columns, and whether the tile has any cut. Tiles outside U write nothing (nothing reads them).
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kThreads) cut_kernel(DeLeakerParams p, Workspace ws, int band) {
-  using Smem = CutSmem<Elem, D>;
   if (!window_of(p).intervene) return;
   const int b = blockIdx.z, E = p.num_entities;
   const int U = ws.union_count[b];
   const int row_tile = band * (ws.band_rows / kTile) + (int)blockIdx.x, col_tile = blockIdx.y;
   if (row_tile * kTile >= U || col_tile * kTile >= U) return;
   extern __shared__ __align__(128) unsigned char smem[];
-  Elem* q_s = reinterpret_cast<Elem*>(smem + Smem::kQ);
-  Elem* k_s = reinterpret_cast<Elem*>(smem + Smem::kK);
-  float* s_all = reinterpret_cast<float*>(smem + Smem::kS);
-  float* lse_s = reinterpret_cast<float*>(smem + Smem::kLse);
-  int* row_token = reinterpret_cast<int*>(smem + Smem::kRowToken);
-  int* col_token = reinterpret_cast<int*>(smem + Smem::kColToken);
-  uint32_t* row_bits = reinterpret_cast<uint32_t*>(smem + Smem::kRowBits);
-  uint32_t* col_bits = reinterpret_cast<uint32_t*>(smem + Smem::kColBits);
-  uint32_t* partners = reinterpret_cast<uint32_t*>(smem + Smem::kPartners);
-  float* thresholds = reinterpret_cast<float*>(smem + Smem::kThresholds);
+  const RegionBuffers<Elem, D> s(smem);
+  Elem *q_s = s.q, *k_s = s.k;
+  float *s_all = s.s_all, *lse_s = s.lse, *thresholds = s.thresholds;
+  int *row_token = s.row_token, *col_token = s.col_token;
+  uint32_t *row_bits = s.row_bits, *col_bits = s.col_bits, *partners = s.partners;
 
   const CellOwner me = cell_owner();
   if (threadIdx.x < (unsigned)(E * E)) thresholds[threadIdx.x] = ws.thresholds[(int64_t)b * E * E + threadIdx.x];
