@@ -136,7 +136,7 @@ PROVIDERS = (
 )
 
 
-def _lse_factor(provider: AttentionProvider, q: Tensor, k: Tensor, v: Tensor, scale: float) -> float | None:
+def lse_factor(provider: AttentionProvider, q: Tensor, k: Tensor, v: Tensor, scale: float) -> float | None:
     """1.0 or ln 2 if ``provider``'s output and LSE agree with plain math on ``q, k, v`` (natural log or log2);
     None if it disagrees or raises."""
     try:
@@ -163,7 +163,7 @@ def checked_provider(device_index: int, dtype: torch.dtype, head_dim: int) -> At
         q, k, v = (torch.randn(1, 2, 333, head_dim, generator=g, device="cuda").to(dtype) for _ in range(3))
         scale = 1.0 / math.sqrt(head_dim)
         for provider in PROVIDERS:
-            factor = _lse_factor(provider, q, k, v, scale)
+            factor = lse_factor(provider, q, k, v, scale)
             if factor is not None:
                 return AttentionProvider(provider.name, provider.attention, factor)
     raise kernels.KernelLaunchError(f"no fused attention agrees with plain math on cuda:{device_index} {dtype}")

@@ -14,6 +14,7 @@ None of this says anything about speed or about real hardware; the GPU tests say
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import shutil
@@ -239,6 +240,51 @@ def test_host_step_skips_the_kernels_the_window_does_not_need(library):
     _assert_identical(_call(library, 0), _call(library, torch.tensor(0)), "host vs device step 0",
                       VIEWS_ALWAYS_WRITTEN)
     _assert_identical(_call(library, INSIDE), _call(library, torch.tensor(INSIDE)), "host vs device step inside")
+
+
+# ---- the fast path's choice of fused attention (its LSE convention check runs on any device) ------------------
+
+
+def _log2_lse_attention(q, k, v, scale):
+    o, lse = plain_attention_with_lse(q, k, v, scale)
+    return o, (lse / math.log(2.0))[..., None]  # log2, (B, H, N, 1) as cuDNN's stats
+
+
+def _padded_lse_attention(q, k, v, scale):
+    o, lse = plain_attention_with_lse(q, k, v, scale)
+    return o, torch.cat([lse, torch.full_like(lse[..., :5], math.inf)], dim=-1)  # (B, H, N + 5), padded rows
+
+
+def _wrong_scale_attention(q, k, v, scale):
+    return plain_attention_with_lse(q, k, v, 2.0 * scale)
+
+
+def _refusing_attention(q, k, v, scale):
+    raise RuntimeError("no kernel for these inputs")
+
+
+@pytest.mark.parametrize(
+    "attention, factor",
+    [
+        (plain_attention_with_lse, 1.0),
+        (_log2_lse_attention, math.log(2.0)),
+        (_padded_lse_attention, 1.0),
+        (_wrong_scale_attention, None),
+        (_refusing_attention, None),
+    ],
+)
+def test_fused_attention_lse_convention_is_checked(attention, factor):
+    """Natural log, log2, (B, H, N, 1) and padded LSEs are recognised and normalised; a provider that disagrees
+    with plain math or raises is refused."""
+    q, k, v = (torch.randn(1, 2, 70, 64).to(torch.bfloat16) for _ in range(3))
+    provider = torch_op.AttentionProvider("probe", attention)
+    got = torch_op.lse_factor(provider, q, k, v, 0.125)
+    assert got == factor
+    if factor is not None:
+        o, lse = dataclasses.replace(provider, lse_factor=factor).run(q, k, v, 0.125)
+        expected_o, expected_lse = plain_attention_with_lse(q, k, v, 0.125)
+        assert lse.shape == (1, 2, 70) and lse.stride(-1) == 1 and torch.equal(o, expected_o)
+        torch.testing.assert_close(lse, expected_lse)
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
