@@ -335,6 +335,8 @@ def launch_kernels(
         raise ShapeError(f"lse rows must be contiguous (stride 1 over N), got strides {lse.stride()}")
     if new_history is None:
         new_history = torch.empty((batch, num_entities, image_tokens), dtype=torch.float32, device=q.device)
+        if debug:
+            new_history.fill_(math.nan)  # poison: an element the kernels do not write shows in tests
     _check_tensor("new_history", new_history, (batch, num_entities, image_tokens), torch.float32, q.device)
     if not new_history.is_contiguous():
         raise ShapeError("new_history must be contiguous")
