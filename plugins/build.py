@@ -26,13 +26,15 @@ from typing import Sequence
 
 from deleaker.errors import DeLeakerError
 
-#: Compute capabilities compiled into the library: Ampere (A100, consumer Ampere), Ada, Hopper.
-ARCHS: tuple[str, ...] = ("80", "86", "89", "90")
+#: Targets compiled into the library: Ampere (A100, consumer Ampere), Ada, Hopper, and Hopper's arch-specific
+#: sm_90a (wgmma / TMA code needs it; its machine code runs on sm_90 devices only, so sm_90 stays beside it).
+ARCHS: tuple[str, ...] = ("80", "86", "89", "90", "90a")
 
 LIBRARY_NAME = "libdeleaker_kernels.so"
 MANIFEST_NAME = "manifest.json"
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
-NVCC_FLAGS: tuple[str, ...] = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-lineinfo")
+#: ``--threads 0``: one nvcc process compiles the targets in parallel on every core.
+NVCC_FLAGS: tuple[str, ...] = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-lineinfo", "--threads", "0")
 
 
 class KernelBuildError(DeLeakerError, RuntimeError):
@@ -117,9 +119,24 @@ def jit_forbidden() -> bool:
     return os.environ.get("DELEAKER_NO_JIT", "") not in ("", "0")
 
 
+def arch_number(arch: str) -> int:
+    """``"90a"`` -> 90: the compute capability of a target, without its arch-specific suffix."""
+    match = re.fullmatch(r"(\d+)a?", arch)
+    if match is None:
+        raise KernelBuildError(f"not a CUDA target: {arch!r} (expected digits, optionally with an 'a' suffix)")
+    return int(match.group(1))
+
+
+def ptx_arch(archs: Sequence[str]) -> str:
+    """The newest portable target (no 'a' suffix: arch-specific PTX does not run on later GPUs)."""
+    portable = [a for a in archs if not a.endswith("a")] or [str(arch_number(a)) for a in archs]
+    return max(portable, key=arch_number)
+
+
 def gencode_flags(archs: Sequence[str]) -> list[str]:
-    """Machine code for each arch, plus PTX of the newest so that later GPUs JIT-compile it instead of failing."""
-    newest = max(archs, key=int)
+    """Machine code for each target, plus PTX of the newest portable one so that later GPUs JIT-compile it
+    instead of failing."""
+    newest = ptx_arch(archs)
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs] + [
         f"-gencode=arch=compute_{newest},code=compute_{newest}"
     ]

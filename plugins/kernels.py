@@ -20,7 +20,11 @@ from .build import build_library
 DTYPE_FLOAT16 = 0
 DTYPE_BFLOAT16 = 1
 MAX_ENTITIES = 8
-ABI_VERSION = 1
+ABI_VERSION = 2
+#: The library's own error codes (negative; CUDA's are not).
+ERROR_INVALID_ARGUMENT = -1
+ERROR_NOT_INITIALIZED = -2
+ERROR_UNSUPPORTED_DEVICE = -3
 
 _P, _I32, _I64, _F32, _U64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_uint64
 
@@ -30,6 +34,7 @@ PARAMS_FIELDS: tuple[tuple[str, type], ...] = (
     ("k", _P),
     ("v", _P),
     ("out", _P),
+    ("lse", _P),
     ("entity_mask", _P),
     ("history_in", _P),
     ("history_out", _P),
@@ -46,6 +51,8 @@ PARAMS_FIELDS: tuple[tuple[str, type], ...] = (
     ("o_batch_stride", _I64),
     ("o_head_stride", _I64),
     ("o_row_stride", _I64),
+    ("lse_batch_stride", _I64),
+    ("lse_head_stride", _I64),
     ("batch", _I32),
     ("heads", _I32),
     ("tokens", _I32),
@@ -61,6 +68,7 @@ PARAMS_FIELDS: tuple[tuple[str, type], ...] = (
     ("std_mul_text", _F32),
     ("std_mul_image_image", _F32),
     ("k_strength", _F32),
+    ("fallback_threshold", _F32),
     ("start_aggregating_from", _I64),
     ("stop_aggregating_at", _I64),
     ("start_intervention_from", _I64),
@@ -73,24 +81,34 @@ PARAMS_FIELDS: tuple[tuple[str, type], ...] = (
     ("reserved", _I32),
 )
 
-#: ``DeLeakerWorkspaceLayout`` in header order (byte offsets into the workspace, plus two counts).
+#: ``DeLeakerWorkspaceLayout`` in header order (byte offsets into the workspace, three counts, the size).
 LAYOUT_FIELDS: tuple[tuple[str, type], ...] = tuple(
     (name, _U64)
     for name in (
-        "lse",
+        "entity_tokens",
+        "entity_token_bits",
+        "entity_token_count",
         "head_affinity",
         "affinity",
         "source",
         "raw_masks",
         "masks",
         "scratch",
-        "row_entities",
         "mask_counts",
+        "row_entities",
         "union_count",
         "union_index",
-        "pair_stats",
+        "pair_partials",
+        "thresholds",
         "cut_bits",
-        "cut_words",
+        "cut_tiles",
+        "z",
+        "fallback_rows",
+        "fallback_counts",
+        "fallback_count",
+        "band_rows",
+        "bands",
+        "tiles",
         "total_bytes",
     )
 )
@@ -114,7 +132,11 @@ def config_fields(config: DeLeakerConfig) -> dict:
 
 
 class KernelLaunchError(DeLeakerError, RuntimeError):
-    """The kernel library rejected its arguments or a CUDA call failed."""
+    """The kernel library rejected its arguments, was not initialised, or a CUDA call failed."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class KernelLibrary:
@@ -132,6 +154,8 @@ class KernelLibrary:
             raise KernelLaunchError(
                 f"{self.path} has ABI version {lib.deleaker_abi_version()}, expected {ABI_VERSION}; rebuild it"
             )
+        lib.deleaker_init.restype = ctypes.c_int
+        lib.deleaker_init.argtypes = []
         lib.deleaker_attention_workspace_bytes.restype = ctypes.c_size_t
         lib.deleaker_attention_workspace_bytes.argtypes = [ctypes.POINTER(DeLeakerParams)]
         lib.deleaker_attention_workspace_layout.restype = ctypes.c_int
@@ -150,6 +174,11 @@ class KernelLibrary:
         lib.deleaker_error_string.argtypes = [ctypes.c_int]
         self._lib = lib
 
+    def init(self) -> None:
+        """``deleaker_init()`` for the current device: once per device, before the first launch and outside any
+        stream capture (it raises the kernels' shared-memory limits). Idempotent."""
+        self._check(self._lib.deleaker_init(), "init")
+
     def workspace_bytes(self, params: DeLeakerParams) -> int:
         return int(self._lib.deleaker_attention_workspace_bytes(ctypes.byref(params)))
 
@@ -159,19 +188,22 @@ class KernelLibrary:
         return layout
 
     def launch(self, params: DeLeakerParams, workspace_ptr: int, workspace_bytes: int, stream_handle: int) -> None:
-        """Enqueue one DeLeaker attention on ``stream_handle`` (a ``cudaStream_t`` as int; 0 = legacy stream)."""
+        """Enqueue one DeLeaker correction on ``stream_handle`` (a ``cudaStream_t`` as int; 0 = legacy stream).
+        ``params.out`` must hold the plain attention output and ``params.lse`` its row log-sum-exp."""
         code = self._lib.deleaker_attention_launch(
             ctypes.byref(params), ctypes.c_void_p(workspace_ptr), workspace_bytes, ctypes.c_void_p(stream_handle)
         )
-        self._check(code)
+        self._check(code, "launch")
 
-    def _check(self, code: int) -> None:
+    def _check(self, code: int, what: str = "call") -> None:
         if code != 0:
             message = self._lib.deleaker_error_string(code).decode(errors="replace")
-            raise KernelLaunchError(f"DeLeaker kernel launch failed (CUDA error {code}): {message}")
+            kind = "DeLeaker error" if code < 0 else "CUDA error"
+            raise KernelLaunchError(f"DeLeaker kernel {what} failed ({kind} {code}): {message}", code)
 
 
 @functools.cache
 def load_library(path: str | None = None) -> KernelLibrary:
-    """The kernel library at ``path``, or the cached build of the current sources (built on first use)."""
+    """The kernel library at ``path``, or the cached build of the current sources (built on first use). Not yet
+    initialised: call `KernelLibrary.init` on each device (``deleaker.plugins.torch_op`` does)."""
     return KernelLibrary(Path(path) if path is not None else build_library())

@@ -1,23 +1,32 @@
-"""The PyTorch fast path of DeLeaker attention: the CUDA kernels of ``csrc/`` on torch tensors.
+"""The PyTorch fast path of DeLeaker attention: PyTorch's fused attention with statistics, then our CUDA kernels.
+
+Per call (``FAST_PATH.md``): the plain output ``o`` and the row log-sum-exp ``l`` of every row come from the best
+fused attention PyTorch has on the device (cuDNN, else flash, else memory-efficient, else plain math); then the
+kernels of ``csrc/`` do only what DeLeaker adds and edit ``o`` in place on the rows of the entity masks.
+
+Each provider's LSE convention (natural log or log2, shape ``(B, H, N)``, ``(B, H, N, 1)`` or padded) is checked
+against ``torch.logsumexp`` once per (device, dtype, head dim), on the first call, outside any CUDA-graph
+capture; a provider that disagrees (or raises) is skipped for the next. The kernel library is initialised once per
+device the same way (``deleaker_init``: shared-memory limits, SM count). After that a call makes no host
+synchronisation and no lazy setup, so it can be captured in a CUDA graph; a device ``block_step`` is read by the
+kernels.
 
 `deleaker.plugins_bridge` calls `is_available`, `supports` and `deleaker_attention_cuda`; the custom op
 ``torch.ops.deleaker.attention`` already reaches this module through `deleaker.deleaker_attention` on CUDA
 inputs, so no separate CUDA kernel is registered for it (a registration would only duplicate that dispatch).
-
-Outputs, history and workspace are allocated with torch (the caching allocator) and the kernels run on
-``torch.cuda.current_stream()``, with no host synchronisation: a device ``block_step`` is read by the kernels,
-so a call can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple, Union
 
 import torch
 
 from deleaker.config import DeLeakerConfig
+from deleaker.decomposed import DEFAULT_FALLBACK_THRESHOLD, plain_attention_with_lse
 from deleaker.errors import ShapeError
 from deleaker.ops import check_attention_inputs
 
@@ -56,6 +65,113 @@ def supports(q: Tensor, entity_mask: Tensor) -> bool:
     return _takes(q) and entity_mask.shape[0] <= kernels.MAX_ENTITIES
 
 
+def _refuse_under_capture(what: str) -> None:
+    if torch.cuda.is_current_stream_capturing():
+        raise kernels.KernelLaunchError(
+            f"{what} must run once outside CUDA-graph capture: make one eager call on this device (and dtype) "
+            f"before capturing"
+        )
+
+
+@functools.cache
+def initialised_library(device_index: int) -> "kernels.KernelLibrary":
+    """The kernel library, with ``deleaker_init`` done on CUDA device ``device_index`` (once, never under capture)."""
+    library = kernels.load_library()
+    with torch.cuda.device(device_index):
+        _refuse_under_capture("the kernel library's init")
+        library.init()
+    return library
+
+
+# ---- plain attention with LSE: the providers and their one-time check -------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionProvider:
+    """A fused attention that returns the row LSE; ``lse_factor`` turns its LSE into natural log (1 or ln 2)."""
+
+    name: str
+    attention: Callable[[Tensor, Tensor, Tensor, float], Tuple[Tensor, Tensor]]  # -> (o, raw LSE)
+    lse_factor: float = 1.0
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+        """``(o, lse)``: ``o`` ``(B, H, N, D)`` like ``q``, ``lse`` ``(B, H, N)`` float32, natural log, rows
+        contiguous."""
+        o, raw = self.attention(q, k, v, scale)
+        lse = _normalised_lse(raw, q.shape[2])
+        if self.lse_factor != 1.0:
+            lse = lse * self.lse_factor
+        return o, lse if lse.stride(-1) == 1 else lse.contiguous()
+
+
+def _normalised_lse(raw: Tensor, tokens: int) -> Tensor:
+    """``(B, H, N)`` float32 from ``(B, H, N)``, ``(B, H, N, 1)`` or ``(B, H, >= N)`` (padded rows dropped)."""
+    lse = raw.squeeze(-1) if raw.dim() == 4 and raw.shape[-1] == 1 else raw
+    if lse.dim() != 3 or lse.shape[-1] < tokens:
+        raise ShapeError(f"unexpected LSE shape {tuple(raw.shape)} for {tokens} rows")
+    return lse[..., :tokens].to(torch.float32)
+
+
+def _cudnn(q, k, v, scale):
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    return out[0], out[1]
+
+
+def _flash(q, k, v, scale):
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    return out[0], out[1]
+
+
+def _efficient(q, k, v, scale):
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+    return out[0], out[1]
+
+
+#: In order of preference; plain math (``deleaker.decomposed.plain_attention_with_lse``, memory N^2) comes last.
+PROVIDERS = (
+    AttentionProvider("cudnn", _cudnn),
+    AttentionProvider("flash", _flash),
+    AttentionProvider("efficient", _efficient),
+    AttentionProvider("math", plain_attention_with_lse),
+)
+
+
+def lse_factor(provider: AttentionProvider, q: Tensor, k: Tensor, v: Tensor, scale: float) -> float | None:
+    """1.0 or ln 2 if ``provider``'s output and LSE agree with plain math on ``q, k, v`` (natural log or log2);
+    None if it disagrees or raises."""
+    try:
+        o, lse = provider.run(q, k, v, scale)
+    except (RuntimeError, ShapeError, NotImplementedError):
+        return None
+    o_ref, lse_ref = plain_attention_with_lse(q, k, v, scale)
+    err = float((o.float() - o_ref.float()).norm() / o_ref.float().norm())
+    if not err < 2e-2:
+        return None
+    for factor in (1.0, math.log(2.0)):
+        if torch.allclose(lse * factor, lse_ref, rtol=1e-4, atol=1e-3):
+            return factor
+    return None
+
+
+@functools.cache
+def checked_provider(device_index: int, dtype: torch.dtype, head_dim: int) -> AttentionProvider:
+    """The first provider of `PROVIDERS` whose output and LSE agree with plain math on a probe of this device,
+    dtype and head dim (checked once, never under capture; the probe synchronises)."""
+    with torch.cuda.device(device_index):
+        _refuse_under_capture("the check of the fused attention's LSE convention")
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 333, head_dim, generator=g, device="cuda").to(dtype) for _ in range(3))
+        scale = 1.0 / math.sqrt(head_dim)
+        for provider in PROVIDERS:
+            factor = lse_factor(provider, q, k, v, scale)
+            if factor is not None:
+                return AttentionProvider(provider.name, provider.attention, factor)
+    raise kernels.KernelLaunchError(f"no fused attention agrees with plain math on cuda:{device_index} {dtype}")
+
+
+# ---- the op ------------------------------------------------------------------------------------------------------
+
+
 def deleaker_attention_cuda(
     q: Tensor,
     k: Tensor,
@@ -66,10 +182,9 @@ def deleaker_attention_cuda(
     block_step: BlockStep,
     history: Tensor | None,
     config: DeLeakerConfig,
-    out: Tensor | None = None,
-    new_history: Tensor | None = None,
+    fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD,
 ) -> Tuple[Tensor, Tensor]:
-    """`deleaker.deleaker_attention` on the CUDA kernels.
+    """`deleaker.deleaker_attention` on the fused attention and the CUDA kernels.
 
     Args:
         q, k, v: ``(B, H, N, D)`` float16 / bfloat16 CUDA tensors, text tokens first, ``D`` in (64, 128).
@@ -78,15 +193,14 @@ def deleaker_attention_cuda(
         block_step: int, or an integer tensor (on the device it is read by the kernels: no host sync).
         history: ``None`` (zeros) or ``(B, E_max, gh * gw)`` float32.
         config: the knobs, used as given.
-        out, new_history: optional preallocated outputs (contiguous, shapes and dtypes of the results);
-            ``new_history`` may be ``history`` itself (updated in place).
+        fallback_threshold: rows whose normaliser Z is below it are recomputed exactly (in (0, 1]).
 
     Returns:
         ``out`` ``(B, H, N, D)`` like ``q`` and the new history ``(B, E_max, gh * gw)`` float32.
     """
     out, new_history, _ = _run(
         q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config,
-        out=out, new_history=new_history, debug=False,
+        fallback_threshold=fallback_threshold, debug=False,
     )
     return out, new_history
 
@@ -101,19 +215,13 @@ def deleaker_attention_cuda_debug(
     block_step: BlockStep,
     history: Tensor | None,
     config: DeLeakerConfig,
-    out: Tensor | None = None,
-    new_history: Tensor | None = None,
+    fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD,
 ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
-    """`deleaker_attention_cuda` plus the kernels' intermediates, read from the workspace (for tests).
-
-    The dict holds ``affinity`` and ``source`` ``(B, E, Nimg)`` float32, ``lse`` ``(B, H, Nimg)`` float32 and,
-    valid only inside the intervention window, ``raw_masks`` and ``masks`` ``(B, E, Nimg)`` bool (before / after
-    the morphology), ``union_count`` ``(B,)`` int32 and ``cut`` ``(B, Nimg, Nimg)`` bool (the cut image-image
-    logits; all False when ``do_image_image`` is off). ``lse`` is written only when the image-image pass runs.
-    """
+    """`deleaker_attention_cuda` plus the intermediates, read from the workspace (see `debug_views`), and the
+    name of the fused attention used (``views["provider"]``, a str)."""
     return _run(
         q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config,
-        out=out, new_history=new_history, debug=True,
+        fallback_threshold=fallback_threshold, debug=True,
     )
 
 
@@ -122,21 +230,24 @@ def _strides(x: Tensor) -> Tuple[int, int, int]:
     return tuple(x.stride(d) if x.shape[d] > 1 else 0 for d in range(3))
 
 
+def _rows_ok(x: Tensor) -> bool:
+    # The kernels read rows with 16-byte accesses: the last dimension contiguous, every other stride 8-aligned.
+    return (x.stride(-1) == 1 or x.shape[-1] == 1) and all(s % 8 == 0 for s in _strides(x)) and x.data_ptr() % 16 == 0
+
+
 def _contiguous_rows(x: Tensor) -> Tensor:
-    # The kernels read rows with 16-byte loads: the last dimension contiguous, every other stride 8-aligned.
-    ok = (x.stride(-1) == 1 or x.shape[-1] == 1) and all(s % 8 == 0 for s in _strides(x)) and x.data_ptr() % 16 == 0
-    return x if ok else x.clone(memory_format=torch.contiguous_format)
+    return x if _rows_ok(x) else x.clone(memory_format=torch.contiguous_format)
 
 
-def _check_output(name: str, x: Tensor, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    if tuple(x.shape) != shape or x.dtype != dtype or x.device != device or not x.is_contiguous():
+def _check_tensor(name: str, x: Tensor, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(x.shape) != shape or x.dtype != dtype or x.device != device:
         raise ShapeError(
-            f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}, got {x.dtype} "
-            f"{tuple(x.shape)} on {x.device} (contiguous: {x.is_contiguous()})"
+            f"{name} must be a {dtype} tensor of shape {shape} on {device}, got {x.dtype} {tuple(x.shape)} on "
+            f"{x.device}"
         )
 
 
-def _run(q, k, v, entity_mask, *, grid, block_step, history, config, out, new_history, debug):
+def _run(q, k, v, entity_mask, *, grid, block_step, history, config, fallback_threshold, debug):
     check_attention_inputs(q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config)
     if not _takes(q):
         raise ShapeError(
@@ -144,12 +255,19 @@ def _run(q, k, v, entity_mask, *, grid, block_step, history, config, out, new_hi
             f"{q.dtype} on {q.device} with head dim {q.shape[-1]}"
         )
     _check_kernel_shapes(q, entity_mask)
-    with torch.cuda.device(q.device):
-        return launch_kernels(
-            kernels.load_library(), q, k, v, entity_mask, grid=grid, block_step=block_step, history=history,
-            config=config, out=out, new_history=new_history, stream=torch.cuda.current_stream(q.device).cuda_stream,
-            debug=debug,
+    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    library = initialised_library(device_index)
+    provider = checked_provider(device_index, q.dtype, q.shape[-1])
+    with torch.cuda.device(device_index):
+        plain, lse = provider.run(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+        out, new_history, views = launch_kernels(
+            library, q, k, v, entity_mask, out=_contiguous_rows(plain), lse=lse, grid=grid, block_step=block_step,
+            history=history, config=config, new_history=None, stream=torch.cuda.current_stream().cuda_stream,
+            debug=debug, fallback_threshold=fallback_threshold,
         )
+    if views is not None:
+        views["provider"] = provider.name
+    return out, new_history, views
 
 
 def _check_kernel_shapes(q: Tensor, entity_mask: Tensor) -> None:
@@ -164,6 +282,11 @@ def _check_kernel_shapes(q: Tensor, entity_mask: Tensor) -> None:
         )
 
 
+def _check_fallback_threshold(value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ShapeError(f"fallback_threshold must be a number in (0, 1], got {value!r}")
+
+
 def launch_kernels(
     library: "kernels.KernelLibrary",
     q: Tensor,
@@ -171,35 +294,55 @@ def launch_kernels(
     v: Tensor,
     entity_mask: Tensor,
     *,
+    out: Tensor,
+    lse: Tensor,
     grid: Tuple[int, int],
     block_step: BlockStep,
     history: Tensor | None,
     config: DeLeakerConfig,
-    out: Tensor | None,
     new_history: Tensor | None,
     stream: int,
     debug: bool,
+    fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD,
 ) -> Tuple[Tensor, Tensor, Dict[str, Tensor] | None]:
     """Tensors to `kernels.DeLeakerParams`, one launch of ``library`` on ``stream``, and the outputs.
 
     The one place tensors become kernel arguments. It takes whatever memory ``library`` addresses: CUDA tensors
-    for the real library, CPU tensors for the CPU emulation of the tests (``tests/cuda_emulator``). A tensor
-    ``block_step`` on ``q``'s device is read by the kernels; one on the CPU next to CUDA inputs is read here.
-    Inputs are checked by the caller.
+    for the real library, CPU tensors for the CPU emulation of the tests (``tests/cuda_emulator``). ``library``
+    must be initialised on the current device. A tensor ``block_step`` on ``q``'s device is read by the kernels;
+    one on the CPU next to CUDA inputs is read here. Inputs are checked by the caller.
+
+    Args:
+        out: ``(B, H, N, D)`` like ``q``: the plain attention output ``softmax(s) v`` of every row, edited in place
+            (rows of the entity masks); last dimension contiguous, other strides multiples of 8.
+        lse: ``(B, H, N)`` float32, the natural-log row log-sum-exp of ``s = q k^T / sqrt(D)``, rows contiguous.
+        new_history: ``None`` or a contiguous ``(B, E_max, gh * gw)`` float32 output (may be ``history``).
+
+    Returns:
+        ``(out, new_history, views)``; ``views`` (see `debug_views`) only with ``debug``, else None.
     """
     _check_kernel_shapes(q, entity_mask)
+    _check_fallback_threshold(fallback_threshold)
     num_entities, text_len = entity_mask.shape
     batch, heads, tokens, head_dim = q.shape
     image_tokens = grid[0] * grid[1]
     q, k, v = (_contiguous_rows(x) for x in (q, k, v))
-    if out is None:
-        out = torch.empty((batch, heads, tokens, head_dim), dtype=q.dtype, device=q.device)
-    _check_output("out", out, (batch, heads, tokens, head_dim), q.dtype, q.device)
+    _check_tensor("out", out, tuple(q.shape), q.dtype, q.device)
+    if not _rows_ok(out):
+        raise ShapeError("out must have a contiguous last dimension, 16-byte aligned rows and strides of 8 elements")
+    _check_tensor("lse", lse, (batch, heads, tokens), torch.float32, q.device)
+    if lse.stride(-1) != 1:
+        raise ShapeError(f"lse rows must be contiguous (stride 1 over N), got strides {lse.stride()}")
     if new_history is None:
         new_history = torch.empty((batch, num_entities, image_tokens), dtype=torch.float32, device=q.device)
-    _check_output("new_history", new_history, (batch, num_entities, image_tokens), torch.float32, q.device)
+        if debug:
+            new_history.fill_(math.nan)  # poison: an element the kernels do not write shows in tests
+    _check_tensor("new_history", new_history, (batch, num_entities, image_tokens), torch.float32, q.device)
+    if not new_history.is_contiguous():
+        raise ShapeError("new_history must be contiguous")
     history_in = history.contiguous() if history is not None else None
     mask_bytes = entity_mask.to(torch.uint8).contiguous()
+    plain = out.clone() if debug else None
 
     step_tensor = None
     if isinstance(block_step, torch.Tensor) and block_step.device != q.device and block_step.device.type == "cpu":
@@ -217,11 +360,14 @@ def launch_kernels(
         k=k.data_ptr(),
         v=v.data_ptr(),
         out=out.data_ptr(),
+        lse=lse.data_ptr(),
         entity_mask=mask_bytes.data_ptr(),
         history_in=history_in.data_ptr() if history_in is not None else None,
         history_out=new_history.data_ptr(),
         step=step_tensor.data_ptr() if step_tensor is not None else None,
         **_stride_fields(q=q, k=k, v=v, o=out),
+        lse_batch_stride=lse.stride(0),
+        lse_head_stride=lse.stride(1),
         batch=batch,
         heads=heads,
         tokens=tokens,
@@ -234,16 +380,19 @@ def launch_kernels(
         block_offset=block_offset,
         num_blocks=num_blocks,
         softmax_scale=1.0 / math.sqrt(head_dim),
+        fallback_threshold=fallback_threshold,
         **kernels.config_fields(config),
         reserved=0,
     )
     workspace_bytes = library.workspace_bytes(params)
     # The kernels want it 256-byte aligned: CUDA allocations are; host memory (the emulator's) may not be.
     raw_workspace = torch.empty(workspace_bytes + 512, dtype=torch.uint8, device=q.device)
+    if debug:
+        raw_workspace.fill_(0xFF)  # poison (NaN as floats): a kernel that reads what nobody wrote shows in tests
     start = -raw_workspace.data_ptr() % 256
     workspace = raw_workspace[start : start + max(workspace_bytes, 256)]
     library.launch(params, workspace.data_ptr(), workspace_bytes, stream)
-    views = _debug_views(library, params, workspace) if debug else None
+    views = debug_views(library, params, workspace, plain=plain, lse=lse) if debug else None
     # Temporaries (workspace, copies) may be freed now: the caching allocator reuses their memory only for work
     # queued later on this stream, so after the kernels.
     return out, new_history, views
@@ -258,26 +407,77 @@ def _stride_fields(**tensors: Tensor) -> Dict[str, int]:
     return fields
 
 
-def _debug_views(library: "kernels.KernelLibrary", params, workspace: Tensor) -> Dict[str, Tensor]:
+def debug_views(
+    library: "kernels.KernelLibrary", params: "kernels.DeLeakerParams", workspace: Tensor, *, plain: Tensor,
+    lse: Tensor
+) -> Dict[str, Tensor]:
+    """The intermediates of one launch, read from its workspace (waits for nothing: call after the kernels ran).
+
+    Always valid: ``plain`` ``(B, H, N, D)`` (``out`` before the launch), ``lse`` ``(B, H, N)``, ``source``
+    ``(B, E, Nimg)`` float32 and ``affinity`` (zeros where the window did not need it). Valid inside the
+    intervention window only: ``raw_masks`` and ``masks`` ``(B, E, Nimg)`` bool, ``union_count`` ``(B,)`` int32,
+    ``union_index`` ``(B, Nimg)`` int32 (U first), ``thresholds`` ``(B, E, E)`` float32 (NaN where a pair cuts
+    nothing, and everywhere when ``do_image_image`` is off), ``z`` ``(B, H, Nimg)`` float32 (1 outside U),
+    ``fallback`` ``(B, H, Nimg)`` bool (rows recomputed exactly), ``fallback_count`` ``()`` int32 and, when the
+    union fits one band, ``cut`` ``(B, Nimg, Nimg)`` bool (the cut image-image logits).
+    """
     layout = library.workspace_layout(params)
     b, h, e = params.batch, params.heads, params.num_entities
     n = params.grid_h * params.grid_w
+    device = workspace.device
 
     def view(offset: int, dtype: torch.dtype, shape: Tuple[int, ...]) -> Tensor:
         count = math.prod(shape)
         size = torch.empty(0, dtype=dtype).element_size()
         return workspace[offset : offset + count * size].view(dtype).reshape(shape).clone()
 
-    words = view(layout.cut_bits, torch.int32, (b, n, layout.cut_words)).to(torch.int64) & 0xFFFFFFFF
-    if not params.do_image_image:
-        words.zero_()  # the launcher memsets the cut bits only when the image-image pass runs: not written here
-    bits = (words[..., None] >> torch.arange(32, device=workspace.device)) & 1
-    return {
-        "lse": view(layout.lse, torch.float32, (b, h, n)),
+    # Outside the window (or before the union kernel) counts are whatever the workspace held: clamp them.
+    union_count = view(layout.union_count, torch.int32, (b,)).clamp(0, n)
+    union_index = view(layout.union_index, torch.int32, (b, n)).long()
+    in_union = torch.zeros(b, n, dtype=torch.bool, device=device)
+    for i in range(b):
+        count = int(union_count[i])
+        in_union[i, union_index[i, :count]] = True
+    z = view(layout.z, torch.float32, (b, h, n))
+    z = torch.where(in_union[:, None, :], z, torch.ones_like(z))
+
+    bands, band_rows = int(layout.bands), int(layout.band_rows)
+    counts = view(layout.fallback_counts, torch.int32, (b, h, bands)).clamp(0, band_rows)
+    rows = view(layout.fallback_rows, torch.int32, (b, h, n)).long()
+    fallback = torch.zeros(b, h, n, dtype=torch.bool, device=device)
+    for i in range(b):
+        for j in range(h):
+            for band in range(bands):
+                listed = rows[i, j, band * band_rows : band * band_rows + int(counts[i, j, band])]
+                fallback[i, j, union_index[i, listed]] = True
+
+    views = {
+        "plain": plain,
+        "lse": lse,
         "affinity": view(layout.affinity, torch.float32, (b, e, n)),
         "source": view(layout.source, torch.float32, (b, e, n)),
         "raw_masks": view(layout.raw_masks, torch.uint8, (b, e, n)).bool(),
         "masks": view(layout.masks, torch.uint8, (b, e, n)).bool(),
-        "union_count": view(layout.union_count, torch.int32, (b,)),
-        "cut": bits.reshape(b, n, layout.cut_words * 32)[..., :n].bool(),
+        "union_count": union_count,
+        "union_index": union_index.to(torch.int32),
+        "thresholds": (
+            view(layout.thresholds, torch.float32, (b, e, e))
+            if params.do_image_image
+            else torch.full((b, e, e), math.nan, device=device)
+        ),
+        "z": z,
+        "fallback": fallback,
+        "fallback_count": view(layout.fallback_count, torch.int32, ()),
     }
+    if bands == 1:
+        cut = torch.zeros(b, n, n, dtype=torch.bool, device=device)
+        if params.do_image_image:
+            tiles = int(layout.tiles)
+            words = view(layout.cut_bits, torch.int64, (b, band_rows, tiles))
+            bits = ((words[..., None] >> torch.arange(64, device=device)) & 1).bool().reshape(b, band_rows, -1)
+            for i in range(b):
+                count = int(union_count[i])
+                members = union_index[i, :count]
+                cut[i, members[:, None], members[None, :]] = bits[i, :count, :count]
+        views["cut"] = cut
+    return views

@@ -38,33 +38,36 @@ def _compile_objects(arch: str, out_dir) -> float:
     return time.perf_counter() - started
 
 
-def test_kernels_compile_for_sm90_and_sm89(tmp_path, record_property):
-    """One nvcc -c per arch, both at once; a compile error fails with nvcc's message."""
+def test_kernels_compile_for_sm90a_and_sm89(tmp_path, record_property):
+    """One nvcc -c per target (Hopper's arch-specific sm_90a, and Ada), both at once; a compile error fails with
+    nvcc's message."""
     _nvcc_or_skip()
+    archs = ("90a", "89")
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        times = dict(zip(("90", "89"), pool.map(lambda a: _compile_objects(a, tmp_path), ("90", "89"))))
+        times = dict(zip(archs, pool.map(lambda a: _compile_objects(a, tmp_path), archs)))
     wall = time.perf_counter() - started
     record_property("nvcc_wall_s", round(wall, 1))
-    print(f"nvcc -c: sm_90 {times['90']:.1f} s, sm_89 {times['89']:.1f} s, wall {wall:.1f} s")
+    print(f"nvcc -c: sm_90a {times['90a']:.1f} s, sm_89 {times['89']:.1f} s, wall {wall:.1f} s")
     units = [p.stem for p in build.kernel_sources() if p.suffix == ".cu"]
-    for arch in ("90", "89"):
+    for arch in archs:
         for unit in units:
             obj = tmp_path / f"sm{arch}" / f"{unit}.o"
             assert obj.stat().st_size > 10_000, f"{obj.name} for sm_{arch} is missing or suspiciously small"
 
-    # Link the sm_90 object and drive the ctypes binding on the CPU: sizes and argument checks need no GPU.
+    # Link the sm_90a object and drive the ctypes binding on the CPU: sizes and argument checks need no GPU.
     nvcc = build.find_nvcc()
-    library_path = tmp_path / "libdeleaker_sm90.so"
-    objects = [str(tmp_path / "sm90" / f"{unit}.o") for unit in units]
+    library_path = tmp_path / "libdeleaker_sm90a.so"
+    objects = [str(tmp_path / "sm90a" / f"{unit}.o") for unit in units]
     build.run_nvcc([str(nvcc), "-shared", *objects, "-o", str(library_path)])
     library = kernels.KernelLibrary(library_path)
     params = _flux_params(num_entities=4)
     layout = library.workspace_layout(params)
-    assert library.workspace_bytes(params) == layout.total_bytes > layout.cut_bits
-    assert layout.cut_words == 4096 // 32
-    with pytest.raises(kernels.KernelLaunchError, match="q, k, v and out"):
+    assert library.workspace_bytes(params) == layout.total_bytes > layout.fallback_count
+    assert (layout.tiles, layout.band_rows, layout.bands) == (4096 // 64, 4096, 1)
+    with pytest.raises(kernels.KernelLaunchError, match="q, k, v and out") as info:
         library.launch(params, 0, 0, 0)  # NULL tensors: rejected at the one boundary, before any CUDA call
+    assert info.value.code == kernels.ERROR_INVALID_ARGUMENT
 
 
 def _flux_params(num_entities: int) -> kernels.DeLeakerParams:
@@ -112,17 +115,21 @@ def test_ctypes_structs_match_header(tmp_path, struct, c_name, fields):
         assert header[name] == (getattr(struct, name).offset, ctypes.sizeof(ctype)), name
 
 
-def test_workspace_fits_budget_at_flux_1024(tmp_path):
-    """Extra memory at FLUX.1-dev 1024x1024 (B=1, H=24, D=128, T=512, 64x64 grid): under 64 MiB up to E_max=8."""
+def test_workspace_fits_budget_and_grows_linearly(tmp_path):
+    """Extra memory at FLUX.1-dev 1024x1024 (B=1, H=24, D=128, T=512, 64x64 grid): under 64 MiB up to E_max=8 (the
+    header's own arithmetic, as the library and any C++ host use it). Beyond one band of the union it grows
+    linearly with the tokens: 4x the image tokens (2048x2048 -> 4096x4096) at most 4.5x the bytes."""
     body = ""
-    for entities in (4, 8):
+    for name, side, entities in (("e4", 64, 4), ("e8", 64, 8), ("s128", 128, 4), ("s256", 256, 4)):
         body += (
             "  { DeLeakerParams p = {}; p.batch = 1; p.heads = 24; p.head_dim = 128; p.text_tokens = 512;"
-            f" p.grid_h = 64; p.grid_w = 64; p.tokens = 512 + 4096; p.num_entities = {entities};"
-            f' std::printf("e{entities} %llu\\n", (unsigned long long)deleaker_workspace_layout(&p).total_bytes); }}\n'
+            f" p.grid_h = {side}; p.grid_w = {side}; p.tokens = 512 + {side * side}; p.num_entities = {entities};"
+            f' std::printf("{name} %llu\\n", (unsigned long long)deleaker_workspace_layout(&p).total_bytes); }}\n'
         )
-    sizes = _struct_probe(tmp_path, body)
-    assert 2 * MIB < sizes["e4"][0] < sizes["e8"][0] <= 64 * MIB, sizes
+    sizes = {name: value[0] for name, value in _struct_probe(tmp_path, body).items()}
+    print({name: f"{value / MIB:.1f} MiB" for name, value in sizes.items()})
+    assert 2 * MIB < sizes["e4"] < sizes["e8"] <= 64 * MIB, sizes
+    assert sizes["s256"] < 4.5 * sizes["s128"], sizes
 
 
 def test_no_jit_without_prebuilt_library_is_a_typed_error(tmp_path, monkeypatch):
@@ -173,9 +180,13 @@ def test_prebuilt_library_is_checked_against_its_manifest(tmp_path, monkeypatch)
         build.build_library()
 
 
-def test_library_carries_ptx_of_the_newest_arch_for_later_gpus():
+def test_library_targets_sm90a_and_carries_portable_ptx_for_later_gpus():
     flags = build.compile_flags(build.ARCHS)
-    newest = max(build.ARCHS, key=int)
-    assert f"-gencode=arch=compute_{newest},code=compute_{newest}" in flags
+    assert {"80", "86", "89", "90", "90a"} <= set(build.ARCHS)
     assert all(f"-gencode=arch=compute_{a},code=sm_{a}" in flags for a in build.ARCHS)
+    # PTX of the newest portable target: arch-specific (sm_90a) PTX would not run on later GPUs.
+    assert "-gencode=arch=compute_90,code=compute_90" in flags
+    assert not any("code=compute_90a" in f for f in flags)
     assert build.build_spec(("80",)).key != build.build_spec(("90",)).key
+    with pytest.raises(build.KernelBuildError, match="not a CUDA target"):
+        build.gencode_flags(("90x",))

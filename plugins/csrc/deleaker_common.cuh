@@ -1,5 +1,6 @@
-// Shared pieces of the DeLeaker kernels: the block-step window logic, tile shapes, tile loads and the
-// tensor-core product S = Q K^T of one warp (nvcuda::wmma, portable on sm_80+ for fp16 and bf16).
+// Shared pieces of the DeLeaker kernels: the block-step window, tile shapes, tile loads, the tensor-core product
+// S = Q K^T of one warp (nvcuda::wmma, portable on sm_80+ for fp16 and bf16), the image-image head mean pbar of
+// a tile and its cut decision (one definition, so every kernel sees bit-identical values), block collectives.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -45,9 +46,10 @@ __device__ __forceinline__ Window window_of(const DeLeakerParams& p) {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTileRows = kWarps * 16;  // query rows of one block: each warp owns 16
-constexpr int kTileCols = 64;           // keys per step
-constexpr int kLdS = kTileCols + 4;     // float S rows, padded against bank conflicts
+constexpr int kTile = 64;           // rows (4 warps x 16) and columns of every tile
+constexpr int kLdS = kTile + 4;     // float S rows, padded against bank conflicts
+
+static_assert(DELEAKER_BAND_ROWS % kTile == 0 && DELEAKER_BAND_ROWS > 0, "DELEAKER_BAND_ROWS: a multiple of 64");
 
 template <int D>
 struct HeadDim {
@@ -61,13 +63,16 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Loads kTileRows (or kTileCols, both 64) rows of D elements into shared memory with 16-byte accesses.
-// row_index[r] is the token of row r, or -1 for a zero row (past the end).
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Loads 64 rows of D elements into shared memory with 16-byte accesses. row_index[r] is the token of row r, or
+// -1 for a zero row (past the end).
 template <typename Elem, int D>
 __device__ __forceinline__ void load_rows(Elem* smem, const Elem* base, int64_t row_stride, const int* row_index) {
   constexpr int kVecs = D / 8;  // 8 elements of 2 bytes per uint4
   constexpr int kLd = HeadDim<D>::kLd;
-  for (int idx = threadIdx.x; idx < 64 * kVecs; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < kTile * kVecs; idx += kThreads) {
     const int r = idx / kVecs, c = (idx % kVecs) * 8;
     const int token = row_index[r];
     uint4 value = make_uint4(0u, 0u, 0u, 0u);
@@ -80,15 +85,15 @@ __device__ __forceinline__ void load_rows(Elem* smem, const Elem* base, int64_t 
 template <typename Elem, int D>
 __device__ __forceinline__ void warp_qk(const Elem* q_rows, const Elem* k_rows, float* s_out) {
   constexpr int kLd = HeadDim<D>::kLd;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTileCols / 16];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTile / 16];
 #pragma unroll
-  for (int n = 0; n < kTileCols / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+  for (int n = 0; n < kTile / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, Elem, wmma::row_major> a;
     wmma::load_matrix_sync(a, q_rows + kk * 16, kLd);
 #pragma unroll
-    for (int n = 0; n < kTileCols / 16; ++n) {
+    for (int n = 0; n < kTile / 16; ++n) {
       // K^T as a column-major matrix: element (d, j) sits at k_rows[j * kLd + d].
       wmma::fragment<wmma::matrix_b, 16, 16, 16, Elem, wmma::col_major> b;
       wmma::load_matrix_sync(b, k_rows + n * 16 * kLd + kk * 16, kLd);
@@ -96,7 +101,39 @@ __device__ __forceinline__ void warp_qk(const Elem* q_rows, const Elem* k_rows, 
     }
   }
 #pragma unroll
-  for (int n = 0; n < kTileCols / 16; ++n) wmma::store_matrix_sync(s_out + n * 16, acc[n], kLdS, wmma::mem_row_major);
+  for (int n = 0; n < kTile / 16; ++n) wmma::store_matrix_sync(s_out + n * 16, acc[n], kLdS, wmma::mem_row_major);
+}
+
+// One warp: O[16 x D] += P[16 x 64] V[64 x D] on tensor cores (P row-major, ld kLdP; V rows in shared memory).
+template <typename Elem, int D, int kLdP>
+__device__ __forceinline__ void warp_pv(wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&o)[D / 16],
+                                        const Elem* p_rows, const Elem* v_rows) {
+  constexpr int kLd = HeadDim<D>::kLd;
+#pragma unroll
+  for (int kk = 0; kk < kTile / 16; ++kk) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, Elem, wmma::row_major> a;
+    wmma::load_matrix_sync(a, p_rows + kk * 16, kLdP);
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, Elem, wmma::row_major> bv;
+      wmma::load_matrix_sync(bv, v_rows + kk * 16 * kLd + n * 16, kLd);
+      wmma::mma_sync(o[n], a, bv, o[n]);
+    }
+  }
+}
+
+// The cells of a warp's S tile each thread owns: lanes 2r and 2r+1 share row r (of the warp's 16), each takes 32
+// columns, visited in a rotated order so that the 32 lanes hit 32 different banks.
+struct CellOwner {
+  int row;   // 0..63 within the block's tile
+  int half;  // 0: columns 0..31, 1: columns 32..63
+  int lane;
+  __device__ __forceinline__ int col(int i) const { return half * 32 + ((i + lane) & 31); }
+};
+
+__device__ __forceinline__ CellOwner cell_owner() {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  return CellOwner{warp * 16 + lane / 2, lane % 2, lane};
 }
 
 // Bits e of the entities that own text token t (entity_mask is (E_max, T) bytes).
@@ -106,28 +143,48 @@ __device__ __forceinline__ uint32_t token_entities(const DeLeakerParams& p, int 
   return bits;
 }
 
+// Image-text edits of one logit (spec step 6) for a row in the masks `row_bits` and a text token of the entities
+// `token_bits`: cut iff i in M_e and t in T_f with f != e; strengthened iff i in M_e and t in T_e, unless cut.
+__device__ __forceinline__ bool text_cut(uint32_t row_bits, uint32_t token_bits) {
+  return row_bits != 0u && token_bits != 0u && !(row_bits == token_bits && __popc(row_bits) == 1);
+}
+
+__device__ __forceinline__ const float* lse_of(const DeLeakerParams& p, int b, int h) {
+  return p.lse + (int64_t)b * p.lse_batch_stride + (int64_t)h * p.lse_head_stride;
+}
+
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Device pointers into the workspace (see DeLeakerWorkspaceLayout for shapes).
 struct Workspace {
-  float* lse;
+  int32_t* entity_tokens;
+  uint8_t* entity_token_bits;
+  int32_t* entity_token_count;
   float* head_affinity;
   float* affinity;
   float* source;
   uint8_t* raw_masks;
   uint8_t* masks;
   uint8_t* scratch;
-  uint8_t* row_entities;
   int32_t* mask_counts;
+  uint8_t* row_entities;
   int32_t* union_count;
   int32_t* union_index;
-  double* pair_stats;
-  uint32_t* cut_bits;
-  int64_t cut_words;
+  double* pair_partials;
+  float* thresholds;
+  uint64_t* cut_bits;
+  int32_t* cut_tiles;
+  float* z;
+  int32_t* fallback_rows;
+  int32_t* fallback_counts;
+  int32_t* fallback_count;
+  int band_rows, bands, tiles;
 };
 
 // Byte offset of a shared-memory part, rounded up so wmma pointers stay 256-bit aligned.
 __host__ __device__ constexpr int smem_align(int bytes) { return (bytes + 127) / 128 * 128; }
+
+// ---- block collectives (fixed order: the same inputs give the same bits on every run) -----------------------
 
 // Block-wide sum (blockDim.x a multiple of 32, at most 1024). Every thread gets the total.
 template <typename T>
@@ -140,6 +197,122 @@ __device__ __forceinline__ T block_sum(T x, T* scratch32) {
   T total = T(0);
   for (int w = 0; w < warps; ++w) total += scratch32[w];
   return total;
+}
+
+// Stream compaction, one chunk of blockDim.x candidates: `position` is this thread's index among the threads
+// that keep theirs (in thread order, -1 if not kept), `total` how many kept. warp_totals: 32 shared ints.
+struct Ranked {
+  int position, total;
+};
+
+__device__ __forceinline__ Ranked block_rank(bool keep, int* warp_totals) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const uint32_t ballot = __ballot_sync(0xffffffffu, keep);
+  __syncthreads();  // warp_totals may still be read by a previous call
+  if (lane == 0) warp_totals[warp] = __popc(ballot);
+  __syncthreads();
+  int offset = 0, total = 0;
+  for (int w = 0; w < warps; ++w) {
+    if (w < warp) offset += warp_totals[w];
+    total += warp_totals[w];
+  }
+  return Ranked{keep ? offset + __popc(ballot & ((1u << lane) - 1u)) : -1, total};
+}
+
+// ---- the entity text tokens (the list entity_tokens_kernel compacts) -----------------------------------------
+
+// S of each warp's 16 rows (Q in q_s) against entries [t0, t0 + 64) of the entity token list: col_token and
+// col_bits get the tile's tokens and entity bits (-1 and 0 past the end), k_s their K rows, s_w the warp's S.
+// Starts with a __syncthreads (the previous tile's K and column lists are no longer read).
+template <typename Elem, int D>
+__device__ void entity_token_tile_qk(const DeLeakerParams& p, const Workspace& ws, const Elem* k, int t0, int count,
+                                     const Elem* q_s, Elem* k_s, float* s_w, int* col_token, uint32_t* col_bits) {
+  constexpr int kLd = HeadDim<D>::kLd;
+  __syncthreads();
+  if (threadIdx.x < kTile) {
+    const int at = t0 + (int)threadIdx.x;
+    col_token[threadIdx.x] = at < count ? ws.entity_tokens[at] : -1;
+    col_bits[threadIdx.x] = at < count ? ws.entity_token_bits[at] : 0u;
+  }
+  __syncthreads();
+  load_rows<Elem, D>(k_s, k, p.k_row_stride, col_token);
+  __syncthreads();
+  warp_qk<Elem, D>(q_s + (threadIdx.x / 32) * 16 * kLd, k_s, s_w);
+  __syncwarp();
+}
+
+// ---- image-image: pbar of a tile and its cuts (spec step 6, last item) ---------------------------------------
+
+// Partner masks: bit f of partners[e] is set iff the pair (e, f) cuts (its threshold is not NaN).
+__device__ __forceinline__ uint32_t row_partners(uint32_t row_bits, const uint32_t* partners, int num_entities) {
+  uint32_t out = 0;
+  for (int e = 0; e < num_entities; ++e)
+    if ((row_bits >> e) & 1u) out |= partners[e];
+  return out;
+}
+
+// True iff a cell of this thread's 32 has a pair: some e in its row's masks and f in its column's with (e, f) on.
+__device__ __forceinline__ bool owns_region_cell(const CellOwner& me, uint32_t row_partner_bits, const uint32_t* col_bits) {
+  if (row_partner_bits == 0u) return false;
+  for (int i = 0; i < 32; ++i)
+    if (col_bits[me.col(i)] & row_partner_bits) return true;
+  return false;
+}
+
+// pbar of this thread's 32 cells of one 64 x 64 tile: the head mean of exp(s[h] - lse[h]), heads in order, for
+// the rows / columns whose tokens are row_token / col_token (-1: none). Every kernel that needs pbar calls this,
+// so they all see the same bits. Uses q_s, k_s (64 x kLd each), the warp's S tile and lse_s (64 floats); the
+// caller synchronises before it writes any of them again.
+template <typename Elem, int D>
+__device__ void tile_pbar(const DeLeakerParams& p, int b, const int* row_token, const int* col_token, Elem* q_s,
+                          Elem* k_s, float* s_all, float* lse_s, const CellOwner& me, float (&pbar)[32]) {
+  constexpr int kLd = HeadDim<D>::kLd;
+  const int warp = threadIdx.x / 32;
+  float* s_w = s_all + warp * 16 * kLdS;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) pbar[i] = 0.0f;
+  for (int h = 0; h < p.heads; ++h) {
+    __syncthreads();  // the previous head's (or the caller's) Q, K and LSE are no longer read
+    const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+    load_rows<Elem, D>(q_s, q, p.q_row_stride, row_token);
+    load_rows<Elem, D>(k_s, k, p.k_row_stride, col_token);
+    if (threadIdx.x < kTile) lse_s[threadIdx.x] = row_token[threadIdx.x] >= 0 ? lse_of(p, b, h)[row_token[threadIdx.x]] : 0.0f;
+    __syncthreads();
+    warp_qk<Elem, D>(q_s + warp * 16 * kLd, k_s, s_w);
+    __syncwarp();
+    const float row_lse = lse_s[me.row];
+    const int r = me.row % 16;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) pbar[i] += expf(s_w[r * kLdS + me.col(i)] * p.softmax_scale - row_lse);
+  }
+  const float heads = (float)p.heads;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) pbar[i] /= heads;
+}
+
+// The 64-bit cut word of this thread's row in the tile (both lanes of the row get it): bit c set iff
+// pbar[c] > threshold(e, f) for some e in the row's masks and f in column c's (a NaN threshold cuts nothing).
+__device__ __forceinline__ uint64_t tile_cut_word(const CellOwner& me, const float (&pbar)[32], uint32_t row_bits,
+                                                  const uint32_t* col_bits, const float* thresholds, int num_entities) {
+  uint32_t mine = 0;
+  if (row_bits != 0u) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int c = me.col(i);
+      const uint32_t cb = col_bits[c];
+      bool cut = false;
+      for (int e = 0; e < num_entities; ++e) {
+        if (!((row_bits >> e) & 1u)) continue;
+        for (int f = 0; f < num_entities; ++f)
+          if (((cb >> f) & 1u) && pbar[i] > thresholds[e * num_entities + f]) cut = true;
+      }
+      if (cut) mine |= 1u << (c & 31);
+    }
+  }
+  const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
+  const uint32_t lo = me.half == 0 ? mine : other, hi = me.half == 0 ? other : mine;
+  return (uint64_t)lo | ((uint64_t)hi << 32);
 }
 
 }  // namespace deleaker

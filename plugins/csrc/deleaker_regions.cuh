@@ -1,11 +1,13 @@
-// Pass (c): image-image suppression over the entity regions only (spec step 6, last item).
+// Step (c): image-image statistics over the entity regions (spec step 6, last item), on the compacted union U.
 //
-// Tiles of 64 x 64 image tokens over U x U (U = union of the masks, compacted); each block recomputes
-// pbar[i, j] = mean_h exp(s[h, T+i, T+j] - lse[h, i]) for its tile, head after head, in the same order in both
-// passes, so the two passes see bit-identical values:
-//   pass 0: per ordered pair (e, f), e != f, the sum and sum of squares of pbar over M_e x M_f (double);
-//   pass 1: the threshold of each pair, then the bits of the cut logits.
-// No N x N matrix is ever stored: the only output is the (B, Nimg, Nimg) bitmask.
+// The U x U tiles (64 x 64, in union_index's grouped order) are split into DELEAKER_REGION_SLOTS fixed slots of
+// consecutive tiles; a block takes slots (striding when the grid is smaller) and, per tile with any cell in a
+// region pair, recomputes pbar = head mean of exp(s - lse) from q, k and the caller's LSE (tile_pbar), then adds
+// each pair's sum and sum of squares (double) into per-warp accumulators. Each slot's partial is written once, and
+// threshold_kernel sums the slots in order: a fixed-order reduction, no floating-point atomics, so a CUDA-graph
+// replay equals an eager run bit for bit and the grid size does not change the result. Then, per pair,
+// threshold = mean + std_mul_image_image * std (unbiased), NaN where the pair cuts nothing; and per band of U
+// rows, cut_kernel recomputes pbar tile by tile and writes the cut bits the correction reads.
 #pragma once
 
 #include "deleaker_common.cuh"
@@ -16,148 +18,212 @@ template <typename Elem, int D>
 struct RegionSmem {
   static constexpr int kLd = HeadDim<D>::kLd;
   static constexpr int kQ = 0;
-  static constexpr int kK = kQ + smem_align(64 * kLd * 2);
-  static constexpr int kS = kK + smem_align(64 * kLd * 2);
-  static constexpr int kPbar = kS + smem_align(kWarps * 16 * kLdS * 4);
-  static constexpr int kRowIndex = kPbar + smem_align(64 * kLdS * 4);  // token of each row (or -1)
-  static constexpr int kColIndex = kRowIndex + smem_align(64 * 4);
-  static constexpr int kRowImage = kColIndex + smem_align(64 * 4);      // image index of each row (or -1)
-  static constexpr int kColImage = kRowImage + smem_align(64 * 4);
-  static constexpr int kRowBits = kColImage + smem_align(64 * 4);       // entities whose mask holds the row
-  static constexpr int kColBits = kRowBits + smem_align(64 * 4);
-  static constexpr int kLse = kColBits + smem_align(64 * 4);
-  static constexpr int kThreshold = kLse + smem_align(64 * 4);          // per pair e * E + f
-  static constexpr int kPairOn = kThreshold + smem_align(64 * 4);
-  static constexpr int kBytes = kPairOn + smem_align(64 * 4);
+  static constexpr int kK = kQ + smem_align(kTile * kLd * 2);
+  static constexpr int kS = kK + smem_align(kTile * kLd * 2);
+  static constexpr int kLse = kS + smem_align(kWarps * 16 * kLdS * 4);
+  static constexpr int kRowToken = kLse + smem_align(kTile * 4);      // token of each row (or -1)
+  static constexpr int kColToken = kRowToken + smem_align(kTile * 4);
+  static constexpr int kRowBits = kColToken + smem_align(kTile * 4);  // entities whose mask holds the row
+  static constexpr int kColBits = kRowBits + smem_align(kTile * 4);
+  static constexpr int kPartners = kColBits + smem_align(kTile * 4);  // per entity: bits of its pair partners
+  static constexpr int kThresholds = kPartners + smem_align(DELEAKER_MAX_ENTITIES * 4);
+  static constexpr int kWarpSums = kThresholds + smem_align(DELEAKER_MAX_ENTITIES * DELEAKER_MAX_ENTITIES * 4);
+  // per warp and pair: sum and sum of squares of pbar (double)
+  static constexpr int kBytes = kWarpSums + smem_align(kWarps * DELEAKER_MAX_ENTITIES * DELEAKER_MAX_ENTITIES * 2 * 8);
 };
 
+// The parts of RegionSmem, as pointers.
 template <typename Elem, int D>
-__global__ void __launch_bounds__(kThreads) region_kernel(DeLeakerParams p, Workspace ws, int pass) {
+struct RegionBuffers {
   using Smem = RegionSmem<Elem, D>;
-  constexpr int kLd = Smem::kLd;
-  const Window win = window_of(p);
-  if (!win.intervene || p.do_image_image == 0) return;
-  const int b = blockIdx.y;
-  const int U = ws.union_count[b];
-  const int tiles = (U + 63) / 64;
-  if ((int)blockIdx.x >= tiles * tiles) return;
+  Elem *q, *k;
+  float *s_all, *lse, *thresholds;
+  int *row_token, *col_token;
+  uint32_t *row_bits, *col_bits, *partners;
+  double* warp_sums;
+  __device__ explicit RegionBuffers(unsigned char* smem)
+      : q(reinterpret_cast<Elem*>(smem + Smem::kQ)),
+        k(reinterpret_cast<Elem*>(smem + Smem::kK)),
+        s_all(reinterpret_cast<float*>(smem + Smem::kS)),
+        lse(reinterpret_cast<float*>(smem + Smem::kLse)),
+        thresholds(reinterpret_cast<float*>(smem + Smem::kThresholds)),
+        row_token(reinterpret_cast<int*>(smem + Smem::kRowToken)),
+        col_token(reinterpret_cast<int*>(smem + Smem::kColToken)),
+        row_bits(reinterpret_cast<uint32_t*>(smem + Smem::kRowBits)),
+        col_bits(reinterpret_cast<uint32_t*>(smem + Smem::kColBits)),
+        partners(reinterpret_cast<uint32_t*>(smem + Smem::kPartners)),
+        warp_sums(reinterpret_cast<double*>(smem + Smem::kWarpSums)) {}
+};
 
-  extern __shared__ __align__(128) unsigned char smem[];
-  Elem* q_s = reinterpret_cast<Elem*>(smem + Smem::kQ);
-  Elem* k_s = reinterpret_cast<Elem*>(smem + Smem::kK);
-  float* s_all = reinterpret_cast<float*>(smem + Smem::kS);
-  float* pbar = reinterpret_cast<float*>(smem + Smem::kPbar);
-  int* row_index = reinterpret_cast<int*>(smem + Smem::kRowIndex);
-  int* col_index = reinterpret_cast<int*>(smem + Smem::kColIndex);
-  int* row_image = reinterpret_cast<int*>(smem + Smem::kRowImage);
-  int* col_image = reinterpret_cast<int*>(smem + Smem::kColImage);
-  uint32_t* row_bits = reinterpret_cast<uint32_t*>(smem + Smem::kRowBits);
-  uint32_t* col_bits = reinterpret_cast<uint32_t*>(smem + Smem::kColBits);
-  float* lse_s = reinterpret_cast<float*>(smem + Smem::kLse);
-  float* threshold = reinterpret_cast<float*>(smem + Smem::kThreshold);
-  int* pair_on = reinterpret_cast<int*>(smem + Smem::kPairOn);
-  __shared__ double red[32];
+// Rows (and columns) of U tile `tile`: their tokens and entity bits. Threads 0..63 fill the rows, 64..127 the
+// columns; a caller-side __syncthreads() publishes them.
+__device__ __forceinline__ void load_union_tile(const DeLeakerParams& p, const Workspace& ws, int b, int U, int row_tile,
+                                                int col_tile, int* row_token, uint32_t* row_bits, int* col_token,
+                                                uint32_t* col_bits) {
+  const int n_img = p.grid_h * p.grid_w;
+  const bool is_row = threadIdx.x < kTile;
+  const int slot = is_row ? (int)threadIdx.x : (int)threadIdx.x - kTile;
+  const int u = (is_row ? row_tile : col_tile) * kTile + slot;
+  const int img = u < U ? ws.union_index[(int64_t)b * n_img + u] : -1;
+  (is_row ? row_token : col_token)[slot] = img >= 0 ? p.text_tokens + img : -1;
+  (is_row ? row_bits : col_bits)[slot] = img >= 0 ? ws.row_entities[(int64_t)b * n_img + img] : 0u;
+}
 
-  const int T = p.text_tokens, n_img = p.grid_h * p.grid_w, E = p.num_entities, H = p.heads;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 2, half = lane % 2;
-  float* s_w = s_all + warp * 16 * kLdS;
-  double* stats = ws.pair_stats + (int64_t)b * E * E * 2;
-
-  // Pairs (e, f), e != f, with both masks non-empty; pass 1 also needs 2 cells for an unbiased std.
-  if (threadIdx.x < E * E) {
-    const int e = threadIdx.x / E, f = threadIdx.x % E;
-    const double cells = (double)ws.mask_counts[b * E + e] * (double)ws.mask_counts[b * E + f];
-    int on = e != f && cells > 0.0;
-    if (pass == 1) {
-      on = on && cells >= 2.0;
-      const double mean = stats[threadIdx.x * 2] / cells;
-      const double var = fmax((stats[threadIdx.x * 2 + 1] - stats[threadIdx.x * 2] * mean) / (cells - 1.0), 0.0);
-      threshold[threadIdx.x] = (float)(mean + (double)p.std_mul_image_image * sqrt(var));
+// The pairs of batch sample b: partners[e] and, for the statistics, the same from the mask sizes (a pair needs
+// e != f and a region of at least 2 cells for an unbiased std).
+__device__ __forceinline__ void pair_partners_from_counts(const Workspace& ws, int b, int E, uint32_t* partners) {
+  if (threadIdx.x < (unsigned)E) {
+    const int e = threadIdx.x;
+    uint32_t bits = 0;
+    for (int f = 0; f < E; ++f) {
+      const double cells = (double)ws.mask_counts[b * E + e] * (double)ws.mask_counts[b * E + f];
+      if (f != e && cells >= 2.0) bits |= 1u << f;
     }
-    pair_on[threadIdx.x] = on;
+    partners[e] = bits;
   }
-  // Fewer than two non-empty masks: no region, nothing to cut.
-  if (!__syncthreads_or(threadIdx.x < E * E && pair_on[threadIdx.x])) return;
+}
 
-  for (int tile = blockIdx.x; tile < tiles * tiles; tile += gridDim.x) {
-    const int tr = tile / tiles, tc = tile % tiles;
-    __syncthreads();  // the previous tile is done with every shared buffer
-    if (threadIdx.x < 64) {
-      const int u = tr * 64 + (int)threadIdx.x;
-      const int img = u < U ? ws.union_index[(int64_t)b * n_img + u] : -1;
-      row_image[threadIdx.x] = img;
-      row_index[threadIdx.x] = img >= 0 ? T + img : -1;
-      row_bits[threadIdx.x] = img >= 0 ? ws.row_entities[(int64_t)b * n_img + img] : 0u;
-    } else {
-      const int c = (int)threadIdx.x - 64;
-      const int u = tc * 64 + c;
-      const int img = u < U ? ws.union_index[(int64_t)b * n_img + u] : -1;
-      col_image[c] = img;
-      col_index[c] = img >= 0 ? T + img : -1;
-      col_bits[c] = img >= 0 ? ws.row_entities[(int64_t)b * n_img + img] : 0u;
-    }
-    for (int i = 0; i < 32; ++i) pbar[(warp * 16 + r) * kLdS + half * 32 + i] = 0.0f;
+__device__ __forceinline__ void pair_partners_from_thresholds(const float* thresholds, int E, uint32_t* partners) {
+  if (threadIdx.x < (unsigned)E) {
+    uint32_t bits = 0;
+    for (int f = 0; f < E; ++f)
+      if (!isnan(thresholds[threadIdx.x * E + f])) bits |= 1u << f;
+    partners[threadIdx.x] = bits;
+  }
+}
 
-    for (int h = 0; h < H; ++h) {
-      __syncthreads();  // indices ready; the previous head's Q and K are no longer read
-      const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-      const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-      load_rows<Elem, D>(q_s, q, p.q_row_stride, row_index);
-      load_rows<Elem, D>(k_s, k, p.k_row_stride, col_index);
-      if (threadIdx.x < 64) {
-        const int img = row_image[threadIdx.x];
-        lse_s[threadIdx.x] = img >= 0 ? ws.lse[((int64_t)b * H + h) * n_img + img] : 0.0f;
-      }
+// Grid (blocks, B): block x takes slots x, x + gridDim.x, ...; slot s covers U tiles [s * per_slot, ...).
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p, Workspace ws) {
+  if (!window_of(p).intervene) return;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const RegionBuffers<Elem, D> s(smem);
+  Elem *q_s = s.q, *k_s = s.k;
+  float *s_all = s.s_all, *lse_s = s.lse;
+  int *row_token = s.row_token, *col_token = s.col_token;
+  uint32_t *row_bits = s.row_bits, *col_bits = s.col_bits, *partners = s.partners;
+  double* warp_sums = s.warp_sums;
+
+  const int b = blockIdx.y, E = p.num_entities, pairs = E * E;
+  const int U = ws.union_count[b];
+  const int u_tiles = ceil_div(U, kTile);
+  const int tiles = u_tiles * u_tiles;
+  const int per_slot = ceil_div(tiles, DELEAKER_REGION_SLOTS);
+  const int warp = threadIdx.x / 32;
+  const CellOwner me = cell_owner();
+  pair_partners_from_counts(ws, b, E, partners);
+
+  for (int slot = blockIdx.x; slot < DELEAKER_REGION_SLOTS; slot += gridDim.x) {
+    __syncthreads();  // partners are published; the previous slot's sums are written out
+    for (int idx = threadIdx.x; idx < kWarps * pairs * 2; idx += kThreads) warp_sums[idx] = 0.0;
+    const int first = slot * per_slot, last = first + per_slot < tiles ? first + per_slot : tiles;
+    for (int tile = first; tile < last; ++tile) {
+      __syncthreads();  // the previous tile's lists are no longer read
+      load_union_tile(p, ws, b, U, tile / u_tiles, tile % u_tiles, row_token, row_bits, col_token, col_bits);
       __syncthreads();
-      warp_qk<Elem, D>(q_s + warp * 16 * kLd, k_s, s_w);
-      __syncwarp();
-      const float row_lse = lse_s[warp * 16 + r];
-      for (int i = 0; i < 32; ++i) {
-        const int c = half * 32 + ((i + lane) & 31);
-        pbar[(warp * 16 + r) * kLdS + c] += expf(s_w[r * kLdS + c] * p.softmax_scale - row_lse);
-      }
-    }
-    __syncthreads();  // the whole pbar tile is summed
-
-    if (pass == 0) {
-      for (int pair = 0; pair < E * E; ++pair) {
-        if (!pair_on[pair]) continue;  // the same for the whole block
+      const uint32_t my_row_bits = row_bits[me.row];
+      const uint32_t my_partners = row_partners(my_row_bits, partners, E);
+      if (!__syncthreads_or(owns_region_cell(me, my_partners, col_bits))) continue;  // no region cell in the tile
+      float pbar[32];
+      tile_pbar<Elem, D>(p, b, row_token, col_token, q_s, k_s, s_all, lse_s, me, pbar);
+      for (int pair = 0; pair < pairs; ++pair) {
         const int e = pair / E, f = pair % E;
+        if (!((partners[e] >> f) & 1u)) continue;  // the same for the whole block
+        const bool row_in = (my_row_bits >> e) & 1u;
         double sum = 0.0, sq = 0.0;
-        for (int cell = threadIdx.x; cell < 64 * 64; cell += kThreads) {
-          const int rr = cell / 64, cc = cell % 64;
-          if (((row_bits[rr] >> e) & 1u) && ((col_bits[cc] >> f) & 1u)) {
-            const double x = pbar[rr * kLdS + cc] / (float)H;
-            sum += x;
-            sq += x * x;
+        if (row_in) {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            if ((col_bits[me.col(i)] >> f) & 1u) {
+              const double x = pbar[i];
+              sum += x;
+              sq += x * x;
+            }
           }
         }
-        sum = block_sum<double>(sum, red);
-        sq = block_sum<double>(sq, red);
-        if (threadIdx.x == 0) {
-          atomicAdd(&stats[pair * 2], sum);
-          atomicAdd(&stats[pair * 2 + 1], sq);
+        if (__ballot_sync(0xffffffffu, row_in) == 0u) continue;  // the same for the whole warp
+        for (int o = 16; o > 0; o >>= 1) {
+          sum += __shfl_xor_sync(0xffffffffu, sum, o);
+          sq += __shfl_xor_sync(0xffffffffu, sq, o);
         }
-      }
-    } else {
-      for (int cell = threadIdx.x; cell < 64 * 64; cell += kThreads) {
-        const int rr = cell / 64, cc = cell % 64;
-        const uint32_t rb = row_bits[rr], cb = col_bits[cc];
-        if (rb == 0u || cb == 0u) continue;
-        const float x = pbar[rr * kLdS + cc] / (float)H;
-        bool cut = false;
-        for (int e = 0; e < E; ++e) {
-          if (!((rb >> e) & 1u)) continue;
-          for (int f = 0; f < E; ++f)
-            if (((cb >> f) & 1u) && pair_on[e * E + f] && x > threshold[e * E + f]) cut = true;
-        }
-        if (cut) {
-          const int j = col_image[cc];
-          atomicOr(&ws.cut_bits[((int64_t)b * n_img + row_image[rr]) * ws.cut_words + j / 32], 1u << (j % 32));
+        if (me.lane == 0) {
+          warp_sums[(warp * pairs + pair) * 2] += sum;
+          warp_sums[(warp * pairs + pair) * 2 + 1] += sq;
         }
       }
     }
+    __syncthreads();  // every warp's sums are in
+    for (int idx = threadIdx.x; idx < pairs * 2; idx += kThreads) {
+      double total = 0.0;
+      for (int w = 0; w < kWarps; ++w) total += warp_sums[w * pairs * 2 + idx];
+      ws.pair_partials[((int64_t)b * DELEAKER_REGION_SLOTS + slot) * pairs * 2 + idx] = total;
+    }
   }
+}
+
+constexpr int kThresholdThreads = 64;  // one thread per pair (E_max^2 <= 64)
+
+// Block b: the threshold of every ordered pair from the slots' partial sums, summed in slot order.
+__global__ void __launch_bounds__(kThresholdThreads) threshold_kernel(DeLeakerParams p, Workspace ws) {
+  if (!window_of(p).intervene) return;
+  const int b = blockIdx.x, E = p.num_entities, pairs = E * E;
+  const int pair = threadIdx.x;
+  if (pair >= pairs) return;
+  const int e = pair / E, f = pair % E;
+  const double cells = (double)ws.mask_counts[b * E + e] * (double)ws.mask_counts[b * E + f];
+  float threshold = nanf("");
+  if (e != f && cells >= 2.0) {
+    double sum = 0.0, sq = 0.0;
+    for (int slot = 0; slot < DELEAKER_REGION_SLOTS; ++slot) {
+      const double* partial = ws.pair_partials + ((int64_t)b * DELEAKER_REGION_SLOTS + slot) * pairs * 2;
+      sum += partial[pair * 2];
+      sq += partial[pair * 2 + 1];
+    }
+    const double mean = sum / cells;
+    const double var = fmax(sq - cells * mean * mean, 0.0) / (cells - 1.0);
+    threshold = (float)(mean + (double)p.std_mul_image_image * sqrt(var));
+  }
+  ws.thresholds[(int64_t)b * pairs + pair] = threshold;
+}
+
+template <typename Elem, int D>
+using CutSmem = RegionSmem<Elem, D>;
+
+// Grid (row tiles of a band, U column tiles, B): the cut bits of one 64 x 64 tile of U rows in band `band`
+// against U columns, and whether the tile has any cut. Tiles outside U write nothing (nothing reads them).
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kThreads) cut_kernel(DeLeakerParams p, Workspace ws, int band) {
+  if (!window_of(p).intervene) return;
+  const int b = blockIdx.z, E = p.num_entities;
+  const int U = ws.union_count[b];
+  const int row_tile = band * (ws.band_rows / kTile) + (int)blockIdx.x, col_tile = blockIdx.y;
+  if (row_tile * kTile >= U || col_tile * kTile >= U) return;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const RegionBuffers<Elem, D> s(smem);
+  Elem *q_s = s.q, *k_s = s.k;
+  float *s_all = s.s_all, *lse_s = s.lse, *thresholds = s.thresholds;
+  int *row_token = s.row_token, *col_token = s.col_token;
+  uint32_t *row_bits = s.row_bits, *col_bits = s.col_bits, *partners = s.partners;
+
+  const CellOwner me = cell_owner();
+  if (threadIdx.x < (unsigned)(E * E)) thresholds[threadIdx.x] = ws.thresholds[(int64_t)b * E * E + threadIdx.x];
+  load_union_tile(p, ws, b, U, row_tile, col_tile, row_token, row_bits, col_token, col_bits);
+  __syncthreads();
+  pair_partners_from_thresholds(thresholds, E, partners);
+  __syncthreads();
+  const uint32_t my_row_bits = row_bits[me.row];
+  const bool any_region = __syncthreads_or(owns_region_cell(me, row_partners(my_row_bits, partners, E), col_bits));
+  uint64_t word = 0;
+  if (any_region) {
+    float pbar[32];
+    tile_pbar<Elem, D>(p, b, row_token, col_token, q_s, k_s, s_all, lse_s, me, pbar);
+    word = tile_cut_word(me, pbar, my_row_bits, col_bits, thresholds, E);
+  }
+  const int64_t band_row = (int64_t)blockIdx.x * kTile + me.row;
+  if (me.half == 0) ws.cut_bits[((int64_t)b * ws.band_rows + band_row) * ws.tiles + col_tile] = word;
+  const int any_cut = __syncthreads_or(word != 0u);
+  if (threadIdx.x == 0)
+    ws.cut_tiles[((int64_t)b * (ws.band_rows / kTile) + blockIdx.x) * ws.tiles + col_tile] = any_cut;
 }
 
 }  // namespace deleaker

@@ -2,10 +2,10 @@
 
 ``include/`` stands in for ``<cuda_runtime.h>``, ``<cuda_fp16.h>``, ``<cuda_bf16.h>`` and ``<mma.h>``;
 ``emu_runtime.cpp`` schedules each block's threads as cooperative fibers (see ``include/emu_cuda.h``). The
-kernel sources of ``plugins/csrc`` are compiled by g++ unchanged except for two mechanical rewrites that C++
-cannot express: ``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``::emu::launch(kernel, grid, block,
-smem, stream, args)`` and ``extern __shared__ ... smem[]`` becomes a pointer to the block's buffer. Each rewrite
-must match the expected number of sites, so a source change the rewriter does not understand fails loudly.
+kernel sources of ``plugins/csrc`` are compiled by g++ unchanged except for one mechanical rewrite that C++
+cannot express: ``extern __shared__ ... smem[]`` becomes a pointer to the block's buffer. The rewrite must match
+the expected number of sites, so a source change the rewriter does not understand fails loudly. (Launches go
+through ``cudaLaunchKernelEx``, which the emulator provides; a ``<<<...>>>`` launch is refused.)
 
 The result is a shared library with the same C ABI as the real one (`deleaker.plugins.kernels.KernelLibrary`
 loads it), taking host pointers, plus two knobs (`EmulatedLibrary.configure`). What it proves and what it
@@ -36,12 +36,10 @@ CXX_FLAGS = (
     "-Wl,-z,defs",  # an emulator function the kernels need but nobody defined fails the build, not the load
 )
 
-_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(")
 _EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
-#: Sites of each rewrite in plugins/csrc (launches: stats, mask, region x2, flash; dynamic shared memory:
-#: stats, region, flash).
-EXPECTED_LAUNCHES = 5
-EXPECTED_EXTERN_SMEM = 3
+#: Sites of the rewrite in plugins/csrc: the kernels with dynamic shared memory (affinity, region statistics,
+#: cut bits, correction, fallback).
+EXPECTED_EXTERN_SMEM = 5
 #: (kernel source file name, text, replacement)
 Mutation = Tuple[str, str, str]
 
@@ -50,20 +48,18 @@ class EmulatorBuildError(DeLeakerError, RuntimeError):
     """The emulated kernel library cannot be built (no C++ compiler, or a compile error)."""
 
 
-def rewrite(text: str) -> tuple[str, int, int]:
-    """The two mechanical rewrites of a kernel source; returns the text and the count of each."""
-    text, launches = _LAUNCH.subn(r"::emu::launch(\1, \2, ", text)
-    text, smem = _EXTERN_SMEM.subn(r"unsigned char* \1 = ::emu::dynamic_smem();", text)
-    return text, launches, smem
+def rewrite(text: str) -> tuple[str, int]:
+    """The mechanical rewrite of a kernel source; returns the text and the count of sites."""
+    return _EXTERN_SMEM.subn(r"unsigned char* \1 = ::emu::dynamic_smem();", text)
 
 
 def _sources() -> list[Path]:
     return [*build.kernel_sources(), *sorted((HERE / "include").iterdir()), HERE / "emu_runtime.cpp"]
 
 
-def _key(cxx: str, mutations: Sequence[Mutation]) -> str:
+def _key(cxx: str, mutations: Sequence[Mutation], defines: Sequence[str]) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    digest = hashlib.sha256(repr((version, CXX_FLAGS, tuple(mutations))).encode())
+    digest = hashlib.sha256(repr((version, CXX_FLAGS, tuple(mutations), tuple(defines))).encode())
     for path in _sources():
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:20]
@@ -76,15 +72,16 @@ def find_cxx() -> str:
     return cxx
 
 
-def build_emulated_library(mutations: Sequence[Mutation] = ()) -> Path:
+def build_emulated_library(mutations: Sequence[Mutation] = (), defines: Sequence[str] = ()) -> Path:
     """The emulated kernel library for the current sources, built once into the kernel cache.
 
     ``mutations``: ``(file name, old, new)`` text replacements applied to the kernel sources first (each ``old``
-    must occur exactly once): the tests build deliberately broken kernels with them.
+    must occur exactly once): the tests build deliberately broken kernels with them. ``defines``: ``NAME=VALUE``
+    preprocessor definitions (the kernels' compile-time knobs, e.g. ``DELEAKER_BAND_ROWS=128``).
     """
     cxx = find_cxx()
     pending = {name: [(old, new) for file, old, new in mutations if file == name] for name, _, _ in mutations}
-    directory = build.cache_root() / "emulated" / _key(cxx, mutations)
+    directory = build.cache_root() / "emulated" / _key(cxx, mutations, defines)
     library = directory / LIBRARY_NAME
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
@@ -93,26 +90,30 @@ def build_emulated_library(mutations: Sequence[Mutation] = ()) -> Path:
             return library
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             staged = Path(tmp)
-            launches = smem = 0
+            smem = 0
             for path in build.kernel_sources():
                 text = path.read_text()
                 for old, new in pending.pop(path.name, []):
                     if text.count(old) != 1:
                         raise EmulatorBuildError(f"mutation target not found exactly once in {path.name}: {old!r}")
                     text = text.replace(old, new)
-                text, n_launch, n_smem = rewrite(text)
-                launches, smem = launches + n_launch, smem + n_smem
+                if "<<<" in text:
+                    raise EmulatorBuildError(f"{path.name} launches with <<<...>>>: launch with cudaLaunchKernelEx")
+                text, n_smem = rewrite(text)
+                smem += n_smem
                 (staged / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)).write_text(text)
             if pending:
                 raise EmulatorBuildError(f"mutations name files that are not kernel sources: {sorted(pending)}")
-            if (launches, smem) != (EXPECTED_LAUNCHES, EXPECTED_EXTERN_SMEM):
+            if smem != EXPECTED_EXTERN_SMEM:
                 raise EmulatorBuildError(
-                    f"the emulator's source rewrite found {launches} kernel launches and {smem} dynamic shared "
-                    f"memory declarations, expected {EXPECTED_LAUNCHES} and {EXPECTED_EXTERN_SMEM}: update "
-                    f"tests/cuda_emulator for the new kernel sources"
+                    f"the emulator's source rewrite found {smem} dynamic shared memory declarations, expected "
+                    f"{EXPECTED_EXTERN_SMEM}: update tests/cuda_emulator for the new kernel sources"
                 )
             units = [str(p) for p in staged.glob("*.cpp")] + [str(HERE / "emu_runtime.cpp")]
-            command = [cxx, *CXX_FLAGS, f"-I{HERE / 'include'}", f"-I{staged}", *units, "-o", str(staged / "lib.so")]
+            command = [
+                cxx, *CXX_FLAGS, *(f"-D{d}" for d in defines), f"-I{HERE / 'include'}", f"-I{staged}", *units,
+                "-o", str(staged / "lib.so"),
+            ]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise EmulatorBuildError(f"building the CUDA emulator failed:\n{result.stderr[-6000:]}")
@@ -134,7 +135,8 @@ class EmulatedLibrary(kernels.KernelLibrary):
 
     def configure(self, *, schedule_seed: int = 0, layout_seed: int = 0, device: int = 0) -> None:
         """Thread resume order (0 ascending, 1 descending, >= 2 shuffled), accumulator layout (0: sm_80's) and
-        the current device (0: 132 SMs like an H100; 1: a single SM, so the image-image pass strides)."""
+        the current device (0: 132 SMs like an H100; 1: a single SM, so the image-image statistics' blocks
+        stride over their slots). The kernel library's own ``init`` is the caller's, per device."""
         if self._emulator.deleaker_emulator_configure(schedule_seed, layout_seed, device) != 0:
             raise ValueError(f"the emulator has devices 0 and 1, got {device}")
 

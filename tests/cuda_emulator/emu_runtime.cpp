@@ -16,6 +16,8 @@
 
 #include "emu_cuda.h"
 
+dim3 threadIdx, blockIdx, blockDim, gridDim;
+
 namespace emu {
 namespace {
 
@@ -50,8 +52,7 @@ thread_local Fiber* g_current = nullptr;
 thread_local Block* g_block = nullptr;
 std::mutex g_launch_mutex;  // one emulated launch at a time (the globals below are per launch)
 std::string g_failure;      // the first failure of the block in flight
-cudaError_t g_last_error = cudaSuccess;
-cudaError_t g_message_code = cudaSuccess;  // the code g_last_message explains
+cudaError_t g_message_code = cudaSuccess;  // the code of the last failed call, which g_last_message explains
 std::string g_last_message;
 unsigned char* g_smem = nullptr;
 std::map<const void*, int> g_max_smem;
@@ -90,12 +91,11 @@ struct LayoutInit {
   LayoutInit() { make_layout(0); }
 } g_layout_init;
 
-void set_error(cudaError_t code, const std::string& message) {
-  if (g_last_error == cudaSuccess) {
-    g_last_error = code;
-    g_message_code = code;
-    g_last_message = message;
-  }
+// A failed call: its code, and the message cudaGetErrorString gives for that code.
+cudaError_t fail_call(cudaError_t code, const std::string& message) {
+  g_message_code = code;
+  g_last_message = message;
+  return code;
 }
 
 void ensure_stacks(size_t count) {
@@ -129,6 +129,10 @@ void fiber_entry() {
 
 void resume(Fiber& f) {
   g_current = &f;
+  threadIdx = f.id.thread_idx;
+  blockIdx = f.id.block_idx;
+  blockDim = f.id.block_dim;
+  gridDim = f.id.grid_dim;
   if (_setjmp(g_block->scheduler) == 0) {
     if (f.started) {
       _longjmp(f.resume, 1);
@@ -282,36 +286,31 @@ void fail_now(const char* message) {
 unsigned char* dynamic_smem() { return g_smem; }
 const AccumulatorLayout& accumulator_layout() { return g_layout; }
 
-void set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || bytes > kOptinSmemLimit) {
-    set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: " + std::to_string(bytes) +
-                                         " bytes of dynamic shared memory exceed the device's opt-in limit");
-    return;
-  }
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  if (bytes < 0 || bytes > kOptinSmemLimit)
+    return fail_call(cudaErrorInvalidValue, "cudaFuncSetAttribute: " + std::to_string(bytes) +
+                                                " bytes of dynamic shared memory exceed the device's opt-in limit");
   g_max_smem[kernel] = bytes;
+  return cudaSuccess;
 }
 
-void run_grid(const void* kernel, dim3 grid, dim3 block_dim, size_t smem_bytes, const std::function<void()>& body) {
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block_dim, size_t smem_bytes,
+                     const std::function<void()>& body) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
   ++g_launches;
   const size_t threads = (size_t)block_dim.x * block_dim.y * block_dim.z;
-  if (threads == 0 || threads > 1024 || threads % 32 != 0) {
-    set_error(cudaErrorInvalidValue, "launch with " + std::to_string(threads) +
-                                         " threads per block (the emulator takes whole warps, at most 1024)");
-    return;
-  }
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
-    set_error(cudaErrorInvalidValue, "launch with an invalid grid");
-    return;
-  }
+  if (threads == 0 || threads > 1024 || threads % 32 != 0)
+    return fail_call(cudaErrorInvalidValue, "launch with " + std::to_string(threads) +
+                                                " threads per block (the emulator takes whole warps, at most 1024)");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+    return fail_call(cudaErrorInvalidValue, "launch with an invalid grid");
   const auto found = g_max_smem.find(kernel);
   const int limit = found != g_max_smem.end() ? std::max(found->second, kDefaultSmemLimit) : kDefaultSmemLimit;
-  if (smem_bytes > (size_t)limit) {
-    set_error(cudaErrorInvalidValue, "launch with " + std::to_string(smem_bytes) +
-                                         " bytes of dynamic shared memory, above the kernel's limit of " +
-                                         std::to_string(limit) + " (cudaFuncSetAttribute not called?)");
-    return;
-  }
+  if (smem_bytes > (size_t)limit)
+    return fail_call(cudaErrorInvalidValue, "launch with " + std::to_string(smem_bytes) +
+                                                " bytes of dynamic shared memory, above the kernel's limit of " +
+                                                std::to_string(limit) + " (cudaFuncSetAttribute not called?)");
   ensure_stacks(threads);
   Block block;
   block.body = &body;
@@ -328,13 +327,14 @@ void run_grid(const void* kernel, dim3 grid, dim3 block_dim, size_t smem_bytes, 
         std::free(g_smem);
         g_smem = nullptr;
         if (!g_failure.empty()) {
-          set_error(cudaErrorLaunchFailure, "emulated kernel failed in block (" + std::to_string(x) + ", " +
-                                                std::to_string(y) + ", " + std::to_string(z) + "): " + g_failure);
           g_block = saved_block;
-          return;
+          return fail_call(cudaErrorLaunchFailure, "emulated kernel failed in block (" + std::to_string(x) + ", " +
+                                                       std::to_string(y) + ", " + std::to_string(z) + "): " +
+                                                       g_failure);
         }
       }
   g_block = saved_block;
+  return cudaSuccess;
 }
 
 }  // namespace emu
@@ -351,17 +351,6 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = emu::kOptinSmemLimit; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
-}
-
-cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
-  memset(ptr, value, bytes);
-  return cudaSuccess;
-}
-
-cudaError_t cudaGetLastError() {
-  const cudaError_t code = emu::g_last_error;
-  emu::g_last_error = cudaSuccess;
-  return code;
 }
 
 const char* cudaGetErrorString(cudaError_t code) {

@@ -1,12 +1,13 @@
 """The emulated kernels under valgrind's memcheck: no read or write outside what was allocated.
 
-    python tests/cuda_emulator/memcheck.py        # about 15 minutes on two cores; needs valgrind
+    python tests/cuda_emulator/memcheck.py        # about 2 minutes on two cores; needs valgrind
 
 Runs a few launches (B = 1 and 2, head dims 64 and 128, fp16 and bf16, Python-int and tensor steps, inside and
-outside the windows, with image-image cuts) in a child process under memcheck, then reads memcheck's log and
-fails if any error record has a frame in the emulated kernel library. Python's and the dynamic loader's own
-memcheck noise is left out that way. Every tensor the kernels touch is its own allocation, so a read past one
-lands in memcheck's red zone. Not part of CI (too slow); run it after changing the kernels' indexing.
+outside the windows, with image-image cuts and rows through the fallback) in a child process under memcheck, then
+reads memcheck's log and fails if any error record has a frame in the emulated kernel library. Python's and the
+dynamic loader's own memcheck noise is left out that way. Every tensor the kernels touch is its own allocation,
+so a read past one lands in memcheck's red zone (the workspace is one allocation: a read past one of its parts
+into the next is not seen). Not part of CI (too slow); run it after changing the kernels' indexing.
 """
 
 from __future__ import annotations
@@ -28,26 +29,33 @@ CASES = [
 
 
 def run_cases() -> None:
+    import math
+
     import torch
 
     sys.path.insert(0, str(TESTS))
     import cuda_emulator
+    from deleaker.decomposed import plain_attention_with_lse
     from deleaker.plugins import torch_op
     from kernel_checks import CONFIG, INSIDE, structured_inputs
 
     library = cuda_emulator.EmulatedLibrary(cuda_emulator.build_emulated_library())
+    library.init()
     for shape, dtype_name in CASES:
         batch, heads, text_len, grid, head_dim, entities, e_max = shape
         (q, k, v), entity_mask = structured_inputs(
             batch, heads, text_len, grid, head_dim, entities, e_max, getattr(torch, dtype_name), 3, device="cpu"
         )
         q, k, v = (x.clone() for x in (q, k, v))  # one allocation each
-        for step in (INSIDE, torch.tensor(INSIDE), 0):
+        # fallback_threshold 1: the fallback kernel runs on most edited rows too.
+        for step, threshold in ((INSIDE, 0.5), (torch.tensor(INSIDE), 1.0), (0, 0.5)):
+            plain, lse = plain_attention_with_lse(q, k, v, 1.0 / math.sqrt(head_dim))
             _, _, views = torch_op.launch_kernels(
-                library, q, k, v, entity_mask, grid=grid, block_step=step, history=None, config=CONFIG, out=None,
-                new_history=None, stream=0, debug=True,
+                library, q, k, v, entity_mask, out=plain, lse=lse, grid=grid, block_step=step, history=None,
+                config=CONFIG, new_history=None, stream=0, debug=True, fallback_threshold=threshold,
             )
-        print(f"ran {shape} {dtype_name}: {int(views['cut'].sum())} cut logits", flush=True)
+            print(f"ran {shape} {dtype_name} step {int(step)}: {int(views['union_count'].sum())} rows in U, "
+                  f"{int(views['fallback'].sum())} recomputed", flush=True)
 
 
 def kernel_errors(log: str) -> list[str]:

@@ -99,10 +99,18 @@ enum cudaError_t {
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 
+struct cudaLaunchAttribute;
+struct cudaLaunchConfig_t {
+  dim3 gridDim;
+  dim3 blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;  // the emulator takes none
+  unsigned int numAttrs;
+};
+
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
-cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream);
-cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t code);
 
 namespace emu {
@@ -131,8 +139,9 @@ unsigned warp_ballot(int predicate);
 [[noreturn]] void fail_now(const char* message);
 
 unsigned char* dynamic_smem();
-void set_max_dynamic_smem(const void* kernel, int bytes);
-void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
+//! Runs a whole grid, block after block; the launch's own error code (and cudaGetErrorString's message).
+cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
 
 //! The wmma accumulator layout in use: element i of lane l holds (row, col) = (rows[l][i], cols[l][i]).
 struct AccumulatorLayout {
@@ -144,10 +153,10 @@ struct AccumulatorLayout {
 const AccumulatorLayout& accumulator_layout();
 
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t, Args&&... args) {
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
   // Arguments are converted to the kernel's parameter types once, as a real launch copies them.
   const std::tuple<std::decay_t<Params>...> values(std::forward<Args>(args)...);
-  run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, [&]() {
+  return run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, [&]() {
     std::tuple<std::decay_t<Params>...> copy = values;  // each thread its own copy of the parameters
     std::apply(kernel, copy);
   });
@@ -161,14 +170,22 @@ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
-  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) emu::set_max_dynamic_smem((const void*)kernel, value);
-  return cudaSuccess;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  return emu::set_max_dynamic_smem((const void*)kernel, value);
 }
 
-#define threadIdx (::emu::context().thread_idx)
-#define blockIdx (::emu::context().block_idx)
-#define blockDim (::emu::context().block_dim)
-#define gridDim (::emu::context().grid_dim)
+// The runtime's type-safe launch (cuda_runtime.h): the emulated grid runs to completion before it returns.
+template <typename... ExpTypes, typename... ActTypes>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(ExpTypes...), ActTypes&&... args) {
+  if (config->numAttrs != 0) return cudaErrorInvalidValue;
+  return emu::launch(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes,
+                     std::forward<ActTypes>(args)...);
+}
+
+// The built-in index variables: globals that the scheduler sets to the resumed thread's own values each time it
+// resumes one (threads are fibers of one OS thread, and only the running one reads them). Plain variables, not
+// macros, so that cudaLaunchConfig_t's gridDim / blockDim fields keep their names.
+extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 // ---- intrinsics --------------------------------------------------------------------------------------------
 
@@ -192,15 +209,11 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
   return emu::warp_ballot(predicate);
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
-// Blocks never run concurrently: atomics are plain read-modify-writes.
-inline double atomicAdd(double* address, double value) {
-  const double old = *address;
+// Blocks never run concurrently: atomics are plain read-modify-writes. Only integer ones: the kernels use no
+// floating-point atomics (their order would vary on a GPU).
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
   *address = old + value;
-  return old;
-}
-inline unsigned atomicOr(unsigned* address, unsigned value) {
-  const unsigned old = *address;
-  *address = old | value;
   return old;
 }
 

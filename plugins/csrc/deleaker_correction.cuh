@@ -1,0 +1,237 @@
+// Step (d): the correction of the rows in U, per head, written over the plain output o in place:
+//
+//     W_ij = p_ij              for j in C_i (cut keys: other entities' text tokens; image keys whose cut bit is set)
+//     W_it = -(p_a,it - p_it)  for t in S_i (own entities' text tokens, unless cut), p_a = exp(a s - l)
+//     Z_i  = 1 - sum_j W_ij,   o'_i = (o_i - sum_j W_ij v_j) / Z_i
+//
+// which is softmax(s') v for the spec's edited logits s'. One block = 64 U rows of one band and one head. The
+// image part runs on tensor cores over the U column tiles that have a cut (cut_kernel's bits), with W rounded to
+// the input dtype like P in a flash attention (scaled by 2^10 in fp16 to keep small p normal); the text part, over
+// the entity tokens only, runs in float32 on CUDA cores, since p_a may exceed any fp16 range. Every sum runs in a
+// fixed order. A row whose Z is below the fallback threshold, or not finite, or whose corrected values are not
+// finite keeps o here; fallback_list_kernel lists it for the exact recomputation.
+#pragma once
+
+#include "deleaker_common.cuh"
+
+namespace deleaker {
+
+// W of the image part is stored as Elem times this (fp16: small p stay normal; p <= 1 keeps W far below 65504).
+template <typename Elem>
+struct WeightScale {
+  static constexpr float kValue = 1.0f;
+};
+template <>
+struct WeightScale<__half> {
+  static constexpr float kValue = 1024.0f;
+};
+
+// The one rule both the correction and the fallback list apply: the corrected row stands iff Z is finite and at
+// least the threshold (the correction stores NaN for Z where its corrected values are not finite).
+__device__ __forceinline__ bool correction_stands(float z, float fallback_threshold) {
+  return isfinite(z) && z >= fallback_threshold;
+}
+
+template <typename Elem, int D>
+struct CorrectionSmem {
+  static constexpr int kLd = HeadDim<D>::kLd;
+  static constexpr int kLdP = kTile + 8;  // Elem rows of W, padded (a multiple of 8 for wmma)
+  static constexpr int kLdO = D + 4;      // float rows of the numerator, padded
+  static constexpr int kQ = 0;
+  static constexpr int kKV = kQ + smem_align(kTile * kLd * 2);  // K of a tile, then its V
+  static constexpr int kS = kKV + smem_align(kTile * kLd * 2);
+  static constexpr int kNum = kS + smem_align(kWarps * 16 * kLdS * 4);  // numerator sum_j W_ij v_j, float
+  static constexpr int kP = kNum;                                        // W of the image part, before kNum
+  static constexpr int kLse = kNum + smem_align(kTile * kLdO * 4);
+  static constexpr int kRowToken = kLse + smem_align(kTile * 4);
+  static constexpr int kRowBits = kRowToken + smem_align(kTile * 4);
+  static constexpr int kColToken = kRowBits + smem_align(kTile * 4);
+  static constexpr int kColBits = kColToken + smem_align(kTile * 4);
+  static constexpr int kBytes = kColBits + smem_align(kTile * 4);
+  static_assert(kWarps * 16 * kLdP * 2 <= kLse - kNum, "W must fit in the numerator's buffer");
+};
+
+// Grid (row tiles of a band, H, B).
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, Workspace ws, int band) {
+  using Smem = CorrectionSmem<Elem, D>;
+  using FragO = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  constexpr int kLd = Smem::kLd, kLdP = Smem::kLdP, kLdO = Smem::kLdO;
+  constexpr float kScale = WeightScale<Elem>::kValue;
+  if (!window_of(p).intervene) return;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int U = ws.union_count[b];
+  const int row_tile = band * (ws.band_rows / kTile) + (int)blockIdx.x;
+  if (row_tile * kTile >= U) return;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  Elem* q_s = reinterpret_cast<Elem*>(smem + Smem::kQ);
+  Elem* kv_s = reinterpret_cast<Elem*>(smem + Smem::kKV);
+  float* s_all = reinterpret_cast<float*>(smem + Smem::kS);
+  float* num_s = reinterpret_cast<float*>(smem + Smem::kNum);
+  Elem* p_all = reinterpret_cast<Elem*>(smem + Smem::kP);
+  float* lse_s = reinterpret_cast<float*>(smem + Smem::kLse);
+  int* row_token = reinterpret_cast<int*>(smem + Smem::kRowToken);
+  uint32_t* row_bits = reinterpret_cast<uint32_t*>(smem + Smem::kRowBits);
+  int* col_token = reinterpret_cast<int*>(smem + Smem::kColToken);
+  uint32_t* col_bits = reinterpret_cast<uint32_t*>(smem + Smem::kColBits);
+
+  const int T = p.text_tokens, n_img = p.grid_h * p.grid_w;
+  const int warp = threadIdx.x / 32;
+  const CellOwner me = cell_owner();
+  const int r = me.row % 16;
+  const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+  const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  float* s_w = s_all + warp * 16 * kLdS;
+  Elem* p_w = p_all + warp * 16 * kLdP;
+
+  if (threadIdx.x < kTile) {
+    const int u = row_tile * kTile + (int)threadIdx.x;
+    const int img = u < U ? ws.union_index[(int64_t)b * n_img + u] : -1;
+    row_token[threadIdx.x] = img >= 0 ? T + img : -1;
+    row_bits[threadIdx.x] = img >= 0 ? ws.row_entities[(int64_t)b * n_img + img] : 0u;
+    lse_s[threadIdx.x] = img >= 0 ? lse_of(p, b, h)[T + img] : 0.0f;
+  }
+  __syncthreads();
+  load_rows<Elem, D>(q_s, q, p.q_row_stride, row_token);
+  const uint32_t my_bits = row_bits[me.row];
+  const float row_lse = lse_s[me.row];
+  const int64_t band_row = (int64_t)blockIdx.x * kTile + me.row;
+  float weight_sum = 0.0f;  // sum of this thread's W
+
+  // Image part: the numerator of the cut image keys on tensor cores.
+  FragO acc[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+  if (p.do_image_image != 0) {
+    const int u_tiles = ceil_div(U, kTile);
+    const int32_t* tile_has_cut = ws.cut_tiles + ((int64_t)b * (ws.band_rows / kTile) + blockIdx.x) * ws.tiles;
+    for (int ct = 0; ct < u_tiles; ++ct) {
+      if (tile_has_cut[ct] == 0) continue;  // the same for the whole block
+      __syncthreads();  // the previous tile's V and column list are no longer read
+      if (threadIdx.x < kTile) {
+        const int u = ct * kTile + (int)threadIdx.x;
+        col_token[threadIdx.x] = u < U ? T + ws.union_index[(int64_t)b * n_img + u] : -1;
+      }
+      __syncthreads();
+      load_rows<Elem, D>(kv_s, k, p.k_row_stride, col_token);
+      __syncthreads();
+      warp_qk<Elem, D>(q_s + warp * 16 * kLd, kv_s, s_w);
+      __syncwarp();
+      const uint64_t word = ws.cut_bits[((int64_t)b * ws.band_rows + band_row) * ws.tiles + ct];
+      for (int i = 0; i < 32; ++i) {
+        const int c = me.col(i);
+        float w = 0.0f;
+        if ((word >> c) & 1u) w = expf(s_w[r * kLdS + c] * p.softmax_scale - row_lse);
+        weight_sum += w;
+        p_w[r * kLdP + c] = from_float<Elem>(w * kScale);
+      }
+      __syncthreads();  // every warp is done with K
+      load_rows<Elem, D>(kv_s, v, p.v_row_stride, col_token);
+      __syncthreads();  // V and every W are written
+      warp_pv<Elem, D, kLdP>(acc, p_w, kv_s);
+    }
+  }
+  __syncthreads();  // no warp reads W any more: the numerator overwrites it
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) {
+#pragma unroll
+    for (int x = 0; x < FragO::num_elements; ++x) acc[n].x[x] *= 1.0f / kScale;  // element-wise: any layout
+    wmma::store_matrix_sync(num_s + warp * 16 * kLdO + n * 16, acc[n], kLdO, wmma::mem_row_major);
+  }
+
+  // Text part: the entity tokens only, float32.
+  const bool weaken = p.do_image_text_weakening != 0, strengthen = p.do_image_text_strengthening != 0;
+  const int token_count = weaken || strengthen ? *ws.entity_token_count : 0;
+  for (int t0 = 0; t0 < token_count; t0 += kTile) {
+    entity_token_tile_qk<Elem, D>(p, ws, k, t0, token_count, q_s, kv_s, s_w, col_token, col_bits);
+    for (int i = 0; i < 32; ++i) {
+      const int c = me.col(i);
+      const uint32_t tb = col_bits[c];  // 0 past the end of the list
+      const float s = s_w[r * kLdS + c] * p.softmax_scale;
+      float w = 0.0f;
+      if (weaken && text_cut(my_bits, tb)) {
+        w = expf(s - row_lse);
+      } else if (strengthen && (my_bits & tb) != 0u) {
+        w = -(expf(p.k_strength * s - row_lse) - expf(s - row_lse));
+      }
+      weight_sum += w;
+      s_w[r * kLdS + c] = w;  // this thread's cells only
+    }
+    __syncthreads();  // every warp is done with K; W rows are complete
+    load_rows<Elem, D>(kv_s, v, p.v_row_stride, col_token);
+    __syncthreads();
+    float* num_row = num_s + me.row * kLdO + me.half * (D / 2);
+    for (int c = 0; c < kTile; ++c) {
+      const float w = s_w[r * kLdS + c];
+      if (w == 0.0f) continue;
+      const Elem* v_row = kv_s + c * kLd + me.half * (D / 2);
+#pragma unroll
+      for (int d = 0; d < D / 2; ++d) num_row[d] += w * to_float(v_row[d]);
+    }
+  }
+  __syncthreads();  // the numerator rows are complete (the image part's were stored by other lanes)
+
+  // Z, o' = (o - numerator) / Z, written over o where it stands.
+  weight_sum += __shfl_xor_sync(0xffffffffu, weight_sum, 1);
+  const float z = 1.0f - weight_sum;
+  const int token = row_token[me.row];
+  Elem* out_row = static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride +
+                  (int64_t)(token >= 0 ? token : 0) * p.o_row_stride + me.half * (D / 2);
+  const float* num_row = num_s + me.row * kLdO + me.half * (D / 2);
+  // Two passes over this thread's half row (o is re-read from cache): are the corrected values finite, then
+  // write them if the correction stands.
+  bool finite = true;
+  if (token >= 0) {
+    for (int d0 = 0; d0 < D / 2; d0 += 8) {
+      alignas(16) Elem plain[8];
+      *reinterpret_cast<uint4*>(plain) = *reinterpret_cast<const uint4*>(out_row + d0);
+#pragma unroll
+      for (int x = 0; x < 8; ++x) finite = finite && isfinite((to_float(plain[x]) - num_row[d0 + x]) / z);
+    }
+  }
+  finite = finite && __shfl_xor_sync(0xffffffffu, (int)finite, 1) != 0;
+  const float z_stored = finite || !isfinite(z) ? z : nanf("");
+  if (token >= 0) {
+    if (correction_stands(z_stored, p.fallback_threshold)) {
+      for (int d0 = 0; d0 < D / 2; d0 += 8) {
+        alignas(16) Elem values[8];
+        *reinterpret_cast<uint4*>(values) = *reinterpret_cast<const uint4*>(out_row + d0);
+#pragma unroll
+        for (int x = 0; x < 8; ++x) values[x] = from_float<Elem>((to_float(values[x]) - num_row[d0 + x]) / z);
+        *reinterpret_cast<uint4*>(out_row + d0) = *reinterpret_cast<const uint4*>(values);
+      }
+    }
+    if (me.half == 0) ws.z[((int64_t)b * p.heads + h) * n_img + (token - T)] = z_stored;
+  }
+}
+
+constexpr int kFallbackListThreads = 256;
+
+// Block (h, b): the U positions of band `band` whose correction does not stand, ascending, and their count.
+__global__ void __launch_bounds__(kFallbackListThreads) fallback_list_kernel(DeLeakerParams p, Workspace ws, int band) {
+  __shared__ int warp_totals[32];
+  if (!window_of(p).intervene) return;
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int n_img = p.grid_h * p.grid_w;
+  const int U = ws.union_count[b];
+  const int first = band * ws.band_rows;
+  const int last = first + ws.band_rows < U ? first + ws.band_rows : U;
+  const int64_t bh = (int64_t)b * p.heads + h;
+  int base = 0;
+  for (int chunk = first; chunk < last; chunk += blockDim.x) {
+    const int u = chunk + (int)threadIdx.x;
+    const bool redo = u < last && !correction_stands(ws.z[bh * n_img + ws.union_index[(int64_t)b * n_img + u]],
+                                                      p.fallback_threshold);
+    const Ranked rank = block_rank(redo, warp_totals);
+    if (rank.position >= 0) ws.fallback_rows[bh * n_img + first + base + rank.position] = u;
+    base += rank.total;
+  }
+  if (threadIdx.x == 0) {
+    ws.fallback_counts[bh * ws.bands + band] = base;
+    if (base > 0) atomicAdd(ws.fallback_count, base);  // integer: the total does not depend on the order
+  }
+}
+
+}  // namespace deleaker
