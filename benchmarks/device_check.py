@@ -187,13 +187,13 @@ def op_views(ctx: Context, inputs, step) -> Dict[str, Any]:
             q, k, v, mask, grid=grid, block_step=step, history=None, config=CONFIG
         )
         synchronize(ctx.device)
-        masks = views["masks"]
+        masks, provider = views["masks"], views.get("provider")
         fallback = views.get("fallback_count")
         fallback = int(fallback.sum()) if isinstance(fallback, torch.Tensor) else fallback
     else:
         got = decomposed_intermediates(q, k, v, mask, grid=grid, block_step=step, history=None, config=CONFIG)
-        masks, fallback = got.masks, got.fallback_count
-    return {"union": float(masks.any(1).float().mean()), "fallback_rows": fallback}
+        masks, fallback, provider = got.masks, got.fallback_count, "decomposed op (smoke)"
+    return {"union": float(masks.any(1).float().mean()), "fallback_rows": fallback, "provider": provider}
 
 
 # ---- stages --------------------------------------------------------------------------------------------------
@@ -274,10 +274,10 @@ def stage_lse(ctx: Context) -> Dict[str, Any]:
     try:
         from deleaker.plugins import torch_op
 
-        chosen = getattr(torch_op, "plain_attention_provider", None)
-        report["fast_path_uses"] = chosen(q) if callable(chosen) else "unknown (torch_op has no plain_attention_provider)"
-    except Exception as exc:  # noqa: BLE001
-        report["fast_path_uses"] = f"error: {exc}"
+        chosen = torch_op.checked_provider(ctx.device.index or 0, q.dtype, q.shape[-1])
+        report["fast_path_uses"] = {"provider": chosen.name, "lse_factor": chosen.lse_factor}
+    except Exception as exc:  # noqa: BLE001 - recorded
+        report["fast_path_uses"] = f"error: {type(exc).__name__}: {exc}"
     return report
 
 
@@ -292,15 +292,12 @@ def stage_correctness(ctx: Context) -> Dict[str, Any]:
         inputs = stripe_inputs(shape["batch"], shape["heads"], shape["text_len"], shape["grid"], shape["head_dim"],
                                coverage=0.25, dtype=dtype, device=ctx.device, seed=1)
         (q, k, v), mask, _ = inputs
-        out = torch.full_like(q, math.nan)
-        history = torch.full((shape["batch"], mask.shape[0], q.shape[2] - shape["text_len"]), math.nan,
-                             device=ctx.device)
         if ctx.cuda:
             from deleaker.plugins import torch_op
 
-            got, got_history = torch_op.deleaker_attention_cuda(
-                q, k, v, mask, grid=shape["grid"], block_step=INSIDE, history=None, config=CONFIG, out=out,
-                new_history=history)
+            # Debug mode poisons the workspace and the history output (NaN) before the kernels run.
+            got, got_history, _ = torch_op.deleaker_attention_cuda_debug(
+                q, k, v, mask, grid=shape["grid"], block_step=INSIDE, history=None, config=CONFIG)
         else:
             got, got_history = op_call(ctx, (inputs[0], mask, shape["grid"]), INSIDE), None
         synchronize(ctx.device)
@@ -402,12 +399,11 @@ def stage_cuda_graph(ctx: Context) -> Dict[str, Any]:
     (q, k, v), mask, _ = stripe_inputs(shape["batch"], shape["heads"], shape["text_len"], shape["grid"],
                                        shape["head_dim"], coverage=0.25, device=ctx.device)
     step = torch.tensor(INSIDE, device=ctx.device)
-    history = torch.zeros(shape["batch"], mask.shape[0], shape["grid"][0] * shape["grid"][1], device=ctx.device)
-    out, new_history = torch.empty_like(q), torch.empty_like(history)
+    history = torch.rand(shape["batch"], mask.shape[0], shape["grid"][0] * shape["grid"][1], device=ctx.device)
 
     def call():
-        torch_op.deleaker_attention_cuda(q, k, v, mask, grid=shape["grid"], block_step=step, history=history,
-                                         config=CONFIG, out=out, new_history=new_history)
+        return torch_op.deleaker_attention_cuda(q, k, v, mask, grid=shape["grid"], block_step=step,
+                                                history=history, config=CONFIG)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -417,20 +413,21 @@ def stage_cuda_graph(ctx: Context) -> Dict[str, Any]:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        call()
+        out, new_history = call()  # the graph's static outputs
     report: Dict[str, Any] = {"captured": True}
     for name, value in (("inside", INSIDE), ("outside", OUTSIDE)):
         step.fill_(value)
-        call()
+        eager_out, eager_history = call()
         synchronize(ctx.device)
-        eager_out, eager_history = out.clone(), new_history.clone()
         out.fill_(math.nan)
+        new_history.fill_(math.nan)
         graph.replay()
         synchronize(ctx.device)
         report[f"{name}_bit_equal"] = bool(torch.equal(out, eager_out) and torch.equal(new_history, eager_history))
     step.fill_(INSIDE)
     report["replay_ms"] = round(time_ms(lambda i: graph.replay(), ctx, sets=1), 4)
     report["eager_ms"] = round(time_ms(lambda i: call(), ctx, sets=1), 4)
+    report["eager_vs_replay"] = round(report["eager_ms"] / report["replay_ms"], 3)
     report["passed"] = report["inside_bit_equal"] and report["outside_bit_equal"]
     return report
 
