@@ -98,7 +98,7 @@ class CudnnAttention final : public AttentionProvider {
     plan->pack[kUidV] = const_cast<void*>(v);
     plan->pack[kUidO] = o;
     plan->pack[kUidStats] = lse;
-    const fe::error_t status = plan->graph->execute(handle_, plan->pack, workspace);
+    fe::error_t status = plan->graph->execute(handle_, plan->pack, workspace);
     return status.is_good() ? "" : "cuDNN attention: " + status.get_message();
   }
 
@@ -135,7 +135,7 @@ class CudnnAttention final : public AttentionProvider {
         .set_dim({s.batch, s.heads, s.tokens, 1})
         .set_stride({s.heads * s.tokens, s.tokens, 1, 1})
         .set_uid(kUidStats);
-    const fe::error_t status = graph->build(handle_, {fe::HeurMode_t::A});
+    fe::error_t status = graph->build(handle_, {fe::HeurMode_t::A});
     if (!status.is_good()) return "cuDNN has no fused attention plan for this shape: " + status.get_message();
     if (!graph->get_workspace_size(plan->workspace).is_good()) return "cuDNN attention: get_workspace_size failed";
     plan->graph = std::move(graph);
