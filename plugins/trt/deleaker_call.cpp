@@ -2,10 +2,19 @@
 
 #include <cmath>
 #include <sstream>
+#include <type_traits>
 #include <utility>
 
 namespace deleaker_trt {
 namespace {
+
+template <typename P, typename = void>
+struct HasRowLse : std::false_type {};
+template <typename P>
+struct HasRowLse<P, std::void_t<decltype(std::declval<P&>().lse)>> : std::true_type {};
+static_assert(HasRowLse<DeLeakerParams>::value,
+              "plugins/trt needs the kernel library's C ABI version 2 (DeLeakerParams.lse, deleaker_init): "
+              "plugins/csrc/deleaker_params.h is older");
 
 constexpr const char* kInputNames[kNumInputs] = {"q", "k", "v", "entity_mask", "history", "step"};
 
