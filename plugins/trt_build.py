@@ -53,8 +53,11 @@ class PluginBuildConfig:
     """One build of the plugin library.
 
     ``out_dir`` receives ``libdeleaker_trt_plugin.so`` (and keeps CMake's build folder in ``out_dir/build`` for
-    incremental rebuilds). ``stand_in_headers`` builds against the test stand-in TensorRT headers and without
-    cuDNN: the library loads, registers and takes part in engine builds, but cannot run (for checks such as CI's).
+    incremental rebuilds). ``stand_in_headers`` builds against the test stand-in TensorRT headers, for checks:
+    with cuDNN's fused attention where its headers are found (a GPU check), otherwise without, when the library
+    loads, registers and takes part in engine builds but cannot run (CI). cuDNN's, cudnn-frontend's and NVRTC's
+    headers are searched under ``$CUDNN_ROOT``, ``$CUDNN_FRONTEND_ROOT``, ``$CMAKE_INCLUDE_PATH``, this Python's
+    site-packages (the pip wheels) and the system.
     ``tensorrt_root`` is a TensorRT install holding ``include/NvInferRuntime.h`` (default: ``$TensorRT_ROOT``, then
     the usual system locations). ``archs`` are the CUDA compute capabilities of the kernels.
     """

@@ -41,8 +41,8 @@ class PluginCliError(click.ClickException):
 @click.option(
     "--stand-in-headers",
     is_flag=True,
-    help="Build against the test stand-in TensorRT headers, without cuDNN: loads and builds engines, cannot run "
-    "(for checks on machines without TensorRT, such as CI).",
+    help="Build against the test stand-in TensorRT headers, for checks on machines without TensorRT (CI); without "
+    "cuDNN's headers the library loads and builds engines but cannot run.",
 )
 def plugin(out_dir: Path, tensorrt_root, stand_in_headers: bool) -> None:
     """Build the DeLeaker TensorRT plugin library (for trtexec, Triton and C++ services) and print its path."""

@@ -119,7 +119,8 @@ def stand_in_library() -> Path:
 
 def test_library_reports_how_it_was_built_and_exports_only_the_entry_points(stand_in_library):
     info = trt_build.library_build_info(stand_in_library)
-    assert "tensorrt_headers stand-in" in info and "attention none" in info
+    assert "tensorrt_headers stand-in" in info
+    assert "attention none (built without cuDNN" in info or "attention cuDNN SDPA" in info, info
     assert f"kernel_abi {kernels.ABI_VERSION}" in info and "deleaker::DeLeakerAttention v1" in info
     library = ctypes.CDLL(str(stand_in_library))
     for symbol in ("getCreators", "setLoggerFinder", "deleaker_trt_plugin_build_info"):
@@ -274,3 +275,26 @@ def test_tensorrt_rtx_builds_a_dynamic_batch_engine(stand_in_library, tmp_path, 
     assert got["outputs"][0] == ["out", [-1, 2, 64, 64], type_name]
     assert got["engine_bytes"], log
     assert read_plan_fields(engine.read_bytes()) == _expected_plan_fields()
+
+
+def test_gpu_check_driver_runs_the_build_phase_and_reports_why_it_cannot_run(stand_in_library, tmp_path):
+    """benchmarks/plugin_check.py's driver, built on its own, drives the library (a separate .so) as TensorRT
+    would: the build phase works on the CPU, and onShapeChange of a library built without cuDNN says why it
+    cannot run (the GPU check uses a build with cuDNN)."""
+    import torch
+    import trt_plugin_host
+
+    driver = ctypes.CDLL(str(trt_plugin_host.build_gpu_driver(tmp_path, trt_plugin_host.cuda_include_dir())))
+    plugin = ctypes.CDLL(str(stand_in_library))
+    grid, t = PLACEMENT["grid"], 16
+    q = torch.zeros(2, 2, t + grid[0] * grid[1], 64, dtype=torch.bfloat16)
+    history = torch.zeros(2, 4, grid[0] * grid[1])
+    inputs = [q, q, q, torch.zeros(4, t, dtype=torch.bool), history, torch.tensor(0)]
+    outputs = [torch.empty_like(q), torch.empty_like(history)]
+    attrs = onnx_node.node_attributes(config=ODD_CONFIG, **PLACEMENT)
+    size = trt_plugin_host.drive(plugin, driver, attrs, inputs, outputs)
+    assert size >= 16 << 20  # the fused attention's reserve is part of it
+    if "attention none" in trt_build.library_build_info(stand_in_library):
+        workspace = torch.empty(size, dtype=torch.uint8)
+        with pytest.raises(trt_plugin_host.PluginDriveError, match="built without cuDNN"):
+            trt_plugin_host.drive(plugin, driver, attrs, inputs, outputs, workspace.data_ptr(), size)

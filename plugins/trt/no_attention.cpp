@@ -1,5 +1,5 @@
-// The attention provider of a library built without cuDNN (the stand-in TensorRT header build of CI): the library
-// loads, registers and takes part in an engine build, but cannot run; onShapeChange says so.
+// The attention provider of a stand-in TensorRT header build without cuDNN's headers (CI): the library loads,
+// registers and takes part in an engine build, but cannot run; onShapeChange says so.
 #include "attention_provider.h"
 
 namespace deleaker_trt {

@@ -62,6 +62,22 @@ def emulated_plugin_library() -> ctypes.CDLL:
     return ctypes.CDLL(str(path))
 
 
+def cuda_include_dir() -> Path:
+    """CUDA's include folder (for ``cuda_runtime.h``): $CUDA_HOME's, nvcc's, or /usr/local/cuda's."""
+    from deleaker.plugins import build as kernel_build
+
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    try:
+        candidates.append(kernel_build.find_nvcc().resolve().parent.parent / "include")
+    except kernel_build.NvccNotFoundError:
+        pass
+    candidates.append(Path("/usr/local/cuda/include"))
+    for candidate in candidates:
+        if (candidate / "cuda_runtime.h").is_file():
+            return candidate
+    raise FileNotFoundError(f"no cuda_runtime.h in {[str(c) for c in candidates]}")
+
+
 def build_gpu_driver(out_dir: Path, cuda_include: Path) -> Path:
     """``plugin_driver.cpp`` alone as a shared library (g++, the stand-in TensorRT header, CUDA's headers)."""
     source = HERE / "plugin_driver.cpp"
@@ -71,7 +87,9 @@ def build_gpu_driver(out_dir: Path, cuda_include: Path) -> Path:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         command = [os.environ.get("CXX", "g++"), "-std=c++17", "-O2", "-fPIC", "-shared", f"-I{STAND_IN_HEADERS}",
                    f"-I{cuda_include}", str(source), "-o", str(path)]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        built = subprocess.run(command, capture_output=True, text=True)
+        if built.returncode != 0:
+            raise RuntimeError(f"building the plugin driver failed: {' '.join(command)}\n{built.stderr[-4000:]}")
     return path
 
 
