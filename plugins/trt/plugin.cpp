@@ -3,6 +3,7 @@
 // getCreators and setLoggerFinder. Every method converts TensorRT's types and calls the TensorRT-free layers
 // (plugin_fields.h, deleaker_call.h). The library links no TensorRT library: the interfaces are all it uses.
 #include <NvInferRuntime.h>
+#include <dlfcn.h>
 
 #include <atomic>
 #include <cstring>
@@ -292,6 +293,46 @@ class DeLeakerAttentionCreator final : public nvinfer1::IPluginCreatorV3One {
   nvinfer1::PluginFieldCollection collection_;
 };
 
+DeLeakerAttentionCreator& the_creator() {
+  static DeLeakerAttentionCreator creator;
+  return creator;
+}
+
+#ifndef DELEAKER_TENSORRT_STAND_IN_HEADERS
+// Hosts that only dlopen a plugin library (Triton's TensorRT backend with --backend-config=tensorrt,plugins=...)
+// expect it to register its creators when it is loaded. IPluginRegistry's layout changes between TensorRT majors,
+// so this happens only in a build against real headers, and only when the TensorRT already in the process is of
+// the headers' major version. TensorRT's own loadLibrary (trtexec --dynamicPlugins) registers what getCreators
+// returns: getCreators first takes this registration back, so the creator is registered once either way.
+std::atomic<nvinfer1::IPluginRegistry*> g_registered_at_load{nullptr};
+
+void* tensorrt_symbol(const char* name) {
+  if (void* symbol = dlsym(RTLD_DEFAULT, name)) return symbol;
+  // A host may have loaded TensorRT with RTLD_LOCAL: find it among the loaded libraries without loading it.
+  const std::string library = "libnvinfer.so." + std::to_string(NV_TENSORRT_MAJOR);
+  void* handle = dlopen(library.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  return handle != nullptr ? dlsym(handle, name) : nullptr;
+}
+
+__attribute__((constructor)) void register_when_loaded() {
+  auto version = reinterpret_cast<int32_t (*)()>(tensorrt_symbol("getInferLibVersion"));
+  auto registry_of = reinterpret_cast<nvinfer1::IPluginRegistry* (*)()>(tensorrt_symbol("getPluginRegistry"));
+  if (version == nullptr || registry_of == nullptr || version() / 10000 != NV_TENSORRT_MAJOR) return;
+  nvinfer1::IPluginRegistry* registry = registry_of();
+  if (registry != nullptr && registry->registerCreator(the_creator(), kPluginNamespace)) {
+    g_registered_at_load.store(registry);
+  }
+}
+
+void take_back_load_time_registration() {
+  if (nvinfer1::IPluginRegistry* registry = g_registered_at_load.exchange(nullptr)) {
+    registry->deregisterCreator(the_creator());
+  }
+}
+#else
+void take_back_load_time_registration() {}  // the stand-in declares no IPluginRegistry: nothing was registered
+#endif
+
 }  // namespace
 }  // namespace deleaker_trt
 
@@ -299,8 +340,8 @@ extern "C" {
 
 //! TensorRT's entry point: the creators of this library (one).
 __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
-  static deleaker_trt::DeLeakerAttentionCreator creator;
-  static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
+  deleaker_trt::take_back_load_time_registration();
+  static nvinfer1::IPluginCreatorInterface* const creators[] = {&deleaker_trt::the_creator()};
   nbCreators = 1;
   if (deleaker_trt::kStandInHeaders) {
     deleaker_trt::log(nvinfer1::ILogger::Severity::kWARNING,
