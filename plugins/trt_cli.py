@@ -10,18 +10,10 @@ from pathlib import Path
 
 import click
 
+from deleaker.engines.cli import BuildCliError
 from deleaker.errors import DeLeakerError
 
 from .trt_build import PluginBuildConfig, build_plugin, library_build_info
-
-
-class PluginCliError(click.ClickException):
-    """A library error shown as ``error: <message>`` on stderr, exit code 1."""
-
-    exit_code = 1
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 @click.command("plugin")
@@ -51,6 +43,6 @@ def plugin(out_dir: Path, tensorrt_root, stand_in_headers: bool) -> None:
         path = build_plugin(config, progress=lambda line: click.echo(line, err=True))
         info = library_build_info(path)
     except DeLeakerError as err:
-        raise PluginCliError(str(err)) from err
+        raise BuildCliError(str(err)) from err
     click.echo(f"built: {info}", err=True)
     click.echo(str(path))
