@@ -151,14 +151,18 @@ class DeLeakerAttentionPlugin final : public nvinfer1::IPluginV3,
   // --- IPluginV3OneBuild ---
   int32_t configurePlugin(const nvinfer1::DynamicPluginTensorDesc* in, int32_t nb_inputs,
                           const nvinfer1::DynamicPluginTensorDesc*, int32_t) noexcept override {
-    CallShapes shapes;
-    std::string problem;
-    if (!call_shapes(in, nb_inputs, declared_dims, &shapes, &problem)) return fail(problem);
-    problem = check_shapes(shapes, call_.fields());
-    if (problem.empty() && call_shapes(in, nb_inputs, max_dims, &shapes, &problem)) {
+    try {
+      CallShapes shapes;
+      std::string problem;
+      if (!call_shapes(in, nb_inputs, declared_dims, &shapes, &problem)) return fail(problem);
       problem = check_shapes(shapes, call_.fields());
+      if (problem.empty() && call_shapes(in, nb_inputs, max_dims, &shapes, &problem)) {
+        problem = check_shapes(shapes, call_.fields());
+      }
+      return problem.empty() ? 0 : fail(problem);
+    } catch (const std::exception& error) {
+      return fail(std::string(kPluginName) + ": configurePlugin: " + error.what());
     }
-    return problem.empty() ? 0 : fail(problem);
   }
 
   int32_t getOutputDataTypes(DataType* output_types, int32_t nb_outputs, const DataType* input_types,
@@ -207,12 +211,17 @@ class DeLeakerAttentionPlugin final : public nvinfer1::IPluginV3,
 
   size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
                           const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept override {
-    CallShapes shapes;
-    std::string problem;
-    if (!call_shapes(inputs, nb_inputs, max_dims, &shapes, &problem)) return 0;
-    const size_t bytes = call_.workspace_bytes(shapes, dtype_code(inputs[kQ].desc.type), &problem);
-    if (!problem.empty()) fail(problem);
-    return bytes;
+    try {
+      CallShapes shapes;
+      std::string problem;
+      if (!call_shapes(inputs, nb_inputs, max_dims, &shapes, &problem)) return 0;
+      const size_t bytes = call_.workspace_bytes(shapes, dtype_code(inputs[kQ].desc.type), &problem);
+      if (!problem.empty()) fail(problem);
+      return bytes;
+    } catch (const std::exception& error) {
+      fail(std::string(kPluginName) + ": getWorkspaceSize: " + error.what());
+      return 0;
+    }
   }
 
   // --- IPluginV3OneRuntime ---
@@ -231,8 +240,12 @@ class DeLeakerAttentionPlugin final : public nvinfer1::IPluginV3,
 
   int32_t enqueue(const nvinfer1::PluginTensorDesc*, const nvinfer1::PluginTensorDesc*, const void* const* inputs,
                   void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
-    const std::string problem = call_.enqueue(inputs, outputs, workspace, stream);
-    return problem.empty() ? 0 : fail(problem);
+    try {
+      const std::string problem = call_.enqueue(inputs, outputs, workspace, stream);
+      return problem.empty() ? 0 : fail(problem);
+    } catch (const std::exception& error) {  // cudnn-frontend may throw; enqueue must not
+      return fail(std::string(kPluginName) + ": enqueue: " + error.what());
+    }
   }
 
   nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext*) noexcept override { return clone(); }
