@@ -98,6 +98,24 @@ def test_cli_plugin_reports_missing_pieces_and_exits_1(tmp_path):
     assert "cmake" in result.output and not (tmp_path / "out" / trt_build.LIBRARY_NAME).exists()
 
 
+def test_product_build_against_real_tensorrt_headers_where_present(tmp_path):
+    """Where TensorRT's headers are installed ($TensorRT_ROOT or a system location) together with cuDNN's, cudnn-frontend's
+    and NVRTC's, the product build compiles and TensorRT-RTX loads its creator (skipped on machines without them,
+    such as CI)."""
+    if kernels.ABI_VERSION < 2:
+        pytest.skip("the plugin needs the kernel library's C ABI version 2 (issue 11's fast path), not merged yet")
+    if not _system_has_tensorrt_headers():
+        pytest.skip("no TensorRT headers on this machine (set TensorRT_ROOT)")
+    try:
+        library = trt_build.build_plugin(trt_build.PluginBuildConfig(out_dir=tmp_path / "out"))
+    except trt_build.PluginToolMissingError as missing:
+        pytest.skip(f"the product build needs what this machine lacks: {missing}")
+    info = trt_build.library_build_info(library)
+    assert "stand-in" not in info and "cuDNN SDPA" in info, info
+    got, _ = run_rtx(library, "creator", {}, tmp_path)
+    assert (got["name"], got["version"], got["namespace"]) == ("DeLeakerAttention", "1", "deleaker")
+
+
 # --- the stand-in build ------------------------------------------------------------------------------------------
 
 
