@@ -3,18 +3,20 @@
 No TensorRT is needed: a small driver (``tests/trt_plugin_host/plugin_driver.cpp``) plays TensorRT's part through
 the library's C++ entry points (build phase, serialized fields, runtime phase with onShapeChange and enqueue), on
 CUDA tensors. Each case runs the plugin and ``deleaker.deleaker_attention`` (the PyTorch fast path on CUDA) on the
-same inputs, both compared with the float64 reference where it fits in memory, over block steps crossing the
-windows with the history threaded from call to call. One JSON and a markdown table go to ``--out``.
+same inputs, both compared with the float64 reference where it fits, over block steps crossing the windows with the
+history threaded from call to call. ``plugin_check.json`` and ``plugin_check.md`` go to ``--out``.
 
-Two steps, because the GPU machine has neither the headers nor nvcc:
+Two steps, because the GPU machine has neither the headers nor nvcc (the device check, benchmarks/device_check.sh,
+runs the second and sets DELEAKER_TRT_PLUGIN_DIR when .device/plugin was carried):
 
-    # here (CPU machine with nvcc, cuDNN 9 / cudnn-frontend / NVRTC headers: see README "TensorRT plugin"):
-    python benchmarks/plugin_check.py prepare --dir build/plugin_check
-    # on the GPU machine (torch with CUDA; build/plugin_check carried):
-    python benchmarks/plugin_check.py run --dir build/plugin_check --out "$OUT"
+    python benchmarks/plugin_check.py --prepare              # here: .device/plugin (library + driver)
+    python benchmarks/plugin_check.py --out "$OUT"           # on the GPU machine
 
-``prepare`` builds the plugin against the test stand-in TensorRT headers (interface-identical, checked against
-TensorRT-RTX by tests/test_trt_plugin_library.py) with cuDNN's attention, and the driver with g++.
+``--prepare`` builds the plugin against the test stand-in TensorRT headers (interface-identical, checked against
+TensorRT-RTX by tests/test_trt_plugin_library.py) with cuDNN's attention, and the driver with g++. The cuDNN,
+cudnn-frontend and NVRTC headers come from $CUDNN_ROOT / $CUDNN_FRONTEND_ROOT / $CMAKE_INCLUDE_PATH or this Python's
+site-packages; where they are missing, the three pip wheels are downloaded (pip, no install) and only their headers
+kept under .device/headers.
 """
 
 from __future__ import annotations
@@ -23,12 +25,24 @@ import argparse
 import ctypes
 import datetime
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # the driver's Python side and the structured inputs live there
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the driver's Python side and the structured inputs live there
+DEFAULT_DIR = Path(os.environ.get("DELEAKER_TRT_PLUGIN_DIR") or ROOT / ".device" / "plugin")
+#: pip wheels that hold the headers the plugin's cuDNN attention compiles against, and where in them.
+HEADER_WHEELS = {
+    "nvidia-cudnn-cu13": ("nvidia/cudnn/include/", "CUDNN_ROOT"),
+    "nvidia-cudnn-frontend": ("include/", "CUDNN_FRONTEND_ROOT"),
+    "nvidia-cuda-nvrtc": ("nvidia/cu13/include/", "CMAKE_INCLUDE_PATH"),
+}
 
 CASES = [
     # name, batch, heads, T, grid, head_dim, entities, E_max, dtype, compare with the float64 reference
@@ -42,17 +56,48 @@ STEPS = 5  # block steps 1, 3, 5, 7, 9 with the config below: before, aggregatin
 REL_L2_LIMIT = 1e-2
 
 
+def _fetch_headers(headers: Path) -> dict:
+    """Environment variables pointing the plugin build at the cuDNN / cudnn-frontend / NVRTC headers, fetched from
+    their pip wheels (downloaded, not installed; only the headers are kept) unless already given."""
+    env = {}
+    for wheel, (prefix, variable) in HEADER_WHEELS.items():
+        if os.environ.get(variable):
+            continue
+        target = headers / wheel
+        if not target.is_dir():
+            with tempfile.TemporaryDirectory() as tmp:
+                subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, wheel],
+                               check=True)
+                with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as archive:
+                    for name in archive.namelist():
+                        if name.startswith(prefix) and name.endswith(".h"):
+                            archive.extract(name, target)
+        include = target / prefix
+        env[variable] = str(include if variable == "CMAKE_INCLUDE_PATH" else include.parent)
+    return env
+
+
 def prepare(directory: Path) -> None:
+    """The library and the driver into ``directory`` (what is carried: a few MB); CMake's build folder and the
+    headers stay in the kernel cache."""
+    import shutil
+
     from trt_plugin_host import build_gpu_driver, cuda_include_dir
 
+    from deleaker.plugins import build as kernel_build
     from deleaker.plugins import trt_build
 
-    library = trt_build.build_plugin(
-        trt_build.PluginBuildConfig(out_dir=directory / "plugin", stand_in_headers=True), progress=print
+    work = kernel_build.cache_root() / "plugin_check"
+    os.environ.update(_fetch_headers(work / "headers"))
+    built = trt_build.build_plugin(
+        trt_build.PluginBuildConfig(out_dir=work / "plugin", stand_in_headers=True), progress=print
     )
-    info = trt_build.library_build_info(library)
+    info = trt_build.library_build_info(built)
     if "cuDNN SDPA" not in info:
-        raise SystemExit(f"the plugin was built without cuDNN's attention ({info}); see the README for the headers")
+        raise SystemExit(f"the plugin was built without cuDNN's attention: {info}")
+    directory.mkdir(parents=True, exist_ok=True)
+    library = directory / trt_build.LIBRARY_NAME
+    shutil.copyfile(built, library)
     driver = build_gpu_driver(directory / "driver", cuda_include_dir())
     print(json.dumps({"plugin": str(library), "driver": str(driver), "build_info": info}))
 
@@ -117,8 +162,11 @@ def run(directory: Path, out_dir: Path) -> int:
 
     if not torch.cuda.is_available():
         raise SystemExit("plugin_check run needs a CUDA GPU")
-    plugin_path = directory / "plugin" / "libdeleaker_trt_plugin.so"
-    driver_path = next((directory / "driver").glob("libdeleaker_plugin_driver-*.so"))
+    plugin_path = directory / "libdeleaker_trt_plugin.so"
+    drivers = sorted((directory / "driver").glob("libdeleaker_plugin_driver-*.so"))
+    if not plugin_path.is_file() or not drivers:
+        raise SystemExit(f"no prepared plugin and driver in {directory}: run plugin_check.py --prepare there first")
+    driver_path = drivers[-1]
     plugin, driver = ctypes.CDLL(str(plugin_path)), ctypes.CDLL(str(driver_path))
     info = plugin.deleaker_trt_plugin_build_info
     info.restype = ctypes.c_char_p
@@ -147,14 +195,13 @@ def run(directory: Path, out_dir: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="build the plugin (with cuDNN) and the driver here")
-    p.add_argument("--dir", type=Path, required=True)
-    r = sub.add_parser("run", help="run the cases on the GPU")
-    r.add_argument("--dir", type=Path, required=True)
-    r.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                        help="the prepared library and driver (default: $DELEAKER_TRT_PLUGIN_DIR or .device/plugin)")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--prepare", action="store_true", help="build the plugin (with cuDNN) and the driver here")
+    action.add_argument("--out", type=Path, help="run the cases on the GPU; results go here")
     args = parser.parse_args()
-    if args.command == "prepare":
+    if args.prepare:
         prepare(args.dir)
         return 0
     return run(args.dir, args.out)
