@@ -337,6 +337,7 @@ def test_cpp_plugin_enqueue_matches_the_reference_over_steps(plugin_host, dtype)
     attrs = onnx_node.node_attributes(block_offset=block_offset, num_blocks=num_blocks, grid=grid, config=CONFIG)
     history = torch.zeros(2, e_max, grid[0] * grid[1])
     history_ref = None
+    edited = 0.0  # how far the reference's output moves from plain attention: the window must be crossed
     for step in range(5):  # block steps 1, 3, 5, 7, 9: before, aggregating, inside both, intervening, after
         (q, k, v), entity_mask = structured_inputs(2, 2, 77, grid, 64, 3, e_max, dtype, 40 + step, "cpu")
         inputs = [q, k, v, entity_mask, history, torch.tensor(step, dtype=torch.int64)]
@@ -350,7 +351,10 @@ def test_cpp_plugin_enqueue_matches_the_reference_over_steps(plugin_host, dtype)
         torch.testing.assert_close(history, history_ref, rtol=1e-4, atol=1e-7, msg=f"history at step {step}")
         assert not out.isnan().any()
         assert rel_l2(out, ref_out) < 1e-2, step
+        plain = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        edited = max(edited, rel_l2(ref_out, plain))
     assert history.any(), "the history must have been aggregated"
+    assert edited > 1e-2, "no step edited the attention: the case does not test the correction"
 
 
 def test_cpp_plugin_refuses_bad_shapes_before_any_work(plugin_host):

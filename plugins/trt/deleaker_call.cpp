@@ -175,11 +175,11 @@ std::string DeLeakerCall::prepare(const CallShapes& shapes, int32_t dtype) {
   if (problem.empty()) problem = check_concrete(shapes);
   if (problem.empty()) problem = check_dtype(dtype);
   if (!problem.empty()) return problem;
+  const AttentionShape attention = attention_shape(shapes, dtype);
+  problem = provider_->prepare(attention);  // first: a library built without cuDNN says so on any machine
+  if (!problem.empty()) return std::string(kPluginName) + ": " + problem;
   const int code = deleaker_init();
   if (code != 0) return std::string(kPluginName) + ": deleaker_init failed: " + deleaker_error_string(code);
-  const AttentionShape attention = attention_shape(shapes, dtype);
-  problem = provider_->prepare(attention);
-  if (!problem.empty()) return std::string(kPluginName) + ": " + problem;
   const size_t needed = provider_->workspace_bytes(attention);
   const size_t reserved = attention_workspace_reserve(attention);
   if (needed > reserved) {
