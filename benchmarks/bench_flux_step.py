@@ -77,11 +77,29 @@ def time_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def graph_ms(fn, repeats: int):
+    """Capture ``fn`` in a CUDA graph and time its replays: ``(median ms, None)``, or ``(None, why it failed)``."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_ms(graph.replay, repeats), None
+    except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is a finding to report
+        return None, f"{type(exc).__name__}: {exc}"[:300]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="512x512:256,1024x1024:256,1024x1024:512", help="HxW:T,...")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None, help="write the markdown table here too")
+    parser.add_argument("--graph", action="store_true", help="also capture each step in a CUDA graph and time replays")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_flux_step.py needs a CUDA device")
@@ -97,7 +115,7 @@ def main() -> None:
     stock = {name: FluxAttnProcessor() for name in model.attn_processors}
     config = DeLeakerConfig()
     kernels = "CUDA kernels" if _kernel_module() is not None else "PyTorch reference (kernels unavailable)"
-    rows = []
+    rows, graphs = [], []
     for spec in args.sizes.split(","):
         size, text_len = spec.split(":")
         height, width = (int(x) for x in size.split("x"))
@@ -129,6 +147,12 @@ def main() -> None:
             on_ms = time_ms(on_step, args.repeats)
         on_mem = torch.cuda.max_memory_allocated() / 2**30
         rows.append((f"{height}x{width}, T={text_len}", off_ms, on_ms, on_ms / off_ms, off_mem, on_mem))
+        if args.graph:
+            with torch.no_grad():
+                on_graph, on_error = graph_ms(on_step, args.repeats)
+                model.set_attn_processor(stock)
+                off_graph, off_error = graph_ms(lambda: model(**inputs), args.repeats)
+            graphs.append((rows[-1][0], off_graph, off_error, on_graph, on_error))
 
     lines = [
         f"FLUX.1-dev transformer step, random bf16 weights, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
@@ -138,6 +162,13 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {c} | {a:.1f} | {b:.1f} | {r:.2f}x | {m0:.1f} | {m1:.1f} |" for c, a, b, r, m0, m1 in rows]
+    if graphs:
+        lines += ["", "CUDA graphs (capture of one whole step, median replay):", "",
+                  "| case | off, graph (ms) | on, graph (ms) | ratio |", "| --- | --- | --- | --- |"]
+        for case, off_graph, off_error, on_graph, on_error in graphs:
+            ratio = f"{on_graph / off_graph:.2f}x" if off_graph and on_graph else "-"
+            lines.append(f"| {case} | {off_graph if off_graph else off_error} | {on_graph if on_graph else on_error} "
+                         f"| {ratio} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -5,6 +5,7 @@ Importing this package needs neither a GPU, TensorRT nor compiled kernels.
 
 from .config import REFERENCE_NUM_BLOCKS, DeLeakerConfig
 from .errors import ConfigError, DeLeakerError, EntityError, ShapeError
+from .decomposed import deleaker_attention_decomposed
 from .ops import deleaker_attention, deleaker_attention_reference
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "EntityError",
     "ShapeError",
     "deleaker_attention",
+    "deleaker_attention_decomposed",
     "deleaker_attention_reference",
 ]

@@ -1,0 +1,625 @@
+"""The one prepared check for a lent GPU: correctness, speed, memory, graphs, profiler and sanitizer, one JSON.
+
+Run on the device machine through ``benchmarks/device_check.sh`` (which installs the carried wheels, the project
+and the prebuilt kernel library first); ``benchmarks/prepare_device_check.sh`` prepares those here. Stages, each
+with its own time budget, each recorded (ok / failed / skipped / timeout) even when another fails:
+
+  environment    device, versions, measured ceilings (bf16 matrix TFLOP/s, device-to-device copy GB/s)
+  gpu_tests      ``pytest -m gpu tests/test_cuda_kernels.py`` (FLUX.1-dev shape and 2048x2048 included)
+  lse            each fused attention's log-sum-exp against ``torch.logsumexp`` (natural log, shape, scale)
+  correctness    the fast path at the FLUX.1-dev shape (bf16, fp16), outputs poisoned first, against the
+                 decomposed op: masks, relative error vs fp32, vs the reference in the input dtype
+  timing         the op against default SDPA and the FlashAttention-2 backend, same run, same inputs, inside and
+                 outside the intervention window, masks' union ~10/25/50%; per-kernel times; fallback rows;
+                 extra peak memory per call; 1024x1024 and 2048x2048
+  cuda_graph     capture and replay of the op with a device step: bit-equal to eager, replay time
+  ncu            one Nsight Compute summary of the slowest custom kernel
+  sanitizer      compute-sanitizer memcheck and racecheck on one small launch
+  flux_step      ``bench_flux_step.py`` at 1024x1024, DeLeaker on and off
+  plugin         the C++ TensorRT plugin's enqueue vs the PyTorch fast path, where its check script exists
+
+Writes ``device_check.json`` (after every stage, so a timeout keeps what was done) and ``device_check.md`` under
+``--out`` (default ``$OUT``). ``--smoke-cpu`` runs the same code at tiny shapes on the CPU with the decomposed op
+standing in for the kernels (CI runs it so that this script does not rot between GPU sessions); its numbers mean
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from attention_inputs import stripe_inputs  # noqa: E402
+
+from deleaker import DeLeakerConfig, deleaker_attention  # noqa: E402
+from deleaker.decomposed import decomposed_intermediates  # noqa: E402
+
+CONFIG = DeLeakerConfig()  # FLUX.1-dev defaults
+INSIDE, OUTSIDE = 100, 5  # block steps inside and before the intervention window (history aggregating at 12+)
+FLUX_SHAPE = dict(batch=1, heads=24, text_len=512, grid=(64, 64), head_dim=128)
+COVERAGES = (0.10, 0.25, 0.50)
+TARGETS = {"op_vs_sdpa_25pct": 1.5, "op_vs_sdpa_stretch": 1.25, "outside_vs_sdpa": 1.05, "extra_mib_b1": 64.0,
+           "flux_step_ratio": 1.15, "flux_step_stretch": 1.05}
+
+
+@dataclass
+class Context:
+    out: Path
+    device: torch.device
+    smoke: bool
+    results: Dict[str, Any]
+    timing_repeats: int = 30
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def shape(self, **overrides) -> dict:
+        """The FLUX.1-dev shape, or a tiny one in smoke mode."""
+        base = dict(batch=1, heads=2, text_len=77, grid=(16, 16), head_dim=64) if self.smoke else dict(FLUX_SHAPE)
+        return {**base, **overrides}
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        strict = json.dumps(strict_json(self.results), indent=2, default=str, allow_nan=False)
+        (self.out / "device_check.json").write_text(strict)
+        (self.out / "device_check.md").write_text(markdown(self.results))
+
+
+class StageSkipped(Exception):
+    """The stage cannot run here (no CUDA, a tool missing); its reason is recorded."""
+
+
+# ---- timing helpers ------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[int], Any], ctx: Context, *, sets: int, warmup: int = 5) -> float:
+    """Median time of ``fn(i)`` (``i`` rotates among ``sets`` input sets): CUDA events on a GPU."""
+    for i in range(warmup):
+        fn(i % sets)
+    synchronize(ctx.device)
+    times: List[float] = []
+    for i in range(ctx.timing_repeats):
+        if ctx.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i % sets)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(i % sets)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def extra_peak_mib(fn: Callable[[], Any], ctx: Context) -> Optional[float]:
+    """Peak memory allocated during one call above what was allocated before it (outputs included)."""
+    if not ctx.cuda:
+        return None
+    synchronize(ctx.device)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    synchronize(ctx.device)
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return (peak - before) / 2**20
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm())
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (strict JSON parsers refuse NaN and Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def finite(x: float) -> Optional[float]:
+    """A number JSON can hold (strict): non-finite becomes None."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+# ---- the op and its views -----------------------------------------------------------------------------------
+
+
+def fast_path_available() -> Tuple[bool, str]:
+    try:
+        from deleaker.plugins import torch_op
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return False, f"deleaker.plugins.torch_op does not import: {exc}"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return (True, "ok") if torch_op.is_available() else (False, "the kernel library does not load")
+
+
+def op_call(ctx: Context, inputs, step, **kwargs):
+    """One DeLeaker attention: the fast path on a GPU, the decomposed op in smoke mode."""
+    (q, k, v), mask, grid = inputs
+    if ctx.cuda:
+        return deleaker_attention(q, k, v, mask, grid=grid, block_step=step, history=None, config=CONFIG, **kwargs)
+    return decomposed_intermediates(q, k, v, mask, grid=grid, block_step=step, history=None, config=CONFIG).out
+
+
+def op_views(ctx: Context, inputs, step) -> Dict[str, Any]:
+    """Masks' union and fallback rows of one call, from the kernels' debug views (decomposed op in smoke mode)."""
+    (q, k, v), mask, grid = inputs
+    if ctx.cuda:
+        from deleaker.plugins import torch_op
+
+        _, _, views = torch_op.deleaker_attention_cuda_debug(
+            q, k, v, mask, grid=grid, block_step=step, history=None, config=CONFIG
+        )
+        synchronize(ctx.device)
+        masks = views["masks"]
+        fallback = views.get("fallback_count")
+        fallback = int(fallback.sum()) if isinstance(fallback, torch.Tensor) else fallback
+    else:
+        got = decomposed_intermediates(q, k, v, mask, grid=grid, block_step=step, history=None, config=CONFIG)
+        masks, fallback = got.masks, got.fallback_count
+    return {"union": float(masks.any(1).float().mean()), "fallback_rows": fallback}
+
+
+# ---- stages --------------------------------------------------------------------------------------------------
+
+
+def stage_environment(ctx: Context) -> Dict[str, Any]:
+    info: Dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if not ctx.cuda:
+        info["device"] = "cpu (smoke run: no number here means anything)"
+        return info
+    props = torch.cuda.get_device_properties(ctx.device)
+    info.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version())
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        query = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu"
+        result = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=20)
+        info["nvidia_smi"] = dict(zip(query.split(","), (x.strip() for x in result.stdout.split(","))))
+    # Ceilings, measured once: a large bf16 product (random data) and a large device-to-device copy.
+    a, b = (torch.randn(8192, 8192, device=ctx.device, dtype=torch.bfloat16) for _ in range(2))
+    ms = time_ms(lambda i: a @ b, dataclasses.replace(ctx, timing_repeats=10), sets=1, warmup=3)
+    info["bf16_matmul_tflops"] = round(2 * 8192**3 / ms / 1e9, 1)
+    src = torch.empty(2**30, dtype=torch.uint8, device=ctx.device).random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda i: dst.copy_(src), dataclasses.replace(ctx, timing_repeats=10), sets=1, warmup=3)
+    info["d2d_copy_gbps"] = round(2 * src.numel() / ms / 1e6, 1)
+    return info
+
+
+def stage_gpu_tests(ctx: Context) -> Dict[str, Any]:
+    if not ctx.cuda:
+        raise StageSkipped("no CUDA device")
+    junit = ctx.out / "gpu_tests.xml"
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-ra", "-p", "no:cacheprovider",
+               "tests/test_cuda_kernels.py", f"--junitxml={junit}"]
+    result = run_logged(command, ctx.out / "gpu_tests.log", timeout=170)
+    summary = re.findall(r"(\d+) (passed|failed|skipped|error|errors)", result["tail"])
+    return {**result, "counts": {kind: int(n) for n, kind in summary}}
+
+
+def stage_lse(ctx: Context) -> Dict[str, Any]:
+    """Each provider's (output, LSE) on one case, against fp32 math: the convention the fast path relies on."""
+    if not ctx.cuda:
+        raise StageSkipped("no CUDA device")
+    shape = ctx.shape(grid=(32, 32), text_len=256)
+    inputs = stripe_inputs(shape["batch"], shape["heads"], shape["text_len"], shape["grid"], shape["head_dim"],
+                           coverage=0.25, dtype=torch.bfloat16, device=ctx.device)
+    q, k, v = inputs[0]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    want_lse, want_out = torch.logsumexp(s, -1), torch.softmax(s, -1) @ v.float()
+    providers = {
+        "cudnn": lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, False, False, scale=scale)[:2],
+        "flash": lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False,
+                                                                             scale=scale)[:2],
+        "efficient": lambda: torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, False, scale=scale)[:2],
+    }
+    report: Dict[str, Any] = {}
+    for name, fn in providers.items():
+        try:
+            out, lse = fn()
+            lse_f = lse.float()
+            entry: Dict[str, Any] = {"lse_shape": list(lse.shape), "lse_dtype": str(lse.dtype),
+                                     "out_rel_err": rel_l2(out, want_out)}
+            trimmed = lse_f.reshape(*lse_f.shape[:2], -1)[..., : want_lse.shape[-1]]
+            entry["lse_max_abs_err_natural"] = float((trimmed - want_lse).abs().max())
+            entry["lse_max_abs_err_log2"] = float((trimmed * math.log(2) - want_lse).abs().max())
+            report[name] = entry
+        except Exception as exc:  # noqa: BLE001 - one provider missing is a finding, not a failure
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    try:
+        from deleaker.plugins import torch_op
+
+        chosen = getattr(torch_op, "plain_attention_provider", None)
+        report["fast_path_uses"] = chosen(q) if callable(chosen) else "unknown (torch_op has no plain_attention_provider)"
+    except Exception as exc:  # noqa: BLE001
+        report["fast_path_uses"] = f"error: {exc}"
+    return report
+
+
+def stage_correctness(ctx: Context) -> Dict[str, Any]:
+    """The fast path at the FLUX.1-dev shape into poisoned outputs, against the decomposed op (fp32 math)."""
+    available, why = fast_path_available()
+    if ctx.cuda and not available:
+        raise RuntimeError(f"the fast path is not available: {why}")
+    report: Dict[str, Any] = {}
+    shape = ctx.shape()
+    for dtype in (torch.bfloat16, torch.float16):
+        inputs = stripe_inputs(shape["batch"], shape["heads"], shape["text_len"], shape["grid"], shape["head_dim"],
+                               coverage=0.25, dtype=dtype, device=ctx.device, seed=1)
+        (q, k, v), mask, _ = inputs
+        out = torch.full_like(q, math.nan)
+        history = torch.full((shape["batch"], mask.shape[0], q.shape[2] - shape["text_len"]), math.nan,
+                             device=ctx.device)
+        if ctx.cuda:
+            from deleaker.plugins import torch_op
+
+            got, got_history = torch_op.deleaker_attention_cuda(
+                q, k, v, mask, grid=shape["grid"], block_step=INSIDE, history=None, config=CONFIG, out=out,
+                new_history=history)
+        else:
+            got, got_history = op_call(ctx, (inputs[0], mask, shape["grid"]), INSIDE), None
+        synchronize(ctx.device)
+        exact = decomposed_intermediates(q.float(), k.float(), v.float(), mask, grid=shape["grid"],
+                                         block_step=INSIDE, history=None, config=CONFIG)
+        in_dtype = decomposed_intermediates(q, k, v, mask, grid=shape["grid"], block_step=INSIDE, history=None,
+                                            config=CONFIG)
+        views = op_views(ctx, (inputs[0], mask, shape["grid"]), INSIDE)
+        err, ref_err = rel_l2(got, exact.out), rel_l2(in_dtype.out, exact.out)
+        name = "bf16" if dtype == torch.bfloat16 else "fp16"
+        report[name] = {
+            "all_written": bool(torch.isfinite(got).all()),
+            "history_written": None if got_history is None else bool(torch.isfinite(got_history).all()),
+            "rel_err_vs_fp32": finite(err), "decomposed_in_dtype_rel_err": finite(ref_err),
+            "ratio": finite(err / ref_err) if ref_err > 0 else None, "union": views["union"],
+            "fallback_rows": views["fallback_rows"], "decomposed_fallback_rows": in_dtype.fallback_count,
+            "passed": bool(torch.isfinite(got).all()) and err < 1e-2 and err <= 2 * ref_err,
+        }
+    return report
+
+
+def stage_timing(ctx: Context) -> Dict[str, Any]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    available, why = fast_path_available()
+    if ctx.cuda and not available:
+        raise RuntimeError(f"the fast path is not available: {why}")
+    rows: List[Dict[str, Any]] = []
+    sizes = [((64, 64), COVERAGES), ((128, 128), (0.25,))] if not ctx.smoke else [((16, 16), COVERAGES)]
+    for grid, coverages in sizes:
+        shape = ctx.shape(grid=grid)
+        tokens = shape["text_len"] + grid[0] * grid[1]
+        flops = 4 * shape["batch"] * shape["heads"] * tokens * tokens * shape["head_dim"]
+        for coverage in coverages:
+            sets = [stripe_inputs(shape["batch"], shape["heads"], shape["text_len"], grid, shape["head_dim"],
+                                  coverage=coverage, dtype=torch.bfloat16, device=ctx.device, seed=s)
+                    for s in range(2)]
+            calls = {
+                "sdpa_default": lambda i: F.scaled_dot_product_attention(*sets[i][0]),
+                "op_outside_window": lambda i: op_call(ctx, (sets[i][0], sets[i][1], grid), OUTSIDE),
+                "op_inside_window": lambda i: op_call(ctx, (sets[i][0], sets[i][1], grid), INSIDE),
+            }
+            if ctx.cuda:
+                def flash2(i):
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        return F.scaled_dot_product_attention(*sets[i][0])
+
+                calls["sdpa_flash2"] = flash2
+            row: Dict[str, Any] = {"grid": list(grid), "text_len": shape["text_len"], "coverage_asked": coverage}
+            row.update(op_views(ctx, (sets[0][0], sets[0][1], grid), INSIDE))
+            for name, fn in calls.items():
+                ms = time_ms(fn, ctx, sets=2)
+                row[f"{name}_ms"] = round(ms, 4)
+                row[f"{name}_tflops"] = round(flops / ms / 1e9, 1)
+            base = row["sdpa_default_ms"]
+            for name in calls:
+                row[f"{name}_vs_sdpa"] = round(row[f"{name}_ms"] / base, 3)
+            row["extra_peak_mib_inside"] = extra_peak_mib(lambda: calls["op_inside_window"](0), ctx)
+            row["extra_peak_mib_sdpa"] = extra_peak_mib(lambda: calls["sdpa_default"](0), ctx)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    report: Dict[str, Any] = {"rows": rows}
+    if ctx.cuda:
+        report["kernels_inside_25pct"] = kernel_times(ctx, grid=(64, 64), coverage=0.25, step=INSIDE)
+        report["kernels_outside"] = kernel_times(ctx, grid=(64, 64), coverage=0.25, step=OUTSIDE)
+    return report
+
+
+def kernel_times(ctx: Context, *, grid, coverage: float, step: int) -> List[Dict[str, Any]]:
+    """Per-kernel device time of one op call (torch.profiler, median of 10 calls per kernel name)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = ctx.shape(grid=grid)
+    inputs = stripe_inputs(shape["batch"], shape["heads"], shape["text_len"], grid, shape["head_dim"],
+                           coverage=coverage, dtype=torch.bfloat16, device=ctx.device)
+    call = (inputs[0], inputs[1], grid)
+    for _ in range(3):
+        op_call(ctx, call, step)
+    synchronize(ctx.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            op_call(ctx, call, step)
+        synchronize(ctx.device)
+    per_name: Dict[str, List[float]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA" and event.device_time > 0:
+            per_name.setdefault(event.name, []).append(event.device_time / 1e3)
+    kernels = [{"kernel": name[:160], "calls_per_op": len(times) / 10, "median_ms": round(statistics.median(times), 4)}
+               for name, times in per_name.items()]
+    return sorted(kernels, key=lambda k: -k["median_ms"] * k["calls_per_op"])
+
+
+def stage_cuda_graph(ctx: Context) -> Dict[str, Any]:
+    if not ctx.cuda:
+        raise StageSkipped("no CUDA device")
+    from deleaker.plugins import torch_op
+
+    shape = ctx.shape()
+    (q, k, v), mask, _ = stripe_inputs(shape["batch"], shape["heads"], shape["text_len"], shape["grid"],
+                                       shape["head_dim"], coverage=0.25, device=ctx.device)
+    step = torch.tensor(INSIDE, device=ctx.device)
+    history = torch.zeros(shape["batch"], mask.shape[0], shape["grid"][0] * shape["grid"][1], device=ctx.device)
+    out, new_history = torch.empty_like(q), torch.empty_like(history)
+
+    def call():
+        torch_op.deleaker_attention_cuda(q, k, v, mask, grid=shape["grid"], block_step=step, history=history,
+                                         config=CONFIG, out=out, new_history=new_history)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    report: Dict[str, Any] = {"captured": True}
+    for name, value in (("inside", INSIDE), ("outside", OUTSIDE)):
+        step.fill_(value)
+        call()
+        synchronize(ctx.device)
+        eager_out, eager_history = out.clone(), new_history.clone()
+        out.fill_(math.nan)
+        graph.replay()
+        synchronize(ctx.device)
+        report[f"{name}_bit_equal"] = bool(torch.equal(out, eager_out) and torch.equal(new_history, eager_history))
+    step.fill_(INSIDE)
+    report["replay_ms"] = round(time_ms(lambda i: graph.replay(), ctx, sets=1), 4)
+    report["eager_ms"] = round(time_ms(lambda i: call(), ctx, sets=1), 4)
+    report["passed"] = report["inside_bit_equal"] and report["outside_bit_equal"]
+    return report
+
+
+def stage_ncu(ctx: Context) -> Dict[str, Any]:
+    if not ctx.cuda:
+        raise StageSkipped("no CUDA device")
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        raise StageSkipped("ncu is not on PATH")
+    kernels = ctx.results.get("stages", {}).get("timing", {}).get("data", {}).get("kernels_inside_25pct", [])
+    custom = [k["kernel"] for k in kernels if "deleaker" in k["kernel"].lower()]
+    if not custom:
+        raise StageSkipped("no custom kernel timed by the timing stage")
+    name = re.sub(r"\W", ".", custom[0].split("(")[0].split("<")[0].split()[-1])
+    command = [ncu, "--clock-control", "none", "-k", f"regex:{name}", "-c", "1", "--section", "SpeedOfLight",
+               "--section", "LaunchStats", "--section", "Occupancy", sys.executable, __file__, "--one-call"]
+    result = run_logged(command, ctx.out / "ncu.txt", timeout=120)
+    metrics = {}
+    for key in ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput", "Achieved Occupancy",
+                "Registers Per Thread", "Dynamic Shared Memory Per Block"):
+        match = re.search(rf"{re.escape(key)}\s+(\S+)\s+([\d.,]+)", result["tail_full"])
+        if match:
+            metrics[key] = f"{match.group(2)} {match.group(1)}"
+    return {"kernel": custom[0], **{k: v for k, v in result.items() if k != "tail_full"}, "metrics": metrics}
+
+
+def stage_sanitizer(ctx: Context) -> Dict[str, Any]:
+    if not ctx.cuda:
+        raise StageSkipped("no CUDA device")
+    tool = shutil.which("compute-sanitizer")
+    if tool is None:
+        raise StageSkipped("compute-sanitizer is not on PATH")
+    report = {}
+    for check in ("memcheck", "racecheck"):
+        command = [tool, "--tool", check, "--error-exitcode", "3", "--target-processes", "all",
+                   sys.executable, __file__, "--one-call", "--small"]
+        result = run_logged(command, ctx.out / f"sanitizer_{check}.txt", timeout=150)
+        errors = re.search(r"ERROR SUMMARY: (\d+) error", result["tail_full"])
+        report[check] = {"returncode": result["returncode"], "errors": int(errors.group(1)) if errors else None,
+                         "tail": result["tail"][-1500:]}
+    report["passed"] = all(r["returncode"] == 0 and r["errors"] == 0 for r in report.values())
+    return report
+
+
+def stage_flux_step(ctx: Context) -> Dict[str, Any]:
+    if not ctx.cuda:
+        raise StageSkipped("no CUDA device")
+    table = ctx.out / "flux_step.md"
+    command = [sys.executable, str(HERE / "bench_flux_step.py"), "--sizes", "1024x1024:512", "--repeats", "5",
+               "--graph", "--out", str(table)]
+    result = run_logged(command, ctx.out / "flux_step.log", timeout=240)
+    result.pop("tail_full", None)
+    if table.is_file():
+        result["table"] = table.read_text()
+    return result
+
+
+def stage_plugin(ctx: Context) -> Dict[str, Any]:
+    script = HERE / "plugin_check.py"
+    if not script.is_file():
+        raise StageSkipped("benchmarks/plugin_check.py does not exist yet (the C++ plugin's device check)")
+    if not ctx.cuda:
+        raise StageSkipped("no CUDA device")
+    result = run_logged([sys.executable, str(script), "--out", str(ctx.out)], ctx.out / "plugin_check.log",
+                        timeout=120)
+    result.pop("tail_full", None)
+    return result
+
+
+STAGES: List[Tuple[str, Callable[[Context], Dict[str, Any]]]] = [
+    ("environment", stage_environment),
+    ("gpu_tests", stage_gpu_tests),
+    ("lse", stage_lse),
+    ("correctness", stage_correctness),
+    ("timing", stage_timing),
+    ("cuda_graph", stage_cuda_graph),
+    ("ncu", stage_ncu),
+    ("sanitizer", stage_sanitizer),
+    ("flux_step", stage_flux_step),
+    ("plugin", stage_plugin),
+]
+
+
+def run_logged(command: List[str], log: Path, *, timeout: float) -> Dict[str, Any]:
+    """Run ``command`` from the repository root, output to ``log``; a timeout is a result, not an exception."""
+    start = time.monotonic()
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        output, code = result.stdout + result.stderr, result.returncode
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        output, code = output + f"\n[timed out after {timeout} s]", None
+    log.write_text(output)
+    return {"returncode": code, "seconds": round(time.monotonic() - start, 1), "tail": output[-3000:],
+            "tail_full": output[-200_000:], "log": log.name}
+
+
+# ---- the report ----------------------------------------------------------------------------------------------
+
+
+def markdown(results: Dict[str, Any]) -> str:
+    env = results.get("stages", {}).get("environment", {}).get("data", {})
+    lines = [f"# Device check: {env.get('device', '?')}, torch {env.get('torch', '?')}, {results.get('started')}", ""]
+    lines += ["| stage | status | seconds | summary |", "| --- | --- | --- | --- |"]
+    for name, stage in results.get("stages", {}).items():
+        summary = stage.get("reason") or stage.get("error", "")
+        data = stage.get("data") or {}
+        if stage["status"] != "ok":
+            pass
+        elif name == "gpu_tests":
+            summary = json.dumps(data.get("counts"))
+        elif name in ("correctness", "cuda_graph", "sanitizer"):
+            summary = json.dumps({k: v.get("passed") if isinstance(v, dict) else v for k, v in data.items()
+                                  if k in ("bf16", "fp16", "passed", "memcheck", "racecheck", "replay_ms")})
+        lines.append(f"| {name} | {stage['status']} | {stage.get('seconds', '')} | {str(summary)[:300]} |")
+    timing = results.get("stages", {}).get("timing", {}).get("data", {}).get("rows", [])
+    if timing:
+        lines += ["", "## One attention call, bf16 (ms; ratio to default SDPA in the same run)", "",
+                  "| grid | T | union | SDPA | FA2 | op outside | op inside | inside/SDPA | outside/SDPA | fallback rows "
+                  "| extra MiB (op) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in timing:
+            lines.append(
+                f"| {r['grid'][0]}x{r['grid'][1]} | {r['text_len']} | {r['union']:.2f} | {r['sdpa_default_ms']} | "
+                f"{r.get('sdpa_flash2_ms', '-')} | {r['op_outside_window_ms']} | {r['op_inside_window_ms']} | "
+                f"{r['op_inside_window_vs_sdpa']} | {r['op_outside_window_vs_sdpa']} | {r['fallback_rows']} | "
+                f"{r['extra_peak_mib_inside']} |")
+    lines += ["", f"Targets: {json.dumps(TARGETS)}", ""]
+    return "\n".join(lines)
+
+
+def one_call(small: bool) -> None:
+    """One op call (the target of ncu and compute-sanitizer)."""
+    shape = dict(batch=1, heads=2, text_len=77, grid=(16, 16), head_dim=128) if small else dict(FLUX_SHAPE)
+    inputs = stripe_inputs(shape["batch"], shape["heads"], shape["text_len"], shape["grid"], shape["head_dim"],
+                           coverage=0.25, device="cuda")
+    out, _ = deleaker_attention(*inputs[0], inputs[1], grid=shape["grid"], block_step=INSIDE, history=None,
+                                config=CONFIG)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_check_out")))
+    parser.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip")
+    parser.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on the CPU (tests the script only)")
+    parser.add_argument("--one-call", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one_call:
+        one_call(args.small)
+        return 0
+    names = [name for name, _ in STAGES]
+    only = [s for s in args.only.split(",") if s]
+    skip = [s for s in args.skip.split(",") if s]
+    unknown = sorted(set(only + skip) - set(names))
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; stages: {names}")
+    if not args.smoke_cpu and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine, or pass --smoke-cpu to test the script")
+    device = torch.device("cpu" if args.smoke_cpu else "cuda")
+    ctx = Context(out=args.out, device=device, smoke=args.smoke_cpu,
+                  results={"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           "smoke_cpu": args.smoke_cpu, "stages": {}},
+                  timing_repeats=3 if args.smoke_cpu else 30)
+    for name, fn in STAGES:
+        if (only and name not in only) or name in skip:
+            continue
+        start = time.monotonic()
+        record: Dict[str, Any]
+        try:
+            record = {"status": "ok", "data": fn(ctx)}
+        except StageSkipped as exc:
+            record = {"status": "skipped", "reason": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - one stage failing must not lose the others
+            record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000],
+                      "traceback": traceback.format_exc()[-4000:]}
+        record["seconds"] = round(time.monotonic() - start, 1)
+        ctx.results["stages"][name] = record
+        ctx.save()
+        print(f"[device_check] {name}: {record['status']} ({record['seconds']} s)", flush=True)
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    print(markdown(ctx.results))
+    failed = [n for n, r in ctx.results["stages"].items() if r["status"] == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

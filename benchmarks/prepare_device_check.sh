@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Prepare the device check on this (CPU) machine, from the repository root: the kernel library prebuilt with nvcc
+# into .device/kernels and the pure-Python wheels the GPU machine lacks (diffusers, ...) into .whl. Both folders are
+# git-ignored; carry both: run(command="bash benchmarks/device_check.sh", carry=[".device", ".whl"]).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .device
+DELEAKER_KERNEL_CACHE=$PWD/.device/kernels python -m deleaker.plugins.build
+if [ -x ../shared/tools/device-wheels.sh ] || [ -f ../shared/tools/device-wheels.sh ]; then
+  bash ../shared/tools/device-wheels.sh
+else
+  mkdir -p .whl
+  python -m pip download -q --no-deps -d .whl diffusers importlib_metadata
+fi
+du -sh .device .whl
