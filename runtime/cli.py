@@ -432,6 +432,11 @@ from deleaker.engines.cli import build as _build_command  # noqa: E402  (after t
 
 main.add_command(_build_command)
 
+# The plugin library build lives with the plugins (deleaker.plugins.trt_cli).
+from deleaker.plugins.trt_cli import plugin as _plugin_command  # noqa: E402
+
+main.add_command(_plugin_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

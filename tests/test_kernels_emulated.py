@@ -24,7 +24,9 @@ import pytest
 import torch
 
 import cuda_emulator
+import trt_plugin_host
 from deleaker.decomposed import plain_attention_with_lse
+from deleaker.export import onnx_node
 from deleaker.plugins import kernels, torch_op
 from deleaker.plugins import trt_plugin as tp
 from deleaker import deleaker_attention_reference
@@ -480,3 +482,82 @@ def test_tensorrt_plugin_enqueue_matches_the_reference_over_steps(library):
         assert not out.isnan().any()
         assert rel_l2(out, ref_out) < 1e-2, step
     assert history.any(), "the history must have been aggregated"
+
+
+# ---- the C++ TensorRT plugin (plugins/trt): its host path on the emulator ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plugin_host():
+    """plugins/trt's sources, the emulated kernels, a host stand-in for cuDNN's attention and a driver that plays
+    TensorRT's part (tests/trt_plugin_host), in one library."""
+    if kernels.ABI_VERSION < 2:
+        pytest.skip("the plugin needs the kernel library's C ABI version 2 (issue 11's fast path), not merged yet")
+    try:
+        return trt_plugin_host.emulated_plugin_library()
+    except cuda_emulator.EmulatorBuildError as exc:
+        if "no C++ compiler" in str(exc):
+            pytest.skip(str(exc))
+        raise
+
+
+CANARY_BYTES = 4096
+
+
+def _drive_with_workspace(library, attrs, inputs, outputs):
+    """Asks the plugin for its workspace size (build phase), then runs the call in a workspace of exactly that
+    size followed by canary bytes, which must come back untouched."""
+    size = trt_plugin_host.drive(library, library, attrs, inputs, outputs)
+    raw = torch.full((size + 256 + CANARY_BYTES,), 0xAB, dtype=torch.uint8)
+    start = -raw.data_ptr() % 256
+    trt_plugin_host.drive(library, library, attrs, inputs, outputs, raw.data_ptr() + start, size)
+    canary = raw[start + size : start + size + CANARY_BYTES]
+    assert bool((canary == 0xAB).all()), "the plugin wrote past the workspace it asked for"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cpp_plugin_enqueue_matches_the_reference_over_steps(plugin_host, dtype):
+    """The C++ plugin's methods, called in an engine's order (build phase, serialized fields, runtime phase,
+    enqueue) with the step as a device scalar and the history threaded from one call to the next, run the fused
+    attention stand-in and then the kernels; over steps crossing both windows the result is the reference's."""
+    grid, e_max, num_blocks, block_offset = (12, 11), 4, 2, 1
+    attrs = onnx_node.node_attributes(block_offset=block_offset, num_blocks=num_blocks, grid=grid, config=CONFIG)
+    history = torch.zeros(2, e_max, grid[0] * grid[1])
+    history_ref = None
+    edited = 0.0  # how far the reference's output moves from plain attention: the window must be crossed
+    for step in range(5):  # block steps 1, 3, 5, 7, 9: before, aggregating, inside both, intervening, after
+        (q, k, v), entity_mask = structured_inputs(2, 2, 77, grid, 64, 3, e_max, dtype, 40 + step, "cpu")
+        inputs = [q, k, v, entity_mask, history, torch.tensor(step, dtype=torch.int64)]
+        outputs = [torch.full_like(q, float("nan")), torch.full_like(history, float("nan"))]
+        _drive_with_workspace(plugin_host, attrs, inputs, outputs)
+        out, history = outputs
+        ref_out, history_ref = deleaker_attention_reference(
+            q.float(), k.float(), v.float(), entity_mask, grid=grid, block_step=step * num_blocks + block_offset,
+            history=history_ref, config=CONFIG,
+        )
+        torch.testing.assert_close(history, history_ref, rtol=1e-4, atol=1e-7, msg=f"history at step {step}")
+        assert not out.isnan().any()
+        assert rel_l2(out, ref_out) < 1e-2, step
+        plain = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        edited = max(edited, rel_l2(ref_out, plain))
+    assert history.any(), "the history must have been aggregated"
+    assert edited > 1e-2, "no step edited the attention: the case does not test the correction"
+
+
+def test_cpp_plugin_refuses_bad_shapes_before_any_work(plugin_host):
+    grid = (12, 11)
+    attrs = onnx_node.node_attributes(block_offset=0, num_blocks=1, grid=grid, config=CONFIG)
+    (q, k, v), entity_mask = structured_inputs(1, 2, 77, grid, 64, 2, 4, torch.float16, 3, "cpu")
+    step = torch.tensor(0, dtype=torch.int64)
+    outputs = [torch.full_like(q, float("nan")), torch.full((1, 4, 131), float("nan"))]
+    wrong_history = torch.zeros(1, 4, 131)
+    with pytest.raises(trt_plugin_host.PluginDriveError, match=r"history has image tokens \(grid 12x11\) 131, expected 132"):
+        trt_plugin_host.drive(plugin_host, plugin_host, attrs, [q, k, v, entity_mask, wrong_history, step], outputs)
+    with pytest.raises(trt_plugin_host.PluginDriveError, match="supportsFormatCombination refused position 0"):
+        trt_plugin_host.drive(plugin_host, plugin_host, attrs, [q.float(), k, v, entity_mask, wrong_history, step],
+                              outputs)
+    bad_fields = {**attrs, "do_smoothing": 3}
+    with pytest.raises(trt_plugin_host.PluginDriveError, match="do_smoothing is a flag and must be 0 or 1, got 3"):
+        trt_plugin_host.drive(plugin_host, plugin_host, bad_fields, [q, k, v, entity_mask, wrong_history, step],
+                              outputs)
+    assert outputs[0].isnan().all() and outputs[1].isnan().all(), "nothing may be written"

@@ -57,10 +57,15 @@ def _sources() -> list[Path]:
     return [*build.kernel_sources(), *sorted((HERE / "include").iterdir()), HERE / "emu_runtime.cpp"]
 
 
-def _key(cxx: str, mutations: Sequence[Mutation], defines: Sequence[str]) -> str:
+def _key(
+    cxx: str, mutations: Sequence[Mutation], defines: Sequence[str], extra_units: Sequence[Path],
+    include_dirs: Sequence[Path],
+) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    digest = hashlib.sha256(repr((version, CXX_FLAGS, tuple(mutations), tuple(defines))).encode())
-    for path in _sources():
+    flags = (version, CXX_FLAGS, tuple(mutations), tuple(defines), [str(d) for d in include_dirs])
+    digest = hashlib.sha256(repr(flags).encode())
+    extra_headers = [p for d in include_dirs for p in sorted(Path(d).iterdir()) if p.suffix == ".h"]
+    for path in [*_sources(), *extra_units, *extra_headers]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:20]
 
@@ -72,16 +77,23 @@ def find_cxx() -> str:
     return cxx
 
 
-def build_emulated_library(mutations: Sequence[Mutation] = (), defines: Sequence[str] = ()) -> Path:
+def build_emulated_library(
+    mutations: Sequence[Mutation] = (),
+    defines: Sequence[str] = (),
+    extra_units: Sequence[Path] = (),
+    include_dirs: Sequence[Path] = (),
+) -> Path:
     """The emulated kernel library for the current sources, built once into the kernel cache.
 
     ``mutations``: ``(file name, old, new)`` text replacements applied to the kernel sources first (each ``old``
     must occur exactly once): the tests build deliberately broken kernels with them. ``defines``: ``NAME=VALUE``
-    preprocessor definitions (the kernels' compile-time knobs, e.g. ``DELEAKER_BAND_ROWS=128``).
+    preprocessor definitions (the kernels' compile-time knobs, e.g. ``DELEAKER_BAND_ROWS=128``). ``extra_units``:
+    more C++ files compiled into the same library (host code that calls the kernels, e.g. the TensorRT plugin's),
+    with ``include_dirs`` on the include path.
     """
     cxx = find_cxx()
     pending = {name: [(old, new) for file, old, new in mutations if file == name] for name, _, _ in mutations}
-    directory = build.cache_root() / "emulated" / _key(cxx, mutations, defines)
+    directory = build.cache_root() / "emulated" / _key(cxx, mutations, defines, extra_units, include_dirs)
     library = directory / LIBRARY_NAME
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
@@ -109,11 +121,9 @@ def build_emulated_library(mutations: Sequence[Mutation] = (), defines: Sequence
                     f"the emulator's source rewrite found {smem} dynamic shared memory declarations, expected "
                     f"{EXPECTED_EXTERN_SMEM}: update tests/cuda_emulator for the new kernel sources"
                 )
-            units = [str(p) for p in staged.glob("*.cpp")] + [str(HERE / "emu_runtime.cpp")]
-            command = [
-                cxx, *CXX_FLAGS, *(f"-D{d}" for d in defines), f"-I{HERE / 'include'}", f"-I{staged}", *units,
-                "-o", str(staged / "lib.so"),
-            ]
+            units = [str(p) for p in [*staged.glob("*.cpp"), HERE / "emu_runtime.cpp", *extra_units]]
+            includes = [f"-I{HERE / 'include'}", f"-I{staged}", *(f"-I{d}" for d in include_dirs)]
+            command = [cxx, *CXX_FLAGS, *(f"-D{d}" for d in defines), *includes, *units, "-o", str(staged / "lib.so")]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise EmulatorBuildError(f"building the CUDA emulator failed:\n{result.stderr[-6000:]}")

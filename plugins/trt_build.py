@@ -1,0 +1,179 @@
+"""Build and inspect ``libdeleaker_trt_plugin.so``, the DeLeakerAttention TensorRT plugin library (``plugins/trt``).
+
+One file holds the plugin, its creator, TensorRT's entry points (``getCreators``, ``setLoggerFinder``) and the
+DeLeaker CUDA kernels with the static CUDA runtime: the artifact to hand to ``trtexec --dynamicPlugins``, Triton or
+``IPluginRegistry::loadLibrary``. CMake (``plugins/trt/CMakeLists.txt``) finds the toolchain and the headers; this
+module runs it, turns what CMake reports missing into one `PluginToolMissingError`, and installs the library into
+the output folder atomically (a failed build leaves no library behind). ``deleaker-trt plugin`` calls `build_plugin`.
+
+Nothing here imports torch or TensorRT or needs a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from deleaker.errors import DeLeakerError
+
+from . import build as kernel_build
+
+LIBRARY_NAME = "libdeleaker_trt_plugin.so"
+SOURCE_DIR = Path(__file__).resolve().parent / "trt"
+#: Test infrastructure of the source checkout (not installed with the package): TensorRT interface declarations
+#: for machines without TensorRT's headers.
+STAND_IN_HEADERS_DIR = Path(__file__).resolve().parent.parent / "tests" / "tensorrt_stand_in"
+#: What CMake prints, one line per missing piece (plugins/trt/CMakeLists.txt).
+_MISSING = re.compile(r"DELEAKER_MISSING: (.*?)\s*$", re.MULTILINE)
+
+
+class PluginBuildError(DeLeakerError, RuntimeError):
+    """The plugin library could not be built, found or read."""
+
+
+class PluginToolMissingError(PluginBuildError):
+    """What the build needs and does not find: ``missing`` lists each piece, with how to provide it."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        self.missing = tuple(missing)
+        super().__init__("cannot build the TensorRT plugin library; missing:\n" + "\n".join(f"  - {m}" for m in missing))
+
+
+@dataclass(frozen=True)
+class PluginBuildConfig:
+    """One build of the plugin library.
+
+    ``out_dir`` receives ``libdeleaker_trt_plugin.so`` (and keeps CMake's build folder in ``out_dir/build`` for
+    incremental rebuilds). ``stand_in_headers`` builds against the test stand-in TensorRT headers, for checks:
+    with cuDNN's fused attention where its headers are found (a GPU check), otherwise without, when the library
+    loads, registers and takes part in engine builds but cannot run (CI). cuDNN's, cudnn-frontend's and NVRTC's
+    headers are searched under ``$CUDNN_ROOT``, ``$CUDNN_FRONTEND_ROOT``, ``$CMAKE_INCLUDE_PATH``, this Python's
+    site-packages (the pip wheels) and the system.
+    ``tensorrt_root`` is a TensorRT install holding ``include/NvInferRuntime.h`` (default: ``$TensorRT_ROOT``, then
+    the usual system locations). ``archs`` are the CUDA compute capabilities of the kernels.
+    """
+
+    out_dir: Path
+    stand_in_headers: bool = False
+    tensorrt_root: Optional[Path] = None
+    archs: tuple[str, ...] = field(default=kernel_build.ARCHS)
+
+
+def cuda_architectures(archs: Sequence[str]) -> str:
+    """CMake's ``CMAKE_CUDA_ARCHITECTURES`` for ``archs``: machine code for each, PTX of the newest portable one
+    (as the kernel library's own build, `deleaker.plugins.build.gencode_flags`)."""
+    return ";".join([f"{a}-real" for a in archs] + [f"{kernel_build.ptx_arch(archs)}-virtual"])
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("deleaker-trt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _search_prefixes() -> list[str]:
+    """This Python's site-packages: where the pip wheels of cuDNN, cudnn-frontend and NVRTC put their headers."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys(str(Path(paths[key])) for key in ("purelib", "platlib")))
+
+
+def configure_command(config: PluginBuildConfig, cmake: str, build_dir: Path) -> list[str]:
+    """The CMake configure command line of ``config``."""
+    command = [
+        cmake,
+        "-S", str(SOURCE_DIR),
+        "-B", str(build_dir),
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DDELEAKER_TENSORRT_STAND_IN={'ON' if config.stand_in_headers else 'OFF'}",
+        f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures(config.archs)}",
+        f"-DDELEAKER_PLUGIN_VERSION={_package_version()}",
+        f"-DDELEAKER_SEARCH_PREFIXES={';'.join(_search_prefixes())}",
+    ]
+    if config.tensorrt_root is not None:
+        command.append(f"-DTensorRT_ROOT={Path(config.tensorrt_root).resolve()}")
+    return command
+
+
+def _environment() -> dict:
+    """The environment for CMake: nvcc from `deleaker.plugins.build.find_nvcc` (PATH, then $CUDA_HOME) if set."""
+    env = dict(os.environ)
+    try:
+        env.setdefault("CUDACXX", str(kernel_build.find_nvcc()))
+    except kernel_build.NvccNotFoundError:
+        pass  # CMake reports it, with the other missing pieces
+    return env
+
+
+def _run(command: list[str], env: dict, what: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+    except OSError as exc:
+        raise PluginBuildError(f"cannot run {what} ({command[0]}): {exc}") from exc
+
+
+def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Build ``libdeleaker_trt_plugin.so`` into ``config.out_dir`` and return its path.
+
+    Raises:
+        PluginToolMissingError: cmake, nvcc, TensorRT's headers, cuDNN's, cudnn-frontend's or NVRTC's are missing
+            (every missing piece is named, with how to provide it).
+        PluginBuildError: the compilation failed (the compiler's output is in the message).
+    """
+    say = progress or (lambda line: None)
+    cmake = shutil.which("cmake")
+    missing = [] if cmake else ["cmake (3.18 or newer): pip install cmake, or your system's package"]
+    if config.stand_in_headers and not (STAND_IN_HEADERS_DIR / "NvInferRuntime.h").is_file():
+        missing.append(
+            f"the test stand-in TensorRT headers ({STAND_IN_HEADERS_DIR}): they live in the source checkout's "
+            "tests/ folder, not in an installed package"
+        )
+    if missing:
+        raise PluginToolMissingError(missing)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # One CMake build tree per source checkout: CMake refuses a tree configured from another source folder.
+    build_dir = out_dir / f"build-{hashlib.sha256(str(SOURCE_DIR).encode()).hexdigest()[:12]}"
+    env = _environment()
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per output folder at a time
+        say("configuring (cmake)")
+        configured = _run(configure_command(config, cmake, build_dir), env, "cmake")
+        reported = _MISSING.findall(configured.stdout + configured.stderr)
+        if reported:
+            raise PluginToolMissingError(list(dict.fromkeys(reported)))
+        if configured.returncode != 0:
+            raise PluginBuildError(f"cmake configure failed:\n{(configured.stdout + configured.stderr)[-6000:]}")
+        say("compiling the plugin and the kernels (a minute or two)")
+        jobs = str(max(1, min(os.cpu_count() or 1, 8)))
+        built = _run([cmake, "--build", str(build_dir), "--parallel", jobs], env, "cmake --build")
+        if built.returncode != 0:
+            raise PluginBuildError(f"building the plugin library failed:\n{(built.stdout + built.stderr)[-6000:]}")
+        staged = out_dir / (LIBRARY_NAME + ".tmp")
+        shutil.copyfile(build_dir / LIBRARY_NAME, staged)
+        os.replace(staged, out_dir / LIBRARY_NAME)
+    return out_dir / LIBRARY_NAME
+
+
+def library_build_info(path: Path) -> str:
+    """``deleaker_trt_plugin_build_info()`` of the library at ``path``: its version, the TensorRT headers it was built
+    against ("stand-in" for the test stand-in), its attention provider and kernel ABI. Loads the library with
+    ctypes (it needs neither TensorRT nor a GPU to load)."""
+    try:
+        library = ctypes.CDLL(str(path))
+        info = library.deleaker_trt_plugin_build_info
+    except (OSError, AttributeError) as exc:
+        raise PluginBuildError(f"{path} is not a DeLeaker TensorRT plugin library: {exc}") from exc
+    info.restype = ctypes.c_char_p
+    info.argtypes = []
+    return info().decode()

@@ -1,0 +1,321 @@
+"""The C++ TensorRT plugin library (``plugins/trt``, ``deleaker-trt plugin``).
+
+What runs here (no TensorRT headers, no GPU): the build, which names every missing piece; the library built against
+the test stand-in TensorRT headers (``tests/tensorrt_stand_in``); and TensorRT-RTX 1.7 (real TensorRT-family
+libraries, CPU-only) loading it: the creator's name, version, namespace and fields, TensorRT-RTX's ONNX parser
+creating our plugin from the exporter's node, the builder building engines with it (fp16 and bf16, static and
+dynamic batch) and the fields serialized into the plan. That proves the interface layout (every virtual call
+TensorRT-RTX makes lands in the right method), the field handling and the build-time methods. It cannot prove
+execution (TensorRT-RTX refuses to run engines without a GPU), anything about sm_90, or TensorRT 10/11 proper.
+
+Each TensorRT-RTX interaction runs in a child process (``trt_rtx_driver.py``): a crash fails one test with the
+child's output. The library needs the kernel library's C ABI version 2 (the fast path of issue 11); before that
+lands, the tests that build it skip.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from dataclasses import fields
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from deleaker.config import DeLeakerConfig
+from deleaker.export import onnx_node
+from deleaker.export.exporter import export_attention_onnx
+from deleaker.plugins import build as kernel_build
+from deleaker.plugins import kernels, trt_build
+
+HERE = Path(__file__).resolve().parent
+ODD_CONFIG = DeLeakerConfig(
+    std_mul_text=0.75,
+    std_mul_image_image=1.5,
+    k_strength=1.3,
+    start_aggregating_from=3,
+    stop_aggregating_at=40,
+    start_intervention_from=5,
+    stop_intervention_at=77,
+    use_history=False,
+    do_smoothing=True,
+    do_image_image=False,
+    do_image_text_strengthening=True,
+    do_image_text_weakening=False,
+)
+PLACEMENT = dict(block_offset=3, num_blocks=4, grid=(8, 6))
+
+
+# --- the build names what is missing --------------------------------------------------------------------------
+
+
+def test_build_without_cmake_names_it_and_leaves_no_library(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(trt_build.PluginToolMissingError, match="cmake") as caught:
+        trt_build.build_plugin(trt_build.PluginBuildConfig(out_dir=tmp_path / "out"))
+    assert caught.value.missing and not (tmp_path / "out" / trt_build.LIBRARY_NAME).exists()
+
+
+def _system_has_tensorrt_headers() -> bool:
+    roots = ["/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu", "/usr/local/TensorRT/include",
+             "/opt/tensorrt/include", "/usr/local/tensorrt/include", os.environ.get("TensorRT_ROOT", "") + "/include"]
+    return any(Path(root, "NvInferRuntime.h").is_file() for root in roots)
+
+
+def test_build_names_every_missing_header(tmp_path):
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    if _system_has_tensorrt_headers():
+        pytest.skip("this machine has TensorRT headers")
+    with pytest.raises(trt_build.PluginToolMissingError) as caught:
+        trt_build.build_plugin(trt_build.PluginBuildConfig(out_dir=tmp_path, tensorrt_root=tmp_path))
+    missing = "\n".join(caught.value.missing)
+    assert "NvInferRuntime.h" in missing and "TensorRT_ROOT" in missing
+    assert not (tmp_path / trt_build.LIBRARY_NAME).exists()
+
+
+def test_cuda_architectures_match_the_kernel_build():
+    assert trt_build.cuda_architectures(("80", "90", "90a")) == "80-real;90-real;90a-real;90-virtual"
+    flags = kernel_build.gencode_flags(kernel_build.ARCHS)
+    cmake = trt_build.cuda_architectures(kernel_build.ARCHS).split(";")
+    assert [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (c[:-5] for c in cmake[:-1])] == flags[:-1]
+    assert flags[-1].endswith(f"code=compute_{cmake[-1][:-8]}")
+
+
+def test_cli_plugin_reports_missing_pieces_and_exits_1(tmp_path):
+    from click.testing import CliRunner
+
+    from deleaker.runtime.cli import main
+
+    result = CliRunner().invoke(main, ["plugin", "--out", str(tmp_path / "out")], env={"PATH": str(tmp_path)})
+    assert result.exit_code == 1, result.output
+    assert "error: cannot build the TensorRT plugin library; missing:" in result.output
+    assert "cmake" in result.output and not (tmp_path / "out" / trt_build.LIBRARY_NAME).exists()
+
+
+def test_product_build_against_real_tensorrt_headers_where_present(tmp_path):
+    """Where TensorRT's headers are installed ($TensorRT_ROOT or a system location) together with cuDNN's, cudnn-frontend's
+    and NVRTC's, the product build compiles and TensorRT-RTX loads its creator (skipped on machines without them,
+    such as CI)."""
+    if kernels.ABI_VERSION < 2:
+        pytest.skip("the plugin needs the kernel library's C ABI version 2 (issue 11's fast path), not merged yet")
+    if not _system_has_tensorrt_headers():
+        pytest.skip("no TensorRT headers on this machine (set TensorRT_ROOT)")
+    try:
+        library = trt_build.build_plugin(trt_build.PluginBuildConfig(out_dir=tmp_path / "out"))
+    except trt_build.PluginToolMissingError as missing:
+        pytest.skip(f"the product build needs what this machine lacks: {missing}")
+    info = trt_build.library_build_info(library)
+    assert "stand-in" not in info and "cuDNN SDPA" in info, info
+    got, _ = run_rtx(library, "creator", {}, tmp_path)
+    assert (got["name"], got["version"], got["namespace"]) == ("DeLeakerAttention", "1", "deleaker")
+
+
+# --- the stand-in build ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def stand_in_library() -> Path:
+    """``deleaker-trt plugin --stand-in-headers``' library, built once into the kernel cache folder."""
+    if kernels.ABI_VERSION < 2:
+        pytest.skip("the plugin needs the kernel library's C ABI version 2 (issue 11's fast path), not merged yet")
+    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
+    try:
+        kernel_build.find_nvcc()
+    except kernel_build.NvccNotFoundError:
+        missing.append("nvcc")
+    if missing:
+        pytest.skip(f"cannot build the plugin library here: no {', '.join(missing)}")
+    out_dir = kernel_build.cache_root() / "trt_plugin_stand_in"
+    return trt_build.build_plugin(trt_build.PluginBuildConfig(out_dir=out_dir, stand_in_headers=True))
+
+
+def test_library_reports_how_it_was_built_and_exports_only_the_entry_points(stand_in_library):
+    info = trt_build.library_build_info(stand_in_library)
+    assert "tensorrt_headers stand-in" in info
+    assert "attention none (built without cuDNN" in info or "attention cuDNN SDPA" in info, info
+    assert f"kernel_abi {kernels.ABI_VERSION}" in info and "deleaker::DeLeakerAttention v1" in info
+    library = ctypes.CDLL(str(stand_in_library))
+    for symbol in ("getCreators", "setLoggerFinder", "deleaker_trt_plugin_build_info"):
+        assert hasattr(library, symbol), symbol
+    for symbol in ("deleaker_attention_launch", "deleaker_init", "deleaker_abi_version"):
+        assert not hasattr(library, symbol), f"{symbol} must stay inside the library"
+
+
+def _rtx_env(tmp_path: Path) -> dict:
+    """TensorRT-RTX's ONNX parser opens ``libtensorrt_rtx.so`` by its unversioned name when it adds a plugin
+    layer; the wheel ships only ``libtensorrt_rtx.so.1`` (an SDK install has both), so a link is put on the
+    library path of the child."""
+    trt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
+    libs = Path(trt_rtx.__file__).resolve().parent.parent / "tensorrt_rtx_libs"
+    link_dir = tmp_path / "rtx-libs"
+    link_dir.mkdir(exist_ok=True)
+    link = link_dir / "libtensorrt_rtx.so"
+    if not link.exists():
+        link.symlink_to(libs / "libtensorrt_rtx.so.1")
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(link_dir), env.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+def run_rtx(library: Path, command: str, args: dict, tmp_path: Path) -> tuple[dict, list]:
+    """``(result, log lines)`` of one driver command in a child process; fails with its output if it died."""
+    child = subprocess.run(
+        [sys.executable, str(HERE / "trt_rtx_driver.py"), str(library), command, json.dumps(args)],
+        capture_output=True, text=True, timeout=300, env=_rtx_env(tmp_path),
+    )
+    lines = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+    results = [line["result"] for line in lines if "result" in line]
+    assert child.returncode == 0 and results, (
+        f"TensorRT-RTX child failed (rc {child.returncode}):\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}"
+    )
+    return results[-1], [line["log"] for line in lines if "log" in line]
+
+
+def test_tensorrt_rtx_registers_the_creator_with_the_node_fields(stand_in_library, tmp_path):
+    got, log = run_rtx(stand_in_library, "creator", {}, tmp_path)
+    assert (got["name"], got["version"], got["namespace"]) == ("DeLeakerAttention", "1", "deleaker")
+    assert got["interface"] == ["PLUGIN CREATOR_V3ONE", 1, 0]
+    attrs = onnx_node.node_attributes(block_offset=0, num_blocks=4, grid=(8, 8), config=DeLeakerConfig())
+    # Exactly the node's attributes less the lookup ones, in the order the plugin serializes them: the block's
+    # place and the grid, then DeLeakerConfig's fields in their order.
+    names = [name for name, _ in got["fields"]]
+    assert set(names) == set(attrs) - {"plugin_namespace", "plugin_version"}
+    assert names == ["block_offset", "num_blocks", "grid_h", "grid_w"] + [f.name for f in fields(DeLeakerConfig)]
+    for name, kind in got["fields"]:
+        assert kind == ("FLOAT32" if name in onnx_node.FLOAT_ATTRIBUTES else "INT32"), name
+    assert any("stand-in TensorRT headers" in text for _, text in log), log
+
+
+def _node_fields(**overrides) -> dict:
+    attrs = onnx_node.node_attributes(config=ODD_CONFIG, **PLACEMENT)
+    fields = {
+        name: ["FLOAT32" if name in onnx_node.FLOAT_ATTRIBUTES else "INT32", value]
+        for name, value in attrs.items()
+        if name not in ("plugin_namespace", "plugin_version")
+    }
+    fields.update(overrides)
+    return fields
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"do_smoothing": ["INT32", 2]}, "do_smoothing is a flag and must be 0 or 1, got 2"),
+        ({"block_offset": ["INT32", 4]}, "block_offset must be in [0, num_blocks=4), got 4"),
+        ({"stop_intervention_at": ["INT32", 1]}, "stop_intervention_at (1) must be >= start_intervention_from (5)"),
+        ({"grid_x": ["INT32", 6]}, "unknown ['grid_x']"),
+        ({"grid_h": ["FLOAT32", 7.5]}, "grid_h must be an integer"),
+    ],
+)
+def test_creator_refuses_bad_fields_with_a_message(stand_in_library, tmp_path, fields, message):
+    good, _ = run_rtx(stand_in_library, "create", {"fields": _node_fields()}, tmp_path)
+    assert good == {"created": True}
+    bad, log = run_rtx(stand_in_library, "create", {"fields": _node_fields(**fields)}, tmp_path)
+    assert bad == {"created": False}
+    assert any(message in text for severity, text in log if severity == "ERROR"), log
+
+
+def read_plan_fields(plan: bytes) -> dict:
+    """The DeLeakerAttention fields serialized in a TensorRT-RTX plan, decoded from the plan's bytes: each field as
+    TensorRT-RTX 1.7 writes it (observed, not documented): uint32 name length with its NUL, the name, uint32
+    PluginFieldType, uint32 length, the data. Only INT32 and FLOAT32 fields are read."""
+    fields = {}
+    for name in (n for n in onnx_node.INT_ATTRIBUTES + onnx_node.FLOAT_ATTRIBUTES):
+        key = struct.pack("<I", len(name) + 1) + name.encode() + b"\0"
+        at = plan.find(key)
+        assert at >= 0, f"field {name} is not in the plan"
+        kind, length = struct.unpack_from("<II", plan, at + len(key))
+        assert length == 1, (name, length)
+        data_at = at + len(key) + 8
+        fields[name] = struct.unpack_from("<f" if kind == 1 else "<i", plan, data_at)[0]
+    return fields
+
+
+def _expected_plan_fields() -> dict:
+    attrs = onnx_node.node_attributes(config=ODD_CONFIG, **PLACEMENT)
+    return {name: (np.float32(v).item() if name in onnx_node.FLOAT_ATTRIBUTES else v) for name, v in attrs.items()
+            if name not in ("plugin_namespace", "plugin_version")}
+
+
+def test_tensorrt_rtx_parses_the_exporters_node_and_builds_an_engine(stand_in_library, tmp_path):
+    onnx_path = export_attention_onnx(
+        tmp_path / "node.onnx", batch=2, heads=2, text_len=16, grid=PLACEMENT["grid"], head_dim=64, max_entities=4,
+        dtype="float16", block_offset=PLACEMENT["block_offset"], num_blocks=PLACEMENT["num_blocks"],
+        config=ODD_CONFIG,
+    )
+    engine = tmp_path / "node.plan"
+    got, log = run_rtx(stand_in_library, "build", {"onnx": str(onnx_path), "engine": str(engine)}, tmp_path)
+    assert got["parsed"], got["errors"]
+    assert got["layers"] == ["PLUGIN_V3"]
+    # getOutputDataTypes / getOutputShapes, called by TensorRT-RTX through our vtable: out as q, history as history.
+    assert got["outputs"] == [["out", [2, 2, 64, 64], "HALF"], ["history_out", [2, 4, 48], "FLOAT"]]
+    assert got["engine_bytes"], log
+    assert read_plan_fields(engine.read_bytes()) == _expected_plan_fields()
+
+
+def _dynamic_batch_onnx(path: Path, dtype: int) -> Path:
+    t, (gh, gw), e, heads, head_dim = 16, PLACEMENT["grid"], 4, 2, 64
+    n = t + gh * gw
+    attrs = onnx_node.node_attributes(config=ODD_CONFIG, **PLACEMENT)
+    node = helper.make_node(onnx_node.OP_TYPE, list(onnx_node.NODE_INPUTS), list(onnx_node.NODE_OUTPUTS),
+                            domain=onnx_node.DOMAIN, **attrs)
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [node],
+        "deleaker_dynamic_batch",
+        [
+            *(value(x, dtype, ["batch", heads, n, head_dim]) for x in ("q", "k", "v")),
+            value("entity_mask", onnx.TensorProto.BOOL, [e, t]),
+            value("history", onnx.TensorProto.FLOAT, ["batch", e, gh * gw]),
+            value("step", onnx.TensorProto.INT64, []),
+        ],
+        [value("out", dtype, ["batch", heads, n, head_dim]), value("history_out", onnx.TensorProto.FLOAT, None)],
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(onnx_node.DOMAIN, 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16], ids=["bf16", "fp16"])
+def test_tensorrt_rtx_builds_a_dynamic_batch_engine(stand_in_library, tmp_path, dtype):
+    onnx_path = _dynamic_batch_onnx(tmp_path / "dynamic.onnx", dtype)
+    engine = tmp_path / "dynamic.plan"
+    args = {"onnx": str(onnx_path), "engine": str(engine), "batch": [1, 2, 4]}
+    got, log = run_rtx(stand_in_library, "build", args, tmp_path)
+    assert got["parsed"], got["errors"]
+    type_name = "BF16" if dtype == onnx.TensorProto.BFLOAT16 else "HALF"
+    assert got["outputs"][0] == ["out", [-1, 2, 64, 64], type_name]
+    assert got["engine_bytes"], log
+    assert read_plan_fields(engine.read_bytes()) == _expected_plan_fields()
+
+
+def test_gpu_check_driver_runs_the_build_phase_and_reports_why_it_cannot_run(stand_in_library, tmp_path):
+    """benchmarks/plugin_check.py's driver, built on its own, drives the library (a separate .so) as TensorRT
+    would: the build phase works on the CPU, and onShapeChange of a library built without cuDNN says why it
+    cannot run (the GPU check uses a build with cuDNN)."""
+    import torch
+    import trt_plugin_host
+
+    driver = ctypes.CDLL(str(trt_plugin_host.build_gpu_driver(tmp_path, trt_plugin_host.cuda_include_dir())))
+    plugin = ctypes.CDLL(str(stand_in_library))
+    grid, t = PLACEMENT["grid"], 16
+    q = torch.zeros(2, 2, t + grid[0] * grid[1], 64, dtype=torch.bfloat16)
+    history = torch.zeros(2, 4, grid[0] * grid[1])
+    inputs = [q, q, q, torch.zeros(4, t, dtype=torch.bool), history, torch.tensor(0)]
+    outputs = [torch.empty_like(q), torch.empty_like(history)]
+    attrs = onnx_node.node_attributes(config=ODD_CONFIG, **PLACEMENT)
+    size = trt_plugin_host.drive(plugin, driver, attrs, inputs, outputs)
+    assert size >= 16 << 20  # the fused attention's reserve is part of it
+    if "attention none" in trt_build.library_build_info(stand_in_library):
+        workspace = torch.empty(size, dtype=torch.uint8)
+        with pytest.raises(trt_plugin_host.PluginDriveError, match="built without cuDNN"):
+            trt_plugin_host.drive(plugin, driver, attrs, inputs, outputs, workspace.data_ptr(), size)
