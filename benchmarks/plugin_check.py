@@ -26,6 +26,7 @@ import ctypes
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,14 +65,20 @@ def _fetch_headers(headers: Path) -> dict:
         if os.environ.get(variable):
             continue
         target = headers / wheel
-        if not target.is_dir():
+        if not (target / ".complete").is_file():  # a folder from an interrupted or older extraction is redone
+            shutil.rmtree(target, ignore_errors=True)
             with tempfile.TemporaryDirectory() as tmp:
                 subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, wheel],
                                check=True)
+                staged = Path(tmp) / "headers"
                 with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as archive:
                     for name in archive.namelist():
-                        if name.startswith(prefix) and name.endswith(".h"):
-                            archive.extract(name, target)
+                        # Every file of the include folder: cudnn-frontend also ships .hpp (its JSON library).
+                        if name.startswith(prefix) and not name.endswith("/") and not name.endswith(".so"):
+                            archive.extract(name, staged)
+                (staged / ".complete").write_text(wheel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(staged), target)
         include = target / prefix
         env[variable] = str(include if variable == "CMAKE_INCLUDE_PATH" else include.parent)
     return env
@@ -80,8 +87,6 @@ def _fetch_headers(headers: Path) -> dict:
 def prepare(directory: Path) -> None:
     """The library and the driver into ``directory`` (what is carried: a few MB); CMake's build folder and the
     headers stay in the kernel cache."""
-    import shutil
-
     from trt_plugin_host import build_gpu_driver, cuda_include_dir
 
     from deleaker.plugins import build as kernel_build

@@ -31,6 +31,8 @@ from deleaker.errors import DeLeakerError
 ARCHS: tuple[str, ...] = ("80", "86", "89", "90", "90a")
 
 LIBRARY_NAME = "libdeleaker_kernels.so"
+#: Prefix of a build's staging folder inside its cache entry.
+STAGING_PREFIX = ".staging-"
 MANIFEST_NAME = "manifest.json"
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 #: ``--threads 0``: one nvcc process compiles the targets in parallel on every core.
@@ -220,7 +222,10 @@ def build_library(archs: Sequence[str] = ARCHS, *, force: bool = False) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per key; the others wait, then find its result
         if not force and _manifest_ok(directory, expected):
             return directory / LIBRARY_NAME
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        # Staging folders of a build that was killed (tens of MB each): stale, since we hold the key's lock.
+        for stale in directory.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=STAGING_PREFIX) as tmp:
             staged = Path(tmp) / LIBRARY_NAME
             run_nvcc(compile_command(spec, staged))
             os.replace(staged, directory / LIBRARY_NAME)

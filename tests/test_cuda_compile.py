@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -190,3 +191,30 @@ def test_library_targets_sm90a_and_carries_portable_ptx_for_later_gpus():
     assert build.build_spec(("80",)).key != build.build_spec(("90",)).key
     with pytest.raises(build.KernelBuildError, match="not a CUDA target"):
         build.gencode_flags(("90x",))
+
+
+FAKE_NVCC = """#!/bin/sh
+# Test stand-in for nvcc (the cache logic is under test, not the compiler): prints a version, writes -o's file.
+case "$1" in --version) echo "Cuda compilation tools, release 13.0, V13.0.88"; exit 0;; esac
+while [ $# -gt 0 ]; do [ "$1" = "-o" ] && { printf 'library built by the stand-in' > "$2"; exit 0; }; shift; done
+exit 1
+"""
+
+
+def test_a_killed_builds_staging_folder_is_cleared_by_the_next_build(tmp_path, monkeypatch):
+    """A build killed mid-way leaves its staging folder (tens of MB of machine code) in the cache entry; the next
+    build of that entry, holding its lock, removes it."""
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(FAKE_NVCC)
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{nvcc.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("DELEAKER_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DELEAKER_NO_JIT", raising=False)
+    entry = build.cache_root() / build.build_spec().key
+    stale = entry / f"{build.STAGING_PREFIX}killed"
+    stale.mkdir(parents=True)
+    (stale / build.LIBRARY_NAME).write_bytes(b"half a library")
+    library = build.build_library()
+    assert library.read_bytes() == b"library built by the stand-in"
+    assert not list(entry.glob(f"{build.STAGING_PREFIX}*"))
