@@ -15,6 +15,7 @@ returns.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import threading
@@ -25,11 +26,12 @@ import numpy as np
 import onnx
 import torch
 
+from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError, ShapeError
 from deleaker.ops import deleaker_attention_reference
 
 from .contract import FluxTransformerIO
-from .exporter import META_IO
+from .exporter import META_CONFIG, META_IO
 from .onnx_node import DOMAIN, FLOAT_ATTRIBUTES, INT_ATTRIBUTES, OP_TYPE, STRING_ATTRIBUTES, config_from_attributes
 
 
@@ -218,22 +220,28 @@ def run_interruptible(session: Any, output_names: Sequence[str], feeds: Mapping[
 
     options = ort.RunOptions()
     outcome: Dict[str, Any] = {}
+    done = threading.Event()
 
     def work() -> None:
         try:
             outcome["outputs"] = session.run(list(output_names), dict(feeds), options)
         except BaseException as exc:  # noqa: BLE001  (handed to the waiting thread)
             outcome["error"] = exc
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, name="deleaker-ort-run", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.05)
-    except BaseException:
-        options.terminate = True
-        worker.join()
-        raise
+    threading.Thread(target=work, name="deleaker-ort-run", daemon=True).start()
+    # Wait on an event, not Thread.join: a join interrupted by Ctrl-C marks a running thread as finished
+    # (CPython 3.11), and the process would then exit with ONNX Runtime still running in it, which aborts.
+    interrupt: Optional[BaseException] = None
+    while not done.is_set():
+        try:
+            done.wait(0.05)
+        except BaseException as exc:  # noqa: BLE001  (KeyboardInterrupt, or what a signal handler raises)
+            options.terminate = True  # ONNX Runtime stops before its next node
+            interrupt = interrupt or exc
+    if interrupt is not None:
+        raise interrupt
     if "error" in outcome:
         raise outcome["error"]
     return outcome["outputs"]
@@ -249,9 +257,12 @@ _ORT_TYPES = {
 }
 
 
-def check_session_contract(session: Any, io: FluxTransformerIO, name: str) -> None:
+def check_session_contract(
+    session: Any, io: FluxTransformerIO, name: str, config: Optional[DeLeakerConfig] = None
+) -> None:
     """Raise `ShapeError` unless the session's inputs and outputs are the contract's (names, order, element types,
-    static sizes) and the graph's recorded contract, when it has one, is ``io``. ``name`` names the graph."""
+    static sizes) and what the graph records (the exporter's metadata, when it has it) is ``io`` and, when given,
+    ``config``. ``name`` names the graph in messages."""
 
     def dims_match(got: Sequence[Any], want: Sequence[Any]) -> bool:
         # A contract's batch axis (a name) takes any size; every other size must be the contract's.
@@ -264,14 +275,19 @@ def check_session_contract(session: Any, io: FluxTransformerIO, name: str) -> No
             g[:2] != w[:2] or not dims_match(g[2], w[2]) for g, w in zip(got, want)
         ):
             raise ShapeError(f"{name} has {what} {got}; the contract wants {want}")
-    recorded = session.get_modelmeta().custom_metadata_map.get(META_IO)
-    if recorded is not None:
+    metadata = session.get_modelmeta().custom_metadata_map
+    wanted = {META_IO: ("I/O contract", io.to_dict())}
+    if config is not None:
+        wanted[META_CONFIG] = ("DeLeaker config", dataclasses.asdict(config))
+    for key, (what, value) in wanted.items():
+        if key not in metadata:
+            continue
         try:
-            same = json.loads(recorded) == json.loads(json.dumps(io.to_dict()))
-        except ValueError:
+            same = json.loads(metadata[key]) == json.loads(json.dumps(value))
+        except (ValueError, RecursionError):
             same = False
         if not same:
-            raise ShapeError(f"{name} records another I/O contract than the one it is loaded for")
+            raise ShapeError(f"{name} records another {what} than the one it is loaded for")
 
 
 def session_feeds(io: FluxTransformerIO, inputs: Mapping[str, Union[torch.Tensor, np.ndarray]]) -> Dict[str, np.ndarray]:

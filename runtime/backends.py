@@ -161,14 +161,22 @@ class OnnxRuntimeBackend:
     The graph comes from the runtime's ONNX cache (`deleaker.runtime.onnx_cache`): a model's export or the portable
     form of an engine directory's ONNX. The session is made by `deleaker.export.ort.make_session`, which refuses
     graphs with ``DeLeakerAttention`` nodes (ONNX Runtime would run them in Python, where an error aborts the
-    process); its inputs and outputs are checked against the contract ``io`` on load. Feeds are cast to the
+    process); its inputs and outputs are checked against the contract ``io`` on load, and the contract and knobs
+    (``config``, when given) the graph records against ``io`` and ``config``. Feeds are cast to the
     contract's dtypes (`deleaker.export.ort.session_feeds`). Ctrl-C stops a run between two nodes
     (`deleaker.export.ort.run_interruptible`). CPU by default; ``providers`` as ONNX Runtime takes them.
     """
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, io: Any, *, providers: Optional[list[str]] = None) -> None:
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        io: Any,
+        *,
+        providers: Optional[list[str]] = None,
+        config: Optional[DeLeakerConfig] = None,
+    ) -> None:
         try:
             ort_helpers = importlib.import_module("deleaker.export.ort")
         except ImportError as exc:  # onnx / onnxruntime missing
@@ -180,7 +188,7 @@ class OnnxRuntimeBackend:
         self._helpers = ort_helpers
         try:
             self.session = ort_helpers.make_session(self.path, providers=providers)
-            ort_helpers.check_session_contract(self.session, io, str(self.path))
+            ort_helpers.check_session_contract(self.session, io, str(self.path), config)
         except DeLeakerError as exc:
             raise BackendError(f"ONNX Runtime cannot use {self.path}: {exc}") from exc
         except Exception as exc:  # onnxruntime raises its own types for a corrupt or unsupported graph

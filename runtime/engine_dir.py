@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.geometry import vae_scale_factor
 
@@ -257,13 +258,15 @@ def _onnx_backend(path: Path, manifest: Any, io: Any, cache_dir: Path, providers
 
     from .onnx_cache import portable_backend
 
+    config = DeLeakerConfig(**manifest.deleaker_config)
     if not needs_portable(onnx.load(str(path), load_external_data=False)):
-        return OnnxRuntimeBackend(path, io, providers=providers)
+        return OnnxRuntimeBackend(path, io, providers=providers, config=config)
     return portable_backend(
         path,
         artifact_sha256=manifest.artifact_sha256,
         data_files=manifest.data_files,
         io=io,
+        config=config,
         cache_dir=cache_dir,
         providers=providers,
     )

@@ -25,7 +25,6 @@ the contract) is removed and made again, once. What still fails after that names
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,20 +35,16 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, ContextManager, Mapping, Optional
 
 import torch
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError
+from deleaker.filelock import exclusive_lock
 from deleaker.hashing import sha256_file
 
 from .backends import BackendError, OnnxRuntimeBackend
-
-try:  # POSIX; elsewhere entries are still written atomically, only concurrent writers may both export
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +141,13 @@ def model_backend(
         "deleaker_config": dataclasses.asdict(config),
         "decomposed": True,
     }
-    return _load_cached(Path(cache_dir), key, export, described, lambda path: OnnxRuntimeBackend(path, io, providers=providers))
+    return _load_cached(
+        Path(cache_dir),
+        key,
+        export,
+        described,
+        lambda path: OnnxRuntimeBackend(path, io, providers=providers, config=config),
+    )
 
 
 def portable_backend(
@@ -155,12 +156,13 @@ def portable_backend(
     artifact_sha256: str,
     data_files: Mapping[str, str],
     io: Any,
+    config: DeLeakerConfig,
     cache_dir: Path,
     providers: Optional[list[str]] = None,
 ) -> OnnxRuntimeBackend:
     """An ONNX Runtime backend for an engine directory's ONNX ``artifact`` (hashes already checked against its
     manifest): its portable form (`deleaker.export.portable.make_portable`), made into ``cache_dir`` on first use.
-    ``io`` is the artifact's contract; the backend's is the same in float32."""
+    ``io`` is the artifact's contract (the backend's is the same in float32), ``config`` its manifest's knobs."""
     key = _key({"kind": "portable", "artifact_sha256": artifact_sha256, "data_files": dict(sorted(data_files.items()))})
     portable_io = dataclasses.replace(io, dtype="float32")
 
@@ -172,7 +174,11 @@ def portable_backend(
 
     described = {"kind": "portable", "source": str(artifact), "source_sha256": artifact_sha256, "io": portable_io.to_dict()}
     return _load_cached(
-        Path(cache_dir), key, convert, described, lambda path: OnnxRuntimeBackend(path, portable_io, providers=providers)
+        Path(cache_dir),
+        key,
+        convert,
+        described,
+        lambda path: OnnxRuntimeBackend(path, portable_io, providers=providers, config=config),
     )
 
 
@@ -310,25 +316,9 @@ def _cache_root(cache_dir: Path) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def _lock(root: Path, name: str, *, blocking: bool = True) -> Iterator[bool]:
-    """Hold ``root/.<name>.lock`` exclusively; yields False (without waiting) when ``blocking`` is False and
-    someone else holds it. The lock goes with the file descriptor: a writer that dies releases it."""
-    path = root / f".{name}.lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise BackendError(f"cannot lock the ONNX cache entry {root / name}: {exc}") from exc
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-        yield True
-    finally:
-        os.close(fd)
+def _lock(root: Path, name: str, *, blocking: bool = True) -> ContextManager[bool]:
+    """The lock of entry ``name``: ``root/.<name>.lock`` (`deleaker.filelock.exclusive_lock`)."""
+    return exclusive_lock(root / f".{name}.lock", blocking=blocking)
 
 
 def _remove(path: Path) -> None:

@@ -261,6 +261,7 @@ class DeLeakerRuntime:
                 "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
             )
         start = time.perf_counter()
+        model_device(backend, device)  # a device this backend cannot use is refused before the model loads
         components, model_id = load_components(model)
         return cls.from_components(
             components,
@@ -306,14 +307,7 @@ class DeLeakerRuntime:
                 f"backend {backend!r} cannot load a model; allowed: {MODEL_BACKENDS} "
                 "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
             )
-        if backend == "torch":
-            device = resolve_device(device, default="cuda" if torch.cuda.is_available() else "cpu")
-        elif device is not None and str(device) != "cpu":
-            raise ConfigError(
-                f"the onnxruntime backend runs on the CPU; device {str(device)!r} is for the torch backend"
-            )
-        else:
-            device = torch.device("cpu")
+        device = model_device(backend, device)
         components = dict(components)
         transformer = components["transformer"]
         num_blocks = num_joint_blocks(transformer.config)
@@ -523,6 +517,16 @@ class DeLeakerRuntime:
     @property
     def backend_name(self) -> str:
         return self.source.name
+
+
+def model_device(backend: str, device: str | torch.device | None) -> torch.device:
+    """Where ``backend`` runs a model: the torch backend on ``device`` (default CUDA when available, else the
+    CPU; see `resolve_device`), ONNX Runtime on the CPU. Raises `ConfigError` for a device it cannot use."""
+    if backend == "torch":
+        return resolve_device(device, default="cuda" if torch.cuda.is_available() else "cpu")
+    if device is not None and str(device) != "cpu":
+        raise ConfigError(f"the {backend} backend runs on the CPU; device {str(device)!r} is for the torch backend")
+    return torch.device("cpu")
 
 
 def default_cache_dir() -> Path:
