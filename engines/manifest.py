@@ -163,8 +163,11 @@ class EngineManifest:
     def _check_io(self) -> None:
         from deleaker.export.contract import FluxTransformerIO
 
+        if not isinstance(self.io, dict):
+            raise ManifestError(f"manifest io must be a JSON object, got {type(self.io).__name__}")
         try:
-            io = FluxTransformerIO.from_dict(self.io)
+            # The fields first, so a size over the limits is named as such (the stored tensor lists follow it).
+            io = FluxTransformerIO.from_dict({k: v for k, v in self.io.items() if k in FluxTransformerIO.__dataclass_fields__})
         except (ConfigError, ShapeError) as err:
             raise ManifestError(f"manifest io: {err}") from err
         limits = {
@@ -177,6 +180,10 @@ class EngineManifest:
         for name, (value, limit) in limits.items():
             if value > limit:
                 raise ManifestError(f"manifest io.{name} is {value}; at most {limit} is allowed")
+        try:
+            FluxTransformerIO.from_dict(self.io)
+        except (ConfigError, ShapeError) as err:
+            raise ManifestError(f"manifest io: {err}") from err
 
     def _check_deleaker_config(self) -> None:
         from deleaker.config import DeLeakerConfig

@@ -401,5 +401,11 @@ class FluxTransformerIO:
         full = io.to_dict()
         for name in derived:
             if name in data and data[name] != full[name]:
-                raise ConfigError(f"the I/O contract's {name} {data[name]!r} differ from its fields' {full[name]!r}")
+                stored, computed = data[name], full[name]
+                if isinstance(stored, list) and len(stored) == len(computed):  # name the first entry that differs
+                    stored, computed = next((a, b) for a, b in zip(stored, computed) if a != b)
+                raise ConfigError(
+                    f"the I/O contract's stored {name} differ from its fields': {stored!r} where the fields give "
+                    f"{computed!r}"
+                )
         return io
