@@ -50,6 +50,9 @@ from .text import TextEncoders
 
 Tensor = torch.Tensor
 
+#: Serialises builds of the tiny model (see `load_components`).
+_TINY_BUILD_LOCK = threading.Lock()
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -548,7 +551,10 @@ def load_components(model: str | Path, *, with_transformer: bool = True) -> tupl
     if str(model) == TINY_MODEL_NAME:
         from deleaker.tiny import build_tiny_flux_components
 
-        return build_tiny_flux_components(0), TINY_MODEL_NAME
+        # The tiny model seeds torch's process-wide generator while it builds: two builds at once would interleave
+        # their draws and get different weights (and so different caches). One at a time.
+        with _TINY_BUILD_LOCK:
+            return build_tiny_flux_components(0), TINY_MODEL_NAME
     path = Path(model)
     if not path.is_dir():
         raise ConfigError(f"model {str(model)!r} is neither 'tiny' nor a directory")
