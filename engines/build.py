@@ -496,7 +496,10 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
             net = network_from_onnx(onnx_path, trt)
             with disk_guard():  # the timing cache and the engine are written atomically: nothing partial to remove
                 data = build_serialized_engine(
-                    net, io.profiles(), timing_cache=out_dir / TIMING_CACHE_NAME, workspace_bytes=request.workspace_bytes
+                    net,
+                    io.profiles(),
+                    timing_cache=out_dir / TIMING_CACHE_NAME,
+                    workspace_bytes=request.workspace_bytes,
                 )
             save_engine(data, engine_path)
         manifest = dataclasses.replace(

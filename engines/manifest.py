@@ -154,7 +154,8 @@ class EngineManifest:
                 raise ManifestError(f"manifest compute_capability must be [major, minor], got {cc!r}")
             self.compute_capability = (int(cc[0]), int(cc[1]))
         if self.quantization is not None and not isinstance(self.quantization, dict):
-            raise ManifestError(f"manifest quantization must be an object or null, got {type(self.quantization).__name__}")
+            kind = type(self.quantization).__name__
+            raise ManifestError(f"manifest quantization must be an object or null, got {kind}")
         if not isinstance(self.timings_s, dict):
             raise ManifestError(f"manifest timings_s must be an object, got {type(self.timings_s).__name__}")
         self._check_io()
@@ -167,7 +168,8 @@ class EngineManifest:
             raise ManifestError(f"manifest io must be a JSON object, got {type(self.io).__name__}")
         try:
             # The fields first, so a size over the limits is named as such (the stored tensor lists follow it).
-            io = FluxTransformerIO.from_dict({k: v for k, v in self.io.items() if k in FluxTransformerIO.__dataclass_fields__})
+            fields = {k: v for k, v in self.io.items() if k in FluxTransformerIO.__dataclass_fields__}
+            io = FluxTransformerIO.from_dict(fields)
         except (ConfigError, ShapeError) as err:
             raise ManifestError(f"manifest io: {err}") from err
         limits = {

@@ -393,7 +393,9 @@ class FluxTransformerIO:
         derived = ("grid", "inputs", "outputs")
         unknown = sorted(set(data) - set(cls.__dataclass_fields__) - set(derived))
         required = [
-            name for name, f in cls.__dataclass_fields__.items() if f.default is dataclasses.MISSING and name not in data
+            name
+            for name, f in cls.__dataclass_fields__.items()
+            if f.default is dataclasses.MISSING and name not in data
         ]
         if unknown or required:
             raise ConfigError(f"I/O contract fields: missing {required}, unknown {unknown}")

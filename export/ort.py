@@ -122,10 +122,13 @@ def register_reference_op() -> str:
 
 
 def uses_custom_node(model: Union[str, Path, onnx.ModelProto]) -> bool:
-    """True when the graph has ``deleaker`` domain nodes (reads only the graph, not external weights)."""
+    """True when the graph, a subgraph or a local function has ``deleaker`` domain nodes (reads only the graph,
+    not external weights)."""
+    from .portable import all_nodes
+
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
-    return any(node.domain == DOMAIN for node in model.graph.node)
+    return any(node.domain == DOMAIN for node in all_nodes(model))
 
 
 def make_session(
@@ -268,7 +271,8 @@ def check_session_contract(
         # A contract's batch axis (a name) takes any size; every other size must be the contract's.
         return len(got) == len(want) and all(isinstance(w, str) or g == w for g, w in zip(got, want))
 
-    for what, values, specs in (("inputs", session.get_inputs(), io.inputs), ("outputs", session.get_outputs(), io.outputs)):
+    sides = (("inputs", session.get_inputs(), io.inputs), ("outputs", session.get_outputs(), io.outputs))
+    for what, values, specs in sides:
         got = [(v.name, v.type, list(v.shape)) for v in values]
         want = [(s.name, _ORT_TYPES[s.dtype], list(s.shape)) for s in specs]
         if len(got) != len(want) or any(

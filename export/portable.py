@@ -43,11 +43,19 @@ _NARROW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _TYPE_ATTRIBUTES = ("to", "dtype")
 
 
+def all_nodes(model: onnx.ModelProto) -> Iterable[onnx.NodeProto]:
+    """Every node of ``model``: its graph, the subgraphs of If/Loop/Scan nodes, and its local functions."""
+    for graph in _graphs(model):
+        yield from graph.node
+    for function in model.functions:
+        yield from function.node
+
+
 def needs_portable(model: onnx.ModelProto) -> bool:
     """True when ONNX Runtime on the CPU cannot run ``model`` as it is: it has ``deleaker`` nodes or float16 /
     bfloat16 inputs or weights (reads the graph only; ``model`` may be loaded without external data)."""
     graph = model.graph
-    if any(node.domain == DOMAIN for node in graph.node):
+    if any(node.domain == DOMAIN for node in all_nodes(model)):
         return True
     declared = [v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)]
     return any(t in _NARROW_FLOATS for t in declared + [init.data_type for init in graph.initializer])
@@ -228,7 +236,8 @@ def _trace_decomposition(
     )
     graph = onnx.load(str(path)).graph
     if [i.name for i in graph.input] != list(NODE_INPUTS) or [o.name for o in graph.output] != list(NODE_OUTPUTS):
-        raise ExportError(f"the traced decomposition has inputs {[i.name for i in graph.input]}, expected {NODE_INPUTS}")
+        names = [i.name for i in graph.input]
+        raise ExportError(f"the traced decomposition has inputs {names}, expected {NODE_INPUTS}")
     return graph
 
 
@@ -254,6 +263,10 @@ def check_custom_nodes(model: onnx.ModelProto) -> List[_CustomNode]:
     """
     graph = model.graph
     custom = [(position, node) for position, node in enumerate(graph.node) if node.domain == DOMAIN]
+    if sum(node.domain == DOMAIN for node in all_nodes(model)) != len(custom):
+        raise ExportError(
+            f"the graph has {DOMAIN} nodes inside subgraphs or functions; the exporter puts them in the main graph only"
+        )
     unknown = sorted({node.op_type for _, node in custom if node.op_type != OP_TYPE})
     if unknown:
         raise ExportError(f"the graph has {DOMAIN} nodes {unknown}; only {OP_TYPE} is known")
@@ -266,7 +279,8 @@ def check_custom_nodes(model: onnx.ModelProto) -> List[_CustomNode]:
             raise ShapeError(f"{OP_TYPE} node {node.name} must have inputs {NODE_INPUTS} and outputs {NODE_OUTPUTS}")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         block_offset, num_blocks, grid, config = config_from_attributes(attrs)
-        checked.append(_CustomNode(position, node, block_offset, num_blocks, grid, config, _node_shape(node, shapes, grid)))
+        shape = _node_shape(node, shapes, grid)
+        checked.append(_CustomNode(position, node, block_offset, num_blocks, grid, config, shape))
     return checked
 
 
@@ -320,9 +334,10 @@ def _splice(
     block_step = prefix + "block_step"
     new_inits.append(numpy_helper.from_array(np.array(num_blocks, dtype=np.int64), prefix + "num_blocks"))
     new_inits.append(numpy_helper.from_array(np.array(block_offset, dtype=np.int64), prefix + "block_offset"))
+    step_times_blocks = prefix + "step_times_blocks"
     nodes = [
-        helper.make_node("Mul", [node.input[5], prefix + "num_blocks"], [prefix + "step_times_blocks"], name=prefix + "mul"),
-        helper.make_node("Add", [prefix + "step_times_blocks", prefix + "block_offset"], [block_step], name=prefix + "add"),
+        helper.make_node("Mul", [node.input[5], prefix + "num_blocks"], [step_times_blocks], name=prefix + "mul"),
+        helper.make_node("Add", [step_times_blocks, prefix + "block_offset"], [block_step], name=prefix + "add"),
     ]
     names = dict(zip(NODE_INPUTS, list(node.input[:5]) + [block_step]))
     names.update(zip(NODE_OUTPUTS, node.output))

@@ -63,7 +63,8 @@ def allocation_errors_as(error: type[DeLeakerError], what: str) -> Iterator[None
     except Exception as exc:
         if not is_allocation_failure(exc):
             raise
-        raise error(f"{what} ran out of memory ({exc}); use a smaller resolution or a machine with more memory") from exc
+        advice = "use a smaller resolution or a machine with more memory"
+        raise error(f"{what} ran out of memory ({exc}); {advice}") from exc
 
 
 def resolve_device(device: str | torch.device | None, *, default: str) -> torch.device:

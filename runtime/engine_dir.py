@@ -249,7 +249,9 @@ def load_engine_dir(
     return runtime
 
 
-def _onnx_backend(path: Path, manifest: Any, io: Any, cache_dir: Path, providers: Optional[list[str]]) -> TransformerBackend:
+def _onnx_backend(
+    path: Path, manifest: Any, io: Any, cache_dir: Path, providers: Optional[list[str]]
+) -> TransformerBackend:
     """ONNX Runtime on an engine directory's ONNX: as it is when it is float32 standard ONNX already, else its
     portable form from the cache."""
     import onnx

@@ -66,7 +66,11 @@ class RuntimeSpec:
         """Load the runtime (checks the engine manifest, loads the model); no generation yet."""
         if self.engines is not None:
             return DeLeakerRuntime.from_engines(
-                self.engines, backend=self.backend, device=self.device, precision=self.precision, cache_dir=self.cache_dir
+                self.engines,
+                backend=self.backend,
+                device=self.device,
+                precision=self.precision,
+                cache_dir=self.cache_dir,
             )
         return DeLeakerRuntime.from_model(
             self.model,

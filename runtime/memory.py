@@ -10,8 +10,8 @@ process killed by the kernel's OOM killer. `AttentionMemory.check` refuses such 
 fitted with a margin to peaks measured on the tiny model (2 heads, T = 32, one DeLeaker step, peak RSS above
 the loaded runtime, on a 2-core CPU machine): ONNX Runtime 1.33 GiB at 512x512 and 2.89 GiB at 640x640, PyTorch
 0.89 and 1.61 GiB; the estimate says 1.45 and 3.53 GiB. Models with more heads weigh the score tensors more;
-the count per head was not measured on them. Available memory is the kernel's ``MemAvailable`` (Linux; bounded by a cgroup v2 limit when there
-is one); where it cannot be read, nothing is refused.
+the count per head was not measured on them. Available memory is the kernel's ``MemAvailable`` (Linux; bounded
+by a cgroup v2 limit when there is one); where it cannot be read, nothing is refused.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class AttentionMemory:
     patch: int
 
     @classmethod
-    def of(cls, transformer_config: Mapping[str, Any], *, text_len: int, max_entities: int, patch: int) -> "AttentionMemory":
+    def of(
+        cls, transformer_config: Mapping[str, Any], *, text_len: int, max_entities: int, patch: int
+    ) -> "AttentionMemory":
         return cls(int(transformer_config["num_attention_heads"]), int(text_len), int(max_entities), int(patch))
 
     def estimate_bytes(self, height: int, width: int, batch: int = 1) -> int:

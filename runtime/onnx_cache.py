@@ -53,6 +53,7 @@ ARTIFACT_NAME = "transformer.onnx"
 MANIFEST_NAME = "cache_manifest.json"
 #: Bumped when what an entry holds changes for the same inputs (e.g. the export's graph form).
 CACHE_FORMAT = 2
+_CACHE_HINT = "choose another folder with --cache-dir or DELEAKER_CACHE"
 #: Characters of the key that name an entry's folder.
 _NAME_LEN = 32
 
@@ -130,7 +131,7 @@ def model_backend(
     def export(path: Path) -> None:
         from deleaker.export.exporter import export_transformer_onnx
 
-        logger.info("exporting the transformer to ONNX for %dx%d (first use of this model, size and knobs)", height, width)
+        logger.info("exporting the transformer to ONNX for %dx%d (first use of this model, size, knobs)", height, width)
         export_transformer_onnx(transformer, io, path, config=config, decompose=True)
 
     described = {
@@ -163,8 +164,16 @@ def portable_backend(
     """An ONNX Runtime backend for an engine directory's ONNX ``artifact`` (hashes already checked against its
     manifest): its portable form (`deleaker.export.portable.make_portable`), made into ``cache_dir`` on first use.
     ``io`` is the artifact's contract (the backend's is the same in float32), ``config`` its manifest's knobs."""
-    key = _key({"kind": "portable", "artifact_sha256": artifact_sha256, "data_files": dict(sorted(data_files.items()))})
     portable_io = dataclasses.replace(io, dtype="float32")
+    key = _key(
+        {
+            "kind": "portable",
+            "artifact_sha256": artifact_sha256,
+            "data_files": dict(sorted(data_files.items())),
+            "io": portable_io.to_dict(),
+            "deleaker_config": dataclasses.asdict(config),
+        }
+    )
 
     def convert(path: Path) -> None:
         from deleaker.export.portable import make_portable
@@ -172,7 +181,12 @@ def portable_backend(
         logger.info("converting %s for ONNX Runtime (float32, DeLeaker decomposed; once per artifact)", artifact.name)
         make_portable(artifact, path, work_dir=path.parent)
 
-    described = {"kind": "portable", "source": str(artifact), "source_sha256": artifact_sha256, "io": portable_io.to_dict()}
+    described = {
+        "kind": "portable",
+        "source": str(artifact),
+        "source_sha256": artifact_sha256,
+        "io": portable_io.to_dict(),
+    }
     return _load_cached(
         Path(cache_dir),
         key,
@@ -225,7 +239,7 @@ def cached_artifact(cache_dir: Path, key: str, make: Callable[[Path], None], des
         try:
             staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         except OSError as exc:
-            raise BackendError(f"cannot write the ONNX cache in {root}: {exc} (set --cache-dir / DELEAKER_CACHE)") from exc
+            raise BackendError(f"cannot write the ONNX cache in {root}: {exc} ({_CACHE_HINT})") from exc
         try:
             start = time.perf_counter()
             try:
@@ -310,9 +324,9 @@ def _cache_root(cache_dir: Path) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BackendError(f"cannot write the ONNX cache in {cache_dir}: {exc} (set --cache-dir / DELEAKER_CACHE)") from exc
+        raise BackendError(f"cannot write the ONNX cache in {cache_dir}: {exc} ({_CACHE_HINT})") from exc
     if not root.is_dir():
-        raise BackendError(f"the ONNX cache {root} is not a folder (set --cache-dir / DELEAKER_CACHE)")
+        raise BackendError(f"the ONNX cache {root} is not a folder ({_CACHE_HINT})")
     return root
 
 

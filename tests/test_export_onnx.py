@@ -287,6 +287,8 @@ def portable_of_custom(exports):
     """The custom-node export in its portable form (every DeLeakerAttention node replaced by the decomposition)."""
     path = exports["custom"].onnx_path.parent / "portable.onnx"
     make_portable(exports["custom"].onnx_path, path)
+    assert needs_portable(onnx.load(str(exports["custom"].onnx_path), load_external_data=False))
+    assert not needs_portable(onnx.load(str(path)))
     return path
 
 

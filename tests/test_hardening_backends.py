@@ -138,8 +138,8 @@ def test_ctrl_c_during_denoising_ends_the_run_cleanly(backend, cache_dir):
 
 def test_ctrl_c_in_the_cli_leaves_no_image(cache_dir, tmp_path):
     out_png = tmp_path / "x.png"
-    args = CLI + ["run", "--model", "tiny", "--text-len", "16", "--cache-dir", cache_dir, "--prompt", "A cat and a cheetah"]
-    args += ["--entities", "cat,cheetah", "--steps", "1000", "--height", "128", "--out", out_png]
+    args = CLI + ["run", "--model", "tiny", "--text-len", "16", "--cache-dir", cache_dir, "--steps", "1000"]
+    args += ["--prompt", "A cat and a cheetah", "--entities", "cat,cheetah", "--height", "128", "--out", out_png]
     proc, out, _ = _interrupt_when_ready([str(a) for a in args], "DeLeaker:")
     assert_no_abort(proc, out)
     assert proc.returncode != 0 and not out_png.exists()
@@ -149,7 +149,8 @@ _REFERENCE_LOOP = r"""
 import sys, numpy as np
 from deleaker.export.ort import make_reference_session, run_interruptible
 session = make_reference_session(sys.argv[1])
-feeds = {i.name: np.ones([d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32) for i in session.get_inputs()}
+shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in session.get_inputs()}
+feeds = {name: np.ones(shape, dtype=np.float32) for name, shape in shapes.items()}
 feeds["entity_mask"] = np.zeros(feeds["entity_mask"].shape, dtype=bool)
 feeds["entity_mask"][0, 1] = feeds["entity_mask"][1, 2] = True
 feeds["step"] = np.array(3, dtype=np.int64)
@@ -180,8 +181,8 @@ def test_knob_that_does_not_fit_float32_is_refused_before_work(tmp_path):
         with pytest.raises(ConfigError, match="does not fit"):
             DeLeakerRuntime.from_model("tiny", text_len=TEXT_LEN, cache_dir=cache, deleaker_config=knobs)
     assert not cache.exists()  # refused before any export
-    proc = _child([str(a) for a in CLI + ["run", "--model", "tiny", "--cache-dir", cache, "--set", "k_strength=1e39",
-                                           "--prompt", PROMPT, "--entities", "cat,cheetah", "--out", tmp_path / "x.png"]])
+    args = CLI + ["run", "--model", "tiny", "--cache-dir", cache, "--set", "k_strength=1e39", "--prompt", PROMPT]
+    proc = _child([str(a) for a in args + ["--entities", "cat,cheetah", "--out", tmp_path / "x.png"]])
     assert_no_abort(proc, proc.stderr)
     assert proc.returncode == 1 and "k_strength=1e+39 does not fit float32" in proc.stderr
     assert not (tmp_path / "x.png").exists()
@@ -263,7 +264,8 @@ options = ort.SessionOptions()
 options.register_custom_ops_library(register_reference_op())
 # Made by hand, without make_reference_session's checks: the bad attribute reaches the Python node.
 session = ReferenceSession(ort.InferenceSession(sys.argv[1], sess_options=options, providers=["CPUExecutionProvider"]))
-feeds = {i.name: np.ones([d if isinstance(d, int) else 1 for d in i.shape], dtype=np.float32) for i in session.get_inputs()}
+shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in session.get_inputs()}
+feeds = {name: np.ones(shape, dtype=np.float32) for name, shape in shapes.items()}
 feeds["entity_mask"] = np.ones(feeds["entity_mask"].shape, dtype=bool)
 feeds["step"] = np.array(0, dtype=np.int64)
 try:
@@ -522,7 +524,8 @@ def test_weights_in_a_file_the_manifest_does_not_name_are_refused(built, tmp_pat
     onnx.save(model, str(engines / ONNX_NAME), save_as_external_data=True, location="hidden.bin", size_threshold=0)
     _edit_manifest(engines, lambda data: data.update(artifact_sha256=sha256_file(engines / ONNX_NAME)))
     result = _run_engines(engines, tmp_path)
-    assert result.exit_code == 1 and "reads weights from 'hidden.bin', which its manifest does not name" in result.stderr
+    assert result.exit_code == 1
+    assert "reads weights from 'hidden.bin', which its manifest does not name" in result.stderr
 
 
 def _model_runtime(cache: Path, knobs: dict = KNOBS) -> DeLeakerRuntime:
@@ -572,6 +575,63 @@ def test_a_cache_entry_that_does_not_load_is_made_again(cache_dir):
     _replace_and_rehash(_entry_for(cache_dir, KNOBS), b"not an onnx file")
     again = _model_runtime(cache_dir).generate(request)
     assert np.array_equal(np.asarray(again.image), np.asarray(first.image))
+
+
+KEY = "c" * 64
+
+
+def _counting_make(calls: list, *, fail: BaseException | None = None, delay: float = 0.0):
+    """A stand-in for an export (the cache's contract: write the artifact at the given path), counting calls."""
+
+    def make(path: Path) -> None:
+        calls.append(path)
+        time.sleep(delay)
+        path.write_bytes(b"graph %d" % len(calls))
+        if fail is not None:
+            raise fail
+
+    return make
+
+
+def test_cache_entries_are_made_once_and_checked_on_reuse(tmp_path):
+    calls: list = []
+    make = _counting_make(calls)
+    artifact = onnx_cache.cached_artifact(tmp_path, KEY, make, {})
+    assert onnx_cache.cached_artifact(tmp_path, KEY, make, {}) == artifact and len(calls) == 1
+    (artifact.parent / "planted.py").write_text("not listed in the manifest")  # an entry holds what it lists only
+    assert onnx_cache.cached_artifact(tmp_path, KEY, make, {}) == artifact and len(calls) == 2
+    assert not (artifact.parent / "planted.py").exists()
+    # An entry that is a symlink to another folder is replaced by a real one.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(artifact.parent, elsewhere)
+    artifact.parent.symlink_to(elsewhere, target_is_directory=True)
+    assert onnx_cache.cached_artifact(tmp_path, KEY, make, {}) == artifact and len(calls) == 3
+    assert not artifact.parent.is_symlink() and (elsewhere / onnx_cache.ARTIFACT_NAME).is_file()
+
+
+@pytest.mark.parametrize(
+    "failure,error",
+    [(KeyboardInterrupt(), KeyboardInterrupt), (OSError(28, "No space left on device"), DeLeakerError)],
+)
+def test_an_interrupted_or_failed_make_leaves_nothing(tmp_path, failure, error):
+    with pytest.raises(error):
+        onnx_cache.cached_artifact(tmp_path, KEY, _counting_make([], fail=failure), {})
+    assert [p.name for p in (tmp_path / "onnx").iterdir()] == [f".{KEY[:32]}.lock"]
+
+
+def test_threads_asking_for_one_entry_make_it_once(tmp_path):
+    calls: list = []
+    make = _counting_make(calls, delay=0.3)
+    results: list = []
+    pool = [
+        threading.Thread(target=lambda: results.append(onnx_cache.cached_artifact(tmp_path, KEY, make, {})))
+        for _ in range(4)
+    ]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=60)
+    assert len(calls) == 1 and len(results) == 4 and len(set(results)) == 1
 
 
 def test_cache_dir_that_is_a_file_is_a_clean_error(tmp_path):
