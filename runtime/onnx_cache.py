@@ -148,6 +148,7 @@ def model_backend(
         export,
         described,
         lambda path: OnnxRuntimeBackend(path, io, providers=providers, config=config),
+        still_failing="this is a bug: please report it",
     )
 
 
@@ -179,7 +180,10 @@ def portable_backend(
         from deleaker.export.portable import make_portable
 
         logger.info("converting %s for ONNX Runtime (float32, DeLeaker decomposed; once per artifact)", artifact.name)
-        make_portable(artifact, path, work_dir=path.parent)
+        try:
+            make_portable(artifact, path, work_dir=path.parent)
+        except DeLeakerError as exc:
+            raise BackendError(f"{artifact} cannot run in ONNX Runtime: {exc}; rebuild it") from exc
 
     described = {
         "kind": "portable",
@@ -193,6 +197,7 @@ def portable_backend(
         convert,
         described,
         lambda path: OnnxRuntimeBackend(path, portable_io, providers=providers, config=config),
+        still_failing=f"{artifact} does not fit its manifest: rebuild it",
     )
 
 
@@ -205,8 +210,11 @@ def _load_cached(
     make: Callable[[Path], None],
     described: Mapping[str, Any],
     load: Callable[[Path], OnnxRuntimeBackend],
+    *,
+    still_failing: str,
 ) -> OnnxRuntimeBackend:
-    """``load(artifact)`` of a valid entry for ``key``; an entry that does not load is made again once."""
+    """``load(artifact)`` of a valid entry for ``key``; an entry that does not load is made again once, and if
+    the new one fails too the error says ``still_failing`` (what to do about it)."""
     artifact = cached_artifact(cache_dir, key, make, described)
     try:
         return load(artifact)
@@ -218,8 +226,7 @@ def _load_cached(
         return load(artifact)
     except DeLeakerError as exc:
         raise BackendError(
-            f"{exc} (the cache entry {artifact.parent} was made again and still fails; delete that folder "
-            "and report the error)"
+            f"{exc} (the cache entry {artifact.parent} was made again and still fails; {still_failing})"
         ) from exc
 
 

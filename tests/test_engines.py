@@ -243,7 +243,7 @@ def test_cli_onnx_only_writes_onnx_and_manifest(onnx_only_build):
     assert inputs["hidden_states"].elem_type == onnx.TensorProto.FLOAT16
     assert inputs["entity_mask"].elem_type == onnx.TensorProto.INT32
     assert inputs["hidden_states"].shape.dim[0].dim_param  # the batch axis stays dynamic (the engine's profile)
-    assert not list(out.glob("*.plan")) and not list(out.glob(".*"))
+    assert not list(out.glob("*.plan")) and [p.name for p in out.glob(".*")] == [build_lib.BUILD_LOCK_NAME]
 
 
 def test_cli_full_build_without_usable_tensorrt_keeps_the_onnx_and_writes_no_engine(onnx_only_build):
@@ -266,7 +266,8 @@ def test_cli_full_build_without_usable_tensorrt_keeps_the_onnx_and_writes_no_eng
     else:  # TensorRT-RTX only
         assert "its Python API cannot host the DeLeaker plugin" in result.output
     assert sha256_file(onnx_path) == before and EngineManifest.read(onnx_path).kind == "onnx"
-    assert not list(out.glob("*.plan")) and not list(out.glob("*.plan.manifest.json")) and not list(out.glob(".*"))
+    assert not list(out.glob("*.plan")) and not list(out.glob("*.plan.manifest.json"))
+    assert [p.name for p in out.glob(".*")] == [build_lib.BUILD_LOCK_NAME]  # the build's lock, no staging left
 
 
 # --- TensorRT loaders against TensorRT(-RTX)'s real builder ----------------------------------------------------
