@@ -37,6 +37,8 @@ from deleaker.geometry import vae_scale_factor
 from deleaker.errors import ConfigError, DeLeakerError
 
 from . import fp8 as fp8_lib
+from deleaker.filelock import exclusive_lock
+
 from .manifest import EngineManifest, atomic_write_bytes, cuda_environment, plugin_info, sha256_file
 
 #: The ONNX's float dtype per engine precision. FP8 engines keep fp16 outside the quantized linears.
@@ -54,6 +56,8 @@ DEFAULT_CALIBRATION_PROMPTS = (
 DEFAULT_CALIBRATION_SIGMAS = (1.0, 0.6, 0.2)
 
 TIMING_CACHE_NAME = "timing.cache"
+#: Held by a build while it writes into its output folder.
+BUILD_LOCK_NAME = ".build.lock"
 #: Protobuf's limit is 2 GiB; larger models store their weights beside the ONNX.
 _EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -349,6 +353,21 @@ def save_engine(data: bytes, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove what interrupted builds left in ``out_dir``: the hidden staging files and folders that artifacts,
+    manifests and the timing cache are written through (``.transformer.*``, ``.timing.cache.*``). Only call it
+    holding the folder's build lock."""
+    removed = []
+    for path in sorted(out_dir.iterdir()):
+        if path.name.startswith((".transformer.", f".{TIMING_CACHE_NAME}.")):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def _reusable_onnx(onnx_path: Path, expected: Mapping[str, Any]) -> bool:
     """True when ``onnx_path`` exists, hashes to its manifest and the manifest matches ``expected``."""
     try:
@@ -398,95 +417,102 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
     except OSError as err:
         raise ConfigError(f"cannot create the output folder {out_dir}: {err}") from err
 
-    onnx_path = out_dir / f"{request.artifact_stem}.onnx"
-    expected = {
-        "model_sha256": model_hash,
-        "precision": request.precision,
-        "io": io.to_dict(),
-        "deleaker_config": dataclasses.asdict(config),
-        "plugin": plugin,
-    }
-    reused = _reusable_onnx(onnx_path, expected)
-    if reused:
-        if progress:
-            progress(f"reusing {onnx_path} (its manifest matches this request)")
-        onnx_manifest = EngineManifest.read(onnx_path)
-    else:
-        scales, quantization = None, None
-        if request.precision == "fp8":
-            with stage("calibrate", f"calibrating FP8 scales on {len(request.calibration_prompts)} prompts"):
-                # Calibrate in the loaded precision (float32 for diffusers' default), before the cast for export.
-                calib_io = dataclasses.replace(io, dtype=dtype_name(next(transformer.parameters()).dtype))
-                batches = calibration_batches(
-                    components, calib_io, request.calibration_prompts, request.calibration_sigmas
+    # One build at a time per folder: a second one waits, then reuses what the first wrote. Holding the lock
+    # also means every staging file or folder of ours in it is stale (a build that was killed): removed here.
+    with exclusive_lock(out_dir / BUILD_LOCK_NAME):
+        remove_stale_staging(out_dir)
+        onnx_path = out_dir / f"{request.artifact_stem}.onnx"
+        expected = {
+            "model_sha256": model_hash,
+            "precision": request.precision,
+            "io": io.to_dict(),
+            "deleaker_config": dataclasses.asdict(config),
+            "plugin": plugin,
+        }
+        reused = _reusable_onnx(onnx_path, expected)
+        if reused:
+            if progress:
+                progress(f"reusing {onnx_path} (its manifest matches this request)")
+            onnx_manifest = EngineManifest.read(onnx_path)
+        else:
+            scales, quantization = None, None
+            if request.precision == "fp8":
+                with stage("calibrate", f"calibrating FP8 scales on {len(request.calibration_prompts)} prompts"):
+                    # Calibrate in the loaded precision (float32 for diffusers' default), before the cast for export.
+                    calib_io = dataclasses.replace(io, dtype=dtype_name(next(transformer.parameters()).dtype))
+                    batches = calibration_batches(
+                        components, calib_io, request.calibration_prompts, request.calibration_sigmas
+                    )
+                    scales = calibrate_fp8(transformer, calib_io, config, batches)
+            with stage("export", f"exporting ONNX ({dtype})"):
+                EngineManifest.path_for(onnx_path).unlink(missing_ok=True)  # a stale manifest must not outlive its ONNX
+                transformer.to(io.spec("hidden_states").torch_dtype)
+                with disk_guard():
+                    if scales is None:
+                        export_onnx(transformer, io, config, onnx_path)
+                    else:
+                        model = export_fp8_onnx(transformer, io, config, scales, onnx_path)
+                        quantization = quantization_record(scales, model, len(batches))
+            with stage("manifest", f"hashing {onnx_path.name}, writing its manifest"):
+                onnx_hash = sha256_file(onnx_path)
+                data_path = onnx_path.with_name(onnx_path.name + ".data")  # external weights of a > 2 GB model
+                data_files = {data_path.name: sha256_file(data_path)} if data_path.is_file() else {}
+                onnx_manifest = EngineManifest(
+                    kind="onnx",
+                    artifact=onnx_path.name,
+                    artifact_sha256=onnx_hash,
+                    model_id=model_id,
+                    onnx_sha256=onnx_hash,
+                    quantization=quantization,
+                    data_files=data_files,
+                    timings_s=dict(stage.timings),
+                    **expected,
                 )
-                scales = calibrate_fp8(transformer, calib_io, config, batches)
-        with stage("export", f"exporting ONNX ({dtype})"):
-            EngineManifest.path_for(onnx_path).unlink(missing_ok=True)  # a stale manifest must not outlive its ONNX
-            transformer.to(io.spec("hidden_states").torch_dtype)
-            with disk_guard():
-                if scales is None:
-                    export_onnx(transformer, io, config, onnx_path)
-                else:
-                    model = export_fp8_onnx(transformer, io, config, scales, onnx_path)
-                    quantization = quantization_record(scales, model, len(batches))
-        with stage("manifest", f"hashing {onnx_path.name}, writing its manifest"):
-            onnx_hash = sha256_file(onnx_path)
-            data_path = onnx_path.with_name(onnx_path.name + ".data")  # external weights of a > 2 GB model
-            data_files = {data_path.name: sha256_file(data_path)} if data_path.is_file() else {}
-            onnx_manifest = EngineManifest(
-                kind="onnx",
-                artifact=onnx_path.name,
-                artifact_sha256=onnx_hash,
-                model_id=model_id,
-                onnx_sha256=onnx_hash,
-                quantization=quantization,
-                data_files=data_files,
-                timings_s=dict(stage.timings),
-                **expected,
-            )
-            with disk_guard(onnx_path):
-                onnx_manifest.write(out_dir)
-    onnx_manifest_path = EngineManifest.path_for(onnx_path)
-    if request.onnx_only:
-        return BuildResult(onnx_path, onnx_manifest_path, None, None, dict(stage.timings), reused)
+                with disk_guard(onnx_path):
+                    onnx_manifest.write(out_dir)
+        onnx_manifest_path = EngineManifest.path_for(onnx_path)
+        if request.onnx_only:
+            return BuildResult(onnx_path, onnx_manifest_path, None, None, dict(stage.timings), reused)
 
-    engine_path = out_dir / f"{request.artifact_stem}.plan"
-    with stage("engine", "building the TensorRT engine"):
-        from deleaker.plugins.trt_plugin import TensorRTUnavailableError, import_plugin_capable_tensorrt
+        engine_path = out_dir / f"{request.artifact_stem}.plan"
+        with stage("engine", "building the TensorRT engine"):
+            from deleaker.plugins.trt_plugin import TensorRTUnavailableError, import_plugin_capable_tensorrt
 
-        try:
-            trt = import_plugin_capable_tensorrt()
-        except TensorRTUnavailableError as err:
-            raise TensorRTUnavailableError(
-                f"{err} The ONNX and its manifest are written ({onnx_path}); run this command again once TensorRT "
-                "is installed: it reuses them."
-            ) from err
-        gpu_name, capability = cuda_environment()
-        if capability is None:
-            raise BuildError("building a TensorRT engine needs a CUDA GPU; none is visible")
-        if request.precision == "fp8":
             try:
-                fp8_lib.check_fp8_capable(capability)
-            except ConfigError as err:
-                raise BuildError(str(err)) from err
-        net = network_from_onnx(onnx_path, trt)
-        with disk_guard():  # the timing cache and the engine are written atomically: nothing partial to remove
-            data = build_serialized_engine(
-                net, io.profiles(), timing_cache=out_dir / TIMING_CACHE_NAME, workspace_bytes=request.workspace_bytes
-            )
-        save_engine(data, engine_path)
-    manifest = dataclasses.replace(
-        onnx_manifest,
-        kind="engine",
-        data_files={},
-        artifact=engine_path.name,
-        artifact_sha256=sha256_file(engine_path),
-        tensorrt_version=trt.__version__,
-        gpu_name=gpu_name,
-        compute_capability=tuple(capability),
-        timings_s=dict(stage.timings),
-    )
-    with disk_guard(engine_path):
-        engine_manifest = manifest.write(out_dir)
-    return BuildResult(onnx_path, onnx_manifest_path, engine_path, engine_manifest, dict(stage.timings), reused)
+                trt = import_plugin_capable_tensorrt()
+            except TensorRTUnavailableError as err:
+                raise TensorRTUnavailableError(
+                    f"{err} The ONNX and its manifest are written ({onnx_path}); run this command again once TensorRT "
+                    "is installed: it reuses them."
+                ) from err
+            gpu_name, capability = cuda_environment()
+            if capability is None:
+                raise BuildError("building a TensorRT engine needs a CUDA GPU; none is visible")
+            if request.precision == "fp8":
+                try:
+                    fp8_lib.check_fp8_capable(capability)
+                except ConfigError as err:
+                    raise BuildError(str(err)) from err
+            net = network_from_onnx(onnx_path, trt)
+            with disk_guard():  # the timing cache and the engine are written atomically: nothing partial to remove
+                data = build_serialized_engine(
+                    net,
+                    io.profiles(),
+                    timing_cache=out_dir / TIMING_CACHE_NAME,
+                    workspace_bytes=request.workspace_bytes,
+                )
+            save_engine(data, engine_path)
+        manifest = dataclasses.replace(
+            onnx_manifest,
+            kind="engine",
+            data_files={},
+            artifact=engine_path.name,
+            artifact_sha256=sha256_file(engine_path),
+            tensorrt_version=trt.__version__,
+            gpu_name=gpu_name,
+            compute_capability=tuple(capability),
+            timings_s=dict(stage.timings),
+        )
+        with disk_guard(engine_path):
+            engine_manifest = manifest.write(out_dir)
+        return BuildResult(onnx_path, onnx_manifest_path, engine_path, engine_manifest, dict(stage.timings), reused)

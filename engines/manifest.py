@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
-from deleaker.errors import DeLeakerError
+from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.hashing import sha256_file
 
 #: Bumped when the manifest's fields change incompatibly.
@@ -28,6 +28,14 @@ MANIFEST_SUFFIX = ".manifest.json"
 
 PRECISIONS = ("fp16", "bf16", "fp8")
 ARTIFACT_KINDS = ("onnx", "engine")
+#: A manifest is a few KB (FP8 scales included); anything much larger is not one.
+MAX_MANIFEST_BYTES = 16 * 2**20
+#: Limits on the shapes a manifest may declare, the runtime's own (T5 tokens, pixels per side, entities,
+#: batch): checked before anything is allocated for them.
+MAX_TEXT_LEN = 512
+MAX_SIDE = 2048
+MAX_ENTITIES = 16
+MAX_BATCH = 64
 
 
 class ManifestError(DeLeakerError, ValueError):
@@ -123,11 +131,105 @@ class EngineManifest:
             raise ManifestError(f"manifest kind must be one of {ARTIFACT_KINDS}, got {self.kind!r}")
         if self.precision not in PRECISIONS:
             raise ManifestError(f"manifest precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if isinstance(self.format, bool) or self.format != MANIFEST_FORMAT:
+            raise ManifestError(f"manifest format {self.format!r} is not {MANIFEST_FORMAT}; rebuild the artifact")
+        _check_file_name("artifact", self.artifact)
+        for name in ("artifact_sha256", "model_sha256", "onnx_sha256"):
+            _check_sha256(name, getattr(self, name))
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise ManifestError(f"manifest model_id must be a non-empty string, got {self.model_id!r}")
+        if not isinstance(self.data_files, dict):
+            raise ManifestError(f"manifest data_files must be an object {{file name: sha256}}, got {self.data_files!r}")
+        for name, digest in self.data_files.items():
+            _check_file_name("data_files", name)
+            _check_sha256(f"data_files[{name!r}]", digest)
+        if not isinstance(self.plugin, dict) or not all(isinstance(v, str) for v in self.plugin.values()):
+            raise ManifestError(f"manifest plugin must be an object of strings, got {self.plugin!r}")
+        for name in ("tensorrt_version", "gpu_name"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ManifestError(f"manifest {name} must be a string or null, got {getattr(self, name)!r}")
         if self.compute_capability is not None:
-            self.compute_capability = tuple(int(x) for x in self.compute_capability)
-        for key in ("height", "width", "text_len", "max_entities", "batch_min", "batch_max"):
-            if key not in self.io:
-                raise ManifestError(f"manifest io lacks {key!r}")
+            cc = self.compute_capability
+            if not isinstance(cc, (list, tuple)) or len(cc) != 2 or not all(_is_int(x) and x >= 0 for x in cc):
+                raise ManifestError(f"manifest compute_capability must be [major, minor], got {cc!r}")
+            self.compute_capability = (int(cc[0]), int(cc[1]))
+        if self.quantization is not None and not isinstance(self.quantization, dict):
+            kind = type(self.quantization).__name__
+            raise ManifestError(f"manifest quantization must be an object or null, got {kind}")
+        if not isinstance(self.timings_s, dict):
+            raise ManifestError(f"manifest timings_s must be an object, got {type(self.timings_s).__name__}")
+        self._check_io()
+        self._check_deleaker_config()
+
+    def _check_io(self) -> None:
+        from deleaker.export.contract import FluxTransformerIO
+
+        if not isinstance(self.io, dict):
+            raise ManifestError(f"manifest io must be a JSON object, got {type(self.io).__name__}")
+        try:
+            # The fields first, so a size over the limits is named as such (the stored tensor lists follow it).
+            fields = {k: v for k, v in self.io.items() if k in FluxTransformerIO.__dataclass_fields__}
+            io = FluxTransformerIO.from_dict(fields)
+        except (ConfigError, ShapeError) as err:
+            raise ManifestError(f"manifest io: {err}") from err
+        limits = {
+            "height": (io.height, MAX_SIDE),
+            "width": (io.width, MAX_SIDE),
+            "text_len": (io.text_len, MAX_TEXT_LEN),
+            "max_entities": (io.max_entities, MAX_ENTITIES),
+            "batch_max": (io.batch_max, MAX_BATCH),
+        }
+        for name, (value, limit) in limits.items():
+            if value > limit:
+                raise ManifestError(f"manifest io.{name} is {value}; at most {limit} is allowed")
+        try:
+            FluxTransformerIO.from_dict(self.io)
+        except (ConfigError, ShapeError) as err:
+            raise ManifestError(f"manifest io: {err}") from err
+
+    def _check_deleaker_config(self) -> None:
+        from deleaker.config import DeLeakerConfig
+        from deleaker.export.onnx_node import check_graph_config
+
+        fields = {f.name for f in dataclasses.fields(DeLeakerConfig)}
+        if not isinstance(self.deleaker_config, dict):
+            raise ManifestError(f"manifest deleaker_config must be an object, got {self.deleaker_config!r}")
+        missing, unknown = sorted(fields - set(self.deleaker_config)), sorted(set(self.deleaker_config) - fields)
+        if missing or unknown:
+            raise ManifestError(f"manifest deleaker_config: missing {missing}, unknown {unknown}")
+        try:
+            check_graph_config(DeLeakerConfig(**self.deleaker_config))
+        except ConfigError as err:
+            raise ManifestError(f"manifest deleaker_config: {err}") from err
+
+    @property
+    def named_files(self) -> Dict[str, str]:
+        """Every file the manifest names, relative to its directory: ``{name: role}`` (the artifact, its data
+        files). The one list that `resolve_files` checks; a new kind of file goes here."""
+        files = {self.artifact: "artifact"}
+        files.update({name: "data file" for name in self.data_files})
+        return files
+
+    def resolve_files(self, directory: str | os.PathLike) -> Dict[str, Path]:
+        """``{name: resolved path}`` for every file in `named_files`, each of which must exist and resolve, after
+        symlinks, inside ``directory``. Raises `ManifestError` for one that escapes before anything is read."""
+        root = Path(directory).resolve()
+        resolved = {}
+        for name, role in self.named_files.items():
+            candidate = root / name
+            try:
+                path = candidate.resolve(strict=True)
+            except (OSError, RuntimeError):  # missing, or a symlink loop
+                raise EngineCompatibilityError("artifact_hash", f"{candidate} ({role} of the manifest) does not exist")
+            if path == root or root not in path.parents:
+                raise ManifestError(
+                    f"the manifest's {role} {name!r} resolves to {path}, outside {root}; every file a manifest names "
+                    "must be inside its directory"
+                )
+            if not path.is_file():
+                raise EngineCompatibilityError("artifact_hash", f"{candidate} ({role} of the manifest) is not a file")
+            resolved[name] = path
+        return resolved
 
     # --- shapes, read from the I/O contract ---------------------------------------------------------------------
 
@@ -163,7 +265,7 @@ class EngineManifest:
     def from_json(cls, text: str) -> "EngineManifest":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise ManifestError(f"manifest is not valid JSON: {err}") from err
         if not isinstance(data, dict):
             raise ManifestError("manifest must be a JSON object")
@@ -201,10 +303,20 @@ class EngineManifest:
         if not path.name.endswith(MANIFEST_SUFFIX):
             path = cls.path_for(path)
         try:
-            text = path.read_text()
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_MANIFEST_BYTES + 1)
         except OSError as err:
             raise ManifestError(f"cannot read manifest {path}: {err}") from err
-        return cls.from_json(text)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"manifest {path} is larger than {MAX_MANIFEST_BYTES // 2**20} MiB: not a manifest")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ManifestError(f"manifest {path} is not UTF-8 text: {err}") from err
+        try:
+            return cls.from_json(text)
+        except ManifestError as err:
+            raise ManifestError(f"{path}: {err}") from err
 
     # --- compatibility ------------------------------------------------------------------------------------------
 
@@ -263,17 +375,32 @@ class EngineManifest:
                 )
 
     def check_artifact(self, directory: str | os.PathLike) -> Path:
-        """The artifact's path, after checking its hash and its data files' (reason ``artifact_hash``)."""
-        path = Path(directory) / self.artifact
-        if not path.is_file():
-            raise EngineCompatibilityError("artifact_hash", f"{path} does not exist")
+        """The artifact's path, after checking that every named file is inside ``directory`` (`resolve_files`,
+        before any file is read) and hashes to the manifest's value (reason ``artifact_hash``)."""
+        files = self.resolve_files(directory)
+        path = files[self.artifact]
         if sha256_file(path) != self.artifact_sha256:
             raise EngineCompatibilityError("artifact_hash", f"{path} does not match its manifest's hash; rebuild it")
         for name, digest in self.data_files.items():
-            data = Path(directory) / name
-            if not data.is_file() or sha256_file(data) != digest:
-                raise EngineCompatibilityError("artifact_hash", f"{data}, needed by {path.name}, is missing or changed")
+            if sha256_file(files[name]) != digest:
+                raise EngineCompatibilityError("artifact_hash", f"{files[name]}, needed by {path.name}, has changed")
         return path
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_file_name(field_name: str, name: Any) -> None:
+    """A name a manifest may use for a file: a non-empty relative path without NUL (where it resolves is
+    checked against the directory by `EngineManifest.resolve_files`)."""
+    if not isinstance(name, str) or not name or "\0" in name or Path(name).is_absolute() or name.startswith("~"):
+        raise ManifestError(f"manifest {field_name} must name a file relative to its directory, got {name!r}")
+
+
+def _check_sha256(field_name: str, digest: Any) -> None:
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ManifestError(f"manifest {field_name} must be a hex SHA-256 (64 lowercase hex digits), got {digest!r}")
 
 
 def _cc(cc: Optional[Iterable[int]]) -> str:

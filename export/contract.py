@@ -31,6 +31,7 @@ Integer inputs are int32 (TensorRT's native integer type); the graph casts them 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -382,9 +383,31 @@ class FluxTransformerIO:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FluxTransformerIO":
-        """Inverse of `to_dict` (derived entries are recomputed and checked against the stored ones)."""
-        fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
-        io = cls(**fields)
-        if "inputs" in data and [d["name"] for d in data["inputs"]] != list(io.input_names):
-            raise ConfigError(f"stored inputs {[d['name'] for d in data['inputs']]} differ from {io.input_names}")
+        """Inverse of `to_dict` (derived entries are recomputed and checked against the stored ones).
+
+        Raises `ConfigError` (or `ShapeError`) for anything that is not a contract: not a mapping, missing or
+        unknown fields, wrong types, stored tensor lists that differ from the recomputed ones.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"an I/O contract must be a JSON object, got {type(data).__name__}")
+        derived = ("grid", "inputs", "outputs")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__) - set(derived))
+        required = [
+            name
+            for name, f in cls.__dataclass_fields__.items()
+            if f.default is dataclasses.MISSING and name not in data
+        ]
+        if unknown or required:
+            raise ConfigError(f"I/O contract fields: missing {required}, unknown {unknown}")
+        io = cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+        full = io.to_dict()
+        for name in derived:
+            if name in data and data[name] != full[name]:
+                stored, computed = data[name], full[name]
+                if isinstance(stored, list) and len(stored) == len(computed):  # name the first entry that differs
+                    stored, computed = next((a, b) for a, b in zip(stored, computed) if a != b)
+                raise ConfigError(
+                    f"the I/O contract's stored {name} differ from its fields': {stored!r} where the fields give "
+                    f"{computed!r}"
+                )
         return io

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from deleaker.hashing import sha256_file
 from deleaker.geometry import vae_scale_factor
 
 from .contract import FluxTransformerIO, dtype_name
-from .onnx_node import DOMAIN, ONNX_OPSET, OP_TYPE, register_onnx_schema, translation_table
+from .onnx_node import DOMAIN, ONNX_OPSET, OP_TYPE, check_graph_config, register_onnx_schema, translation_table
 from .wrapper import float32_rope, make_wrapper
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ META_ROPE_FP32 = "deleaker.rope_fp32"
 
 #: Above this many bytes of weights, the protobuf limit forces external data.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+
+#: ``torch.export`` keeps process-wide tracing state (its proxy dispatch mode slot): two exports at once in one
+#: process fail ("ProxyTorchDispatchMode slot already occupied"). Every export of this package holds this lock,
+#: so runtimes used from several threads export one after the other. Processes do not share it (and need not).
+_TORCH_EXPORT_LOCK = threading.Lock()
 
 
 class ExportError(DeLeakerError):
@@ -105,6 +111,7 @@ def _check_export_inputs(transformer: torch.nn.Module, io: FluxTransformerIO, co
         raise TypeError(f"io must be a FluxTransformerIO, got {type(io).__name__}")
     if not isinstance(config, DeLeakerConfig):
         raise TypeError(f"config must be a DeLeakerConfig (scaled to the model), got {type(config).__name__}")
+    check_graph_config(config)
     num_blocks = num_joint_blocks(transformer.config)
     if num_blocks != io.num_blocks:
         raise ShapeError(f"the contract is for {io.num_blocks} blocks per step but the transformer has {num_blocks}")
@@ -142,7 +149,7 @@ def _export_program(
     device = next(transformer.parameters()).device
     sample = io.sample_inputs(_sample_batch(io), device=device)
     rope = float32_rope(transformer) if rope_fp32 else contextlib.nullcontext()
-    with torch.no_grad(), rope:
+    with _TORCH_EXPORT_LOCK, torch.no_grad(), rope:
         return torch.onnx.export(
             wrapper,
             tuple(sample.values()),
@@ -456,38 +463,49 @@ def export_attention_onnx(
     num_blocks: int = 1,
     config: DeLeakerConfig,
     decompose: bool = False,
+    dynamic_batch: bool = False,
 ) -> Path:
-    """A graph of one DeLeaker attention (for plugin and decomposition tests), static shapes, written atomically.
+    """A graph of one DeLeaker attention (for plugin and decomposition tests, and the portable conversion of
+    `deleaker.export.portable`), written atomically.
 
     Inputs `deleaker.export.onnx_node.NODE_INPUTS`: ``q, k, v (batch, heads, text_len + gh * gw, head_dim)`` in
     ``dtype``, ``entity_mask (max_entities, text_len)`` bool, ``history (batch, max_entities, gh * gw)`` float32,
-    ``step ()`` int64; outputs ``out``, ``history_out``. Returns ``out_path``.
+    ``step ()`` int64; outputs ``out``, ``history_out``. Static shapes, except the batch axis with
+    ``dynamic_batch`` (then ``batch`` is the traced sample's, at least 2). Returns ``out_path``.
     """
+    check_graph_config(config)
     out_path = Path(out_path)
     fdt = getattr(torch, dtype_name(dtype))
     tokens = text_len + grid[0] * grid[1]
-    qkv = [torch.zeros(batch, heads, tokens, head_dim, dtype=fdt) for _ in range(3)]
+    sample_batch = max(batch, 2) if dynamic_batch else batch  # torch.export specialises a size-1 dimension
+    qkv = [torch.zeros(sample_batch, heads, tokens, head_dim, dtype=fdt) for _ in range(3)]
     sample = (
         *qkv,
         torch.zeros(max_entities, text_len, dtype=torch.bool),
-        torch.zeros(batch, max_entities, grid[0] * grid[1]),
+        torch.zeros(sample_batch, max_entities, grid[0] * grid[1]),
         torch.zeros((), dtype=torch.int64),
     )
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch_dim = torch.export.Dim("batch", min=1)
+        dynamic_shapes = ({0: batch_dim}, {0: batch_dim}, {0: batch_dim}, None, {0: batch_dim}, None)
     module = _AttentionOnly(block_offset=block_offset, num_blocks=num_blocks, grid=grid, config=config)
     from .onnx_node import NODE_INPUTS, NODE_OUTPUTS
 
     try:
-        program = torch.onnx.export(
-            module.eval(),
-            sample,
-            dynamo=True,
-            input_names=list(NODE_INPUTS),
-            output_names=list(NODE_OUTPUTS),
-            custom_translation_table=translation_table(decompose),
-            opset_version=ONNX_OPSET,
-            optimize=False,
-            verbose=False,
-        )
+        with _TORCH_EXPORT_LOCK:
+            program = torch.onnx.export(
+                module.eval(),
+                sample,
+                dynamo=True,
+                input_names=list(NODE_INPUTS),
+                output_names=list(NODE_OUTPUTS),
+                dynamic_shapes=dynamic_shapes,
+                custom_translation_table=translation_table(decompose),
+                opset_version=ONNX_OPSET,
+                optimize=False,
+                verbose=False,
+            )
     except Exception as exc:
         raise ExportError(f"exporting one DeLeaker attention failed: {exc}") from exc
     _optimize(program.model, rewrite=False)

@@ -30,8 +30,8 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript import values as osv
 
-from deleaker.config import DeLeakerConfig
-from deleaker.errors import ShapeError
+from deleaker.config import WINDOW_FIELDS, DeLeakerConfig
+from deleaker.errors import ConfigError, ShapeError
 
 #: The node's ONNX domain, also the TensorRT plugin namespace.
 DOMAIN = "deleaker"
@@ -69,6 +69,7 @@ STRING_ATTRIBUTES = ("plugin_namespace", "plugin_version")
 
 _BOOL_KNOBS = ("use_history", "do_smoothing", "do_image_image", "do_image_text_strengthening", "do_image_text_weakening")
 _INT64_MAX = 2**63 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # --- schema ------------------------------------------------------------------------------------------------
@@ -141,19 +142,60 @@ def node_attributes(*, block_offset: int, num_blocks: int, grid: Tuple[int, int]
     return attrs
 
 
+def check_graph_config(config: DeLeakerConfig) -> None:
+    """Raise `ConfigError` unless every knob survives being stored in the graph: float knobs are float32 node
+    attributes (or float32 constants of the decomposition), window knobs int64 (also the kernels' types).
+
+    A value that is finite in Python but not as float32 (``k_strength=1e39``) would become inf inside the graph.
+    """
+    for name in FLOAT_ATTRIBUTES:
+        value = getattr(config, name)
+        if not abs(value) <= _FLOAT32_MAX:
+            raise ConfigError(
+                f"DeLeaker option {name}={value!r} does not fit float32, which the exported graph and the kernels "
+                f"store it as; allowed: finite numbers of magnitude <= {_FLOAT32_MAX:.4g}"
+            )
+    for name in WINDOW_FIELDS:
+        value = getattr(config, name)
+        if value > _INT64_MAX:
+            raise ConfigError(
+                f"DeLeaker option {name}={value!r} does not fit int64, which the graph and the kernels store it as; "
+                f"allowed: 0 to {_INT64_MAX}"
+            )
+
+
 def config_from_attributes(attrs: Mapping[str, Any]) -> Tuple[int, int, Tuple[int, int], DeLeakerConfig]:
-    """Inverse of `node_attributes`: ``(block_offset, num_blocks, (grid_h, grid_w), config)``."""
+    """Inverse of `node_attributes`: ``(block_offset, num_blocks, (grid_h, grid_w), config)``.
+
+    Raises `ShapeError` for missing attributes or a grid, block offset or block count out of range, and
+    `ConfigError` for knobs that `DeLeakerConfig` refuses (NaN, infinite, negative windows, ...).
+    """
     missing = [name for name in INT_ATTRIBUTES + FLOAT_ATTRIBUTES if name not in attrs]
     if missing:
         raise ShapeError(f"{OP_TYPE} node lacks attribute(s) {missing}")
-    knobs: Dict[str, Any] = {name: int(attrs[name]) for name in INT_ATTRIBUTES[4:]}
+    try:
+        knobs: Dict[str, Any] = {name: int(attrs[name]) for name in INT_ATTRIBUTES[4:]}
+        # ONNX stores float attributes as float32: take the shortest decimal that rounds to it (1.2f -> 1.2), so a
+        # config survives the round trip through the node. NaN and inf stay NaN and inf (refused below).
+        knobs.update({name: float(str(np.float32(attrs[name]))) for name in FLOAT_ATTRIBUTES})
+        placement = {name: int(attrs[name]) for name in INT_ATTRIBUTES[:4]}
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"{OP_TYPE} node has a non-numeric attribute: {exc}") from exc
     for name in _BOOL_KNOBS:
+        if knobs[name] not in (0, 1):
+            raise ConfigError(f"{OP_TYPE} attribute {name} must be 0 or 1, got {knobs[name]}")
         knobs[name] = bool(knobs[name])
-    # ONNX stores float attributes as float32: take the shortest decimal that rounds to it (1.2f -> 1.2), so a
-    # config survives the round trip through the node.
-    knobs.update({name: float(str(np.float32(attrs[name]))) for name in FLOAT_ATTRIBUTES})
-    grid = (int(attrs["grid_h"]), int(attrs["grid_w"]))
-    return int(attrs["block_offset"]), int(attrs["num_blocks"]), grid, DeLeakerConfig(**knobs)
+    if placement["num_blocks"] < 1 or not 0 <= placement["block_offset"] < placement["num_blocks"]:
+        raise ShapeError(
+            f"{OP_TYPE} node has block_offset {placement['block_offset']} and num_blocks {placement['num_blocks']}; "
+            "allowed: num_blocks >= 1 and 0 <= block_offset < num_blocks"
+        )
+    grid = (placement["grid_h"], placement["grid_w"])
+    if min(grid) < 1:
+        raise ShapeError(f"{OP_TYPE} node has grid {grid[0]}x{grid[1]}; both sides must be >= 1")
+    config = DeLeakerConfig(**knobs)
+    check_graph_config(config)
+    return placement["block_offset"], placement["num_blocks"], grid, config
 
 
 # --- translation 1: the custom node --------------------------------------------------------------------------

@@ -1,15 +1,24 @@
-"""ONNX Runtime for exported DeLeaker graphs: the reference implementation of the custom node, and sessions.
+"""ONNX Runtime for exported DeLeaker graphs: sessions, their feeds, and the custom node's Python reference.
 
-A graph with ``deleaker::DeLeakerAttention`` nodes runs in ONNX Runtime through onnxruntime-extensions: the node
-gets a Python implementation (`register_reference_op`) that calls ``deleaker.deleaker_attention_reference``, so
-it matches PyTorch exactly up to float rounding. That implementation takes float32 ``q, k, v`` only (a Python op
-has fixed input types); fp16/bf16 graphs run in ORT through the decomposition (``decompose=True`` at export).
-A decomposed graph needs nothing beyond ONNX Runtime.
+Graphs in standard ONNX (the decomposition, ``decompose=True`` at export, or the portable form of any exported
+graph, `deleaker.export.portable`) run in a plain session (`make_session`): nothing runs in Python inside ONNX
+Runtime. `make_session` refuses graphs with ``deleaker::DeLeakerAttention`` nodes.
+
+The custom node itself runs only where asked for by name (`make_reference_session`, for tests and debugging): it
+gets a Python implementation through onnxruntime-extensions (`register_reference_op`) that calls
+``deleaker.deleaker_attention_reference`` (float32 ``q, k, v`` only: a Python op has fixed input types). An
+exception that leaves a Python op makes onnxruntime-extensions terminate the process (SIGABRT), so the reference
+never lets one leave: its node attributes are validated when the session is made, and an error inside the node
+(or a signal) turns into NaN outputs plus the error, which the session's ``run`` raises once ONNX Runtime
+returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import threading
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -17,11 +26,26 @@ import numpy as np
 import onnx
 import torch
 
+from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError, ShapeError
 from deleaker.ops import deleaker_attention_reference
 
 from .contract import FluxTransformerIO
+from .exporter import META_CONFIG, META_IO
 from .onnx_node import DOMAIN, FLOAT_ATTRIBUTES, INT_ATTRIBUTES, OP_TYPE, STRING_ATTRIBUTES, config_from_attributes
+
+
+class _NodeErrors(threading.local):
+    """The error the reference node caught in this thread, for the session's ``run`` to raise.
+
+    The node is a process-wide callback of onnxruntime-extensions and cannot raise, so this per-thread slot is
+    the only way out for its errors; ONNX Runtime calls a CPU node on the thread that called ``run``.
+    """
+
+    error: Optional[BaseException] = None
+
+
+_NODE_ERRORS = _NodeErrors()
 
 
 def reference_node(
@@ -50,6 +74,17 @@ def reference_node(
         config=config,
     )
     return out.numpy(), history_out.numpy()
+
+
+def _guarded_reference_node(q, k, v, entity_mask, history, step, **attrs):
+    """`reference_node`, but nothing leaves it: an exception (or a KeyboardInterrupt) is kept for
+    `ReferenceSession.run` and the outputs are NaN, so onnxruntime-extensions never aborts the process."""
+    try:
+        return reference_node(q, k, v, entity_mask, history, step, **attrs)
+    except BaseException as exc:  # noqa: BLE001  (an exception escaping into C++ terminates the process)
+        if _NODE_ERRORS.error is None:
+            _NODE_ERRORS.error = exc
+        return np.full(np.shape(q), np.nan, np.float32), np.full(np.shape(history), np.nan, np.float32)
 
 
 @functools.cache
@@ -82,15 +117,18 @@ def register_reference_op() -> str:
         ],
         outputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
         attrs=attrs,
-    )(reference_node)
+    )(_guarded_reference_node)
     return get_library_path()
 
 
 def uses_custom_node(model: Union[str, Path, onnx.ModelProto]) -> bool:
-    """True when the graph has ``deleaker`` domain nodes (reads only the graph, not external weights)."""
+    """True when the graph, a subgraph or a local function has ``deleaker`` domain nodes (reads only the graph,
+    not external weights)."""
+    from .portable import all_nodes
+
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
-    return any(node.domain == DOMAIN for node in model.graph.node)
+    return any(node.domain == DOMAIN for node in all_nodes(model))
 
 
 def make_session(
@@ -99,23 +137,161 @@ def make_session(
     *,
     session_options: Any = None,
 ):
-    """An ``onnxruntime.InferenceSession`` on ``onnx_path`` (its external data next to it).
+    """An ``onnxruntime.InferenceSession`` on ``onnx_path`` (its external data next to it), standard ONNX only.
 
-    When the graph has the custom node, the Python reference is registered (`register_reference_op`) and the
-    extensions library is added to the session options. ``providers`` defaults to ``["CPUExecutionProvider"]``
-    (the Python node runs on the CPU whatever the providers). Raises `DeLeakerError` if the file is missing.
+    ``providers`` defaults to ``["CPUExecutionProvider"]``. Raises `DeLeakerError` if the file is missing or the
+    graph has ``deleaker`` nodes (convert it with `deleaker.export.portable.make_portable`, or ask for the Python
+    reference explicitly with `make_reference_session`).
     """
     import onnxruntime as ort
 
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise DeLeakerError(f"no ONNX file at {path}")
-    options = session_options if session_options is not None else ort.SessionOptions()
+    path = _existing(onnx_path)
     if uses_custom_node(path):
-        options.register_custom_ops_library(register_reference_op())
+        raise DeLeakerError(
+            f"{path.name} has {DOMAIN}::{OP_TYPE} nodes, which ONNX Runtime has no kernel for; run its portable form "
+            "(deleaker.export.portable.make_portable) or, for tests, make_reference_session"
+        )
+    options = session_options if session_options is not None else ort.SessionOptions()
     return ort.InferenceSession(
         str(path), sess_options=options, providers=list(providers) if providers else ["CPUExecutionProvider"]
     )
+
+
+class ReferenceSession:
+    """An ONNX Runtime session whose ``DeLeakerAttention`` nodes run the Python reference (float32 graphs).
+
+    ``run`` raises what the node raised (after ONNX Runtime returns; the node's outputs were NaN meanwhile).
+    Every other attribute is the ``InferenceSession``'s.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def run(self, output_names: Any, feeds: Mapping[str, Any], run_options: Any = None) -> list:
+        _NODE_ERRORS.error = None
+        try:
+            outputs = self._session.run(output_names, feeds, run_options)
+        finally:
+            error, _NODE_ERRORS.error = _NODE_ERRORS.error, None
+        if isinstance(error, (KeyboardInterrupt, SystemExit, DeLeakerError)):
+            raise error
+        if error is not None:
+            raise DeLeakerError(f"the {OP_TYPE} reference node failed: {type(error).__name__}: {error}") from error
+        return outputs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def make_reference_session(onnx_path: Union[str, Path], *, session_options: Any = None) -> ReferenceSession:
+    """A CPU session on ``onnx_path`` in which ``deleaker::DeLeakerAttention`` runs the Python reference.
+
+    Every custom node's attributes are checked first (`config_from_attributes`: missing, NaN, out-of-range
+    values, a grid that does not match the node's tokens raise `ConfigError` / `ShapeError` here, not inside
+    ONNX Runtime). Errors inside the node come out of ``run`` (see `ReferenceSession`).
+    """
+    import onnxruntime as ort
+
+    from .portable import check_custom_nodes
+
+    path = _existing(onnx_path)
+    check_custom_nodes(onnx.load(str(path), load_external_data=False))
+    options = session_options if session_options is not None else ort.SessionOptions()
+    options.register_custom_ops_library(register_reference_op())
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ReferenceSession(session)
+
+
+def _existing(onnx_path: Union[str, Path]) -> Path:
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise DeLeakerError(f"no ONNX file at {path}")
+    return path
+
+
+def run_interruptible(session: Any, output_names: Sequence[str], feeds: Mapping[str, Any]) -> list:
+    """``session.run(output_names, feeds)`` that Ctrl-C stops between two nodes, also in a long run.
+
+    Python raises KeyboardInterrupt only in the main thread and only between bytecodes, never while ONNX Runtime
+    computes. Called from the main thread, the run goes to a worker thread and the main thread waits; on an
+    interrupt the run is told to stop (``RunOptions.terminate``), the worker is joined and the interrupt
+    re-raised, so nothing is left running. From any other thread this is ``session.run``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return session.run(list(output_names), dict(feeds))
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    outcome: Dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["outputs"] = session.run(list(output_names), dict(feeds), options)
+        except BaseException as exc:  # noqa: BLE001  (handed to the waiting thread)
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="deleaker-ort-run", daemon=True).start()
+    # Wait on an event, not Thread.join: a join interrupted by Ctrl-C marks a running thread as finished
+    # (CPython 3.11), and the process would then exit with ONNX Runtime still running in it, which aborts.
+    interrupt: Optional[BaseException] = None
+    while not done.is_set():
+        try:
+            done.wait(0.05)
+        except BaseException as exc:  # noqa: BLE001  (KeyboardInterrupt, or what a signal handler raises)
+            options.terminate = True  # ONNX Runtime stops before its next node
+            interrupt = interrupt or exc
+    if interrupt is not None:
+        raise interrupt
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["outputs"]
+
+
+_ORT_TYPES = {
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+    "bfloat16": "tensor(bfloat16)",
+    "int32": "tensor(int32)",
+    "int64": "tensor(int64)",
+    "bool": "tensor(bool)",
+}
+
+
+def check_session_contract(
+    session: Any, io: FluxTransformerIO, name: str, config: Optional[DeLeakerConfig] = None
+) -> None:
+    """Raise `ShapeError` unless the session's inputs and outputs are the contract's (names, order, element types,
+    static sizes) and what the graph records (the exporter's metadata, when it has it) is ``io`` and, when given,
+    ``config``. ``name`` names the graph in messages."""
+
+    def dims_match(got: Sequence[Any], want: Sequence[Any]) -> bool:
+        # A contract's batch axis (a name) takes any size; every other size must be the contract's.
+        return len(got) == len(want) and all(isinstance(w, str) or g == w for g, w in zip(got, want))
+
+    sides = (("inputs", session.get_inputs(), io.inputs), ("outputs", session.get_outputs(), io.outputs))
+    for what, values, specs in sides:
+        got = [(v.name, v.type, list(v.shape)) for v in values]
+        want = [(s.name, _ORT_TYPES[s.dtype], list(s.shape)) for s in specs]
+        if len(got) != len(want) or any(
+            g[:2] != w[:2] or not dims_match(g[2], w[2]) for g, w in zip(got, want)
+        ):
+            raise ShapeError(f"{name} has {what} {got}; the contract wants {want}")
+    metadata = session.get_modelmeta().custom_metadata_map
+    wanted = {META_IO: ("I/O contract", io.to_dict())}
+    if config is not None:
+        wanted[META_CONFIG] = ("DeLeaker config", dataclasses.asdict(config))
+    for key, (what, value) in wanted.items():
+        if key not in metadata:
+            continue
+        try:
+            same = json.loads(metadata[key]) == json.loads(json.dumps(value))
+        except (ValueError, RecursionError):
+            same = False
+        if not same:
+            raise ShapeError(f"{name} records another {what} than the one it is loaded for")
 
 
 def session_feeds(io: FluxTransformerIO, inputs: Mapping[str, Union[torch.Tensor, np.ndarray]]) -> Dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ _EXPORTS = {
     "OnnxRuntimeBackend": "backends",
     "TensorRTBackend": "backends",
     "BackendError": "backends",
+    "MemoryBudgetError": "memory",
     "FlowMatchSchedule": "schedule",
     "flux_schedule": "schedule",
 }

@@ -15,14 +15,15 @@ Outputs: ``noise_pred (B, Nimg, C_out)`` and ``history_out (B, E_max, Nimg)`` fl
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, runtime_checkable
+from typing import Any, Iterator, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 
 from deleaker.config import DeLeakerConfig
-from deleaker.errors import DeLeakerError
+from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.processor import DeLeakerState, install_deleaker_processors
 
 Tensor = torch.Tensor
@@ -44,6 +45,49 @@ INPUT_NAMES = (
 
 class BackendError(DeLeakerError, RuntimeError):
     """A transformer backend cannot be created or run (missing package, bad graph, wrong inputs)."""
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """True for the ways torch and ONNX Runtime report that memory ran out."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+@contextlib.contextmanager
+def allocation_errors_as(error: type[DeLeakerError], what: str) -> Iterator[None]:
+    """Re-raise a failed allocation inside the block as ``error`` (typed, with the advice to lower the size)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_allocation_failure(exc):
+            raise
+        advice = "use a smaller resolution or a machine with more memory"
+        raise error(f"{what} ran out of memory ({exc}); {advice}") from exc
+
+
+def resolve_device(device: str | torch.device | None, *, default: str) -> torch.device:
+    """``device`` as a torch device this process can use (``None``: ``default``); `ConfigError` otherwise.
+
+    Allowed: ``cpu``, and ``cuda`` / ``cuda:N`` when torch sees that GPU.
+    """
+    text = default if device is None else device
+    try:
+        resolved = torch.device(text)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"device {str(text)!r} is not a torch device; allowed: cpu, cuda, cuda:N") from exc
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise ConfigError(f"device {str(text)!r} cannot run a model here; allowed: cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"device {str(text)!r}: no CUDA GPU is visible to torch ({build}); use --device cpu")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ConfigError(f"device {str(text)!r}: torch sees {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+    return resolved
 
 
 @runtime_checkable
@@ -97,31 +141,43 @@ class TorchBackend:
                 history=history.to(torch.float32).clone(),
             )
         guidance = inputs.get("guidance") if self.transformer.config.guidance_embeds else None
-        noise_pred = self.transformer(
-            hidden_states=hidden.to(self.dtype),
-            encoder_hidden_states=inputs["encoder_hidden_states"].to(self.dtype),
-            pooled_projections=inputs["pooled_projections"].to(self.dtype),
-            timestep=inputs["timestep"].to(self.dtype),
-            img_ids=inputs["img_ids"],
-            txt_ids=inputs["txt_ids"],
-            guidance=guidance,
-            joint_attention_kwargs=None if state is None else {"deleaker_state": state},
-            return_dict=False,
-        )[0]
+        with allocation_errors_as(BackendError, f"the torch backend on {self.device}"):
+            noise_pred = self.transformer(
+                hidden_states=hidden.to(self.dtype),
+                encoder_hidden_states=inputs["encoder_hidden_states"].to(self.dtype),
+                pooled_projections=inputs["pooled_projections"].to(self.dtype),
+                timestep=inputs["timestep"].to(self.dtype),
+                img_ids=inputs["img_ids"],
+                txt_ids=inputs["txt_ids"],
+                guidance=guidance,
+                joint_attention_kwargs=None if state is None else {"deleaker_state": state},
+                return_dict=False,
+            )[0]
         return noise_pred, (history if state is None else state.history)
 
 
 class OnnxRuntimeBackend:
-    """An exported transformer graph (with ``DeLeakerAttention`` nodes) in an ONNX Runtime session.
+    """A transformer graph in standard ONNX (DeLeaker decomposed, float32 on the CPU) in an ONNX Runtime session.
 
-    The session comes from the export helper's factory (`deleaker.export.ort.make_session`), which registers the
-    custom node's implementation; feeds are cast to the dtypes of the I/O contract ``io``
-    (`deleaker.export.ort.session_feeds`). CPU by default; ``providers`` as ONNX Runtime takes them.
+    The graph comes from the runtime's ONNX cache (`deleaker.runtime.onnx_cache`): a model's export or the portable
+    form of an engine directory's ONNX. The session is made by `deleaker.export.ort.make_session`, which refuses
+    graphs with ``DeLeakerAttention`` nodes (ONNX Runtime would run them in Python, where an error aborts the
+    process); its inputs and outputs are checked against the contract ``io`` on load, and the contract and knobs
+    (``config``, when given) the graph records against ``io`` and ``config``. Feeds are cast to the
+    contract's dtypes (`deleaker.export.ort.session_feeds`). Ctrl-C stops a run between two nodes
+    (`deleaker.export.ort.run_interruptible`). CPU by default; ``providers`` as ONNX Runtime takes them.
     """
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, io: Any, *, providers: Optional[list[str]] = None) -> None:
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        io: Any,
+        *,
+        providers: Optional[list[str]] = None,
+        config: Optional[DeLeakerConfig] = None,
+    ) -> None:
         try:
             ort_helpers = importlib.import_module("deleaker.export.ort")
         except ImportError as exc:  # onnx / onnxruntime missing
@@ -130,24 +186,24 @@ class OnnxRuntimeBackend:
             ) from exc
         self.path = Path(onnx_path)
         self.io = io
-        self._feeds = ort_helpers.session_feeds
+        self._helpers = ort_helpers
         try:
             self.session = ort_helpers.make_session(self.path, providers=providers)
-        except DeLeakerError:
-            raise
+            ort_helpers.check_session_contract(self.session, io, str(self.path), config)
+        except DeLeakerError as exc:
+            raise BackendError(f"ONNX Runtime cannot use {self.path}: {exc}") from exc
         except Exception as exc:  # onnxruntime raises its own types for a corrupt or unsupported graph
             raise BackendError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
-        outputs = [o.name for o in self.session.get_outputs()]
-        if list(outputs) != list(io.output_names):
-            raise BackendError(f"{self.path} has outputs {outputs}, the contract {list(io.output_names)}")
         self.device = torch.device("cpu")
         self.dtype = io.spec("noise_pred").torch_dtype
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        feeds = self._feeds(self.io, {name: inputs[name] for name in self.io.input_names})
+        feeds = self._helpers.session_feeds(self.io, {name: inputs[name] for name in self.io.input_names})
         try:
-            noise_pred, history = self.session.run(list(self.io.output_names), feeds)
-        except Exception as exc:  # onnxruntime's own error types (e.g. a node type the session cannot run)
+            noise_pred, history = self._helpers.run_interruptible(self.session, self.io.output_names, feeds)
+        except DeLeakerError:
+            raise
+        except Exception as exc:  # onnxruntime's own error types (an allocation failure, a node that fails)
             raise BackendError(f"ONNX Runtime failed on {self.path.name}: {exc}") from exc
         return torch.from_numpy(noise_pred), torch.from_numpy(history)
 

@@ -4,11 +4,19 @@ A directory holds one artifact per resolution, each beside ``<artifact>.manifest
 (``deleaker.engines.manifest.EngineManifest``). Loading checks, before any generation:
 
 - the directory exists and has at least one manifest of the wanted kind;
-- every manifest parses and all agree on the model, ``T``, ``E_max`` and DeLeaker knobs (one runtime, one model);
+- every manifest parses and is well-formed (types, knobs as the graph stores them, shapes within the runtime's
+  limits), and all agree on the model, ``T``, ``E_max`` and DeLeaker knobs (one runtime, one model); each
+  manifest's contract is the one the model's transformer config gives for its sizes;
+- every file a manifest names resolves, after symlinks, inside the directory (checked before any file is read),
+  and an ONNX's external data files are all named by its manifest;
 - each artifact's bytes hash to its manifest's ``artifact_sha256`` (a truncated or corrupted file is refused);
 - engines fit this machine (``EngineManifest.check_compatible``: GPU, TensorRT and plugin versions). Without
   TensorRT the directory still loads, so requests can be validated (resolution, prompt, entities); the first
   generation then raises TensorRT's absence before any model runs.
+
+ONNX files run in ONNX Runtime on the CPU in their portable form (`deleaker.export.portable`: float32, DeLeaker as
+standard ONNX operators), made once per artifact into the runtime's ONNX cache: what ``deleaker-trt build
+--onnx-only`` writes (fp16/bf16/fp8, with the TensorRT plugin's custom nodes) runs on a machine without TensorRT.
 
 Text encoders and the VAE come from the model the manifests name (``tiny`` or a diffusers folder).
 """
@@ -21,10 +29,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.geometry import vae_scale_factor
 
-from .backends import OnnxRuntimeBackend, TensorRTBackend, TransformerBackend
+from .backends import OnnxRuntimeBackend, TensorRTBackend, TransformerBackend, resolve_device
 from .schedule import ShiftConfig
 from .text import TextEncoders
 
@@ -92,11 +101,15 @@ def load_engine_dir(
     precision: Optional[str] = None,
     cuda_graph: bool = True,
     ort_providers: Optional[list[str]] = None,
+    cache_dir: str | Path | None = None,
 ) -> "DeLeakerRuntime":
     """``cls`` (a `DeLeakerRuntime`) for ``engine_dir``; ``backend`` picks the artifact kind when both exist
     (default: TensorRT engines if there are any, else ONNX files), ``precision`` (fp16, bf16, fp8) the artifacts
-    when the directory has several precisions of one resolution."""
-    from .runtime import PerResolution, load_components, transformer_config
+    when the directory has several precisions of one resolution. ``device``: the GPU of TensorRT engines
+    (``cuda[:N]``); ONNX files run on the CPU. ``cache_dir``: where ONNX files are converted for ONNX Runtime
+    (default `deleaker.runtime.runtime.default_cache_dir`)."""
+    from .memory import AttentionMemory
+    from .runtime import PerResolution, default_cache_dir, load_components, transformer_config
 
     start = time.perf_counter()
     engine_dir = Path(engine_dir)
@@ -115,6 +128,10 @@ def load_engine_dir(
         raise EngineDirError(
             f"{engine_dir} has no {wanted_kind} artifacts for the {backend} backend (it has: {sorted(kinds)})"
         )
+    if wanted_kind == "onnx" and device is not None and str(device) != "cpu":
+        raise ConfigError(f"ONNX files run in ONNX Runtime on the CPU; device {str(device)!r} is for TensorRT engines")
+    if wanted_kind == "engine" and device is not None:
+        device = str(resolve_device(device, default="cuda"))
 
     if precision is not None:
         available = sorted({m.precision for m in chosen})
@@ -144,23 +161,21 @@ def load_engine_dir(
     # The machine check needs TensorRT and a GPU (see `current_environment`).
     env = current_environment(manifest_mod) if wanted_kind == "engine" else None
 
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     loaders: dict[tuple[int, int], Callable[[], TransformerBackend]] = {}
+    contracts = {}
     for m in chosen:
         key = (m.height, m.width)
-        path = m.check_artifact(engine_dir)  # hash check: refuses truncated or corrupted files
+        path = m.check_artifact(engine_dir)  # paths inside the directory, then hashes: refuses escapes and damage
         if env is not None:
             m.check_compatible(env)
         io = FluxTransformerIO.from_dict(m.io)
-        if wanted_kind == "onnx" and io.dtype != "float32" and _uses_custom_node(path):
-            raise EngineDirError(
-                f"{m.artifact} is {io.dtype} with DeLeakerAttention nodes; ONNX Runtime runs that node in float32 "
-                "only: use the tensorrt backend, or export the ONNX with its decomposition"
-            )
+        contracts[key] = io
         if wanted_kind == "engine":
             loaders[key] = lambda p=path, io=io: TensorRTBackend(p, io, cuda_graph=cuda_graph, device=device or "cuda")
         else:
-            loaders[key] = lambda p=path, io=io: OnnxRuntimeBackend(p, io, providers=ort_providers)
-
+            _check_external_data(path, m)
+            loaders[key] = lambda p=path, m=m, io=io: _onnx_backend(p, m, io, cache, ort_providers)
     components, _ = load_components(first.model_id, with_transformer=False)
     config_of_transformer = transformer_config(first.model_id, components)
     transformer = components.pop("transformer", None)
@@ -173,7 +188,8 @@ def load_engine_dir(
                 "rebuild the engines"
             )
         del transformer
-    dtype = _torch_dtype(first.io.get("dtype", "float32"))
+    # ONNX files run in float32 (their portable form); engines in their own precision.
+    dtype = _torch_dtype(first.io["dtype"]) if wanted_kind == "engine" else torch.float32
     # Without CUDA an engine directory still loads on the CPU (requests can be validated); its TensorRT backend
     # then refuses to start with a clear error.
     gpu = wanted_kind == "engine" and torch.cuda.is_available()
@@ -186,9 +202,32 @@ def load_engine_dir(
             module.to(dtype=parts_dtype)
         module.to(run_device)
     scale = vae_scale_factor(components["vae"].config)
-    if int(first.io["in_channels"]) != int(config_of_transformer["in_channels"]):
-        raise EngineDirError(f"{first.artifact} was built for another model than {first.model_id}")
-    source = PerResolution(backend, 2 * scale, loaders)
+    for m in chosen:
+        io = contracts[(m.height, m.width)]
+        try:
+            expected = FluxTransformerIO.from_config(
+                config_of_transformer,
+                height=m.height,
+                width=m.width,
+                text_len=m.text_len,
+                max_entities=m.max_entities,
+                vae_scale_factor=scale,
+                batch=(io.batch_min, io.batch_opt, io.batch_max),
+                dtype=io.dtype,
+            )
+        except DeLeakerError as exc:
+            raise EngineDirError(f"{m.artifact} does not fit the model {first.model_id}: {exc}") from exc
+        if expected != io:
+            raise EngineDirError(
+                f"{m.artifact} was built for another model than {first.model_id}: its contract is {io}, the model's "
+                f"{expected}"
+            )
+    memory = None
+    if wanted_kind == "onnx":  # runs on this machine's CPU: refuse sizes that do not fit its memory
+        memory = AttentionMemory.of(
+            config_of_transformer, text_len=first.text_len, max_entities=first.max_entities, patch=2 * scale
+        )
+    source = PerResolution(backend, 2 * scale, loaders, memory=memory)
     default_size = min(loaders, key=lambda hw: hw[0] * hw[1])
     runtime = cls(
         text=TextEncoders(
@@ -210,10 +249,48 @@ def load_engine_dir(
     return runtime
 
 
-def _uses_custom_node(path: Path) -> bool:
-    from deleaker.export.ort import uses_custom_node
+def _onnx_backend(
+    path: Path, manifest: Any, io: Any, cache_dir: Path, providers: Optional[list[str]]
+) -> TransformerBackend:
+    """ONNX Runtime on an engine directory's ONNX: as it is when it is float32 standard ONNX already, else its
+    portable form from the cache."""
+    import onnx
 
-    return uses_custom_node(path)
+    from deleaker.export.portable import needs_portable
+
+    from .onnx_cache import portable_backend
+
+    config = DeLeakerConfig(**manifest.deleaker_config)
+    if not needs_portable(onnx.load(str(path), load_external_data=False)):
+        return OnnxRuntimeBackend(path, io, providers=providers, config=config)
+    return portable_backend(
+        path,
+        artifact_sha256=manifest.artifact_sha256,
+        data_files=manifest.data_files,
+        io=io,
+        config=config,
+        cache_dir=cache_dir,
+        providers=providers,
+    )
+
+
+def _check_external_data(path: Path, manifest: Any) -> None:
+    """Refuse an ONNX whose weights live in files its manifest does not name (and so did not check)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001  (protobuf's decode errors have no common type)
+        raise EngineDirError(f"{path} is not a readable ONNX file: {exc}") from exc
+    from deleaker.export.portable import external_data_locations
+
+    named = set(manifest.data_files)
+    for location in sorted(external_data_locations(model)):
+        if location not in named:
+            raise EngineDirError(
+                f"{path.name} reads weights from {location!r}, which its manifest does not name (data_files: "
+                f"{sorted(named)}); rebuild the directory"
+            )
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -99,7 +99,11 @@ class RuntimeSpec:
 
         if self.engines is not None:
             return DeLeakerRuntime.from_engines(
-                self.engines, backend=self.backend, device=self.device, precision=self.precision
+                self.engines,
+                backend=self.backend,
+                device=self.device,
+                precision=self.precision,
+                cache_dir=self.cache_dir,
             )
         return DeLeakerRuntime.from_model(
             self.model,

@@ -27,7 +27,7 @@ from deleaker.geometry import latent_grid, vae_scale_factor
 from deleaker.tiny import TINY_MODEL_NAME
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 
-from .backends import OnnxRuntimeBackend, TorchBackend, TransformerBackend
+from .backends import TorchBackend, TransformerBackend, resolve_device
 from .defaults import (
     DEFAULT_GUIDANCE,
     DEFAULT_MAX_ENTITIES,
@@ -36,6 +36,7 @@ from .defaults import (
     DEFAULT_TEXT_LEN,
     MODEL_BACKENDS,
 )
+from .memory import AttentionMemory
 from .schedule import (
     ShiftConfig,
     euler_step,
@@ -49,6 +50,9 @@ from .request import MAX_SIDE, GenerationRequest
 from .text import TextEncoders
 
 Tensor = torch.Tensor
+
+#: Serialises builds of the tiny model (see `load_components`).
+_TINY_BUILD_LOCK = threading.Lock()
 
 
 class NonFiniteError(DeLeakerError, ArithmeticError):
@@ -81,21 +85,33 @@ class TransformerSource:
 
 
 class AnyResolution(TransformerSource):
-    """One backend for every resolution that is a multiple of ``2 * vae_scale_factor`` (PyTorch)."""
+    """One backend for every resolution that is a multiple of ``2 * vae_scale_factor`` (PyTorch).
 
-    def __init__(self, backend: TransformerBackend, patch: int, max_pixels: int = MAX_SIDE) -> None:
-        self._backend, self._patch, self._max = backend, patch, max_pixels
+    ``memory``: the attention's working memory, checked against what this machine has free (None: unchecked,
+    e.g. on a GPU, where an allocation failure is still a typed error).
+    """
+
+    def __init__(
+        self, backend: TransformerBackend, patch: int, max_pixels: int = MAX_SIDE,
+        memory: Optional[AttentionMemory] = None,
+    ) -> None:
+        self._backend, self._patch, self._max, self._memory = backend, patch, max_pixels, memory
         self.name = backend.name
 
     def check_resolution(self, height: int, width: int) -> None:
         check_size(height, width, self._patch, self._max)
+        if self._memory is not None:
+            self._memory.check(height, width)
 
     def backend(self, height: int, width: int) -> TransformerBackend:
         return self._backend
 
 
 class PerResolution(TransformerSource):
-    """One backend per resolution: fixed ones (engines, ONNX files), or made on first use by ``factory``."""
+    """One backend per resolution: fixed ones (engines, ONNX files), or made on first use by ``factory``.
+
+    ``memory`` as `AnyResolution`'s (for backends that run on this machine's CPU).
+    """
 
     def __init__(
         self,
@@ -104,8 +120,9 @@ class PerResolution(TransformerSource):
         backends: Mapping[tuple[int, int], Callable[[], TransformerBackend]],
         factory: Optional[Callable[[int, int], TransformerBackend]] = None,
         max_pixels: int = MAX_SIDE,
+        memory: Optional[AttentionMemory] = None,
     ) -> None:
-        self.name, self._patch, self._factory, self._max = name, patch, factory, max_pixels
+        self.name, self._patch, self._factory, self._max, self._memory = name, patch, factory, max_pixels, memory
         self._loaders = dict(backends)
         self._loaded: dict[tuple[int, int], TransformerBackend] = {}
 
@@ -118,6 +135,8 @@ class PerResolution(TransformerSource):
         if self._factory is None and (height, width) not in self._loaders:
             allowed = ", ".join(f"{h}x{w}" for h, w in self.resolutions)
             raise ShapeError(f"no {self.name} engine for {height}x{width}; this directory has: {allowed}")
+        if self._memory is not None:
+            self._memory.check(height, width)
 
     def backend(self, height: int, width: int) -> TransformerBackend:
         key = (height, width)
@@ -218,6 +237,7 @@ class DeLeakerRuntime:
                 "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
             )
         start = time.perf_counter()
+        model_device(backend, device)  # a device this backend cannot use is refused before the model loads
         components, model_id = load_components(model)
         return cls.from_components(
             components,
@@ -263,11 +283,15 @@ class DeLeakerRuntime:
                 f"backend {backend!r} cannot load a model; allowed: {MODEL_BACKENDS} "
                 "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
             )
+        device = model_device(backend, device)
         components = dict(components)
-        if backend == "torch":
-            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        else:
-            device = torch.device("cpu")
+        transformer = components["transformer"]
+        num_blocks = num_joint_blocks(transformer.config)
+        config = DeLeakerConfig.resolve(deleaker_config, num_blocks)
+        if backend == "onnxruntime":
+            from deleaker.export.onnx_node import check_graph_config
+
+            check_graph_config(config)  # the graph stores the knobs as float32/int64: refuse before any export
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         for name in ("text_encoder", "text_encoder_2", "vae", "transformer"):
             module = components[name]
@@ -275,18 +299,18 @@ class DeLeakerRuntime:
             if next(module.parameters()).dtype != dtype:
                 module.to(dtype=dtype)
             module.to(device)
-        transformer = components["transformer"]
-        num_blocks = num_joint_blocks(transformer.config)
-        config = DeLeakerConfig.resolve(deleaker_config, num_blocks)
         scale = vae_scale_factor(components["vae"].config)
         patch = 2 * scale
+        memory = AttentionMemory.of(transformer.config, text_len=text_len, max_entities=max_entities, patch=patch)
         if backend == "torch":
-            source: TransformerSource = AnyResolution(TorchBackend(transformer, config), patch)
+            source: TransformerSource = AnyResolution(
+                TorchBackend(transformer, config), patch, memory=memory if device.type == "cpu" else None
+            )
         else:
-            from .onnx_cache import exported_onnx  # onnx/onnxscript are optional: import on use
+            from .onnx_cache import model_backend  # onnx/onnxscript are optional: import on use
 
             def export_for(height: int, width: int) -> TransformerBackend:
-                path, io = exported_onnx(
+                return model_backend(
                     transformer,
                     model_id=model_id,
                     height=height,
@@ -296,10 +320,10 @@ class DeLeakerRuntime:
                     vae_scale_factor=scale,
                     config=config,
                     cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+                    providers=ort_providers,
                 )
-                return OnnxRuntimeBackend(path, io, providers=ort_providers)
 
-            source = PerResolution("onnxruntime", patch, {}, factory=export_for)
+            source = PerResolution("onnxruntime", patch, {}, factory=export_for, memory=memory)
         return cls(
             text=TextEncoders(
                 components["tokenizer"],
@@ -486,6 +510,16 @@ class DeLeakerRuntime:
         return self.source.name
 
 
+def model_device(backend: str, device: str | torch.device | None) -> torch.device:
+    """Where ``backend`` runs a model: the torch backend on ``device`` (default CUDA when available, else the
+    CPU; see `resolve_device`), ONNX Runtime on the CPU. Raises `ConfigError` for a device it cannot use."""
+    if backend == "torch":
+        return resolve_device(device, default="cuda" if torch.cuda.is_available() else "cpu")
+    if device is not None and str(device) != "cpu":
+        raise ConfigError(f"the {backend} backend runs on the CPU; device {str(device)!r} is for the torch backend")
+    return torch.device("cpu")
+
+
 def default_cache_dir() -> Path:
     """``$DELEAKER_CACHE`` or ``$XDG_CACHE_HOME/deleaker-trt`` (``~/.cache/deleaker-trt``)."""
     import os
@@ -505,7 +539,10 @@ def load_components(model: str | Path, *, with_transformer: bool = True) -> tupl
     if str(model) == TINY_MODEL_NAME:
         from deleaker.tiny import build_tiny_flux_components
 
-        return build_tiny_flux_components(0), TINY_MODEL_NAME
+        # The tiny model seeds torch's process-wide generator while it builds: two builds at once would interleave
+        # their draws and get different weights (and so different caches). One at a time.
+        with _TINY_BUILD_LOCK:
+            return build_tiny_flux_components(0), TINY_MODEL_NAME
     path = Path(model)
     if not path.is_dir():
         raise ConfigError(f"model {str(model)!r} is neither 'tiny' nor a directory")

@@ -241,6 +241,9 @@ def test_engine_dir_errors(tmp_path):
 def _engine_dir(root, tiny_components, sizes=((64, 64),), text_lens=None, model_sha256=None, precisions=None):
     """A directory of engine artifacts with real manifests. The engine bytes are placeholders: TensorRT is not
     installed here, so only the checks before deserialization (manifest, hashes, shapes) can run."""
+    import dataclasses
+
+    from deleaker.config import DeLeakerConfig
     from deleaker.engines.manifest import EngineManifest, sha256_file
     from deleaker.export.contract import FluxTransformerIO
     from deleaker.runtime.onnx_cache import transformer_sha256
@@ -268,7 +271,7 @@ def _engine_dir(root, tiny_components, sizes=((64, 64),), text_lens=None, model_
             model_sha256=model_sha256 or transformer_sha256(transformer),
             precision=precision,
             io=io.to_dict(),
-            deleaker_config={},
+            deleaker_config=dataclasses.asdict(DeLeakerConfig.for_model(4)),
             onnx_sha256="0" * 64,
             plugin={"name": "DeLeakerAttention", "version": "1"},
             tensorrt_version="10.8.0",

@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 from deleaker.config import DeLeakerConfig
 from deleaker.engines import build as build_lib
 from deleaker.engines.cli import build as build_command
+from deleaker.export.contract import FluxTransformerIO
 from deleaker.engines.manifest import (
     EngineCompatibilityError,
     EngineManifest,
@@ -32,6 +33,24 @@ from deleaker.engines.manifest import (
 )
 from deleaker.plugins import trt_plugin
 
+#: The tiny model's contract at 64x64, T = 16, E_max = 4, batch 1..4 (what its fp16 build declares).
+TINY_IO = FluxTransformerIO(
+    in_channels=16,
+    out_channels=16,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    num_blocks=4,
+    height=64,
+    width=64,
+    vae_scale_factor=4,
+    text_len=16,
+    max_entities=4,
+    batch_min=1,
+    batch_opt=2,
+    batch_max=4,
+    dtype="float16",
+)
 TINY_ARGS = ["--model", "tiny", "--height", "64", "--width", "64", "--text-len", "16", "--max-entities", "4"]
 
 
@@ -43,16 +62,8 @@ def _engine_manifest(**changes) -> EngineManifest:
         model_id="tiny",
         model_sha256="1" * 64,
         precision="fp16",
-        io={
-            "height": 64,
-            "width": 64,
-            "text_len": 16,
-            "max_entities": 4,
-            "batch_min": 1,
-            "batch_opt": 2,
-            "batch_max": 4,
-        },
-        deleaker_config={"k_strength": 1.2},
+        io=TINY_IO.to_dict(),
+        deleaker_config=dataclasses.asdict(DeLeakerConfig.for_model(4)),
         onnx_sha256="2" * 64,
         plugin={"name": "DeLeakerAttention", "namespace": "deleaker", "version": "1", "sha256": "3" * 64},
         tensorrt_version="10.13.0",
@@ -152,7 +163,7 @@ def test_check_artifact_refuses_a_changed_file(tmp_path):
     with_data = _engine_manifest(artifact_sha256=sha256_file(artifact), data_files={data.name: sha256_file(data)})
     assert with_data.check_artifact(tmp_path) == artifact
     data.write_bytes(b"weightz")
-    with pytest.raises(EngineCompatibilityError, match="model.onnx.data, needed by .* is missing or changed"):
+    with pytest.raises(EngineCompatibilityError, match="model.onnx.data, needed by .* has changed"):
         with_data.check_artifact(tmp_path)
 
 
@@ -232,7 +243,7 @@ def test_cli_onnx_only_writes_onnx_and_manifest(onnx_only_build):
     assert inputs["hidden_states"].elem_type == onnx.TensorProto.FLOAT16
     assert inputs["entity_mask"].elem_type == onnx.TensorProto.INT32
     assert inputs["hidden_states"].shape.dim[0].dim_param  # the batch axis stays dynamic (the engine's profile)
-    assert not list(out.glob("*.plan")) and not list(out.glob(".*"))
+    assert not list(out.glob("*.plan")) and [p.name for p in out.glob(".*")] == [build_lib.BUILD_LOCK_NAME]
 
 
 def test_cli_full_build_without_usable_tensorrt_keeps_the_onnx_and_writes_no_engine(onnx_only_build):
@@ -255,7 +266,8 @@ def test_cli_full_build_without_usable_tensorrt_keeps_the_onnx_and_writes_no_eng
     else:  # TensorRT-RTX only
         assert "its Python API cannot host the DeLeaker plugin" in result.output
     assert sha256_file(onnx_path) == before and EngineManifest.read(onnx_path).kind == "onnx"
-    assert not list(out.glob("*.plan")) and not list(out.glob("*.plan.manifest.json")) and not list(out.glob(".*"))
+    assert not list(out.glob("*.plan")) and not list(out.glob("*.plan.manifest.json"))
+    assert [p.name for p in out.glob(".*")] == [build_lib.BUILD_LOCK_NAME]  # the build's lock, no staging left
 
 
 # --- TensorRT loaders against TensorRT(-RTX)'s real builder ----------------------------------------------------

@@ -31,7 +31,8 @@ from deleaker.export.exporter import (
     sha256_file,
 )
 from deleaker.export.onnx_node import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, config_from_attributes
-from deleaker.export.ort import make_session, session_feeds
+from deleaker.export.ort import make_reference_session, make_session, session_feeds
+from deleaker.export.portable import make_portable, needs_portable
 from deleaker.export.wrapper import make_wrapper
 from deleaker.ops import entity_affinity, entity_image_masks, update_history
 
@@ -46,7 +47,7 @@ WINDOWS = dict(start_aggregating_from=1, stop_aggregating_at=10, start_intervent
 CONFIG = DeLeakerConfig.for_model(NUM_BLOCKS, std_mul_text=-0.5, **WINDOWS)
 OFF = dataclasses.replace(CONFIG, start_intervention_from=10**6, stop_intervention_at=10**6)
 SEED = 10
-ORT_RTOL = {"custom": 1e-5, "decomposed": 1e-4}
+ORT_RTOL = {"custom": 1e-5, "decomposed": 1e-4, "portable": 1e-4}
 
 
 def rel_l2(a, b) -> float:
@@ -281,10 +282,23 @@ def test_pytorch_run_exercises_deleaker(torch_steps, entity_mask):
     assert not histories[3][:, 2:].any()  # absent entities keep zero rows
 
 
-@pytest.mark.parametrize("kind", ["custom", "decomposed"])
-def test_onnxruntime_matches_pytorch_over_steps(exports, io, torch_steps, kind):
+@pytest.fixture(scope="module")
+def portable_of_custom(exports):
+    """The custom-node export in its portable form (every DeLeakerAttention node replaced by the decomposition)."""
+    path = exports["custom"].onnx_path.parent / "portable.onnx"
+    make_portable(exports["custom"].onnx_path, path)
+    assert needs_portable(onnx.load(str(exports["custom"].onnx_path), load_external_data=False))
+    assert not needs_portable(onnx.load(str(path)))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["custom", "decomposed", "portable"])
+def test_onnxruntime_matches_pytorch_over_steps(exports, io, torch_steps, kind, portable_of_custom):
     inputs, outputs, outputs_off, _ = torch_steps
-    session = make_session(exports[kind].onnx_path)
+    if kind == "custom":  # the Python reference node, asked for by name
+        session = make_reference_session(exports[kind].onnx_path)
+    else:
+        session = make_session(portable_of_custom if kind == "portable" else exports[kind].onnx_path)
     history = np.zeros(io.spec("history").concrete(2), dtype=np.float32)
     for step, (x, (noise_ref, history_ref)) in enumerate(zip(inputs, outputs)):
         noise, history = session.run(None, session_feeds(io, {**x, "history": history}))
@@ -354,8 +368,11 @@ def test_schnell_like_model_static_batch(tmp_path, entity_mask):
     x["history"] = torch.rand(1, 4, 64)
     with torch.no_grad():
         noise_ref, history_ref = make_wrapper(transformer, io, config)(*x.values())
-    noise, history = make_session(result.onnx_path).run(None, session_feeds(io, x))
+    noise, history = make_reference_session(result.onnx_path).run(None, session_feeds(io, x))
     assert rel_l2(noise, noise_ref) < 1e-5 and rel_l2(history, history_ref) < 1e-5
+    portable = make_portable(result.onnx_path, tmp_path / "schnell_portable.onnx")  # decomposition in a static batch
+    noise, history = make_session(portable).run(None, session_feeds(io, x))
+    assert rel_l2(noise, noise_ref) < 1e-4 and rel_l2(history, history_ref) < 1e-4
 
 
 def test_failed_export_leaves_no_partial_file(tmp_path):

@@ -135,13 +135,17 @@ def test_qdq_graph_structure(qdq_float32):
 
 
 def test_qdq_onnx_in_onnxruntime_matches_pytorch_fake_quantization(qdq_float32):
-    from deleaker.export.ort import make_session, session_feeds
+    from deleaker.export.ort import make_reference_session, make_session, session_feeds
+    from deleaker.export.portable import make_portable
     from deleaker.export.wrapper import make_wrapper
 
     transformer, io, config, scales, out, batch = qdq_float32
     feeds = session_feeds(io, batch)
-    ort_qdq = make_session(out / "qdq.onnx").run(None, feeds)
-    ort_plain = make_session(out / "plain.onnx").run(None, feeds)
+    ort_qdq = make_reference_session(out / "qdq.onnx").run(None, feeds)
+    ort_plain = make_reference_session(out / "plain.onnx").run(None, feeds)
+    # The portable form (what `run --engines` loads in ONNX Runtime) keeps the Q/DQ pattern and agrees with it.
+    ort_portable = make_session(make_portable(out / "qdq.onnx", out / "qdq_portable.onnx")).run(None, feeds)
+    assert _rel(ort_portable[0], ort_qdq[0]) < 1e-5 and _rel(ort_portable[1], ort_qdq[1]) < 1e-5
     wrapper = make_wrapper(transformer, io, config).eval()
     with torch.no_grad():
         reference = [t.numpy() for t in wrapper(*batch.values())]

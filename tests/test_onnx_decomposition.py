@@ -24,7 +24,7 @@ from deleaker.export.onnx_node import (
     config_from_attributes,
     node_attributes,
 )
-from deleaker.export.ort import make_session
+from deleaker.export.ort import make_reference_session, make_session
 from deleaker.ops import deleaker_attention_reference, entity_affinity, entity_image_masks, update_history
 
 GRID = (8, 8)
@@ -211,7 +211,7 @@ def test_custom_node_runs_in_ort_with_reference(tmp_path):
 
     qkvs, entity_mask, history = step_inputs(seed=3)
     reference = reference_steps(qkvs, entity_mask, history, config)
-    got = run_ort_steps(make_session(path), qkvs, entity_mask, history)
+    got = run_ort_steps(make_reference_session(path), qkvs, entity_mask, history)
     for (ref_out, ref_hist, _, _), (out, hist) in zip(reference, got):
         assert rel_l2(out, ref_out.numpy()) < 1e-6
         np.testing.assert_allclose(hist, ref_hist.numpy(), rtol=1e-6, atol=0)
