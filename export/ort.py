@@ -233,13 +233,19 @@ def run_interruptible(session: Any, output_names: Sequence[str], feeds: Mapping[
         finally:
             done.set()
 
-    threading.Thread(target=work, name="deleaker-ort-run", daemon=True).start()
+    worker = threading.Thread(target=work, name="deleaker-ort-run", daemon=True)
+    worker.start()
     # Wait on an event, not Thread.join: a join interrupted by Ctrl-C marks a running thread as finished
     # (CPython 3.11), and the process would then exit with ONNX Runtime still running in it, which aborts.
     interrupt: Optional[BaseException] = None
-    while not done.is_set():
+    while not done.is_set() or worker.is_alive():
         try:
-            done.wait(0.05)
+            if done.is_set():
+                # The run is over; let the worker leave entirely, so that no thread of ours is still unwinding
+                # out of ONNX Runtime's frames when the interpreter exits (a daemon thread stopped there aborts).
+                worker.join(0.05)
+            else:
+                done.wait(0.05)
         except BaseException as exc:  # noqa: BLE001  (KeyboardInterrupt, or what a signal handler raises)
             options.terminate = True  # ONNX Runtime stops before its next node
             interrupt = interrupt or exc

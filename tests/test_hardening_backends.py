@@ -178,13 +178,13 @@ def test_ctrl_c_in_the_python_reference_node_ends_cleanly(tmp_path):
 def test_knob_that_does_not_fit_float32_is_refused_before_work(tmp_path):
     cache = tmp_path / "cache"
     for knobs in ({"k_strength": 1e39}, {"std_mul_text": -1e300}, {"stop_intervention_at": 2**64}):
-        with pytest.raises(ConfigError, match="does not fit"):
+        with pytest.raises(ConfigError, match=r"must be (in|an int in) [\(\[]"):
             DeLeakerRuntime.from_model("tiny", text_len=TEXT_LEN, cache_dir=cache, deleaker_config=knobs)
     assert not cache.exists()  # refused before any export
     args = CLI + ["run", "--model", "tiny", "--cache-dir", cache, "--set", "k_strength=1e39", "--prompt", PROMPT]
     proc = _child([str(a) for a in args + ["--entities", "cat,cheetah", "--out", tmp_path / "x.png"]])
     assert_no_abort(proc, proc.stderr)
-    assert proc.returncode == 1 and "k_strength=1e+39 does not fit float32" in proc.stderr
+    assert proc.returncode == 1 and "k_strength" in proc.stderr and "(0, 10]" in proc.stderr
     assert not (tmp_path / "x.png").exists()
 
 
@@ -457,7 +457,7 @@ def test_no_file_outside_the_directory_is_read_before_refusal(built, tmp_path):
     "edit,message",
     [
         (lambda c: c.update(k_strength=float("nan")), "k_strength must be a finite number"),
-        (lambda c: c.update(k_strength=1e39), "does not fit float32"),
+        (lambda c: c.update(k_strength=1e39), r"k_strength must be in \(0, 10\]"),
         (lambda c: c.update(k_strength="1.2"), "k_strength must be a finite number"),
         (lambda c: c.update(use_history=1), "use_history must be a bool"),
         (lambda c: c.update(surprise=1), r"unknown \['surprise'\]"),
@@ -722,7 +722,7 @@ def test_cuda_on_a_machine_without_a_gpu_is_a_clean_cli_error(tmp_path):
         "run", "--model", "tiny", "--backend", "torch", "--device", "cuda", "--prompt", PROMPT, "--entities",
         "cat,cheetah", "--out", tmp_path / "x.png",
     )
-    assert result.exit_code == 1 and "no CUDA GPU is visible to torch" in result.stderr
+    assert result.exit_code == 1 and "device 'cuda' is not available" in result.stderr
     assert not (tmp_path / "x.png").exists()
 
 
