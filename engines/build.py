@@ -578,7 +578,8 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
                 data = build_serialized_engine(
                     net,
                     io.profiles(),
-                    timing_cache=out_dir / TIMING_CACHE_NAME,
+                    # TensorRT-RTX has no timing cache (its cache calls are deprecated no-ops)
+                    timing_cache=None if trt.__name__ == "tensorrt_rtx" else out_dir / TIMING_CACHE_NAME,
                     workspace_bytes=request.workspace_bytes,
                 )
             save_engine(data, engine_path)
@@ -591,7 +592,7 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
             plugin=library.record(),
             tensorrt_version=tensorrt_release(trt),
             gpu_name=gpu_name,
-            compute_capability=tuple(capability),
+            compute_capability=capability,
             timings_s=dict(stage.timings),
         )
         with disk_guard(engine_path):
