@@ -196,6 +196,7 @@ def test_tensorrt_rtx_registers_the_creator_with_the_node_fields(stand_in_librar
 
 
 def _node_fields(**overrides) -> dict:
+    """The node's attributes as plugin fields, with ``overrides`` (a None override leaves that field out)."""
     attrs = onnx_node.node_attributes(config=ODD_CONFIG, **PLACEMENT)
     fields = {
         name: ["FLOAT32" if name in onnx_node.FLOAT_ATTRIBUTES else "INT32", value]
@@ -203,7 +204,7 @@ def _node_fields(**overrides) -> dict:
         if name not in ("plugin_namespace", "plugin_version")
     }
     fields.update(overrides)
-    return fields
+    return {name: field for name, field in fields.items() if field is not None}
 
 
 @pytest.mark.parametrize(
@@ -213,7 +214,10 @@ def _node_fields(**overrides) -> dict:
         ({"block_offset": ["INT32", 4]}, "block_offset must be in [0, num_blocks=4), got 4"),
         ({"stop_intervention_at": ["INT32", 1]}, "stop_intervention_at (1) must be >= start_intervention_from (5)"),
         ({"grid_x": ["INT32", 6]}, "unknown ['grid_x']"),
+        ({"grid_w": None}, "missing ['grid_w']"),
         ({"grid_h": ["FLOAT32", 7.5]}, "grid_h must be an integer"),
+        ({"num_blocks": ["INT32", [4, 4]]}, "plugin field num_blocks must hold one value, got 2"),
+        ({"plugin_namespace": ["CHAR", "other"]}, "plugin_namespace must be 'deleaker', got 'other'"),
     ],
 )
 def test_creator_refuses_bad_fields_with_a_message(stand_in_library, tmp_path, fields, message):
@@ -319,3 +323,75 @@ def test_gpu_check_driver_runs_the_build_phase_and_reports_why_it_cannot_run(sta
         workspace = torch.empty(size, dtype=torch.uint8)
         with pytest.raises(trt_plugin_host.PluginDriveError, match="built without cuDNN"):
             trt_plugin_host.drive(plugin, driver, attrs, inputs, outputs, workspace.data_ptr(), size)
+
+
+
+
+# --- loading the library into TensorRT-RTX's registry (deleaker.plugins.trt_library) ---------------------------
+
+LOAD_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+import tensorrt_rtx as trt
+from deleaker.plugins import trt_library as tl
+
+builder = trt.Builder(trt.Logger(trt.Logger.ERROR))  # alive while libraries load: they get its logger
+library, twin, other = (tl.inspect_plugin_library(Path(p)) for p in sys.argv[1:4])
+foreign = Path(sys.argv[4])
+result = {"before": tl._registered_plugin(trt, library.plugin)}
+
+
+def attempt(what, lib):
+    try:
+        tl.load_plugin_library(trt, lib)
+        result[what] = "loaded"
+    except tl.PluginLibraryError as exc:
+        result[what] = str(exc)
+
+
+attempt("foreign", tl.PluginLibrary(foreign, tl.sha256_file(foreign), library.build_info))
+attempt("library", library)
+result["registered"] = tl._registered_plugin(trt, library.plugin)
+result["mapped"] = [str(p) for p in tl.mapped_plugin_libraries()]
+attempt("again", library)
+attempt("twin", twin)
+attempt("other", other)
+# (rewriting the loaded file itself would change the code this process runs)
+attempt("changed", tl.PluginLibrary(other.path, library.sha256, library.build_info))
+print(json.dumps(result))
+"""
+
+
+def test_load_plugin_library_registers_once_and_refuses_another(stand_in_library, tmp_path):
+    """`load_plugin_library`, the one place build and run load a library into TensorRT: TensorRT-RTX registers its
+    creator; loading the same bytes again (that file or a copy) is a no-op; another library (one byte more), a
+    shared library that is not a plugin library, and a file changed since it was checked are refused with a
+    message."""
+    import _ctypes
+
+    paths = []
+    for name, extra in (("library", b""), ("twin", b""), ("other", b"\0")):
+        path = tmp_path / name / trt_build.LIBRARY_NAME
+        path.parent.mkdir()
+        path.write_bytes(stand_in_library.read_bytes() + extra)  # trailing bytes: the same loadable library
+        paths.append(path)
+    foreign = tmp_path / "foreign" / trt_build.LIBRARY_NAME
+    foreign.parent.mkdir()
+    foreign.write_bytes(Path(_ctypes.__file__).read_bytes())  # a real shared library, not a plugin library
+    got = _load_child(LOAD_SCRIPT, [*paths, foreign], tmp_path)
+    assert got["before"] is False
+    assert got["foreign"].startswith(f"TensorRT could not load the plugin library {foreign}"), got["foreign"]
+    assert got["library"] == "loaded" and got["registered"] is True
+    assert str(paths[0]) in got["mapped"]
+    assert got["again"] == got["twin"] == "loaded"  # the same bytes are loaded already
+    assert "already holds another deleaker::DeLeakerAttention v1 plugin than" in got["other"], got["other"]
+    assert got["changed"].endswith("changed since it was checked (sha256 differs); load it again")
+
+
+def _load_child(script: str, args: list, tmp_path: Path) -> dict:
+    child = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                           timeout=300, env=_rtx_env(tmp_path))
+    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    assert child.returncode == 0 and lines, f"rc {child.returncode}:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}"
+    return json.loads(lines[-1])
