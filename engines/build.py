@@ -54,6 +54,7 @@ from deleaker.plugins.trt_library import (
     import_tensorrt,
     inspect_plugin_library,
     load_plugin_library,
+    tensorrt_logger,
     tensorrt_release,
 )
 
@@ -332,7 +333,7 @@ class Network:
 def network_from_onnx(onnx_path: Path, trt: ModuleType, plugin: Optional[PluginLibrary] = None) -> Network:
     """Parse ``onnx_path`` into a strongly typed network. ``plugin``: the DeLeaker plugin library, loaded into
     TensorRT's registry first (None: for graphs without ``DeLeakerAttention`` nodes)."""
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger(trt)
     builder = trt.Builder(logger)  # alive before the library loads: TensorRT-RTX hands it this builder's logger
     if plugin is not None:
         check_plugin_layers_loadable(trt)

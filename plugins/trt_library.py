@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,10 @@ _HEADERS = re.compile(r"; tensorrt_headers ([^\s;]+)")
 #: The attention provider of a library built without cuDNN's headers (plugins/trt/no_attention.cpp).
 _NO_ATTENTION = "; attention none "
 STAND_IN = "stand-in"
+#: TensorRT's log (and through it our library's) goes to this logger: warnings and errors reach stderr, never stdout.
+_LOG = logging.getLogger("deleaker.tensorrt")
+#: ``trt.ILogger.Severity`` name -> logging level (TensorRT's INFO is build detail: debug here).
+_LEVELS = {"INTERNAL_ERROR": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING}
 
 
 class TensorRTUnavailableError(DeLeakerError, ImportError):
@@ -88,6 +93,23 @@ def release_module(release: str) -> str:
     if match is None:
         raise ValueError(f"expected '<package>==<version>' with package one of {TENSORRT_MODULES}, got {release!r}")
     return match.group(1)
+
+
+def tensorrt_logger(trt: ModuleType) -> object:
+    """A ``trt.ILogger`` that forwards TensorRT's messages to the ``deleaker.tensorrt`` logger (TensorRT's own
+    ``trt.Logger`` prints on stdout, which the CLI keeps for its results). Keep it alive as long as the builder or
+    runtime made with it."""
+
+    class ForwardingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: object, msg: str) -> None:
+            level = _LEVELS.get(getattr(severity, "name", ""), logging.DEBUG)
+            if _LOG.isEnabledFor(level):
+                _LOG.log(level, "TensorRT: %s", msg)
+
+    return ForwardingLogger()
 
 
 # --- what a library is ------------------------------------------------------------------------------------------

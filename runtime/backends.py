@@ -237,7 +237,13 @@ class TensorRTBackend:
         cuda_graph: bool = True,
         device: str | torch.device = "cuda",
     ) -> None:
-        from deleaker.plugins.trt_library import import_tensorrt, load_plugin_library, release_module, tensorrt_release
+        from deleaker.plugins.trt_library import (
+            import_tensorrt,
+            load_plugin_library,
+            release_module,
+            tensorrt_logger,
+            tensorrt_release,
+        )
 
         trt = import_tensorrt(prefer=release_module(built_with))  # TensorRTUnavailableError, with install hints
         if tensorrt_release(trt) != built_with:
@@ -250,7 +256,7 @@ class TensorRTBackend:
         self.io = io
         self.device = torch.device(device)
         self.dtype = io.spec("noise_pred").torch_dtype
-        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._logger = tensorrt_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         load_plugin_library(trt, plugin)  # with the runtime alive: TensorRT-RTX hands the library its logger
         self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
