@@ -8,6 +8,11 @@ dynamic batch) and the fields serialized into the plan. That proves the interfac
 TensorRT-RTX makes lands in the right method), the field handling and the build-time methods. It cannot prove
 execution (TensorRT-RTX refuses to run engines without a GPU), anything about sm_90, or TensorRT 10/11 proper.
 
+Then the integration: `load_plugin_library` (the one place build and run load a library into TensorRT),
+``deleaker-trt build --plugin`` building the tiny transformer with TensorRT-RTX and recording the library in the
+manifest, and ``run --engines`` refusing a changed, missing or cannot-run library or another TensorRT release
+before any work, while ONNX Runtime runs the same folder without the library.
+
 Each TensorRT-RTX interaction runs in a child process (``trt_rtx_driver.py``): a crash fails one test with the
 child's output. The library needs the kernel library's C ABI version 2 (the fast path of issue 11); before that
 lands, the tests that build it skip.
