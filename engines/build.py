@@ -573,6 +573,8 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
                         fp8_lib.check_fp8_capable(capability)
                     except ConfigError as err:
                         raise BuildError(str(err)) from err
+            # This engine's old manifest may name the library about to be replaced: it must not outlive the swap.
+            EngineManifest.path_for(engine_path).unlink(missing_ok=True)
             library = install_plugin_library(library, out_dir)
             net = network_from_onnx(onnx_path, trt, library)
             with disk_guard():  # the timing cache and the engine are written atomically: nothing partial to remove
