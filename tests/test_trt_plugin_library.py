@@ -428,6 +428,13 @@ def deleaker_trt(args: list, env: dict) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def rtx_engines(stand_in_library, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """``deleaker-trt build --plugin`` of the tiny model, fp16, by TensorRT-RTX (CPU-only), in a child process."""
+    from deleaker.plugins.trt_library import TensorRTUnavailableError, import_tensorrt
+
+    try:
+        if import_tensorrt().__name__ != "tensorrt_rtx":
+            pytest.skip("TensorRT proper is installed: deleaker-trt build uses it, not TensorRT-RTX")
+    except TensorRTUnavailableError:
+        pytest.skip("tensorrt-rtx is not installed")
     out = tmp_path_factory.mktemp("rtx-engines")
     env = _rtx_env(tmp_path_factory.mktemp("rtx-env"))
     return out, deleaker_trt([*TINY_BUILD, "--precision", "fp16", "--plugin", stand_in_library, "--out", out], env)
