@@ -48,7 +48,7 @@ class EngineCompatibilityError(DeLeakerError):
     """The engine does not fit this machine or this request.
 
     ``reason`` is one of: ``not_an_engine``, ``gpu``, ``compute_capability``, ``tensorrt_version``,
-    ``plugin_library`` (the engine folder's plugin library is missing or cannot run), ``plugin_hash`` (it is not the
+    ``plugin_library`` (the engine folder's plugin library is missing or not a file), ``plugin_hash`` (it is not the
     library the engine was built with), ``shape``, ``artifact_hash``.
     """
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import importlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.processor import DeLeakerState, install_deleaker_processors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from deleaker.plugins.trt_library import PluginLibrary
 
 Tensor = torch.Tensor
 
@@ -231,7 +234,7 @@ class TensorRTBackend:
         self,
         engine_path: str | Path,
         io: Any,
-        plugin: Any,
+        plugin: "PluginLibrary",
         built_with: str,
         *,
         cuda_graph: bool = True,
