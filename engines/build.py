@@ -7,10 +7,18 @@
    ONNX already in the output folder when its manifest matches (same weights, contract, knobs, plugin, precision);
 3. fp8: calibrate per-tensor E4M3 scales on prompts and insert Q/DQ (`deleaker.engines.fp8`);
 4. write the ONNX and its manifest (temp file, then rename);
-5. unless ``onnx_only``: TensorRT. The loaders are small callables in the Polygraphy style, composed as
-   ``save_engine(build_serialized_engine(network_from_onnx(path, trt), io, ...), path)``; the network is strongly
-   typed (precision comes from the ONNX's dtypes and Q/DQ nodes), with one optimization profile (the contract's
-   batch min/opt/max) and a timing cache kept in the output folder.
+5. unless ``onnx_only``: TensorRT (``tensorrt``, else ``tensorrt_rtx``), with the plugin library
+   (``plugin_library``, built by ``deleaker-trt plugin``) copied into the output folder and loaded into TensorRT's
+   plugin registry from there. The loaders are small callables in the Polygraphy style, composed as
+   ``save_engine(build_serialized_engine(network_from_onnx(path, trt, plugin), io, ...), path)``; the network is
+   strongly typed (precision comes from the ONNX's dtypes and Q/DQ nodes), with one optimization profile (the
+   contract's batch min/opt/max) and a timing cache kept in the output folder. TensorRT proper builds on the GPU
+   the engine is for; TensorRT-RTX builds without a GPU (its engines are portable across the GPUs it supports).
+6. the engine's manifest: the TensorRT release, the GPU (TensorRT proper) and the plugin library's record
+   (file name, SHA-256, build info), which ``run --engines`` checks before any work.
+
+One folder holds one plugin library (TensorRT's registry takes one per plugin name and process): a build refuses
+to replace the folder's library while another engine of the folder was built with it.
 
 Every failure is a typed `DeLeakerError` raised after cleaning up: no half-written engine is ever left behind.
 """
@@ -36,10 +44,30 @@ from deleaker.config import DeLeakerConfig
 from deleaker.geometry import vae_scale_factor
 from deleaker.errors import ConfigError, DeLeakerError
 
-from . import fp8 as fp8_lib
 from deleaker.filelock import exclusive_lock
+from deleaker.plugins.trt_build import LIBRARY_NAME
+from deleaker.plugins.trt_library import (
+    PluginLibrary,
+    TensorRTUnavailableError,
+    check_plugin_layers_loadable,
+    check_tensorrt_can_host,
+    import_tensorrt,
+    inspect_plugin_library,
+    load_plugin_library,
+    tensorrt_logger,
+    tensorrt_release,
+)
 
-from .manifest import EngineManifest, atomic_write_bytes, cuda_environment, plugin_info, sha256_file
+from . import fp8 as fp8_lib
+from .manifest import (
+    MANIFEST_SUFFIX,
+    EngineManifest,
+    ManifestError,
+    atomic_write_bytes,
+    cuda_environment,
+    plugin_node,
+    sha256_file,
+)
 
 #: The ONNX's float dtype per engine precision. FP8 engines keep fp16 outside the quantized linears.
 ONNX_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "float16"}
@@ -78,7 +106,8 @@ class DiskFullError(DeLeakerError, OSError):
 class BuildRequest:
     """What to build. ``height``/``width`` in pixels, ``text_len`` = T, ``max_entities`` = E_max (fixed per engine);
     ``batch`` = (min, opt, max) of the engine's profile; ``deleaker_config``: overrides of the knobs (None:
-    defaults scaled to the model)."""
+    defaults scaled to the model). ``plugin_library``: ``libdeleaker_trt_plugin.so`` (``deleaker-trt plugin``),
+    needed for an engine; ``onnx_only`` builds none and takes no library."""
 
     model: str
     precision: str
@@ -89,6 +118,7 @@ class BuildRequest:
     max_entities: int = 4
     batch: Tuple[int, int, int] = (1, 1, 4)
     onnx_only: bool = False
+    plugin_library: Optional[Path] = None
     deleaker_config: Optional[Mapping[str, Any]] = None
     calibration_prompts: Tuple[str, ...] = DEFAULT_CALIBRATION_PROMPTS
     calibration_sigmas: Tuple[float, ...] = DEFAULT_CALIBRATION_SIGMAS
@@ -105,6 +135,13 @@ class BuildRequest:
             raise ConfigError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {self.batch!r}")
         if self.precision == "fp8" and not self.calibration_prompts:
             raise ConfigError("fp8 needs at least one calibration prompt")
+        if self.onnx_only and self.plugin_library is not None:
+            raise ConfigError("the plugin library is for engine builds; an ONNX-only build takes none")
+        if not self.onnx_only and self.plugin_library is None:
+            raise ConfigError(
+                "building an engine needs the DeLeaker plugin library (--plugin PATH; `deleaker-trt plugin --out DIR` "
+                "builds it), or ask for the ONNX only (--onnx-only)"
+            )
 
     @property
     def artifact_stem(self) -> str:
@@ -293,14 +330,14 @@ class Network:
     logger: Any
 
 
-def network_from_onnx(onnx_path: Path, trt: ModuleType, *, plugins: bool = True) -> Network:
-    """Parse ``onnx_path`` into a strongly typed network, with the DeLeaker plugin registered first."""
-    from deleaker.plugins.trt_plugin import register_plugin
-
-    if plugins:
-        register_plugin(trt)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+def network_from_onnx(onnx_path: Path, trt: ModuleType, plugin: Optional[PluginLibrary] = None) -> Network:
+    """Parse ``onnx_path`` into a strongly typed network. ``plugin``: the DeLeaker plugin library, loaded into
+    TensorRT's registry first (None: for graphs without ``DeLeakerAttention`` nodes)."""
+    logger = tensorrt_logger(trt)
+    builder = trt.Builder(logger)  # alive before the library loads: TensorRT-RTX hands it this builder's logger
+    if plugin is not None:
+        check_plugin_layers_loadable(trt)
+        load_plugin_library(trt, plugin)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -348,6 +385,43 @@ def save_engine(data: bytes, path: Path) -> Path:
     return path
 
 
+def check_plugin_slot(out_dir: Path, library: PluginLibrary, engine_name: str) -> None:
+    """Refuse to replace ``out_dir``'s plugin library by ``library`` while an engine of the folder other than
+    ``engine_name`` (which the build replaces) was built with the library there now."""
+    current_path = out_dir / LIBRARY_NAME
+    if not current_path.is_file():
+        return
+    current = sha256_file(current_path)
+    if current == library.sha256:
+        return
+    users = []
+    for path in sorted(out_dir.glob("*" + MANIFEST_SUFFIX)):
+        try:
+            manifest = EngineManifest.read(path)
+        except ManifestError:
+            continue  # not an engine this folder can run anyway
+        if manifest.artifact != engine_name and manifest.plugin_library == LIBRARY_NAME:
+            if manifest.plugin["sha256"] == current:
+                users.append(manifest.artifact)
+    if users:
+        raise BuildError(
+            f"{out_dir} holds engines built with another plugin library ({', '.join(users)}); a folder holds one "
+            f"plugin library: build into another folder, or rebuild those engines with {library.path}"
+        )
+
+
+def install_plugin_library(library: PluginLibrary, out_dir: Path) -> PluginLibrary:
+    """``library`` copied into ``out_dir`` as `LIBRARY_NAME` (atomically, unless the same bytes are there already);
+    returns the copy. A process that loaded the file it replaces keeps its own (a new file, not a rewrite)."""
+    target = out_dir / LIBRARY_NAME
+    if not (target.is_file() and sha256_file(target) == library.sha256):
+        with disk_guard():
+            atomic_write_bytes(target, library.path.read_bytes())
+        if sha256_file(target) != library.sha256:
+            raise BuildError(f"{library.path} changed while it was copied to {target}; build again")
+    return dataclasses.replace(library, path=target)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The one call
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,11 +429,11 @@ def save_engine(data: bytes, path: Path) -> Path:
 
 def remove_stale_staging(out_dir: Path) -> list[Path]:
     """Remove what interrupted builds left in ``out_dir``: the hidden staging files and folders that artifacts,
-    manifests and the timing cache are written through (``.transformer.*``, ``.timing.cache.*``). Only call it
-    holding the folder's build lock."""
+    manifests, the timing cache and the plugin library are written through (``.transformer.*``,
+    ``.timing.cache.*``, ``.libdeleaker_trt_plugin.so.*``). Only call it holding the folder's build lock."""
     removed = []
     for path in sorted(out_dir.iterdir()):
-        if path.name.startswith((".transformer.", f".{TIMING_CACHE_NAME}.")):
+        if path.name.startswith((".transformer.", f".{TIMING_CACHE_NAME}.", f".{LIBRARY_NAME}.")):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -385,14 +459,18 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
 
     Raises:
         ModelNotFoundError: bad ``model``. ConfigError: bad sizes for the model.
+        PluginLibraryError: ``plugin_library`` is not a DeLeaker plugin library (before any work), or this TensorRT
+            cannot load it.
         TensorRTUnavailableError: TensorRT is not importable (the ONNX and its manifest are written first).
-        BuildError: TensorRT cannot parse/build, the GPU lacks FP8, or this TensorRT cannot host the plugin.
+        BuildError: TensorRT cannot parse/build, the GPU lacks FP8, or the folder's plugin library belongs to other
+            engines.
         DiskFullError: no space left (partial files removed).
     """
     from deleaker.export.contract import FluxTransformerIO, dtype_name
 
     stage = _Stages(progress)
     out_dir = Path(request.out_dir)
+    library = None if request.plugin_library is None else inspect_plugin_library(request.plugin_library)
     with stage("load", f"loading model {request.model}"):
         components, model_id = load_model(request.model)
         transformer = components["transformer"].eval()
@@ -411,7 +489,6 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
         from deleaker.runtime.onnx_cache import transformer_sha256  # the hash the runtime's ONNX cache uses too
 
         model_hash = transformer_sha256(transformer)
-        plugin = plugin_info()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -422,12 +499,15 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
     with exclusive_lock(out_dir / BUILD_LOCK_NAME):
         remove_stale_staging(out_dir)
         onnx_path = out_dir / f"{request.artifact_stem}.onnx"
+        engine_path = out_dir / f"{request.artifact_stem}.plan"
+        if library is not None:
+            check_plugin_slot(out_dir, library, engine_path.name)
         expected = {
             "model_sha256": model_hash,
             "precision": request.precision,
             "io": io.to_dict(),
             "deleaker_config": dataclasses.asdict(config),
-            "plugin": plugin,
+            "plugin": plugin_node(),
         }
         reused = _reusable_onnx(onnx_path, expected)
         if reused:
@@ -474,31 +554,35 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
         if request.onnx_only:
             return BuildResult(onnx_path, onnx_manifest_path, None, None, dict(stage.timings), reused)
 
-        engine_path = out_dir / f"{request.artifact_stem}.plan"
         with stage("engine", "building the TensorRT engine"):
-            from deleaker.plugins.trt_plugin import TensorRTUnavailableError, import_plugin_capable_tensorrt
-
             try:
-                trt = import_plugin_capable_tensorrt()
+                trt = import_tensorrt()
             except TensorRTUnavailableError as err:
                 raise TensorRTUnavailableError(
                     f"{err} The ONNX and its manifest are written ({onnx_path}); run this command again once TensorRT "
                     "is installed: it reuses them."
                 ) from err
-            gpu_name, capability = cuda_environment()
-            if capability is None:
-                raise BuildError("building a TensorRT engine needs a CUDA GPU; none is visible")
-            if request.precision == "fp8":
-                try:
-                    fp8_lib.check_fp8_capable(capability)
-                except ConfigError as err:
-                    raise BuildError(str(err)) from err
-            net = network_from_onnx(onnx_path, trt)
+            check_tensorrt_can_host(library, trt)
+            gpu_name, capability = None, None  # TensorRT-RTX builds without a GPU, for every GPU it supports
+            if trt.__name__ == "tensorrt":  # TensorRT proper builds for the GPU it runs on
+                gpu_name, capability = cuda_environment()
+                if capability is None:
+                    raise BuildError("building a TensorRT engine needs a CUDA GPU; none is visible")
+                if request.precision == "fp8":
+                    try:
+                        fp8_lib.check_fp8_capable(capability)
+                    except ConfigError as err:
+                        raise BuildError(str(err)) from err
+            # This engine's old manifest may name the library about to be replaced: it must not outlive the swap.
+            EngineManifest.path_for(engine_path).unlink(missing_ok=True)
+            library = install_plugin_library(library, out_dir)
+            net = network_from_onnx(onnx_path, trt, library)
             with disk_guard():  # the timing cache and the engine are written atomically: nothing partial to remove
                 data = build_serialized_engine(
                     net,
                     io.profiles(),
-                    timing_cache=out_dir / TIMING_CACHE_NAME,
+                    # TensorRT-RTX has no timing cache (its cache calls are deprecated no-ops)
+                    timing_cache=None if trt.__name__ == "tensorrt_rtx" else out_dir / TIMING_CACHE_NAME,
                     workspace_bytes=request.workspace_bytes,
                 )
             save_engine(data, engine_path)
@@ -508,9 +592,10 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
             data_files={},
             artifact=engine_path.name,
             artifact_sha256=sha256_file(engine_path),
-            tensorrt_version=trt.__version__,
+            plugin=library.record(),
+            tensorrt_version=tensorrt_release(trt),
             gpu_name=gpu_name,
-            compute_capability=tuple(capability),
+            compute_capability=capability,
             timings_s=dict(stage.timings),
         )
         with disk_guard(engine_path):

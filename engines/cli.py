@@ -59,8 +59,18 @@ class BuildCliError(click.ClickException):
     required=True,
     help="Output folder (ONNX, engine, manifests, timing cache).",
 )
-@click.option("--onnx-only", is_flag=True, help="Stop after the ONNX and its manifest (no TensorRT needed).")
-def build(model, precision, height, width, max_entities, text_len, batch, out_dir, onnx_only) -> None:
+@click.option(
+    "--plugin",
+    "plugin_library",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The DeLeaker TensorRT plugin library (libdeleaker_trt_plugin.so, from `deleaker-trt plugin`); needed for "
+    "an engine. Copied into the output folder, where `run --engines` loads it from.",
+)
+@click.option(
+    "--onnx-only", is_flag=True, help="Stop after the ONNX and its manifest (no TensorRT, no plugin library needed)."
+)
+def build(model, precision, height, width, max_entities, text_len, batch, out_dir, plugin_library, onnx_only) -> None:
     """Export the DeLeaker FLUX transformer to ONNX and build a TensorRT engine with a manifest."""
     # Imported here: the build pulls in torch and onnx, which `--help` and usage errors do not need.
     from .build import BuildRequest, build_engines
@@ -76,6 +86,7 @@ def build(model, precision, height, width, max_entities, text_len, batch, out_di
             max_entities=max_entities,
             batch=tuple(batch),
             onnx_only=onnx_only,
+            plugin_library=plugin_library,
         )
         result = build_engines(request, progress=lambda line: click.echo(line, err=True))
     except DeLeakerError as err:

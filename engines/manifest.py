@@ -1,10 +1,12 @@
 """The manifest (JSON) written beside every built artifact (ONNX file or TensorRT engine).
 
-An engine is only usable with the GPU (compute capability), TensorRT version and plugin it was built for, and only
-for the shapes of its profile. The runtime builds an `Environment` of what it has and wants, and calls
-`EngineManifest.check_compatible`, which raises `EngineCompatibilityError` with a machine-readable ``reason``
-instead of letting TensorRT fail (or silently mis-run) later. Hashes let a cache tell a stale artifact from a
-fresh one without trusting file names or times.
+An engine is only usable with the TensorRT release, the GPU (TensorRT proper; TensorRT-RTX engines are portable) and
+the plugin library it was built with, and only for the shapes of its profile. Its manifest names the plugin library
+(copied into the engine folder) with its SHA-256 and build info; `EngineManifest.check_artifact` checks the
+engine's and the library's bytes, and `EngineManifest.check_compatible` checks an `Environment` of what the runtime
+has and wants, raising `EngineCompatibilityError` with a machine-readable ``reason`` instead of letting TensorRT
+fail (or silently mis-run) later. Hashes let a cache tell a stale artifact from a fresh one without trusting file
+names or times.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class EngineCompatibilityError(DeLeakerError):
     """The engine does not fit this machine or this request.
 
     ``reason`` is one of: ``not_an_engine``, ``gpu``, ``compute_capability``, ``tensorrt_version``,
-    ``plugin_version``, ``plugin_hash``, ``shape``, ``artifact_hash``.
+    ``plugin_library`` (the engine folder's plugin library is missing or not a file), ``plugin_hash`` (it is not the
+    library the engine was built with), ``shape``, ``artifact_hash``.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -56,17 +59,16 @@ class EngineCompatibilityError(DeLeakerError):
 
 @dataclass(frozen=True)
 class Environment:
-    """What the runtime has (GPU, TensorRT, plugin) and what it wants to run (shapes); ``None`` = do not check.
+    """What the runtime has (GPU, TensorRT release) and what it wants to run (shapes); ``None`` = do not check.
 
-    ``batch`` is checked against the engine's profile range; ``height, width, text_len, max_entities`` must be the
-    engine's (they are fixed per engine).
+    ``tensorrt_version`` is a `deleaker.plugins.trt_library.tensorrt_release` string. ``batch`` is checked against
+    the engine's profile range; ``height, width, text_len, max_entities`` must be the engine's (they are fixed per
+    engine).
     """
 
     gpu_name: Optional[str] = None
     compute_capability: Optional[Tuple[int, int]] = None
     tensorrt_version: Optional[str] = None
-    plugin_version: Optional[str] = None
-    plugin_sha256: Optional[str] = None
     batch: Optional[int] = None
     height: Optional[int] = None
     width: Optional[int] = None
@@ -102,8 +104,12 @@ class EngineManifest:
         precision: fp16 | bf16 | fp8. io: `FluxTransformerIO.to_dict()` (names, dtypes, shapes, batch profile,
         height, width, text_len = T, max_entities = E_max). deleaker_config: the knobs baked into the nodes.
         onnx_sha256: hash of the ONNX the engine was built from (the artifact's own hash for an ONNX manifest).
-        plugin: name, namespace, version and sha256 of the plugin's sources.
-        tensorrt_version, gpu_name, compute_capability: what built the engine (None for an ONNX manifest).
+        plugin: the ``DeLeakerAttention`` node's plugin (name, namespace, version; `plugin_node`); an engine's also
+        names the plugin library it was built with, a file of its folder (`PLUGIN_RECORD_KEYS`: library, sha256,
+        build_info, tensorrt_headers).
+        tensorrt_version: the TensorRT release that built the engine (``tensorrt==10.13.0.35``,
+        ``tensorrt_rtx==1.7.1.116``); gpu_name, compute_capability: the GPU it was built for (None for TensorRT-RTX,
+        whose engines are portable, and for an ONNX manifest).
         quantization: the FP8 record (scales, recipe) or None. data_files: ``{file name: sha256}`` of files the
         artifact needs beside it (an ONNX's external weights). timings_s: seconds per build stage.
     """
@@ -143,8 +149,7 @@ class EngineManifest:
         for name, digest in self.data_files.items():
             _check_file_name("data_files", name)
             _check_sha256(f"data_files[{name!r}]", digest)
-        if not isinstance(self.plugin, dict) or not all(isinstance(v, str) for v in self.plugin.values()):
-            raise ManifestError(f"manifest plugin must be an object of strings, got {self.plugin!r}")
+        self._check_plugin()
         for name in ("tensorrt_version", "gpu_name"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ManifestError(f"manifest {name} must be a string or null, got {getattr(self, name)!r}")
@@ -160,6 +165,41 @@ class EngineManifest:
             raise ManifestError(f"manifest timings_s must be an object, got {type(self.timings_s).__name__}")
         self._check_io()
         self._check_deleaker_config()
+
+    def _check_plugin(self) -> None:
+        from deleaker.plugins.trt_library import PLUGIN_RECORD_KEYS, PluginLibrary, PluginLibraryError, release_module
+
+        if not isinstance(self.plugin, dict) or not all(isinstance(v, str) for v in self.plugin.values()):
+            raise ManifestError(f"manifest plugin must be an object of strings, got {self.plugin!r}")
+        keys = PLUGIN_RECORD_KEYS if self.kind == "engine" else tuple(plugin_node())
+        missing, unknown = sorted(set(keys) - set(self.plugin)), sorted(set(self.plugin) - set(keys))
+        if missing or unknown:
+            raise ManifestError(
+                f"manifest plugin record of an {self.kind}: missing {missing}, unknown {unknown} (written by another "
+                "version of deleaker-trt: rebuild the artifact)"
+            )
+        for key, value in plugin_node().items():
+            if self.plugin[key] != value:
+                raise ManifestError(
+                    f"manifest plugin {key} must be {value!r} (the exporter's node), got {self.plugin[key]!r}"
+                )
+        if self.kind != "engine":
+            return
+        _check_file_name("plugin.library", self.plugin["library"])
+        _check_sha256("plugin.sha256", self.plugin["sha256"])
+        try:
+            said = PluginLibrary.from_record(self.plugin, Path(".")).record()
+        except PluginLibraryError as err:
+            raise ManifestError(f"manifest plugin.build_info: {err}") from err
+        for key in ("name", "namespace", "version", "tensorrt_headers"):
+            if said[key] != self.plugin[key]:
+                raise ManifestError(
+                    f"manifest plugin {key} {self.plugin[key]!r} disagrees with its build_info ({said[key]!r})"
+                )
+        try:
+            release_module(self.tensorrt_version)
+        except ValueError as err:
+            raise ManifestError(f"manifest tensorrt_version of an engine: {err}") from err
 
     def _check_io(self) -> None:
         from deleaker.export.contract import FluxTransformerIO
@@ -203,11 +243,18 @@ class EngineManifest:
             raise ManifestError(f"manifest deleaker_config: {err}") from err
 
     @property
+    def plugin_library(self) -> Optional[str]:
+        """The file name of an engine's plugin library in its folder (None for an ONNX manifest)."""
+        return self.plugin["library"] if self.kind == "engine" else None
+
+    @property
     def named_files(self) -> Dict[str, str]:
         """Every file the manifest names, relative to its directory: ``{name: role}`` (the artifact, its data
-        files). The one list that `resolve_files` checks; a new kind of file goes here."""
+        files, an engine's plugin library). The one list that `resolve_files` checks; a new kind of file goes here."""
         files = {self.artifact: "artifact"}
         files.update({name: "data file" for name in self.data_files})
+        if self.plugin_library is not None:
+            files[self.plugin_library] = "plugin library"
         return files
 
     def resolve_files(self, directory: str | os.PathLike) -> Dict[str, Path]:
@@ -217,17 +264,22 @@ class EngineManifest:
         resolved = {}
         for name, role in self.named_files.items():
             candidate = root / name
+            reason = "plugin_library" if role == "plugin library" else "artifact_hash"
             try:
                 path = candidate.resolve(strict=True)
             except (OSError, RuntimeError):  # missing, or a symlink loop
-                raise EngineCompatibilityError("artifact_hash", f"{candidate} ({role} of the manifest) does not exist")
+                advice = (
+                    f": put the library {self.artifact} was built with back, or rebuild the engine"
+                    if role == "plugin library" else ""
+                )
+                raise EngineCompatibilityError(reason, f"{candidate} ({role} of the manifest) does not exist{advice}")
             if path == root or root not in path.parents:
                 raise ManifestError(
                     f"the manifest's {role} {name!r} resolves to {path}, outside {root}; every file a manifest names "
                     "must be inside its directory"
                 )
             if not path.is_file():
-                raise EngineCompatibilityError("artifact_hash", f"{candidate} ({role} of the manifest) is not a file")
+                raise EngineCompatibilityError(reason, f"{candidate} ({role} of the manifest) is not a file")
             resolved[name] = path
         return resolved
 
@@ -323,22 +375,26 @@ class EngineManifest:
     def check_compatible(self, current_env: Environment) -> None:
         """Raise `EngineCompatibilityError` (with ``reason``) unless this engine can run in ``current_env``.
 
-        Checked: the artifact is an engine; GPU compute capability and name; exact TensorRT version (engines are
-        not portable across versions); plugin version and source hash; batch within the profile; height, width,
-        text length and E_max equal to the engine's. Fields of ``current_env`` that are None are not checked.
+        Checked: the artifact is an engine; GPU compute capability and name (engines of TensorRT proper; TensorRT-RTX
+        engines are portable and record no GPU); the exact TensorRT release (engines are not portable across
+        releases, nor between TensorRT and TensorRT-RTX); batch within the profile; height, width, text length and
+        E_max equal to the engine's. Fields of ``current_env`` that are None are not checked. The plugin library is
+        checked by `check_artifact`.
         """
         env = current_env
         if self.kind != "engine":
             raise EngineCompatibilityError(
                 "not_an_engine", f"{self.artifact} is an {self.kind} artifact, not an engine"
             )
-        if env.compute_capability is not None and tuple(env.compute_capability) != tuple(self.compute_capability or ()):
+        gpu_bound = self.compute_capability is not None  # TensorRT-RTX engines record no GPU: they are portable
+        here = None if env.compute_capability is None else tuple(env.compute_capability)
+        if gpu_bound and here is not None and here != self.compute_capability:
             raise EngineCompatibilityError(
                 "compute_capability",
                 f"engine {self.artifact} was built for compute capability {_cc(self.compute_capability)} "
                 f"({self.gpu_name}), this GPU is {_cc(env.compute_capability)} ({env.gpu_name}); rebuild it here",
             )
-        if env.gpu_name is not None and env.gpu_name != self.gpu_name:
+        if gpu_bound and env.gpu_name is not None and env.gpu_name != self.gpu_name:
             raise EngineCompatibilityError(
                 "gpu",
                 f"engine {self.artifact} was built on {self.gpu_name}, this GPU is {env.gpu_name}; rebuild it here",
@@ -346,18 +402,8 @@ class EngineManifest:
         if env.tensorrt_version is not None and env.tensorrt_version != self.tensorrt_version:
             raise EngineCompatibilityError(
                 "tensorrt_version",
-                f"engine {self.artifact} was built with TensorRT {self.tensorrt_version}, this is TensorRT "
-                f"{env.tensorrt_version}; rebuild it",
-            )
-        if env.plugin_version is not None and env.plugin_version != self.plugin.get("version"):
-            raise EngineCompatibilityError(
-                "plugin_version",
-                f"engine {self.artifact} uses plugin {self.plugin.get('name')} v{self.plugin.get('version')}, "
-                f"this runtime registers v{env.plugin_version}",
-            )
-        if env.plugin_sha256 is not None and env.plugin_sha256 != self.plugin.get("sha256"):
-            raise EngineCompatibilityError(
-                "plugin_hash", f"engine {self.artifact} was built with other plugin sources; rebuild it"
+                f"engine {self.artifact} was built with {self.tensorrt_version}, this machine has "
+                f"{env.tensorrt_version}; rebuild it here (or install {self.tensorrt_version})",
             )
         if env.batch is not None:
             lo, _, hi = self.batch_range
@@ -376,7 +422,8 @@ class EngineManifest:
 
     def check_artifact(self, directory: str | os.PathLike) -> Path:
         """The artifact's path, after checking that every named file is inside ``directory`` (`resolve_files`,
-        before any file is read) and hashes to the manifest's value (reason ``artifact_hash``)."""
+        before any file is read) and hashes to the manifest's value (reason ``artifact_hash``; ``plugin_hash`` for
+        an engine's plugin library)."""
         files = self.resolve_files(directory)
         path = files[self.artifact]
         if sha256_file(path) != self.artifact_sha256:
@@ -384,6 +431,13 @@ class EngineManifest:
         for name, digest in self.data_files.items():
             if sha256_file(files[name]) != digest:
                 raise EngineCompatibilityError("artifact_hash", f"{files[name]}, needed by {path.name}, has changed")
+        if self.plugin_library is not None and sha256_file(files[self.plugin_library]) != self.plugin["sha256"]:
+            raise EngineCompatibilityError(
+                "plugin_hash",
+                f"{files[self.plugin_library]} is not the plugin library {path.name} was built with (its sha256 "
+                f"differs from the manifest's {self.plugin['sha256'][:12]}...): put that library back, or rebuild the "
+                "engine with this one (deleaker-trt build --plugin)",
+            )
         return path
 
 
@@ -426,17 +480,8 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def plugin_info() -> Dict[str, str]:
-    """Name, namespace, version and source hash (Python plugin + CUDA sources) of the DeLeaker plugin."""
-    from deleaker.plugins import trt_plugin
+def plugin_node() -> Dict[str, str]:
+    """Name, namespace and version of the plugin the exporter's ``DeLeakerAttention`` node asks TensorRT for."""
+    from deleaker.export import onnx_node
 
-    root = Path(trt_plugin.__file__).parent
-    # What decides the plugin's behaviour: its Python layer, the kernels' ctypes bindings and CUDA sources.
-    sources = [root / "trt_plugin.py", root / "kernels.py"]
-    sources += [p for p in sorted((root / "csrc").iterdir()) if p.suffix in (".h", ".cuh", ".cu")]
-    return {
-        "name": trt_plugin.PLUGIN_NAME,
-        "namespace": trt_plugin.PLUGIN_NAMESPACE,
-        "version": trt_plugin.PLUGIN_VERSION,
-        "sha256": sha256_files([p for p in sources if p.is_file()], root),
-    }
+    return {"name": onnx_node.OP_TYPE, "namespace": onnx_node.PLUGIN_NAMESPACE, "version": onnx_node.PLUGIN_VERSION}

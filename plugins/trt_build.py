@@ -6,18 +6,18 @@ DeLeaker CUDA kernels with the static CUDA runtime: the artifact to hand to ``tr
 module runs it, turns what CMake reports missing into one `PluginToolMissingError`, and installs the library into
 the output folder atomically (a failed build leaves no library behind). ``deleaker-trt plugin`` calls `build_plugin`.
 
-Nothing here imports torch or TensorRT or needs a GPU.
+Nothing here imports torch or TensorRT or needs a GPU; no plugin library is loaded into this process.
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -165,15 +165,29 @@ def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], N
     return out_dir / LIBRARY_NAME
 
 
+#: Run by `library_build_info` in a child process: a library whose load crashes takes only the child down.
+_BUILD_INFO_SCRIPT = """
+import ctypes, sys
+try:
+    info = ctypes.CDLL(sys.argv[1]).deleaker_trt_plugin_build_info
+except (OSError, AttributeError) as exc:
+    sys.exit(str(exc))
+info.restype, info.argtypes = ctypes.c_char_p, []
+sys.stdout.write(info().decode())
+"""
+
+
 def library_build_info(path: Path) -> str:
     """``deleaker_trt_plugin_build_info()`` of the library at ``path``: its version, the TensorRT headers it was built
-    against ("stand-in" for the test stand-in), its attention provider and kernel ABI. Loads the library with
-    ctypes (it needs neither TensorRT nor a GPU to load)."""
+    against ("stand-in" for the test stand-in), its attention provider and kernel ABI. The library is loaded with
+    ctypes in a child process (it needs neither TensorRT nor a GPU to load), never into this one."""
     try:
-        library = ctypes.CDLL(str(path))
-        info = library.deleaker_trt_plugin_build_info
-    except (OSError, AttributeError) as exc:
-        raise PluginBuildError(f"{path} is not a DeLeaker TensorRT plugin library: {exc}") from exc
-    info.restype = ctypes.c_char_p
-    info.argtypes = []
-    return info().decode()
+        child = subprocess.run(
+            [sys.executable, "-c", _BUILD_INFO_SCRIPT, str(path)], capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PluginBuildError(f"cannot read the build info of {path}: {exc}") from exc
+    if child.returncode != 0:
+        why = (child.stderr.strip() or f"the loading process exited with {child.returncode}").splitlines()[-1]
+        raise PluginBuildError(f"{path} is not a DeLeaker TensorRT plugin library: {why}")
+    return child.stdout

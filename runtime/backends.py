@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import importlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.processor import DeLeakerState, install_deleaker_processors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from deleaker.plugins.trt_library import PluginLibrary
 
 Tensor = torch.Tensor
 
@@ -209,7 +212,12 @@ class OnnxRuntimeBackend:
 
 
 class TensorRTBackend:
-    """A built TensorRT engine of the transformer (DeLeaker plugin inside), run with ``execute_async_v3``.
+    """A built TensorRT engine of the transformer (DeLeaker plugin layers inside), run with ``execute_async_v3``.
+
+    ``plugin`` is the plugin library the engine was built with (`deleaker.plugins.trt_library.PluginLibrary`; an
+    engine directory's copy), loaded into TensorRT's registry before the engine is deserialized; ``built_with`` the
+    TensorRT release that built it (``tensorrt==10.13.0.35``, ``tensorrt_rtx==1.7.1.116``), which must be the one
+    importable here.
 
     Device buffers for every input and output are allocated once, at the contract's largest batch, and bound
     with ``set_tensor_address``; a call copies the inputs in, enqueues the engine on a private stream and returns
@@ -223,20 +231,37 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(
-        self, engine_path: str | Path, io: Any, *, cuda_graph: bool = True, device: str | torch.device = "cuda"
+        self,
+        engine_path: str | Path,
+        io: Any,
+        plugin: "PluginLibrary",
+        built_with: str,
+        *,
+        cuda_graph: bool = True,
+        device: str | torch.device = "cuda",
     ) -> None:
-        from deleaker.plugins import trt_plugin
+        from deleaker.plugins.trt_library import (
+            import_tensorrt,
+            load_plugin_library,
+            release_module,
+            tensorrt_logger,
+            tensorrt_release,
+        )
 
-        trt = trt_plugin.import_plugin_capable_tensorrt()  # TensorRTUnavailableError, with install hints
+        trt = import_tensorrt(prefer=release_module(built_with))  # TensorRTUnavailableError, with install hints
+        if tensorrt_release(trt) != built_with:
+            here = tensorrt_release(trt)
+            raise BackendError(f"{engine_path} was built with {built_with}, this is {here}; rebuild it")
         if not torch.cuda.is_available():
-            raise BackendError("the tensorrt backend needs a CUDA GPU; none is visible to torch")
-        trt_plugin.register_plugin(trt)
+            raise BackendError("the TensorRT backend needs a CUDA GPU; none is visible to torch")
+        plugin.check_can_run()
         self._trt = trt
         self.io = io
         self.device = torch.device(device)
         self.dtype = io.spec("noise_pred").torch_dtype
-        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._logger = tensorrt_logger(trt)
         self._runtime = trt.Runtime(self._logger)
+        load_plugin_library(trt, plugin)  # with the runtime alive: TensorRT-RTX hands the library its logger
         self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT could not deserialize {engine_path} (see its log above)")

@@ -10,13 +10,17 @@ A directory holds one artifact per resolution, each beside ``<artifact>.manifest
 - every file a manifest names resolves, after symlinks, inside the directory (checked before any file is read),
   and an ONNX's external data files are all named by its manifest;
 - each artifact's bytes hash to its manifest's ``artifact_sha256`` (a truncated or corrupted file is refused);
-- engines fit this machine (``EngineManifest.check_compatible``: GPU, TensorRT and plugin versions). Without
-  TensorRT the directory still loads, so requests can be validated (resolution, prompt, entities); the first
-  generation then raises TensorRT's absence before any model runs.
+- engines: the plugin library they were built with is in the directory, unchanged (its SHA-256 is the manifest's)
+  and able to run (not a check build without cuDNN's attention); all engines name the same library and TensorRT
+  release; the TensorRT importable here is that release, and a GPU visible here is the one TensorRT proper built
+  for (``EngineManifest.check_compatible``). Without TensorRT or a GPU the directory still loads, so requests can
+  be validated (resolution, prompt, entities); the first generation then raises their absence before any model
+  runs. The TensorRT backend loads the directory's plugin library into TensorRT before it deserializes an engine.
 
 ONNX files run in ONNX Runtime on the CPU in their portable form (`deleaker.export.portable`: float32, DeLeaker as
 standard ONNX operators), made once per artifact into the runtime's ONNX cache: what ``deleaker-trt build
---onnx-only`` writes (fp16/bf16/fp8, with the TensorRT plugin's custom nodes) runs on a machine without TensorRT.
+--onnx-only`` writes (fp16/bf16/fp8, with the TensorRT plugin's custom nodes) runs on a machine without TensorRT,
+and needs no plugin library.
 
 Text encoders and the VAE come from the model the manifests name (``tiny`` or a diffusers folder).
 """
@@ -69,27 +73,19 @@ def read_manifests(engine_dir: Path) -> list[Any]:
     return [manifest.EngineManifest.read(p) for p in paths]
 
 
-def current_environment(manifest_mod: Any) -> Optional[Any]:
-    """The `Environment` of this process (GPU, TensorRT version, plugin version and source hash), or None when
-    TensorRT is not importable or no CUDA GPU is visible: then engines cannot run here at all, the directory is
-    still loaded so requests can be validated, and the first generation raises the reason."""
-    from deleaker.plugins import trt_plugin
+def current_environment(built_with: str) -> Any:
+    """The `Environment` of this process: the TensorRT release importable here (``built_with``'s package first, a
+    `tensorrt_release` string) and the GPU. Either is None where there is none: engines cannot run here then, the
+    directory still loads so requests can be validated, and the first generation raises the reason."""
+    from deleaker.plugins.trt_library import TensorRTUnavailableError, import_tensorrt, release_module, tensorrt_release
 
+    manifest = _manifest_module()
     try:
-        trt = trt_plugin.import_plugin_capable_tensorrt()
-    except trt_plugin.TensorRTUnavailableError:
-        return None
-    gpu_name, capability = manifest_mod.cuda_environment()
-    if capability is None:
-        return None
-    info = manifest_mod.plugin_info()
-    return manifest_mod.Environment(
-        gpu_name=gpu_name,
-        compute_capability=capability,
-        tensorrt_version=trt.__version__,
-        plugin_version=info["version"],
-        plugin_sha256=info["sha256"],
-    )
+        release = tensorrt_release(import_tensorrt(prefer=release_module(built_with)))
+    except TensorRTUnavailableError:
+        release = None
+    gpu_name, capability = manifest.cuda_environment()
+    return manifest.Environment(gpu_name=gpu_name, compute_capability=capability, tensorrt_version=release)
 
 
 def load_engine_dir(
@@ -113,7 +109,6 @@ def load_engine_dir(
 
     start = time.perf_counter()
     engine_dir = Path(engine_dir)
-    manifest_mod = _manifest_module()
     manifests = read_manifests(engine_dir)
     kinds = {m.kind for m in manifests}
     if backend is None:
@@ -149,7 +144,10 @@ def load_engine_dir(
 
     first = chosen[0]
     for m in chosen[1:]:
-        for what in ("model_id", "model_sha256", "text_len", "max_entities", "deleaker_config", "precision"):
+        for what in (
+            "model_id", "model_sha256", "text_len", "max_entities", "deleaker_config", "precision", "plugin",
+            "tensorrt_version",
+        ):
             if getattr(m, what) != getattr(first, what):
                 raise EngineDirError(
                     f"manifests in {engine_dir} disagree on {what}: {m.artifact} has {getattr(m, what)!r}, "
@@ -158,9 +156,13 @@ def load_engine_dir(
 
     from deleaker.export.contract import FluxTransformerIO
 
-    # The machine check needs TensorRT and a GPU (see `current_environment`).
-    env = current_environment(manifest_mod) if wanted_kind == "engine" else None
+    env = current_environment(first.tensorrt_version) if wanted_kind == "engine" else None
 
+    plugin = None
+    if wanted_kind == "engine":
+        from deleaker.plugins.trt_library import PluginLibrary
+
+        plugin = PluginLibrary.from_record(first.plugin, engine_dir)  # the same for all (checked above)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     loaders: dict[tuple[int, int], Callable[[], TransformerBackend]] = {}
     contracts = {}
@@ -172,10 +174,14 @@ def load_engine_dir(
         io = FluxTransformerIO.from_dict(m.io)
         contracts[key] = io
         if wanted_kind == "engine":
-            loaders[key] = lambda p=path, io=io: TensorRTBackend(p, io, cuda_graph=cuda_graph, device=device or "cuda")
+            loaders[key] = lambda p=path, io=io, built_with=m.tensorrt_version: TensorRTBackend(
+                p, io, plugin, built_with, cuda_graph=cuda_graph, device=device or "cuda"
+            )
         else:
             _check_external_data(path, m)
             loaders[key] = lambda p=path, m=m, io=io: _onnx_backend(p, m, io, cache, ort_providers)
+    if plugin is not None:
+        plugin.check_can_run()
     components, _ = load_components(first.model_id, with_transformer=False)
     config_of_transformer = transformer_config(first.model_id, components)
     transformer = components.pop("transformer", None)

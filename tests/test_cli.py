@@ -238,9 +238,19 @@ def test_engine_dir_errors(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def _local_tensorrt_release() -> str:
+    """The TensorRT release importable here (the engines' manifests must name it), or one that is not."""
+    from deleaker.plugins.trt_library import TensorRTUnavailableError, import_tensorrt, tensorrt_release
+
+    try:
+        return tensorrt_release(import_tensorrt())
+    except TensorRTUnavailableError:
+        return "tensorrt==10.8.0"
+
+
 def _engine_dir(root, tiny_components, sizes=((64, 64),), text_lens=None, model_sha256=None, precisions=None):
-    """A directory of engine artifacts with real manifests. The engine bytes are placeholders: TensorRT is not
-    installed here, so only the checks before deserialization (manifest, hashes, shapes) can run."""
+    """A directory of engine artifacts with real manifests. The engine and plugin library bytes are placeholders:
+    no GPU here, so only the checks before deserialization (manifest, hashes, shapes) can run."""
     import dataclasses
 
     from deleaker.config import DeLeakerConfig
@@ -249,6 +259,12 @@ def _engine_dir(root, tiny_components, sizes=((64, 64),), text_lens=None, model_
     from deleaker.runtime.onnx_cache import transformer_sha256
 
     root.mkdir(exist_ok=True)
+    library = root / "libdeleaker_trt_plugin.so"
+    library.write_bytes(b"plugin library placeholder")
+    build_info = (
+        "deleaker_trt_plugin 0.1.0; plugin deleaker::DeLeakerAttention v1; tensorrt_headers 10.8.0; attention cuDNN "
+        "SDPA (placeholder); kernel_abi 2"
+    )
     transformer = tiny_components["transformer"]
     for i, (height, width) in enumerate(sizes):
         precision = (precisions or ["fp16"] * len(sizes))[i]
@@ -273,8 +289,9 @@ def _engine_dir(root, tiny_components, sizes=((64, 64),), text_lens=None, model_
             io=io.to_dict(),
             deleaker_config=dataclasses.asdict(DeLeakerConfig.for_model(4)),
             onnx_sha256="0" * 64,
-            plugin={"name": "DeLeakerAttention", "version": "1"},
-            tensorrt_version="10.8.0",
+            plugin={"name": "DeLeakerAttention", "namespace": "deleaker", "version": "1", "library": library.name,
+                    "sha256": sha256_file(library), "build_info": build_info, "tensorrt_headers": "10.8.0"},
+            tensorrt_version=_local_tensorrt_release(),
             gpu_name="NVIDIA H100 80GB HBM3",
             compute_capability=(9, 0),
         ).write(root)
@@ -282,14 +299,16 @@ def _engine_dir(root, tiny_components, sizes=((64, 64),), text_lens=None, model_
 
 
 def _has_tensorrt() -> bool:
-    """A TensorRT that can run our engines (TensorRT-RTX cannot host the plugin, so it does not count)."""
-    from deleaker.plugins.trt_plugin import TensorRTUnavailableError, import_plugin_capable_tensorrt
+    """TensorRT and a CUDA GPU: what a TensorRT backend needs before it deserializes an engine."""
+    import torch
+
+    from deleaker.plugins.trt_library import TensorRTUnavailableError, import_tensorrt
 
     try:
-        import_plugin_capable_tensorrt()
-        return True
+        import_tensorrt()
     except TensorRTUnavailableError:
         return False
+    return torch.cuda.is_available()
 
 
 @pytest.mark.parametrize(
@@ -332,13 +351,13 @@ def test_engine_dir_is_checked_before_any_work(tiny_components, tmp_path, setup,
     assert not out.exists()
 
 
-@pytest.mark.skipif(_has_tensorrt(), reason="TensorRT is installed: the engine would be deserialized")
+@pytest.mark.skipif(_has_tensorrt(), reason="TensorRT and a GPU are here: the engine would be deserialized")
 def test_engine_dir_without_tensorrt_says_so_before_generating(tiny_components, tmp_path):
     engines = _engine_dir(tmp_path / "engines", tiny_components)
     out = tmp_path / "x.png"
     result = invoke("run", "--engines", engines, "--prompt", PROMPT, "--entities", "cat,cheetah", "--out", out)
     assert result.exit_code == 1 and "TensorRT" in result.stderr
-    assert "not importable" in result.stderr or "cannot host the DeLeaker plugin" in result.stderr
+    assert "not importable" in result.stderr or "needs a CUDA GPU" in result.stderr
     assert not out.exists()
 
 

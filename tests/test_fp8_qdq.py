@@ -206,11 +206,11 @@ def test_tensorrt_parses_and_builds_the_qdq_pattern(tmp_path):
     """TensorRT(-RTX)'s parser and builder take the pass's output (E4M3 weight initializers + DequantizeLinear,
     Q/DQ on fp16 activations, opset 19) in a strongly typed network: a two-linear fp16 model, no plugin, CPU-only
     build with TensorRT-RTX here (nothing is executed, so this checks the graph form, not FP8 kernels)."""
-    from deleaker.plugins import trt_plugin
+    from deleaker.plugins import trt_library
 
     try:
-        trt = trt_plugin.import_tensorrt()
-    except trt_plugin.TensorRTUnavailableError as err:
+        trt = trt_library.import_tensorrt()
+    except trt_library.TensorRTUnavailableError as err:
         pytest.skip(f"neither tensorrt nor tensorrt_rtx imports ({type(err).__name__})")
 
     class Mlp(torch.nn.Module):
@@ -232,7 +232,7 @@ def test_tensorrt_parses_and_builds_the_qdq_pattern(tmp_path):
     )  # fmt: skip
     path = tmp_path / "mlp_fp8.onnx"
     onnx.save(fp8.insert_fp8_qdq(program.model_proto, scales, weights), str(path))
-    net = build_lib.network_from_onnx(path, trt, plugins=False)
+    net = build_lib.network_from_onnx(path, trt)
     layers = [net.network.get_layer(i) for i in range(net.network.num_layers)]
     kinds = [layer.type for layer in layers]
     assert kinds.count(trt.LayerType.QUANTIZE) == 2 and kinds.count(trt.LayerType.DEQUANTIZE) == 4

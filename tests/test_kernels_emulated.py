@@ -28,7 +28,6 @@ import trt_plugin_host
 from deleaker.decomposed import plain_attention_with_lse
 from deleaker.export import onnx_node
 from deleaker.plugins import kernels, torch_op
-from deleaker.plugins import trt_plugin as tp
 from deleaker import deleaker_attention_reference
 from kernel_checks import (
     CONFIG,
@@ -418,70 +417,6 @@ def test_mutant_in_the_correction_is_caught(library, name):
     with pytest.raises(AssertionError):
         check_fallback(runner(mutant), torch.bfloat16, device="cpu")
     check_fallback(runner(library), torch.bfloat16, device="cpu")
-
-
-# ---- the TensorRT plugin's runtime path, with TensorRT's real descriptor types ----------------------------------
-
-
-def _plugin_desc(trt, tensor: torch.Tensor):
-    desc = trt.PluginTensorDesc()
-    desc.type = tp.trt_dtype(trt, str(tensor.dtype).removeprefix("torch."))
-    desc.format = trt.TensorFormat.LINEAR
-    desc.dims = trt.Dims(list(tensor.shape))
-    return desc
-
-
-@pytest.mark.xfail(
-    strict=True, raises=kernels.KernelLaunchError,
-    reason="kernel ABI v2: the plugin must run a fused attention first (out = o, lse) and pass lse; "
-    "plugins/trt_plugin.py (branch trt-plugin) does not yet",
-)
-def test_tensorrt_plugin_enqueue_matches_the_reference_over_steps(library):
-    """``on_shape_change`` and ``enqueue`` of our IPluginV3, called as an engine calls them (TensorRT's own
-    ``PluginTensorDesc``s, addresses, a workspace of the size the plugin asked for, the step as a tensor input and
-    the history threaded from one call's output to the next's input), drive the kernels; over steps crossing both
-    windows the result is the reference's. TensorRT itself calls nothing here: see the module docstring of
-    ``deleaker.plugins.trt_plugin``."""
-    try:
-        trt = tp.import_tensorrt()
-    except tp.TensorRTUnavailableError as exc:
-        pytest.skip(f"neither tensorrt nor tensorrt_rtx imports: {exc}")
-    grid, e_max, num_blocks, block_offset = (12, 11), 4, 2, 1
-    fields = tp.PluginFields(
-        block_offset=block_offset, num_blocks=num_blocks, grid_h=grid[0], grid_w=grid[1], config=CONFIG
-    )
-    _, creator_cls = tp.plugin_classes(trt)
-    buffers: list = []
-    plugin = creator_cls().create_plugin(
-        tp.PLUGIN_NAME, tp.field_collection(trt, fields, buffers), trt.TensorRTPhase.RUNTIME
-    )
-    plugin.kernel_library = library
-    plugin = plugin.attach_to_context(None)  # as TensorRT does per execution context: the clone keeps the library
-    history = torch.zeros(2, e_max, grid[0] * grid[1])
-    history_ref = None
-    for step in range(5):  # block steps 1, 3, 5, 7, 9: before, aggregating, inside both, intervening, after
-        block_step = step * num_blocks + block_offset
-        (q, k, v), entity_mask = structured_inputs(2, 2, 77, grid, 64, 3, e_max, torch.bfloat16, 40 + step, "cpu")
-        inputs = [q, k, v, entity_mask, history, torch.tensor([step], dtype=torch.int64)]
-        outputs = [torch.full_like(q, float("nan")), torch.full_like(history, float("nan"))]
-        input_desc = [_plugin_desc(trt, x) for x in inputs]
-        output_desc = [_plugin_desc(trt, x) for x in outputs]
-        plugin.on_shape_change(input_desc, output_desc)
-        workspace_bytes = plugin.get_workspace_size(input_desc, output_desc)
-        raw = torch.empty(workspace_bytes + 256, dtype=torch.uint8)
-        workspace = raw.data_ptr() + (-raw.data_ptr() % 256)
-        plugin.enqueue(
-            input_desc, output_desc, [x.data_ptr() for x in inputs], [x.data_ptr() for x in outputs], workspace, 0
-        )
-        out, history = outputs
-        ref_out, history_ref = deleaker_attention_reference(
-            q.float(), k.float(), v.float(), entity_mask, grid=grid, block_step=block_step, history=history_ref,
-            config=CONFIG,
-        )
-        torch.testing.assert_close(history, history_ref, rtol=1e-4, atol=1e-7, msg=f"history at step {step}")
-        assert not out.isnan().any()
-        assert rel_l2(out, ref_out) < 1e-2, step
-    assert history.any(), "the history must have been aggregated"
 
 
 # ---- the C++ TensorRT plugin (plugins/trt): its host path on the emulator ----------------------------------------

@@ -8,6 +8,11 @@ dynamic batch) and the fields serialized into the plan. That proves the interfac
 TensorRT-RTX makes lands in the right method), the field handling and the build-time methods. It cannot prove
 execution (TensorRT-RTX refuses to run engines without a GPU), anything about sm_90, or TensorRT 10/11 proper.
 
+Then the integration: `load_plugin_library` (the one place build and run load a library into TensorRT),
+``deleaker-trt build --plugin`` building the tiny transformer with TensorRT-RTX and recording the library in the
+manifest, and ``run --engines`` refusing a changed, missing or cannot-run library or another TensorRT release
+before any work, while ONNX Runtime runs the same folder without the library.
+
 Each TensorRT-RTX interaction runs in a child process (``trt_rtx_driver.py``): a crash fails one test with the
 child's output. The library needs the kernel library's C ABI version 2 (the fast path of issue 11); before that
 lands, the tests that build it skip.
@@ -196,6 +201,7 @@ def test_tensorrt_rtx_registers_the_creator_with_the_node_fields(stand_in_librar
 
 
 def _node_fields(**overrides) -> dict:
+    """The node's attributes as plugin fields, with ``overrides`` (a None override leaves that field out)."""
     attrs = onnx_node.node_attributes(config=ODD_CONFIG, **PLACEMENT)
     fields = {
         name: ["FLOAT32" if name in onnx_node.FLOAT_ATTRIBUTES else "INT32", value]
@@ -203,7 +209,7 @@ def _node_fields(**overrides) -> dict:
         if name not in ("plugin_namespace", "plugin_version")
     }
     fields.update(overrides)
-    return fields
+    return {name: field for name, field in fields.items() if field is not None}
 
 
 @pytest.mark.parametrize(
@@ -213,7 +219,10 @@ def _node_fields(**overrides) -> dict:
         ({"block_offset": ["INT32", 4]}, "block_offset must be in [0, num_blocks=4), got 4"),
         ({"stop_intervention_at": ["INT32", 1]}, "stop_intervention_at (1) must be >= start_intervention_from (5)"),
         ({"grid_x": ["INT32", 6]}, "unknown ['grid_x']"),
+        ({"grid_w": None}, "missing ['grid_w']"),
         ({"grid_h": ["FLOAT32", 7.5]}, "grid_h must be an integer"),
+        ({"num_blocks": ["INT32", [4, 4]]}, "plugin field num_blocks must hold one value, got 2"),
+        ({"plugin_namespace": ["CHAR", "other"]}, "plugin_namespace must be 'deleaker', got 'other'"),
     ],
 )
 def test_creator_refuses_bad_fields_with_a_message(stand_in_library, tmp_path, fields, message):
@@ -224,20 +233,31 @@ def test_creator_refuses_bad_fields_with_a_message(stand_in_library, tmp_path, f
     assert any(message in text for severity, text in log if severity == "ERROR"), log
 
 
-def read_plan_fields(plan: bytes) -> dict:
-    """The DeLeakerAttention fields serialized in a TensorRT-RTX plan, decoded from the plan's bytes: each field as
-    TensorRT-RTX 1.7 writes it (observed, not documented): uint32 name length with its NUL, the name, uint32
-    PluginFieldType, uint32 length, the data. Only INT32 and FLOAT32 fields are read."""
+def read_plan_fields(plan: bytes, start: int = 0) -> dict:
+    """The DeLeakerAttention fields serialized in a TensorRT-RTX plan (the first plugin layer's from ``start`` on),
+    decoded from the plan's bytes: each field as TensorRT-RTX 1.7 writes it (observed, not documented): uint32 name
+    length with its NUL, the name, uint32 PluginFieldType, uint32 length, the data. Only INT32 and FLOAT32 fields
+    are read."""
     fields = {}
     for name in (n for n in onnx_node.INT_ATTRIBUTES + onnx_node.FLOAT_ATTRIBUTES):
         key = struct.pack("<I", len(name) + 1) + name.encode() + b"\0"
-        at = plan.find(key)
+        at = plan.find(key, start)
         assert at >= 0, f"field {name} is not in the plan"
         kind, length = struct.unpack_from("<II", plan, at + len(key))
         assert length == 1, (name, length)
         data_at = at + len(key) + 8
         fields[name] = struct.unpack_from("<f" if kind == 1 else "<i", plan, data_at)[0]
     return fields
+
+
+def read_every_plan_fields(plan: bytes) -> list[dict]:
+    """`read_plan_fields` of every plugin layer of the plan (each layer's fields start with block_offset)."""
+    key = struct.pack("<I", len("block_offset") + 1) + b"block_offset\0"
+    starts, at = [], plan.find(key)
+    while at >= 0:
+        starts.append(at)
+        at = plan.find(key, at + 1)
+    return [read_plan_fields(plan, start) for start in starts]
 
 
 def _expected_plan_fields() -> dict:
@@ -319,3 +339,261 @@ def test_gpu_check_driver_runs_the_build_phase_and_reports_why_it_cannot_run(sta
         workspace = torch.empty(size, dtype=torch.uint8)
         with pytest.raises(trt_plugin_host.PluginDriveError, match="built without cuDNN"):
             trt_plugin_host.drive(plugin, driver, attrs, inputs, outputs, workspace.data_ptr(), size)
+
+
+
+
+# --- loading the library into TensorRT-RTX's registry (deleaker.plugins.trt_library) ---------------------------
+
+LOAD_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+import tensorrt_rtx as trt
+from deleaker.plugins import trt_library as tl
+
+builder = trt.Builder(trt.Logger(trt.Logger.ERROR))  # alive while libraries load: they get its logger
+library, twin, other = (tl.inspect_plugin_library(Path(p)) for p in sys.argv[1:4])
+foreign = Path(sys.argv[4])
+result = {"before": tl._registered_plugin(trt, library.plugin)}
+
+
+def attempt(what, lib):
+    try:
+        tl.load_plugin_library(trt, lib)
+        result[what] = "loaded"
+    except tl.PluginLibraryError as exc:
+        result[what] = str(exc)
+
+
+attempt("foreign", tl.PluginLibrary(foreign, tl.sha256_file(foreign), library.build_info))
+attempt("library", library)
+result["registered"] = tl._registered_plugin(trt, library.plugin)
+result["mapped"] = [str(p) for p in tl.mapped_plugin_libraries()]
+attempt("again", library)
+attempt("twin", twin)
+attempt("other", other)
+# (rewriting the loaded file itself would change the code this process runs)
+attempt("changed", tl.PluginLibrary(other.path, library.sha256, library.build_info))
+print(json.dumps(result))
+"""
+
+
+def test_load_plugin_library_registers_once_and_refuses_another(stand_in_library, tmp_path):
+    """`load_plugin_library`, the one place build and run load a library into TensorRT: TensorRT-RTX registers its
+    creator; loading the same bytes again (that file or a copy) is a no-op; another library (one byte more), a
+    shared library that is not a plugin library, and a file changed since it was checked are refused with a
+    message."""
+    import _ctypes
+
+    paths = []
+    for name, extra in (("library", b""), ("twin", b""), ("other", b"\0")):
+        path = tmp_path / name / trt_build.LIBRARY_NAME
+        path.parent.mkdir()
+        path.write_bytes(stand_in_library.read_bytes() + extra)  # trailing bytes: the same loadable library
+        paths.append(path)
+    foreign = tmp_path / "foreign" / trt_build.LIBRARY_NAME
+    foreign.parent.mkdir()
+    foreign.write_bytes(Path(_ctypes.__file__).read_bytes())  # a real shared library, not a plugin library
+    got = _load_child(LOAD_SCRIPT, [*paths, foreign], tmp_path)
+    assert got["before"] is False
+    assert got["foreign"].startswith(f"TensorRT could not load the plugin library {foreign}"), got["foreign"]
+    assert got["library"] == "loaded" and got["registered"] is True
+    assert str(paths[0]) in got["mapped"]
+    assert got["again"] == got["twin"] == "loaded"  # the same bytes are loaded already
+    assert "already holds another deleaker::DeLeakerAttention v1 plugin than" in got["other"], got["other"]
+    assert got["changed"].endswith("changed since it was checked (sha256 differs); load it again")
+
+
+def _load_child(script: str, args: list, tmp_path: Path) -> dict:
+    child = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                           timeout=300, env=_rtx_env(tmp_path))
+    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    assert child.returncode == 0 and lines, f"rc {child.returncode}:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+# --- deleaker-trt build --plugin with TensorRT-RTX, and run --engines on what it built -------------------------
+
+TINY_BUILD = ["build", "--model", "tiny", "--height", "64", "--width", "64", "--text-len", "16", "--max-entities", "4"]
+RUN = ["run", "--prompt", "A cat and a cheetah", "--entities", "cat,cheetah", "--steps", "2", "--no-progress"]
+
+
+def deleaker_trt(args: list, env: dict) -> subprocess.CompletedProcess:
+    """``deleaker-trt ARGS`` in a child process: a crash in TensorRT-RTX fails one test, not pytest."""
+    return subprocess.run([sys.executable, "-c", "from deleaker.runtime.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def rtx_engines(stand_in_library, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``deleaker-trt build --plugin`` of the tiny model, fp16, by TensorRT-RTX (CPU-only), in a child process."""
+    from deleaker.plugins.trt_library import TensorRTUnavailableError, import_tensorrt
+
+    try:
+        if import_tensorrt().__name__ != "tensorrt_rtx":
+            pytest.skip("TensorRT proper is installed: deleaker-trt build uses it, not TensorRT-RTX")
+    except TensorRTUnavailableError:
+        pytest.skip("tensorrt-rtx is not installed")
+    out = tmp_path_factory.mktemp("rtx-engines")
+    env = _rtx_env(tmp_path_factory.mktemp("rtx-env"))
+    return out, deleaker_trt([*TINY_BUILD, "--precision", "fp16", "--plugin", stand_in_library, "--out", out], env)
+
+
+def _copy_engines(rtx_engines, tmp_path: Path, *, without: tuple[str, ...] = ()) -> Path:
+    out, build = rtx_engines
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    copy = Path(shutil.copytree(out, tmp_path / "engines", ignore=shutil.ignore_patterns(".build.lock", *without)))
+    return copy
+
+
+def test_build_loads_the_library_into_tensorrt_rtx_and_records_it(rtx_engines, stand_in_library):
+    """TensorRT-RTX builds the tiny transformer (4 DeLeakerAttention nodes) with our library, loaded from the engine
+    folder's copy; the manifest records the copy's hash, its build info and the TensorRT release; the plan holds
+    each block's fields."""
+    import tensorrt_rtx
+
+    from deleaker.engines.manifest import EngineManifest, sha256_file
+    from deleaker.plugins.trt_library import PluginLibrary
+
+    out, build = rtx_engines
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    # Loaded into TensorRT-RTX, which handed it its logger; TensorRT's log goes to stderr, stdout has the results.
+    assert "TensorRT: libdeleaker_trt_plugin was built against the test stand-in TensorRT headers" in build.stderr
+    engine = out / "transformer.64x64.fp16.plan"
+    assert [line.split(":")[0] for line in build.stdout.splitlines()] == ["onnx", "engine", "timings"]
+    assert f"engine: {engine}" in build.stdout
+    library = out / trt_build.LIBRARY_NAME
+    assert library.read_bytes() == stand_in_library.read_bytes()
+    manifest = EngineManifest.read(engine)
+    assert manifest.kind == "engine" and manifest.artifact_sha256 == sha256_file(engine)
+    assert manifest.plugin == PluginLibrary(library, sha256_file(library),
+                                            trt_build.library_build_info(stand_in_library)).record()
+    assert manifest.plugin["library"] == trt_build.LIBRARY_NAME and manifest.plugin["tensorrt_headers"] == "stand-in"
+    assert manifest.tensorrt_version == f"tensorrt_rtx=={tensorrt_rtx.__version__}"
+    assert manifest.gpu_name is None and manifest.compute_capability is None  # portable: built without a GPU
+    manifest.check_artifact(out)
+    layers = sorted(read_every_plan_fields(engine.read_bytes()), key=lambda fields: fields["block_offset"])
+    expected = [
+        {name: (np.float32(v).item() if name in onnx_node.FLOAT_ATTRIBUTES else v) for name, v in attrs.items()
+         if name not in ("plugin_namespace", "plugin_version")}
+        for attrs in (onnx_node.node_attributes(block_offset=b, num_blocks=4, grid=(8, 8),
+                                                config=DeLeakerConfig.for_model(4)) for b in range(4))
+    ]
+    assert layers == expected  # one plugin layer per block of the tiny model (2 double + 2 single), in the plan
+    onnx_path = out / "transformer.64x64.fp16.onnx"
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        ".build.lock", trt_build.LIBRARY_NAME, onnx_path.name, onnx_path.name + ".manifest.json", engine.name,
+        engine.name + ".manifest.json",
+    ])  # no staging file, no timing cache (TensorRT-RTX has none)
+
+
+def test_a_bf16_engine_built_into_the_folder_shares_its_library(rtx_engines, stand_in_library, tmp_path):
+    from deleaker.engines.manifest import EngineManifest
+
+    engines = _copy_engines(rtx_engines, tmp_path)
+    library = engines / trt_build.LIBRARY_NAME
+    inode = library.stat().st_ino
+    build = deleaker_trt([*TINY_BUILD, "--precision", "bf16", "--plugin", stand_in_library, "--out", engines],
+                         _rtx_env(tmp_path))
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    fp16, bf16 = (EngineManifest.read(engines / f"transformer.64x64.{p}.plan") for p in ("fp16", "bf16"))
+    assert bf16.io["dtype"] == "bfloat16" and bf16.plugin == fp16.plugin
+    assert library.stat().st_ino == inode  # the same bytes: left as they were
+
+
+def test_build_without_the_unversioned_tensorrt_rtx_library_says_how_to_link_it(rtx_engines, stand_in_library,
+                                                                                tmp_path):
+    """Without ``libtensorrt_rtx.so`` TensorRT-RTX's parser would abort the process on our first node: the build
+    stops before parsing, with the fix, exit 1."""
+    from deleaker.plugins import trt_library
+
+    try:
+        trt_library.check_plugin_layers_loadable(trt_library.import_tensorrt())
+        pytest.skip("this environment already provides libtensorrt_rtx.so")
+    except trt_library.PluginLibraryError:
+        pass
+    engines = _copy_engines(rtx_engines, tmp_path, without=("*.plan", "*.plan.manifest.json"))
+    build = deleaker_trt([*TINY_BUILD, "--precision", "fp16", "--plugin", stand_in_library, "--out", engines],
+                         dict(os.environ))
+    assert build.returncode == 1, build.stdout[-3000:] + build.stderr[-3000:]
+    assert "error: TensorRT-RTX's ONNX parser needs libtensorrt_rtx.so (unversioned)" in build.stderr
+    assert "ln -s " in build.stderr and "Traceback" not in build.stderr
+    assert "reusing" in build.stderr and not list(engines.glob("*.plan"))
+
+
+def test_build_without_tensorrt_keeps_the_onnx_and_installs_no_library(rtx_engines, stand_in_library, tmp_path,
+                                                                       monkeypatch):
+    """No TensorRT package importable (both made unimportable in this process): the ONNX and its manifest stay,
+    the message says what to install; no engine and no library copy are written."""
+    from click.testing import CliRunner
+
+    from deleaker.runtime.cli import main
+
+    engines = _copy_engines(rtx_engines, tmp_path, without=("*.plan", "*.plan.manifest.json", trt_build.LIBRARY_NAME))
+    for name in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    result = CliRunner().invoke(main, [*TINY_BUILD, "--precision", "fp16", "--plugin", str(stand_in_library),
+                                       "--out", str(engines)])
+    assert result.exit_code == 1, result.output
+    assert "TensorRT's Python package is not importable" in result.output
+    assert "The ONNX and its manifest are written" in result.output and "reusing" in result.output
+    assert sorted(p.name for p in engines.iterdir()) == [
+        ".build.lock", "transformer.64x64.fp16.onnx", "transformer.64x64.fp16.onnx.manifest.json"
+    ]
+
+
+def _tamper_manifest(engines: Path, **changes) -> None:
+    path = engines / "transformer.64x64.fp16.plan.manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("intact", "was built without cuDNN's attention (`deleaker-trt plugin --stand-in-headers`"),
+        ("changed_library", "libdeleaker_trt_plugin.so is not the plugin library transformer.64x64.fp16.plan was "
+                            "built with (its sha256 differs"),
+        ("missing_library", "libdeleaker_trt_plugin.so (plugin library of the manifest) does not exist: put the "
+                            "library transformer.64x64.fp16.plan was built with back"),
+        ("other_release", "built with tensorrt_rtx==1.6.0.0, this machine has tensorrt_rtx=="),
+        ("tensorrt_proper", "built with tensorrt==10.13.0.35, this machine has tensorrt_rtx=="),
+    ],
+)
+def test_run_engines_refuses_a_library_or_tensorrt_mismatch_before_any_work(rtx_engines, tmp_path, setup, message):
+    """``run --engines`` on what TensorRT-RTX built: the folder's library must be the one the engine was built with
+    (hash), present, able to run, and the TensorRT here the release that built it; each is refused before any model
+    is loaded, exit 1, no image. (The intact folder is refused too: its stand-in library cannot run.)"""
+    from click.testing import CliRunner
+
+    from deleaker.runtime.cli import main
+
+    engines = _copy_engines(rtx_engines, tmp_path)
+    library = engines / trt_build.LIBRARY_NAME
+    if setup == "changed_library":
+        library.write_bytes(library.read_bytes() + b"\0")
+    elif setup == "missing_library":
+        library.unlink()
+    elif setup == "other_release":
+        _tamper_manifest(engines, tensorrt_version="tensorrt_rtx==1.6.0.0")
+    elif setup == "tensorrt_proper":
+        _tamper_manifest(engines, tensorrt_version="tensorrt==10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3",
+                         compute_capability=[9, 0])
+    image = tmp_path / "x.png"
+    result = CliRunner().invoke(main, [*RUN, "--engines", str(engines), "--out", str(image)])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and not image.exists()
+
+
+def test_onnx_runtime_runs_the_folder_without_its_plugin_library(rtx_engines, tmp_path):
+    """The folder's ONNX runs in ONNX Runtime (its portable form) with the plugin library gone: only engines need it."""
+    from click.testing import CliRunner
+
+    from deleaker.runtime.cli import main
+
+    engines = _copy_engines(rtx_engines, tmp_path, without=(trt_build.LIBRARY_NAME,))
+    image = tmp_path / "x.png"
+    result = CliRunner().invoke(main, [*RUN, "--engines", str(engines), "--backend", "onnxruntime", "--height", "64",
+                                       "--width", "64", "--out", str(image), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert image.is_file()

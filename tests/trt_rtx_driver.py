@@ -44,10 +44,16 @@ def creator_info(registry, _args) -> dict:
 
 
 def create(registry, args) -> dict:
+    """createPlugin with ``args["fields"]``: ``{name: [kind, value]}``, kind INT32, FLOAT32 or CHAR (text); a list
+    value gives a field of that many elements."""
     arrays = []
     fields = []
     for name, (kind, value) in args["fields"].items():
-        array = np.array([value], dtype=np.float32 if kind == "FLOAT32" else np.int32)
+        if kind == "CHAR":
+            array = np.frombuffer(value.encode() + b"\0", dtype=np.int8).copy()
+        else:
+            array = np.array(value if isinstance(value, list) else [value],
+                             dtype=np.float32 if kind == "FLOAT32" else np.int32)
         arrays.append(array)
         fields.append(trt.PluginField(name, array, getattr(trt.PluginFieldType, kind)))
     plugin = _creator(registry).create_plugin("probe", trt.PluginFieldCollection(fields), trt.TensorRTPhase.BUILD)
