@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.hashing import sha256_file
+from deleaker.plugins.kernels import MAX_ENTITIES as KERNEL_MAX_ENTITIES
 
 #: Bumped when the manifest's fields change incompatibly.
 MANIFEST_FORMAT = 1
@@ -32,11 +33,11 @@ PRECISIONS = ("fp16", "bf16", "fp8")
 ARTIFACT_KINDS = ("onnx", "engine")
 #: A manifest is a few KB (FP8 scales included); anything much larger is not one.
 MAX_MANIFEST_BYTES = 16 * 2**20
-#: Limits on the shapes a manifest may declare, the runtime's own (T5 tokens, pixels per side, entities,
-#: batch): checked before anything is allocated for them.
+#: Limits on the shapes a manifest may declare, the runtime's own (T5 tokens, pixels per side, entities: the
+#: kernels' E_max, as `run` and `build` take it; batch): checked before anything is allocated for them.
 MAX_TEXT_LEN = 512
 MAX_SIDE = 2048
-MAX_ENTITIES = 16
+MAX_ENTITIES = KERNEL_MAX_ENTITIES
 MAX_BATCH = 64
 
 

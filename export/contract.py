@@ -26,7 +26,8 @@ Graph outputs: ``noise_pred (B, Nimg, C_out)`` in the model dtype and ``history_
 (feed it back as ``history`` at the next step).
 
 Integer inputs are int32 (TensorRT's native integer type); the graph casts them to what the node takes
-(``entity_mask`` -> bool, ``step`` -> int64; see `NODE_ENTITY_MASK_DTYPE`, `NODE_STEP_DTYPE`).
+(``entity_mask`` -> bool, ``step`` -> int64: what the ``DeLeakerAttention`` node and the kernels' ABI take, one
+byte per mask cell and an int64 step).
 """
 
 from __future__ import annotations
@@ -56,10 +57,6 @@ _TORCH_DTYPES: Dict[str, torch.dtype] = {
 
 #: Precisions a transformer may be exported in (the float inputs and ``noise_pred`` use it).
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
-
-#: What the ``DeLeakerAttention`` node takes (the kernels' ABI: one byte per mask cell, an int64 step).
-NODE_ENTITY_MASK_DTYPE = "bool"
-NODE_STEP_DTYPE = "int64"
 
 Dim = Union[int, str]
 

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.hashing import sha256_file
 from deleaker.geometry import vae_scale_factor
+from deleaker.tracing import tracing
 
 from .contract import FluxTransformerIO, dtype_name
 from .onnx_node import DOMAIN, ONNX_OPSET, OP_TYPE, check_graph_config, register_onnx_schema, translation_table
@@ -49,10 +49,6 @@ META_ROPE_FP32 = "deleaker.rope_fp32"
 #: Above this many bytes of weights, the protobuf limit forces external data.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
-#: ``torch.export`` keeps process-wide tracing state (its proxy dispatch mode slot): two exports at once in one
-#: process fail ("ProxyTorchDispatchMode slot already occupied"). Every export of this package holds this lock,
-#: so runtimes used from several threads export one after the other. Processes do not share it (and need not).
-_TORCH_EXPORT_LOCK = threading.Lock()
 
 
 class ExportError(DeLeakerError):
@@ -149,7 +145,7 @@ def _export_program(
     device = next(transformer.parameters()).device
     sample = io.sample_inputs(_sample_batch(io), device=device)
     rope = float32_rope(transformer) if rope_fp32 else contextlib.nullcontext()
-    with _TORCH_EXPORT_LOCK, torch.no_grad(), rope:
+    with tracing(), torch.no_grad(), rope:  # torch.export's state is process-wide: alone
         return torch.onnx.export(
             wrapper,
             tuple(sample.values()),
@@ -493,7 +489,7 @@ def export_attention_onnx(
     from .onnx_node import NODE_INPUTS, NODE_OUTPUTS
 
     try:
-        with _TORCH_EXPORT_LOCK:
+        with tracing():
             program = torch.onnx.export(
                 module.eval(),
                 sample,

@@ -143,7 +143,8 @@ def _source_options(func):
             "--cache-dir",
             type=click.Path(path_type=Path),
             default=None,
-            help="Where --model exports ONNX (default $DELEAKER_CACHE or ~/.cache/deleaker-trt).",
+            help="Where --model exports ONNX and --engines keeps the portable form of an engine folder's ONNX for ONNX "
+            "Runtime (default $DELEAKER_CACHE or ~/.cache/deleaker-trt).",
         ),
         click.option("--device", default=None, help="torch device of the torch backend (default: cuda if available)."),
         click.option(

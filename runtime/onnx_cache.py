@@ -43,6 +43,7 @@ from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError
 from deleaker.filelock import exclusive_lock
 from deleaker.hashing import sha256_file
+from deleaker.tracing import torch_work
 
 from .backends import BackendError, OnnxRuntimeBackend
 
@@ -63,9 +64,10 @@ def transformer_sha256(transformer: torch.nn.Module) -> str:
     """Hex SHA-256 of a transformer's config and weights (names, dtypes, shapes and bytes, in state-dict order)."""
     digest = hashlib.sha256()
     digest.update(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
-    for name, tensor in transformer.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    with torch_work():
+        for name, tensor in transformer.state_dict().items():
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.geometry import latent_grid, vae_scale_factor
 from deleaker.tiny import TINY_MODEL_NAME
+from deleaker.tracing import torch_work
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 
 from .backends import TorchBackend, TransformerBackend, resolve_device
@@ -426,8 +427,14 @@ class DeLeakerRuntime:
         grid = latent_grid(height, width, self.vae_scale_factor)
 
         tick = time.perf_counter()
-        backend = self.source.backend(height, width)
+        backend = self.source.backend(height, width)  # may export: before, not inside, the torch work below
         timings["backend_load"] = time.perf_counter() - tick
+        with torch_work():
+            return self._generate_loaded(request, backend, grid, timings, start, record_latents, progress)
+
+    def _generate_loaded(self, request, backend, grid, timings, start, record_latents, progress) -> GenerationResult:
+        """Encode, denoise and decode with a loaded backend (torch work: never while this process exports)."""
+        height, width = request.height, request.width
 
         # 1. Text: T5 sequence + CLIP pooled, and the entity mask (all zeros renders plain FLUX).
         tick = time.perf_counter()
@@ -541,7 +548,7 @@ def load_components(model: str | Path, *, with_transformer: bool = True) -> tupl
 
         # The tiny model seeds torch's process-wide generator while it builds: two builds at once would interleave
         # their draws and get different weights (and so different caches). One at a time.
-        with _TINY_BUILD_LOCK:
+        with _TINY_BUILD_LOCK, torch_work():
             return build_tiny_flux_components(0), TINY_MODEL_NAME
     path = Path(model)
     if not path.is_dir():
