@@ -16,6 +16,8 @@ import statistics
 
 import torch
 
+from cuda_graphs import capture_graph
+
 FLUX_DEV_CONFIG = dict(
     patch_size=1,
     in_channels=64,
@@ -80,15 +82,7 @@ def time_ms(fn, repeats: int, warmup: int = 3) -> float:
 def graph_ms(fn, repeats: int):
     """Capture ``fn`` in a CUDA graph and time its replays: ``(median ms, None)``, or ``(None, why it failed)``."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph, _ = capture_graph(fn)
         return time_ms(graph.replay, repeats), None
     except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is a finding to report
         return None, f"{type(exc).__name__}: {exc}"[:300]

@@ -52,6 +52,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from attention_inputs import stripe_inputs  # noqa: E402
+from cuda_graphs import capture_graph  # noqa: E402
 
 from deleaker import DeLeakerConfig, deleaker_attention  # noqa: E402
 from deleaker.decomposed import decomposed_intermediates  # noqa: E402
@@ -405,15 +406,7 @@ def stage_cuda_graph(ctx: Context) -> Dict[str, Any]:
         return torch_op.deleaker_attention_cuda(q, k, v, mask, grid=shape["grid"], block_step=step,
                                                 history=history, config=CONFIG)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, new_history = call()  # the graph's static outputs
+    graph, (out, new_history) = capture_graph(call, warmup=3)  # the graph's static outputs
     report: Dict[str, Any] = {"captured": True}
     for name, value in (("inside", INSIDE), ("outside", OUTSIDE)):
         step.fill_(value)
