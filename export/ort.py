@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -210,20 +211,27 @@ def _existing(onnx_path: Union[str, Path]) -> Path:
 
 
 def run_interruptible(session: Any, output_names: Sequence[str], feeds: Mapping[str, Any]) -> list:
-    """``session.run(output_names, feeds)`` that Ctrl-C stops between two nodes, also in a long run.
+    """``session.run(output_names, feeds)`` that Ctrl-C (or SIGTERM) stops between two nodes, also in a long run.
 
     Python raises KeyboardInterrupt only in the main thread and only between bytecodes, never while ONNX Runtime
-    computes. Called from the main thread, the run goes to a worker thread and the main thread waits; on an
-    interrupt the run is told to stop (``RunOptions.terminate``), the worker is joined and the interrupt
-    re-raised, so nothing is left running. From any other thread this is ``session.run``.
+    computes; and an exception raised while ONNX Runtime still runs in another thread lets the process exit with it
+    running, which aborts ("terminate called without an active exception"). So, from the main thread: the run goes
+    to a worker thread; for exactly as long as that thread lives, SIGINT and SIGTERM only set a flag (their handlers
+    are swapped for one that records the signal), and a recorded signal tells the run to stop
+    (``RunOptions.terminate``). Once the worker is gone the handlers are restored and each recorded signal is
+    handed to the handler it would have reached (KeyboardInterrupt for Ctrl-C). From any other thread (where no
+    signal handler runs) this is ``session.run``.
     """
     if threading.current_thread() is not threading.main_thread():
         return session.run(list(output_names), dict(feeds))
+    import signal
+
     import onnxruntime as ort
 
     options = ort.RunOptions()
     outcome: Dict[str, Any] = {}
     done = threading.Event()
+    received: list[int] = []
 
     def work() -> None:
         try:
@@ -233,27 +241,42 @@ def run_interruptible(session: Any, output_names: Sequence[str], feeds: Mapping[
         finally:
             done.set()
 
-    worker = threading.Thread(target=work, name="deleaker-ort-run", daemon=True)
-    worker.start()
-    # Wait on an event, not Thread.join: a join interrupted by Ctrl-C marks a running thread as finished
-    # (CPython 3.11), and the process would then exit with ONNX Runtime still running in it, which aborts.
-    interrupt: Optional[BaseException] = None
-    while not done.is_set() or worker.is_alive():
-        try:
-            if done.is_set():
-                # The run is over; let the worker leave entirely, so that no thread of ours is still unwinding
-                # out of ONNX Runtime's frames when the interpreter exits (a daemon thread stopped there aborts).
-                worker.join(0.05)
-            else:
-                done.wait(0.05)
-        except BaseException as exc:  # noqa: BLE001  (KeyboardInterrupt, or what a signal handler raises)
-            options.terminate = True  # ONNX Runtime stops before its next node
-            interrupt = interrupt or exc
-    if interrupt is not None:
-        raise interrupt
+    def record(signum: int, frame: Any) -> None:
+        received.append(signum)
+        options.terminate = True  # ONNX Runtime stops before its next node
+
+    previous: Dict[int, Any] = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, record)
+        worker = threading.Thread(target=work, name="deleaker-ort-run", daemon=True)
+        worker.start()
+        # Until the worker has left (not only finished the run), no exception can start here: the handlers only
+        # record. Event.wait, then a short sleep while the thread unwinds (Thread.join interrupted mid-way marks a
+        # running thread as finished in CPython 3.11).
+        while not done.wait(0.05):
+            pass
+        while worker.is_alive():
+            time.sleep(0.001)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in dict.fromkeys(received):
+        _deliver(signum, previous[signum])
     if "error" in outcome:
         raise outcome["error"]
     return outcome["outputs"]
+
+
+def _deliver(signum: int, handler: Any) -> None:
+    """What ``signum`` would have done under ``handler`` (the handler it found when the run started)."""
+    import signal
+
+    if callable(handler):
+        handler(signum, None)  # Python's default SIGINT handler raises KeyboardInterrupt
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)  # the default action: the process ends by this signal
+    # SIG_IGN: ignored, as it would have been
 
 
 _ORT_TYPES = {
