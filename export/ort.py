@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -230,7 +229,6 @@ def run_interruptible(session: Any, output_names: Sequence[str], feeds: Mapping[
 
     options = ort.RunOptions()
     outcome: Dict[str, Any] = {}
-    done = threading.Event()
     received: list[int] = []
 
     def work() -> None:
@@ -238,8 +236,6 @@ def run_interruptible(session: Any, output_names: Sequence[str], feeds: Mapping[
             outcome["outputs"] = session.run(list(output_names), dict(feeds), options)
         except BaseException as exc:  # noqa: BLE001  (handed to the waiting thread)
             outcome["error"] = exc
-        finally:
-            done.set()
 
     def record(signum: int, frame: Any) -> None:
         received.append(signum)
@@ -251,13 +247,8 @@ def run_interruptible(session: Any, output_names: Sequence[str], feeds: Mapping[
             previous[signum] = signal.signal(signum, record)
         worker = threading.Thread(target=work, name="deleaker-ort-run", daemon=True)
         worker.start()
-        # Until the worker has left (not only finished the run), no exception can start here: the handlers only
-        # record. Event.wait, then a short sleep while the thread unwinds (Thread.join interrupted mid-way marks a
-        # running thread as finished in CPython 3.11).
-        while not done.wait(0.05):
-            pass
-        while worker.is_alive():
-            time.sleep(0.001)
+        # The handlers only record, so nothing interrupts this wait: it returns once the worker has left.
+        worker.join()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
