@@ -21,8 +21,10 @@ def num_joint_blocks(transformer_config: Mapping[str, Any]) -> int:
 #: Window knobs are block steps below 2**31: the graph stores them as int64 and every kernel takes them as int64,
 #: and a FLUX.1 run of 1000 steps counts only 57,000 block steps.
 MAX_BLOCK_STEP = 2**31 - 1
-#: ``(low, high, low_included)`` of the float knobs. ``k_strength`` multiplies an entity's own logits: <= 0 would
-#: invert or flatten the attention it is meant to strengthen (disable strengthening with
+#: ``(low, high, low_included)`` of the float knobs. These ranges (and `MAX_BLOCK_STEP`) also keep every knob
+#: finite wherever it is stored: float32 attributes and constants of the exported graph, the kernels' float32 and
+#: int64 params (so no separate check of the graph's types is needed). ``k_strength`` multiplies an entity's own
+#: logits: <= 0 would invert or flatten the attention it is meant to strengthen (disable strengthening with
 #: ``do_image_text_strengthening=False``), and above 10 the softmax is saturated already while large logits
 #: overflow fp16. The ``std_mul_*`` thresholds are ``mean + std_mul * std`` of probabilities: beyond +-10 std
 #: nothing (or everything) is selected, and far larger values overflow float32 (inf * 0 std = NaN).

@@ -230,7 +230,6 @@ class EngineManifest:
 
     def _check_deleaker_config(self) -> None:
         from deleaker.config import DeLeakerConfig
-        from deleaker.export.onnx_node import check_graph_config
 
         fields = {f.name for f in dataclasses.fields(DeLeakerConfig)}
         if not isinstance(self.deleaker_config, dict):
@@ -239,7 +238,7 @@ class EngineManifest:
         if missing or unknown:
             raise ManifestError(f"manifest deleaker_config: missing {missing}, unknown {unknown}")
         try:
-            check_graph_config(DeLeakerConfig(**self.deleaker_config))
+            DeLeakerConfig(**self.deleaker_config)
         except ConfigError as err:
             raise ManifestError(f"manifest deleaker_config: {err}") from err
 

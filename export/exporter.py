@@ -35,7 +35,7 @@ from deleaker.geometry import vae_scale_factor
 from deleaker.tracing import tracing
 
 from .contract import FluxTransformerIO, dtype_name
-from .onnx_node import DOMAIN, ONNX_OPSET, OP_TYPE, check_graph_config, register_onnx_schema, translation_table
+from .onnx_node import DOMAIN, ONNX_OPSET, OP_TYPE, register_onnx_schema, translation_table
 from .wrapper import float32_rope, make_wrapper
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,6 @@ def _check_export_inputs(transformer: torch.nn.Module, io: FluxTransformerIO, co
         raise TypeError(f"io must be a FluxTransformerIO, got {type(io).__name__}")
     if not isinstance(config, DeLeakerConfig):
         raise TypeError(f"config must be a DeLeakerConfig (scaled to the model), got {type(config).__name__}")
-    check_graph_config(config)
     num_blocks = num_joint_blocks(transformer.config)
     if num_blocks != io.num_blocks:
         raise ShapeError(f"the contract is for {io.num_blocks} blocks per step but the transformer has {num_blocks}")
@@ -469,7 +468,6 @@ def export_attention_onnx(
     ``step ()`` int64; outputs ``out``, ``history_out``. Static shapes, except the batch axis with
     ``dynamic_batch`` (then ``batch`` is the traced sample's, at least 2). Returns ``out_path``.
     """
-    check_graph_config(config)
     out_path = Path(out_path)
     fdt = getattr(torch, dtype_name(dtype))
     tokens = text_len + grid[0] * grid[1]

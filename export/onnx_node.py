@@ -30,7 +30,7 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript import values as osv
 
-from deleaker.config import WINDOW_FIELDS, DeLeakerConfig
+from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, ShapeError
 
 #: The node's ONNX domain, also the TensorRT plugin namespace.
@@ -69,7 +69,6 @@ STRING_ATTRIBUTES = ("plugin_namespace", "plugin_version")
 
 _BOOL_KNOBS = ("use_history", "do_smoothing", "do_image_image", "do_image_text_strengthening", "do_image_text_weakening")
 _INT64_MAX = 2**63 - 1
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # --- schema ------------------------------------------------------------------------------------------------
@@ -142,28 +141,6 @@ def node_attributes(*, block_offset: int, num_blocks: int, grid: Tuple[int, int]
     return attrs
 
 
-def check_graph_config(config: DeLeakerConfig) -> None:
-    """Raise `ConfigError` unless every knob survives being stored in the graph: float knobs are float32 node
-    attributes (or float32 constants of the decomposition), window knobs int64 (also the kernels' types).
-
-    A value that is finite in Python but not as float32 (``k_strength=1e39``) would become inf inside the graph.
-    """
-    for name in FLOAT_ATTRIBUTES:
-        value = getattr(config, name)
-        if not abs(value) <= _FLOAT32_MAX:
-            raise ConfigError(
-                f"DeLeaker option {name}={value!r} does not fit float32, which the exported graph and the kernels "
-                f"store it as; allowed: finite numbers of magnitude <= {_FLOAT32_MAX:.4g}"
-            )
-    for name in WINDOW_FIELDS:
-        value = getattr(config, name)
-        if value > _INT64_MAX:
-            raise ConfigError(
-                f"DeLeaker option {name}={value!r} does not fit int64, which the graph and the kernels store it as; "
-                f"allowed: 0 to {_INT64_MAX}"
-            )
-
-
 def config_from_attributes(attrs: Mapping[str, Any]) -> Tuple[int, int, Tuple[int, int], DeLeakerConfig]:
     """Inverse of `node_attributes`: ``(block_offset, num_blocks, (grid_h, grid_w), config)``.
 
@@ -193,9 +170,7 @@ def config_from_attributes(attrs: Mapping[str, Any]) -> Tuple[int, int, Tuple[in
     grid = (placement["grid_h"], placement["grid_w"])
     if min(grid) < 1:
         raise ShapeError(f"{OP_TYPE} node has grid {grid[0]}x{grid[1]}; both sides must be >= 1")
-    config = DeLeakerConfig(**knobs)
-    check_graph_config(config)
-    return placement["block_offset"], placement["num_blocks"], grid, config
+    return placement["block_offset"], placement["num_blocks"], grid, DeLeakerConfig(**knobs)
 
 
 # --- translation 1: the custom node --------------------------------------------------------------------------

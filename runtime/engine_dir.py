@@ -4,7 +4,7 @@ A directory holds one artifact per resolution, each beside ``<artifact>.manifest
 (``deleaker.engines.manifest.EngineManifest``). Loading checks, before any generation:
 
 - the directory exists and has at least one manifest of the wanted kind;
-- every manifest parses and is well-formed (types, knobs as the graph stores them, shapes within the runtime's
+- every manifest parses and is well-formed (types, knobs validated like `--set`, shapes within the runtime's
   limits), and all agree on the model, ``T``, ``E_max`` and DeLeaker knobs (one runtime, one model); each
   manifest's contract is the one the model's transformer config gives for its sizes;
 - every file a manifest names resolves, after symlinks, inside the directory (checked before any file is read),

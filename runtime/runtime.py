@@ -289,10 +289,6 @@ class DeLeakerRuntime:
         transformer = components["transformer"]
         num_blocks = num_joint_blocks(transformer.config)
         config = DeLeakerConfig.resolve(deleaker_config, num_blocks)
-        if backend == "onnxruntime":
-            from deleaker.export.onnx_node import check_graph_config
-
-            check_graph_config(config)  # the graph stores the knobs as float32/int64: refuse before any export
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         for name in ("text_encoder", "text_encoder_2", "vae", "transformer"):
             module = components[name]
