@@ -45,6 +45,7 @@ from deleaker.geometry import vae_scale_factor
 from deleaker.errors import ConfigError, DeLeakerError
 
 from deleaker.filelock import exclusive_lock
+from deleaker.runtime.defaults import PRECISIONS
 from deleaker.plugins.trt_build import LIBRARY_NAME
 from deleaker.plugins.trt_library import (
     PluginLibrary,
@@ -71,7 +72,6 @@ from .manifest import (
 
 #: The ONNX's float dtype per engine precision. FP8 engines keep fp16 outside the quantized linears.
 ONNX_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "float16"}
-PRECISIONS = tuple(ONNX_DTYPES)
 
 #: Prompts the FP8 scales are calibrated on (the reference examples' kinds of scenes).
 DEFAULT_CALIBRATION_PROMPTS = (

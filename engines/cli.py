@@ -12,7 +12,7 @@ import click
 
 from deleaker.errors import DeLeakerError
 from deleaker.plugins.kernels import MAX_ENTITIES
-from deleaker.runtime.defaults import DEFAULT_PRECISION, PRECISIONS
+from deleaker.runtime.defaults import DEFAULT_PRECISION, MAX_TEXT_LEN, PRECISIONS
 
 EXIT_ERROR = 1
 
@@ -44,7 +44,7 @@ class BuildCliError(click.ClickException):
     show_default=True,
     help=f"E_max: entity rows of the engine (the kernels take at most {MAX_ENTITIES}).",
 )
-@click.option("--text-len", type=click.IntRange(1, 512), default=256, show_default=True, help="T5 tokens T.")
+@click.option("--text-len", type=click.IntRange(1, MAX_TEXT_LEN), default=256, show_default=True, help="T5 tokens T.")
 @click.option(
     "--batch",
     type=(int, int, int),

@@ -22,22 +22,20 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.hashing import sha256_file
-from deleaker.plugins.kernels import MAX_ENTITIES as KERNEL_MAX_ENTITIES
+from deleaker.plugins.kernels import MAX_ENTITIES
+from deleaker.runtime.defaults import MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
 
 #: Bumped when the manifest's fields change incompatibly.
 MANIFEST_FORMAT = 1
 #: ``<artifact file name><MANIFEST_SUFFIX>``, e.g. ``transformer.fp16.plan.manifest.json``.
 MANIFEST_SUFFIX = ".manifest.json"
 
-PRECISIONS = ("fp16", "bf16", "fp8")
 ARTIFACT_KINDS = ("onnx", "engine")
 #: A manifest is a few KB (FP8 scales included); anything much larger is not one.
 MAX_MANIFEST_BYTES = 16 * 2**20
-#: Limits on the shapes a manifest may declare, the runtime's own (T5 tokens, pixels per side, entities: the
-#: kernels' E_max, as `run` and `build` take it; batch): checked before anything is allocated for them.
-MAX_TEXT_LEN = 512
-MAX_SIDE = 2048
-MAX_ENTITIES = KERNEL_MAX_ENTITIES
+#: Limits on the shapes a manifest may declare, checked before anything is allocated for them: the runtime's own
+#: (``MAX_TEXT_LEN``, ``MAX_SIDE``; E_max up to the kernels' ``MAX_ENTITIES``, as `run` and `build` take it) and
+#: the batch.
 MAX_BATCH = 64
 
 

@@ -21,7 +21,15 @@ import click
 from deleaker.errors import DeLeakerError
 from deleaker.plugins.kernels import MAX_ENTITIES
 
-from .defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_MAX_ENTITIES, DEFAULT_STEPS, DEFAULT_TEXT_LEN, PRECISIONS
+from .defaults import (
+    BACKENDS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_MAX_ENTITIES,
+    DEFAULT_STEPS,
+    DEFAULT_TEXT_LEN,
+    MAX_TEXT_LEN,
+    PRECISIONS,
+)
 
 #: Exit code of a typed error (bad input, incompatible engine, verification beyond tolerance).
 EXIT_ERROR = 1
@@ -127,7 +135,7 @@ def _source_options(func):
         ),
         click.option(
             "--text-len",
-            type=click.IntRange(1, 512),
+            type=click.IntRange(1, MAX_TEXT_LEN),
             default=DEFAULT_TEXT_LEN,
             show_default=True,
             help="T5 tokens T (--model only; engines fix it).",

@@ -12,8 +12,11 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_TEXT_LEN = 256
 DEFAULT_MAX_ENTITIES = 4
-#: Engine precisions (``deleaker-trt build --precision``, ``run --precision``); fp16 is the default, as in trtexec
-#: and NVIDIA's diffusion demo. Equal to ``deleaker.engines.build.PRECISIONS`` (kept here so the CLI's --help needs
-#: no torch; tests/test_cli.py checks they agree).
+#: Engine precisions (``deleaker-trt build --precision``, ``run --precision``, engine manifests); fp16 is the
+#: default, as in trtexec and NVIDIA's diffusion demo.
 PRECISIONS = ("fp16", "bf16", "fp8")
 DEFAULT_PRECISION = "fp16"
+#: Largest ``T`` (``--text-len``, engine manifests): FLUX.1's ``max_sequence_length`` goes up to 512.
+MAX_TEXT_LEN = 512
+#: Largest image side in pixels any runtime serves (a 2048x2048 attention already needs a large GPU).
+MAX_SIDE = 2048

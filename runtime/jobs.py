@@ -19,7 +19,7 @@ from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.plugins.kernels import MAX_ENTITIES
 
-from .defaults import BACKENDS, DEFAULT_MAX_ENTITIES, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN
+from .defaults import BACKENDS, DEFAULT_MAX_ENTITIES, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN, MAX_TEXT_LEN
 from .images import OutputError, check_output_files, psnr, read_png_record, save_pngs_atomic, side_by_side
 from .request import GenerationRequest, ImageSettings
 
@@ -30,8 +30,6 @@ if TYPE_CHECKING:  # the runtime (torch, diffusers) is imported when a job opens
 ProgressFactory = Callable[[int, str], Any]
 #: Longest line of a ``--prompts`` file: far above any prompt that fits T5 (see `request.MAX_PROMPT_CHARS`).
 MAX_LINE_BYTES = 1 << 20
-#: Largest ``T`` (``--text-len``): FLUX.1's ``max_sequence_length`` goes up to 512.
-MAX_TEXT_LEN = 512
 #: Devices a runtime can generate on: the CPU or a CUDA GPU (torch's other device types cannot run the model).
 DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d{1,3})?")
 

@@ -33,12 +33,10 @@ from deleaker.config import shown
 from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError, EntityError, ShapeError
 
-from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SIDE
 
 #: Longest prompt in characters (far above what 512 T5 tokens spell; see the module docstring).
 MAX_PROMPT_CHARS = 20_000
-#: Largest side in pixels any runtime serves (the memory of a 2048x2048 attention already needs a large GPU).
-MAX_SIDE = 2048
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
 #: Seeds are int64 for torch.Generator.

@@ -35,6 +35,7 @@ from .defaults import (
     DEFAULT_MODEL_BACKEND,
     DEFAULT_STEPS,
     DEFAULT_TEXT_LEN,
+    MAX_SIDE,
     MODEL_BACKENDS,
 )
 from .memory import AttentionMemory
@@ -47,7 +48,7 @@ from .schedule import (
     text_ids,
     unpack_latents,
 )
-from .request import MAX_SIDE, GenerationRequest
+from .request import GenerationRequest
 from .text import TextEncoders
 
 Tensor = torch.Tensor
