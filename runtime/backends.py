@@ -86,10 +86,16 @@ def resolve_device(device: str | torch.device | None, *, default: str) -> torch.
         raise ConfigError(f"device {str(text)!r} cannot run a model here; allowed: cpu, cuda, cuda:N")
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ConfigError(f"device {str(text)!r}: no CUDA GPU is visible to torch ({build}); use --device cpu")
+        raise ConfigError(
+            f"device {str(text)!r} is not available: this machine has no CUDA device (no CUDA GPU is visible to "
+            f"torch, {build}); use --device cpu"
+        )
     count = torch.cuda.device_count()
     if resolved.index is not None and resolved.index >= count:
-        raise ConfigError(f"device {str(text)!r}: torch sees {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+        raise ConfigError(
+            f"device {str(text)!r} is not available: this machine has {count} CUDA device(s) (cuda:0 to "
+            f"cuda:{count - 1})"
+        )
     return resolved
 
 

@@ -115,16 +115,11 @@ class RuntimeSpec:
 
 
     def _check_device(self) -> None:
-        """Raise `ConfigError` when ``device`` names a GPU this machine does not have (torch is imported here)."""
-        if self.device is None or not self.device.startswith("cuda"):
-            return
-        import torch
+        """Raise `ConfigError` when ``device`` names a GPU this machine does not have (before any model loads)."""
+        if self.device is not None and self.device.startswith("cuda"):
+            from .backends import resolve_device
 
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(self.device.partition(":")[2] or 0)
-        if index >= count:
-            have = f"{count} CUDA device(s)" if count else "no CUDA device"
-            raise ConfigError(f"device {self.device!r} is not available: this machine has {have}; use --device cpu")
+            resolve_device(self.device, default="cuda")
 
 
 @dataclass(frozen=True)
