@@ -12,7 +12,6 @@ Nothing here imports torch or needs a GPU.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from deleaker.errors import DeLeakerError
+from deleaker.filelock import exclusive_lock
 
 #: Targets compiled into the library: Ampere (A100, consumer Ampere), Ada, Hopper, and Hopper's arch-specific
 #: sm_90a (wgmma / TMA code needs it; its machine code runs on sm_90 devices only, so sm_90 stays beside it).
@@ -218,8 +218,7 @@ def build_library(archs: Sequence[str] = ARCHS, *, force: bool = False) -> Path:
     directory = cache_root() / spec.key
     directory.mkdir(parents=True, exist_ok=True)
     expected = {"source_hash": spec.source_hash, "archs": list(archs), "nvcc_version": spec.nvcc_version}
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per key; the others wait, then find its result
+    with exclusive_lock(directory / ".lock"):  # one builder per key; the others wait, then find its result
         if not force and _manifest_ok(directory, expected):
             return directory / LIBRARY_NAME
         # Staging folders of a build that was killed (tens of MB each): stale, since we hold the key's lock.

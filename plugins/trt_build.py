@@ -11,7 +11,6 @@ Nothing here imports torch or TensorRT or needs a GPU; no plugin library is load
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from deleaker.errors import DeLeakerError
+from deleaker.filelock import exclusive_lock
 
 from . import build as kernel_build
 
@@ -145,8 +145,7 @@ def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], N
     # One CMake build tree per source checkout: CMake refuses a tree configured from another source folder.
     build_dir = out_dir / f"build-{hashlib.sha256(str(SOURCE_DIR).encode()).hexdigest()[:12]}"
     env = _environment()
-    with open(out_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per output folder at a time
+    with exclusive_lock(out_dir / ".lock"):  # one build per output folder at a time
         say("configuring (cmake)")
         configured = _run(configure_command(config, cmake, build_dir), env, "cmake")
         reported = _MISSING.findall(configured.stdout + configured.stderr)

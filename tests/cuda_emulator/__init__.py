@@ -15,7 +15,6 @@ cannot: see the header of ``include/emu_cuda.h``.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Sequence, Tuple
 
 from deleaker.errors import DeLeakerError
+from deleaker.filelock import exclusive_lock
 from deleaker.plugins import build, kernels
 
 HERE = Path(__file__).resolve().parent
@@ -96,8 +96,7 @@ def build_emulated_library(
     directory = build.cache_root() / "emulated" / _key(cxx, mutations, defines, extra_units, include_dirs)
     library = directory / LIBRARY_NAME
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(directory / ".lock"):
         if library.is_file():
             return library
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
