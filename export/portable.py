@@ -13,7 +13,7 @@ kernels. `make_portable` turns such a graph into one ONNX Runtime runs anywhere:
    then spliced in place of each node with the node's step input mapped to its block step
    (``step * num_blocks + block_offset``): the same computation for every block, one trace for all of them.
 
-The node attributes are validated first (`config_from_attributes`: NaN, values that do not fit float32 or int64,
+The node attributes are validated first (`config_from_attributes`: NaN, knobs outside `DeLeakerConfig`'s ranges,
 a grid that does not match the node's token count are refused with a typed error); nothing runs in Python inside
 ONNX Runtime afterwards.
 """
@@ -258,7 +258,7 @@ def check_custom_nodes(model: onnx.ModelProto) -> List[_CustomNode]:
     """Decode and check every ``deleaker`` node of ``model`` (graph only; weights not needed).
 
     Raises `ExportError` for an op type other than ``DeLeakerAttention``, `ConfigError` / `ShapeError` for
-    attributes the node cannot take (missing, NaN, values that do not fit float32/int64, a block offset outside
+    attributes the node cannot take (missing, NaN, knobs outside the config's ranges, a block offset outside
     the block count) and for a grid or history that does not match the node's input shapes.
     """
     graph = model.graph
