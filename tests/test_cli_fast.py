@@ -141,6 +141,12 @@ def test_bad_input_is_one_error_line_fast_without_torch(tmp_path, args, message)
         (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"]}\n{"prompt": 1}\n', "line 2: 'prompt'"),
         (b'\xef\xbb\xbf{"prompt": "a cat and a dog", "entities": ["cat", "cow"]}\n', "line 1: entities not found"),
     ],
+    # Short ids: pytest puts the id in PYTEST_CURRENT_TEST, which the CLI's child process inherits; an id made from
+    # a 40 MiB parameter passes the kernel's 128 KiB limit on one environment string (E2BIG at exec).
+    ids=[
+        "line-over-40MiB", "prompt-over-20000-chars", "not-utf8", "deep-list", "deep-object", "json-list",
+        "json-string", "blank-lines", "seed-float", "seed-huge", "entities-not-list", "second-line-bad", "bom-unknown",
+    ],
 )
 def test_bad_prompts_file_is_refused_fast(tmp_path, content, message):
     prompts = tmp_path / "p.jsonl"

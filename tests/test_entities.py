@@ -15,7 +15,8 @@ from deleaker.errors import ConfigError, EntityError
 from deleaker.tiny import build_tiny_tokenizers
 
 T = 64
-REFERENCE_EXAMPLES = Path("/work/shared/reference/slim_examples.jsonl")
+# shared/ lies beside the checkout (for sessions and for CI, which clones into another folder).
+REFERENCE_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "slim_examples.jsonl"
 
 
 def _tiny_t5():
