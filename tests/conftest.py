@@ -6,6 +6,21 @@ from typing import Any
 
 import pytest
 
+#: pytest copies the running test's id into PYTEST_CURRENT_TEST, which every child process inherits, and Linux
+#: refuses one environment string over 128 KiB (exec fails with E2BIG). Some pytest versions spell a long parameter
+#: out in full in the id: give such cases explicit ``ids``.
+MAX_TEST_ID_CHARS = 1000
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    too_long = [item.nodeid for item in items if len(item.nodeid) > MAX_TEST_ID_CHARS]
+    if too_long:
+        names = "\n".join(f"  {nodeid[:150]}... ({len(nodeid)} characters)" for nodeid in too_long[:10])
+        raise pytest.UsageError(
+            f"{len(too_long)} test ids are longer than {MAX_TEST_ID_CHARS} characters; give their parameters short "
+            f"explicit ids (pytest.mark.parametrize(..., ids=[...])):\n{names}"
+        )
+
 # The reference examples (a copy of the project's slim_examples.jsonl, so the suite needs no file outside the repo;
 # tests/test_entities.py checks the copy against the original where that is present).
 SLIM_EXAMPLES: tuple[dict[str, Any], ...] = (
