@@ -34,7 +34,15 @@ import torch
 
 from .config import DeLeakerConfig
 from .errors import ShapeError
-from .ops import BlockStep, check_attention_inputs, entity_affinity, entity_image_masks, image_text_edits, update_history
+from .ops import (
+    BlockStep,
+    check_attention_inputs,
+    entity_affinity,
+    entity_image_masks,
+    image_text_edits,
+    smooth_masks,
+    update_history,
+)
 
 Tensor = torch.Tensor
 
@@ -65,13 +73,14 @@ class DecomposedIntermediates:
     history: Tensor  # (B, E, Nimg) float32: the updated history
 
     @property
-    def edited_rows(self) -> Tensor:
-        """(B, Nimg) bool: image rows in some entity mask (the rows the correction rewrites)."""
-        return self.masks.any(1)
-
-    @property
     def fallback_count(self) -> int:
         return int(self.fallback.sum())
+
+
+def check_fallback_threshold(value: float) -> None:
+    """Raises `ShapeError` unless ``value`` is a number in (0, 1] (the fast path's fallback threshold)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ShapeError(f"fallback_threshold must be a number in (0, 1], got {value!r}")
 
 
 def deleaker_attention_decomposed(
@@ -122,10 +131,7 @@ def decomposed_intermediates(
 ) -> DecomposedIntermediates:
     """`deleaker_attention_decomposed` with every intermediate (see `DecomposedIntermediates`)."""
     check_attention_inputs(q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config)
-    if isinstance(fallback_threshold, bool) or not isinstance(fallback_threshold, (int, float)) or not (
-        0.0 < fallback_threshold <= 1.0
-    ):
-        raise ShapeError(f"fallback_threshold must be a number in (0, 1], got {fallback_threshold!r}")
+    check_fallback_threshold(fallback_threshold)
     batch, heads, tokens, head_dim = q.shape
     num_entities, text_len = entity_mask.shape
     n_img = tokens - text_len
@@ -161,15 +167,17 @@ def decomposed_intermediates(
 
     # Masks (spec step 5).
     raw_masks = entity_image_masks(source, present, grid, _without_smoothing(config))
-    masks = entity_image_masks(source, present, grid, config) if config.do_smoothing else raw_masks
+    masks = smooth_masks(raw_masks, grid) if config.do_smoothing else raw_masks
 
     # Step 4: region statistics and the cuts, from the pre-intervention probabilities.
     s_image = torch.matmul(q_img, kf[:, :, text_len:].transpose(-1, -2)) * scale  # (B, H, Nimg, Nimg)
     p_image = torch.exp(s_image - lse_img)
-    thresholds = region_thresholds(p_image.mean(1), masks, config)
-    cut = image_image_cuts(p_image.mean(1), masks, thresholds)
-    if not config.do_image_image:
-        cut = torch.zeros_like(cut)
+    pbar = p_image.mean(1)
+    thresholds = region_thresholds(pbar, masks, config)
+    if config.do_image_image:
+        cut = image_image_cuts(pbar, masks, thresholds)
+    else:
+        cut = torch.zeros(batch, n_img, n_img, dtype=torch.bool, device=q.device)
 
     # Step 5: the correction, float32.
     weaken, strengthen = image_text_edits(masks, entity_mask)

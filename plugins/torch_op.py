@@ -26,7 +26,7 @@ from typing import Callable, Dict, Tuple, Union
 import torch
 
 from deleaker.config import DeLeakerConfig
-from deleaker.decomposed import DEFAULT_FALLBACK_THRESHOLD, plain_attention_with_lse
+from deleaker.decomposed import DEFAULT_FALLBACK_THRESHOLD, check_fallback_threshold, plain_attention_with_lse
 from deleaker.errors import ShapeError
 from deleaker.ops import check_attention_inputs
 
@@ -262,7 +262,7 @@ def _run(q, k, v, entity_mask, *, grid, block_step, history, config, fallback_th
         plain, lse = provider.run(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
         out, new_history, views = launch_kernels(
             library, q, k, v, entity_mask, out=_contiguous_rows(plain), lse=lse, grid=grid, block_step=block_step,
-            history=history, config=config, new_history=None, stream=torch.cuda.current_stream().cuda_stream,
+            history=history, config=config, stream=torch.cuda.current_stream().cuda_stream,
             debug=debug, fallback_threshold=fallback_threshold,
         )
     if views is not None:
@@ -282,11 +282,6 @@ def _check_kernel_shapes(q: Tensor, entity_mask: Tensor) -> None:
         )
 
 
-def _check_fallback_threshold(value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ShapeError(f"fallback_threshold must be a number in (0, 1], got {value!r}")
-
-
 def launch_kernels(
     library: "kernels.KernelLibrary",
     q: Tensor,
@@ -300,7 +295,6 @@ def launch_kernels(
     block_step: BlockStep,
     history: Tensor | None,
     config: DeLeakerConfig,
-    new_history: Tensor | None,
     stream: int,
     debug: bool,
     fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD,
@@ -316,13 +310,12 @@ def launch_kernels(
         out: ``(B, H, N, D)`` like ``q``: the plain attention output ``softmax(s) v`` of every row, edited in place
             (rows of the entity masks); last dimension contiguous, other strides multiples of 8.
         lse: ``(B, H, N)`` float32, the natural-log row log-sum-exp of ``s = q k^T / sqrt(D)``, rows contiguous.
-        new_history: ``None`` or a contiguous ``(B, E_max, gh * gw)`` float32 output (may be ``history``).
 
     Returns:
         ``(out, new_history, views)``; ``views`` (see `debug_views`) only with ``debug``, else None.
     """
     _check_kernel_shapes(q, entity_mask)
-    _check_fallback_threshold(fallback_threshold)
+    check_fallback_threshold(fallback_threshold)
     num_entities, text_len = entity_mask.shape
     batch, heads, tokens, head_dim = q.shape
     image_tokens = grid[0] * grid[1]
@@ -333,13 +326,9 @@ def launch_kernels(
     _check_tensor("lse", lse, (batch, heads, tokens), torch.float32, q.device)
     if lse.stride(-1) != 1:
         raise ShapeError(f"lse rows must be contiguous (stride 1 over N), got strides {lse.stride()}")
-    if new_history is None:
-        new_history = torch.empty((batch, num_entities, image_tokens), dtype=torch.float32, device=q.device)
-        if debug:
-            new_history.fill_(math.nan)  # poison: an element the kernels do not write shows in tests
-    _check_tensor("new_history", new_history, (batch, num_entities, image_tokens), torch.float32, q.device)
-    if not new_history.is_contiguous():
-        raise ShapeError("new_history must be contiguous")
+    new_history = torch.empty((batch, num_entities, image_tokens), dtype=torch.float32, device=q.device)
+    if debug:
+        new_history.fill_(math.nan)  # poison: an element the kernels do not write shows in tests
     history_in = history.contiguous() if history is not None else None
     mask_bytes = entity_mask.to(torch.uint8).contiguous()
     plain = out.clone() if debug else None

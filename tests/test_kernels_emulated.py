@@ -100,7 +100,7 @@ def runner(library):
         plain, lse = plain_attention_with_lse(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
         return torch_op.launch_kernels(
             library, q, k, v, entity_mask, out=plain, lse=lse, grid=grid, block_step=block_step, history=history,
-            config=config, new_history=None, stream=0, debug=True, fallback_threshold=fallback_threshold,
+            config=config, stream=0, debug=True, fallback_threshold=fallback_threshold,
         )
 
     return run

@@ -52,7 +52,7 @@ def run_cases() -> None:
             plain, lse = plain_attention_with_lse(q, k, v, 1.0 / math.sqrt(head_dim))
             _, _, views = torch_op.launch_kernels(
                 library, q, k, v, entity_mask, out=plain, lse=lse, grid=grid, block_step=step, history=None,
-                config=CONFIG, new_history=None, stream=0, debug=True, fallback_threshold=threshold,
+                config=CONFIG, stream=0, debug=True, fallback_threshold=threshold,
             )
             print(f"ran {shape} {dtype_name} step {int(step)}: {int(views['union_count'].sum())} rows in U, "
                   f"{int(views['fallback'].sum())} recomputed", flush=True)
