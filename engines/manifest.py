@@ -170,14 +170,15 @@ class EngineManifest:
 
         if not isinstance(self.plugin, dict) or not all(isinstance(v, str) for v in self.plugin.values()):
             raise ManifestError(f"manifest plugin must be an object of strings, got {self.plugin!r}")
-        keys = PLUGIN_RECORD_KEYS if self.kind == "engine" else tuple(plugin_node())
+        node = plugin_node()
+        keys = PLUGIN_RECORD_KEYS if self.kind == "engine" else tuple(node)
         missing, unknown = sorted(set(keys) - set(self.plugin)), sorted(set(self.plugin) - set(keys))
         if missing or unknown:
             raise ManifestError(
                 f"manifest plugin record of an {self.kind}: missing {missing}, unknown {unknown} (written by another "
                 "version of deleaker-trt: rebuild the artifact)"
             )
-        for key, value in plugin_node().items():
+        for key, value in node.items():
             if self.plugin[key] != value:
                 raise ManifestError(
                     f"manifest plugin {key} must be {value!r} (the exporter's node), got {self.plugin[key]!r}"
@@ -480,6 +481,6 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 def plugin_node() -> Dict[str, str]:
     """Name, namespace and version of the plugin the exporter's ``DeLeakerAttention`` node asks TensorRT for."""
-    from deleaker.export import onnx_node
+    from deleaker.export.node_names import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-    return {"name": onnx_node.OP_TYPE, "namespace": onnx_node.PLUGIN_NAMESPACE, "version": onnx_node.PLUGIN_VERSION}
+    return {"name": OP_TYPE, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION}

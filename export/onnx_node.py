@@ -33,15 +33,10 @@ from onnxscript import values as osv
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, ShapeError
 
-#: The node's ONNX domain, also the TensorRT plugin namespace.
-DOMAIN = "deleaker"
-#: The node's op type, also the TensorRT plugin name.
-OP_TYPE = "DeLeakerAttention"
+from .node_names import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
 #: Version of the ``deleaker`` opset the node belongs to.
 OPSET_VERSION = 1
-#: Values of the node's ``plugin_namespace`` and ``plugin_version`` attributes (the TensorRT plugin's).
-PLUGIN_NAMESPACE = "deleaker"
-PLUGIN_VERSION = "1"
 #: The standard ONNX opset of exported graphs.
 ONNX_OPSET = 18
 
