@@ -124,11 +124,11 @@ def register_reference_op() -> str:
 def uses_custom_node(model: Union[str, Path, onnx.ModelProto]) -> bool:
     """True when the graph, a subgraph or a local function has ``deleaker`` domain nodes (reads only the graph,
     not external weights)."""
-    from .portable import all_nodes
+    from .portable import has_deleaker_nodes
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
-    return any(node.domain == DOMAIN for node in all_nodes(model))
+    return has_deleaker_nodes(model)
 
 
 def make_session(

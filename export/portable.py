@@ -51,11 +51,16 @@ def all_nodes(model: onnx.ModelProto) -> Iterable[onnx.NodeProto]:
         yield from function.node
 
 
+def has_deleaker_nodes(model: onnx.ModelProto) -> bool:
+    """True when the graph, a subgraph or a local function has ``deleaker`` domain nodes."""
+    return any(node.domain == DOMAIN for node in all_nodes(model))
+
+
 def needs_portable(model: onnx.ModelProto) -> bool:
     """True when ONNX Runtime on the CPU cannot run ``model`` as it is: it has ``deleaker`` nodes or float16 /
     bfloat16 inputs or weights (reads the graph only; ``model`` may be loaded without external data)."""
     graph = model.graph
-    if any(node.domain == DOMAIN for node in all_nodes(model)):
+    if has_deleaker_nodes(model):
         return True
     declared = [v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)]
     return any(t in _NARROW_FLOATS for t in declared + [init.data_type for init in graph.initializer])

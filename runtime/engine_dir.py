@@ -178,8 +178,10 @@ def load_engine_dir(
                 p, io, plugin, built_with, cuda_graph=cuda_graph, device=device or "cuda"
             )
         else:
-            _check_external_data(path, m)
-            loaders[key] = lambda p=path, m=m, io=io: _onnx_backend(p, m, io, cache, ort_providers)
+            portable = _check_onnx(path, m)
+            loaders[key] = lambda p=path, m=m, io=io, portable=portable: _onnx_backend(
+                p, m, io, cache, ort_providers, portable
+            )
     if plugin is not None:
         plugin.check_can_run()
     components, _ = load_components(first.model_id, with_transformer=False)
@@ -256,18 +258,14 @@ def load_engine_dir(
 
 
 def _onnx_backend(
-    path: Path, manifest: Any, io: Any, cache_dir: Path, providers: Optional[list[str]]
+    path: Path, manifest: Any, io: Any, cache_dir: Path, providers: Optional[list[str]], portable: bool
 ) -> TransformerBackend:
-    """ONNX Runtime on an engine directory's ONNX: as it is when it is float32 standard ONNX already, else its
-    portable form from the cache."""
-    import onnx
-
-    from deleaker.export.portable import needs_portable
-
+    """ONNX Runtime on an engine directory's ONNX: as it is when it is float32 standard ONNX already, else (with
+    ``portable``, from `_check_onnx`) its portable form from the cache."""
     from .onnx_cache import portable_backend
 
     config = DeLeakerConfig(**manifest.deleaker_config)
-    if not needs_portable(onnx.load(str(path), load_external_data=False)):
+    if not portable:
         return OnnxRuntimeBackend(path, io, providers=providers, config=config)
     return portable_backend(
         path,
@@ -280,15 +278,16 @@ def _onnx_backend(
     )
 
 
-def _check_external_data(path: Path, manifest: Any) -> None:
-    """Refuse an ONNX whose weights live in files its manifest does not name (and so did not check)."""
+def _check_onnx(path: Path, manifest: Any) -> bool:
+    """Refuse an ONNX whose weights live in files its manifest does not name (and so did not check); else say
+    whether ONNX Runtime needs its portable form (`deleaker.export.portable.needs_portable`)."""
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001  (protobuf's decode errors have no common type)
         raise EngineDirError(f"{path} is not a readable ONNX file: {exc}") from exc
-    from deleaker.export.portable import external_data_locations
+    from deleaker.export.portable import external_data_locations, needs_portable
 
     named = set(manifest.data_files)
     for location in sorted(external_data_locations(model)):
@@ -297,6 +296,7 @@ def _check_external_data(path: Path, manifest: Any) -> None:
                 f"{path.name} reads weights from {location!r}, which its manifest does not name (data_files: "
                 f"{sorted(named)}); rebuild the directory"
             )
+    return needs_portable(model)
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -86,19 +86,6 @@ def _key(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
 
 
-def cache_key(model_sha256: str, io_dict: dict[str, Any], config: DeLeakerConfig) -> str:
-    """Hex key of one export: weights, contract, knobs, graph form, tool versions."""
-    return _key(
-        {
-            "kind": "export",
-            "model_sha256": model_sha256,
-            "io": io_dict,
-            "deleaker_config": dataclasses.asdict(config),
-            "decomposed": True,
-        }
-    )
-
-
 # --- the two kinds of entries ---------------------------------------------------------------------------------
 
 
@@ -128,8 +115,15 @@ def model_backend(
         vae_scale_factor=vae_scale_factor,
         batch=(1, 1, 4),
     )
-    model_sha = transformer_sha256(transformer)
-    key = cache_key(model_sha, io.to_dict(), config)
+    # The key of one export: weights, contract, knobs, graph form (and, in `_key`, tool versions).
+    payload = {
+        "kind": "export",
+        "model_sha256": transformer_sha256(transformer),
+        "io": io.to_dict(),
+        "deleaker_config": dataclasses.asdict(config),
+        "decomposed": True,
+    }
+    key = _key(payload)
 
     def export(path: Path) -> None:
         from deleaker.export.exporter import export_transformer_onnx
@@ -140,19 +134,11 @@ def model_backend(
         )
         export_transformer_onnx(transformer, io, path, config=config, decompose=True)
 
-    described = {
-        "kind": "export",
-        "model_id": model_id,
-        "model_sha256": model_sha,
-        "io": io.to_dict(),
-        "deleaker_config": dataclasses.asdict(config),
-        "decomposed": True,
-    }
     return _load_cached(
         Path(cache_dir),
         key,
         export,
-        described,
+        {**payload, "model_id": model_id},
         lambda path: OnnxRuntimeBackend(path, io, providers=providers, config=config),
         still_failing="this is a bug: please report it",
     )
