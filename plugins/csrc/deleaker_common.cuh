@@ -181,6 +181,15 @@ struct Workspace {
   int band_rows, bands, tiles;
 };
 
+// The cut-bit words of band row `band_row` of sample b (one per 64-column tile of U), and the any-cut flags of
+// the band's row tile `row_tile`: the one layout cut_kernel writes and the correction and the fallback read.
+__device__ __forceinline__ uint64_t* cut_words_of(const Workspace& ws, int b, int64_t band_row) {
+  return ws.cut_bits + ((int64_t)b * ws.band_rows + band_row) * ws.tiles;
+}
+__device__ __forceinline__ int32_t* cut_tiles_of(const Workspace& ws, int b, int row_tile) {
+  return ws.cut_tiles + ((int64_t)b * (ws.band_rows / kTile) + row_tile) * ws.tiles;
+}
+
 // Byte offset of a shared-memory part, rounded up so wmma pointers stay 256-bit aligned.
 __host__ __device__ constexpr int smem_align(int bytes) { return (bytes + 127) / 128 * 128; }
 

@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
   for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
   if (p.do_image_image != 0) {
     const int u_tiles = ceil_div(U, kTile);
-    const int32_t* tile_has_cut = ws.cut_tiles + ((int64_t)b * (ws.band_rows / kTile) + blockIdx.x) * ws.tiles;
+    const int32_t* tile_has_cut = cut_tiles_of(ws, b, (int)blockIdx.x);
     for (int ct = 0; ct < u_tiles; ++ct) {
       if (tile_has_cut[ct] == 0) continue;  // the same for the whole block
       __syncthreads();  // the previous tile's V and column list are no longer read
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
       __syncthreads();
       warp_qk<Elem, D>(q_s + warp * 16 * kLd, kv_s, s_w);
       __syncwarp();
-      const uint64_t word = ws.cut_bits[((int64_t)b * ws.band_rows + band_row) * ws.tiles + ct];
+      const uint64_t word = cut_words_of(ws, b, band_row)[ct];
       for (int i = 0; i < 32; ++i) {
         const int c = me.col(i);
         float w = 0.0f;

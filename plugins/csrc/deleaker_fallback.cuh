@@ -75,10 +75,7 @@ __global__ void __launch_bounds__(kThreads) fallback_kernel(DeLeakerParams p, Wo
   const int img = u >= 0 ? union_index[u] : -1;
   if (me.half == 0) row_token[me.row] = img >= 0 ? T + img : -1;
   const uint32_t row_bits = img >= 0 ? (uint32_t)ws.row_entities[(int64_t)b * n_img + img] : 0u;
-  const uint64_t* cut_row =
-      u >= 0 && p.do_image_image != 0
-          ? ws.cut_bits + ((int64_t)b * ws.band_rows + (u - band * ws.band_rows)) * ws.tiles
-          : nullptr;
+  const uint64_t* cut_row = u >= 0 && p.do_image_image != 0 ? cut_words_of(ws, b, u - band * ws.band_rows) : nullptr;
   const int cut_tiles = ceil_div(ws.union_count[b], kTile);
   const bool weaken = p.do_image_text_weakening != 0, strengthen = p.do_image_text_strengthening != 0;
   __syncthreads();

@@ -69,15 +69,21 @@ __device__ __forceinline__ void load_union_tile(const DeLeakerParams& p, const W
   (is_row ? row_bits : col_bits)[slot] = img >= 0 ? ws.row_entities[(int64_t)b * n_img + img] : 0u;
 }
 
-// The pairs of batch sample b: partners[e] and, for the statistics, the same from the mask sizes (a pair needs
-// e != f and a region of at least 2 cells for an unbiased std).
+// Whether (e, f) of sample b is a region pair: e != f and a region M_e x M_f of at least 2 cells (an unbiased
+// std needs 2); *cells gets the region's size. The one rule of the statistics and of the thresholds.
+__device__ __forceinline__ bool is_region_pair(const Workspace& ws, int b, int E, int e, int f, double* cells) {
+  *cells = (double)ws.mask_counts[b * E + e] * (double)ws.mask_counts[b * E + f];
+  return e != f && *cells >= 2.0;
+}
+
+// The pairs of batch sample b: partners[e] and, for the statistics, the same from the mask sizes.
 __device__ __forceinline__ void pair_partners_from_counts(const Workspace& ws, int b, int E, uint32_t* partners) {
   if (threadIdx.x < (unsigned)E) {
     const int e = threadIdx.x;
     uint32_t bits = 0;
     for (int f = 0; f < E; ++f) {
-      const double cells = (double)ws.mask_counts[b * E + e] * (double)ws.mask_counts[b * E + f];
-      if (f != e && cells >= 2.0) bits |= 1u << f;
+      double cells;
+      if (is_region_pair(ws, b, E, e, f, &cells)) bits |= 1u << f;
     }
     partners[e] = bits;
   }
@@ -170,9 +176,9 @@ __global__ void __launch_bounds__(kThresholdThreads) threshold_kernel(DeLeakerPa
   const int pair = threadIdx.x;
   if (pair >= pairs) return;
   const int e = pair / E, f = pair % E;
-  const double cells = (double)ws.mask_counts[b * E + e] * (double)ws.mask_counts[b * E + f];
+  double cells;
   float threshold = nanf("");
-  if (e != f && cells >= 2.0) {
+  if (is_region_pair(ws, b, E, e, f, &cells)) {
     double sum = 0.0, sq = 0.0;
     for (int slot = 0; slot < DELEAKER_REGION_SLOTS; ++slot) {
       const double* partial = ws.pair_partials + ((int64_t)b * DELEAKER_REGION_SLOTS + slot) * pairs * 2;
@@ -220,10 +226,9 @@ __global__ void __launch_bounds__(kThreads) cut_kernel(DeLeakerParams p, Workspa
     word = tile_cut_word(me, pbar, my_row_bits, col_bits, thresholds, E);
   }
   const int64_t band_row = (int64_t)blockIdx.x * kTile + me.row;
-  if (me.half == 0) ws.cut_bits[((int64_t)b * ws.band_rows + band_row) * ws.tiles + col_tile] = word;
+  if (me.half == 0) cut_words_of(ws, b, band_row)[col_tile] = word;
   const int any_cut = __syncthreads_or(word != 0u);
-  if (threadIdx.x == 0)
-    ws.cut_tiles[((int64_t)b * (ws.band_rows / kTile) + blockIdx.x) * ws.tiles + col_tile] = any_cut;
+  if (threadIdx.x == 0) cut_tiles_of(ws, b, (int)blockIdx.x)[col_tile] = any_cut;
 }
 
 }  // namespace deleaker
