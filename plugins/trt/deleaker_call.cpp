@@ -157,13 +157,23 @@ std::string check_shapes(const CallShapes& shapes, const PluginFields& fields) {
   return problem;
 }
 
+namespace {
+
+// Everything a call's shapes and dtype must satisfy before they are planned or run: the first problem, or "".
+std::string check_call(const CallShapes& shapes, const PluginFields& fields, int32_t dtype) {
+  std::string problem = check_shapes(shapes, fields);
+  if (problem.empty()) problem = check_concrete(shapes);
+  if (problem.empty()) problem = check_dtype(dtype);
+  return problem;
+}
+
+}  // namespace
+
 DeLeakerCall::DeLeakerCall(const PluginFields& fields, std::unique_ptr<AttentionProvider> provider)
     : fields_(fields), provider_(std::move(provider)) {}
 
 size_t DeLeakerCall::workspace_bytes(const CallShapes& shapes, int32_t dtype, std::string* problem) const {
-  *problem = check_shapes(shapes, fields_);
-  if (problem->empty()) *problem = check_concrete(shapes);
-  if (problem->empty()) *problem = check_dtype(dtype);
+  *problem = check_call(shapes, fields_, dtype);
   if (!problem->empty()) return 0;
   const DeLeakerParams params = params_for(fields_, shapes, dtype);
   return plan_workspace(params, attention_shape(shapes, dtype)).total;
@@ -171,9 +181,7 @@ size_t DeLeakerCall::workspace_bytes(const CallShapes& shapes, int32_t dtype, st
 
 std::string DeLeakerCall::prepare(const CallShapes& shapes, int32_t dtype) {
   prepared_ = false;
-  std::string problem = check_shapes(shapes, fields_);
-  if (problem.empty()) problem = check_concrete(shapes);
-  if (problem.empty()) problem = check_dtype(dtype);
+  std::string problem = check_call(shapes, fields_, dtype);
   if (!problem.empty()) return problem;
   const AttentionShape attention = attention_shape(shapes, dtype);
   problem = provider_->prepare(attention);  // first: a library built without cuDNN says so on any machine
