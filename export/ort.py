@@ -131,6 +131,25 @@ def uses_custom_node(model: Union[str, Path, onnx.ModelProto]) -> bool:
     return has_deleaker_nodes(model)
 
 
+#: ONNX Runtime's QDQ fusions turn DequantizeLinear -> MatMul into integer kernels. With the FP8 (E4M3) Q/DQ of an
+#: FP8 engine's graph, ONNX Runtime 1.30.0 fuses them into MatMulIntegerToFloat, which takes no float8 input, and
+#: refuses the model (1.32.0 does not). Our sessions run Q/DQ as written, the float fake quantization that
+#: TensorRT's numbers are compared with, so the fusions are off unless the caller's options set this key.
+QDQ_FUSION_KEY = "session.disable_quant_qdq"
+
+
+def _session_options(given: Any) -> Any:
+    """``given`` (or new ``SessionOptions``) with the QDQ fusions off, unless ``given`` sets them itself."""
+    import onnxruntime as ort
+
+    options = given if given is not None else ort.SessionOptions()
+    try:
+        options.get_session_config_entry(QDQ_FUSION_KEY)
+    except RuntimeError:  # not set by the caller
+        options.add_session_config_entry(QDQ_FUSION_KEY, "1")
+    return options
+
+
 def make_session(
     onnx_path: Union[str, Path],
     providers: Optional[Sequence[Any]] = None,
@@ -139,9 +158,10 @@ def make_session(
 ):
     """An ``onnxruntime.InferenceSession`` on ``onnx_path`` (its external data next to it), standard ONNX only.
 
-    ``providers`` defaults to ``["CPUExecutionProvider"]``. Raises `DeLeakerError` if the file is missing or the
-    graph has ``deleaker`` nodes (convert it with `deleaker.export.portable.make_portable`, or ask for the Python
-    reference explicitly with `make_reference_session`).
+    ``providers`` defaults to ``["CPUExecutionProvider"]``; Q/DQ nodes run as written (`QDQ_FUSION_KEY`).
+    Raises `DeLeakerError` if the file is missing or the graph has ``deleaker`` nodes (convert it with
+    `deleaker.export.portable.make_portable`, or ask for the Python reference explicitly with
+    `make_reference_session`).
     """
     import onnxruntime as ort
 
@@ -151,10 +171,8 @@ def make_session(
             f"{path.name} has {DOMAIN}::{OP_TYPE} nodes, which ONNX Runtime has no kernel for; run its portable form "
             "(deleaker.export.portable.make_portable) or, for tests, make_reference_session"
         )
-    options = session_options if session_options is not None else ort.SessionOptions()
-    return ort.InferenceSession(
-        str(path), sess_options=options, providers=list(providers) if providers else ["CPUExecutionProvider"]
-    )
+    providers = list(providers) if providers else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=_session_options(session_options), providers=providers)
 
 
 class ReferenceSession:
@@ -196,7 +214,7 @@ def make_reference_session(onnx_path: Union[str, Path], *, session_options: Any 
 
     path = _existing(onnx_path)
     check_custom_nodes(onnx.load(str(path), load_external_data=False))
-    options = session_options if session_options is not None else ort.SessionOptions()
+    options = _session_options(session_options)
     options.register_custom_ops_library(register_reference_op())
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     return ReferenceSession(session)

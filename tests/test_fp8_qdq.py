@@ -24,6 +24,10 @@ from deleaker.engines.cli import build as build_command
 from deleaker.engines.manifest import EngineManifest
 
 
+#: What torch.onnx writes; onnx's own default (14 in onnx 1.23) is newer than ONNX Runtime 1.30 reads (13).
+ONNX_IR_VERSION = 10
+
+
 def _rel(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -46,7 +50,7 @@ def _ort_qdq(x: np.ndarray, scale: float) -> np.ndarray:
         [helper.make_tensor_value_info("y", elem, x.shape)],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=ONNX_IR_VERSION)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
@@ -62,6 +66,60 @@ def test_fake_quantize_matches_onnxruntime_e4m3(dtype):
     assert ours[-5] == ours.max() == np.float32(448 * scale).astype(dtype)  # saturated, not inf/nan
     assert ours[-4] == -ours[-5] and ours[-2] == 0
     assert len(np.unique(ours)) <= 255  # at most the finite E4M3 values
+
+
+def _fp8_linear_model(path, weight: np.ndarray, x_scale: float, w_scale: float) -> None:
+    """y = DQ(Q(x)) @ DQ(w_fp8): the pattern `fp8.insert_fp8_qdq` writes before each quantized linear."""
+    w_fp8 = fp8.fake_quantize(torch.from_numpy(weight), w_scale).div(w_scale).to(torch.float8_e4m3fn)
+    stored = helper.make_tensor("w_fp8", onnx.TensorProto.FLOAT8E4M3FN, list(weight.shape),
+                                w_fp8.view(torch.uint8).numpy().tobytes(), raw=True)
+    inits = [
+        stored,
+        helper.make_tensor("xs", onnx.TensorProto.FLOAT, [], [x_scale]),
+        helper.make_tensor("ws", onnx.TensorProto.FLOAT, [], [w_scale]),
+        helper.make_tensor("z", onnx.TensorProto.FLOAT8E4M3FN, [], [0]),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "xs"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w_fp8", "ws"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "fp8_linear", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, weight.shape[0]])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, weight.shape[1]])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=ONNX_IR_VERSION)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+
+
+def test_sessions_run_fp8_qdq_linears_as_written(tmp_path):
+    """ONNX Runtime 1.30.0 fused DQ(fp8) -> MatMul into MatMulIntegerToFloat and refused the model; our sessions turn
+    the QDQ fusions off, so the graph loads and computes the float fake quantization on any version."""
+    from deleaker.export.ort import QDQ_FUSION_KEY, make_session
+
+    rng = np.random.default_rng(3)
+    weight = (rng.standard_normal((16, 8)) * 0.2).astype(np.float32)
+    x = (rng.standard_normal((5, 16)) * 2).astype(np.float32)
+    x_scale, w_scale = float(np.abs(x).max() / 448), float(np.abs(weight).max() / 448)
+    _fp8_linear_model(tmp_path / "fp8_linear.onnx", weight, x_scale, w_scale)
+    want = (fp8.fake_quantize(torch.from_numpy(x), x_scale).double()
+            @ fp8.fake_quantize(torch.from_numpy(weight), w_scale).double()).numpy()
+    got = make_session(tmp_path / "fp8_linear.onnx").run(None, {"x": x})[0]
+    assert _rel(got, want) < 1e-6
+    assert _rel(got, x.astype(np.float64) @ weight) > 1e-4  # FP8 changed the result: the check has teeth
+    # A caller's own setting of the key is kept, not overwritten (on a graph without FP8, which 1.30.0 would refuse).
+    identity = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                                 [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                                 [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    onnx.save_model(helper.make_model(identity, opset_imports=[helper.make_opsetid("", 19)],
+                                      ir_version=ONNX_IR_VERSION), str(tmp_path / "identity.onnx"))
+    options = ort.SessionOptions()
+    options.add_session_config_entry(QDQ_FUSION_KEY, "0")
+    session = make_session(tmp_path / "identity.onnx", session_options=options)
+    assert options.get_session_config_entry(QDQ_FUSION_KEY) == "0"
+    assert session.get_session_options().get_session_config_entry(QDQ_FUSION_KEY) == "0"
 
 
 def test_recipe_keeps_embedders_norm_out_and_proj_out_in_high_precision(tiny_components):
