@@ -5,7 +5,6 @@ and the prebuilt kernel library first); ``benchmarks/prepare_device_check.sh`` p
 with its own time budget, each recorded (ok / failed / skipped / timeout) even when another fails:
 
   environment    device, versions, measured ceilings (bf16 matrix TFLOP/s, device-to-device copy GB/s)
-  gpu_tests      ``pytest -m gpu tests/test_cuda_kernels.py`` (FLUX.1-dev shape and 2048x2048 included)
   lse            each fused attention's log-sum-exp against ``torch.logsumexp`` (natural log, shape, scale)
   correctness    the fast path at the FLUX.1-dev shape (bf16, fp16), outputs poisoned first, against the
                  decomposed op: masks, relative error vs fp32, vs the reference in the input dtype
@@ -13,10 +12,15 @@ with its own time budget, each recorded (ok / failed / skipped / timeout) even w
                  outside the intervention window, masks' union ~10/25/50%; per-kernel times; fallback rows;
                  extra peak memory per call; 1024x1024 and 2048x2048
   cuda_graph     capture and replay of the op with a device step: bit-equal to eager, replay time
-  ncu            one Nsight Compute summary of the slowest custom kernel
-  sanitizer      compute-sanitizer memcheck and racecheck on one small launch
+  gpu_tests      ``pytest -m gpu tests/test_cuda_kernels.py`` (FLUX.1-dev shape and 2048x2048 included)
   flux_step      ``bench_flux_step.py`` at 1024x1024, DeLeaker on and off
   plugin         the C++ TensorRT plugin's enqueue vs the PyTorch fast path, where its check script exists
+  ncu            one Nsight Compute summary of the slowest custom kernel
+  sanitizer      compute-sanitizer memcheck and racecheck on one small launch
+
+The order puts first what a short lease needs most. With ``--budget-s`` a stage that no longer fits is skipped, and a
+child process stopped, instead of running into the caller's time limit; after a kernel fault in this process, the
+stages that need its CUDA context are skipped, while those in child processes still run.
 
 Writes ``device_check.json`` (after every stage, so a timeout keeps what was done) and ``device_check.md`` under
 ``--out`` (default ``$OUT``). ``--smoke-cpu`` runs the same code at tiny shapes on the CPU with the decomposed op
@@ -72,10 +76,18 @@ class Context:
     smoke: bool
     results: Dict[str, Any]
     timing_repeats: int = 30
+    deadline: float = math.inf  # time.monotonic() by which every stage must be done (--budget-s)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def time_limit(self, cap: float) -> float:
+        """A child process's time limit: ``cap``, or what is left of the budget less a few seconds to record it."""
+        return max(1.0, min(cap, self.seconds_left() - 5))
 
     def shape(self, **overrides) -> dict:
         """The FLUX.1-dev shape, or a tiny one in smoke mode."""
@@ -230,7 +242,7 @@ def stage_gpu_tests(ctx: Context) -> Dict[str, Any]:
     junit = ctx.out / "gpu_tests.xml"
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-ra", "-p", "no:cacheprovider",
                "tests/test_cuda_kernels.py", f"--junitxml={junit}"]
-    result = run_logged(command, ctx.out / "gpu_tests.log", timeout=170)
+    result = run_logged(command, ctx.out / "gpu_tests.log", timeout=ctx.time_limit(170))
     summary = re.findall(r"(\d+) (passed|failed|skipped|error|errors)", result["tail"])
     return {**result, "counts": {kind: int(n) for n, kind in summary}}
 
@@ -434,7 +446,7 @@ def stage_ncu(ctx: Context) -> Dict[str, Any]:
     name = re.sub(r"\W", ".", custom[0].split("(")[0].split("<")[0].split()[-1])
     command = [ncu, "--clock-control", "none", "-k", f"regex:{name}", "-c", "1", "--section", "SpeedOfLight",
                "--section", "LaunchStats", "--section", "Occupancy", sys.executable, __file__, "--one-call"]
-    result = run_logged(command, ctx.out / "ncu.txt", timeout=120)
+    result = run_logged(command, ctx.out / "ncu.txt", timeout=ctx.time_limit(120))
     metrics = {}
     for key in ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput", "Achieved Occupancy",
                 "Registers Per Thread", "Dynamic Shared Memory Per Block"):
@@ -450,7 +462,7 @@ def stage_sanitizer(ctx: Context) -> Dict[str, Any]:
     for check in ("memcheck", "racecheck"):
         command = [tool, "--tool", check, "--error-exitcode", "3", "--target-processes", "all",
                    sys.executable, __file__, "--one-call", "--small"]
-        result = run_logged(command, ctx.out / f"sanitizer_{check}.txt", timeout=150)
+        result = run_logged(command, ctx.out / f"sanitizer_{check}.txt", timeout=ctx.time_limit(150))
         errors = re.search(r"ERROR SUMMARY: (\d+) error", result["tail_full"])
         report[check] = {"returncode": result["returncode"], "errors": int(errors.group(1)) if errors else None,
                          "tail": result["tail"][-1500:]}
@@ -464,7 +476,7 @@ def stage_flux_step(ctx: Context) -> Dict[str, Any]:
     table = ctx.out / "flux_step.md"
     command = [sys.executable, str(HERE / "bench_flux_step.py"), "--sizes", "1024x1024:512", "--repeats", "5",
                "--graph", "--out", str(table)]
-    result = run_logged(command, ctx.out / "flux_step.log", timeout=240)
+    result = run_logged(command, ctx.out / "flux_step.log", timeout=ctx.time_limit(240))
     result.pop("tail_full", None)
     if table.is_file():
         result["table"] = table.read_text()
@@ -478,23 +490,62 @@ def stage_plugin(ctx: Context) -> Dict[str, Any]:
     if not ctx.cuda:
         raise StageSkipped("no CUDA device")
     result = run_logged([sys.executable, str(script), "--out", str(ctx.out)], ctx.out / "plugin_check.log",
-                        timeout=120)
+                        timeout=ctx.time_limit(120))
     result.pop("tail_full", None)
     return result
 
 
-STAGES: List[Tuple[str, Callable[[Context], Dict[str, Any]]]] = [
-    ("environment", stage_environment),
-    ("gpu_tests", stage_gpu_tests),
-    ("lse", stage_lse),
-    ("correctness", stage_correctness),
-    ("timing", stage_timing),
-    ("cuda_graph", stage_cuda_graph),
-    ("ncu", stage_ncu),
-    ("sanitizer", stage_sanitizer),
-    ("flux_step", stage_flux_step),
-    ("plugin", stage_plugin),
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Context], Dict[str, Any]]
+    min_seconds: float  # not started with less of the budget left: recorded as skipped instead
+    in_process: bool  # runs in this process's CUDA context, which a kernel fault leaves unusable
+
+
+#: In order of what a short lease most needs: the timings and the fast path's correctness first (in this process),
+#: then the stages in child processes (a fault there harms nothing else), the profilers last.
+STAGES: List[Stage] = [
+    Stage("environment", stage_environment, 10, True),
+    Stage("lse", stage_lse, 10, True),
+    Stage("correctness", stage_correctness, 20, True),
+    Stage("timing", stage_timing, 40, True),
+    Stage("cuda_graph", stage_cuda_graph, 10, True),
+    Stage("gpu_tests", stage_gpu_tests, 30, False),
+    Stage("flux_step", stage_flux_step, 60, False),
+    Stage("plugin", stage_plugin, 30, False),
+    Stage("ncu", stage_ncu, 30, False),
+    Stage("sanitizer", stage_sanitizer, 30, False),
 ]
+
+
+def cuda_context_error(ctx: Context) -> Optional[str]:
+    """Why this process's CUDA context can no longer run work (an illegal address, a trap), or None."""
+    if not ctx.cuda:
+        return None
+    try:
+        torch.cuda.synchronize(ctx.device)
+        torch.ones(1, device=ctx.device).add_(1).item()
+    except Exception as exc:  # noqa: BLE001 - the answer, not a failure
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def run_stage(stage: Stage, ctx: Context, broken: Optional[str]) -> Dict[str, Any]:
+    """One stage's record: ok with its data, skipped with a reason, or failed with the error."""
+    if stage.in_process and broken:
+        return {"status": "skipped", "reason": f"this process's CUDA context is unusable since {broken}"}
+    left = ctx.seconds_left()
+    if left < stage.min_seconds:
+        return {"status": "skipped", "reason": f"out of the time budget ({max(left, 0):.0f} s left, "
+                                               f"{stage.min_seconds:.0f} s needed at least)"}
+    try:
+        return {"status": "ok", "data": stage.run(ctx)}
+    except StageSkipped as exc:
+        return {"status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one stage failing must not lose the others
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000],
+                "traceback": traceback.format_exc()[-4000:]}
 
 
 def run_logged(command: List[str], log: Path, *, timeout: float) -> Dict[str, Any]:
@@ -560,42 +611,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated stages to skip")
     parser.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on the CPU (tests the script only)")
+    parser.add_argument("--budget-s", type=float, default=math.inf,
+                        help="seconds for all stages: a stage is skipped, and a child process stopped, rather than "
+                             "run past it (device_check.sh sets it a little under its own time limit)")
     parser.add_argument("--one-call", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one_call:
         one_call(args.small)
         return 0
-    names = [name for name, _ in STAGES]
+    names = [stage.name for stage in STAGES]
     only = [s for s in args.only.split(",") if s]
     skip = [s for s in args.skip.split(",") if s]
     unknown = sorted(set(only + skip) - set(names))
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; stages: {names}")
+    if not args.budget_s > 0:
+        parser.error(f"--budget-s must be a positive number of seconds, not {args.budget_s}")
     if not args.smoke_cpu and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or pass --smoke-cpu to test the script")
     device = torch.device("cpu" if args.smoke_cpu else "cuda")
     ctx = Context(out=args.out, device=device, smoke=args.smoke_cpu,
                   results={"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "smoke_cpu": args.smoke_cpu, "stages": {}},
-                  timing_repeats=3 if args.smoke_cpu else 30)
-    for name, fn in STAGES:
-        if (only and name not in only) or name in skip:
+                  timing_repeats=3 if args.smoke_cpu else 30, deadline=time.monotonic() + args.budget_s)
+    broken: Optional[str] = None  # the in-process stage after which CUDA stopped working, and why
+    for stage in STAGES:
+        if (only and stage.name not in only) or stage.name in skip:
             continue
         start = time.monotonic()
-        record: Dict[str, Any]
-        try:
-            record = {"status": "ok", "data": fn(ctx)}
-        except StageSkipped as exc:
-            record = {"status": "skipped", "reason": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - one stage failing must not lose the others
-            record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000],
-                      "traceback": traceback.format_exc()[-4000:]}
+        record = run_stage(stage, ctx, broken)
         record["seconds"] = round(time.monotonic() - start, 1)
-        ctx.results["stages"][name] = record
+        if stage.in_process and record["status"] == "failed" and not broken:
+            error = cuda_context_error(ctx)
+            if error:
+                broken = record["cuda_context"] = f"the {stage.name} stage ({error})"
+        ctx.results["stages"][stage.name] = record
         ctx.save()
-        print(f"[device_check] {name}: {record['status']} ({record['seconds']} s)", flush=True)
-        if ctx.cuda:
+        print(f"[device_check] {stage.name}: {record['status']} ({record['seconds']} s)", flush=True)
+        if ctx.cuda and not broken:
             torch.cuda.empty_cache()
     print(markdown(ctx.results))
     failed = [n for n, r in ctx.results["stages"].items() if r["status"] == "failed"]
