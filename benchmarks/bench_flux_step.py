@@ -64,6 +64,12 @@ def step_inputs(model, height: int, width: int, text_len: int, device: torch.dev
     )
 
 
+def all_finite(outputs) -> bool:
+    """Whether a step's output is finite: random weights can overflow bf16, and a step computing on inf/NaN (masks,
+    fallback rows) would not time what a real model does."""
+    return bool(torch.isfinite(outputs[0]).all())
+
+
 def time_ms(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -122,6 +128,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             off_ms = time_ms(lambda: model(**inputs), args.repeats)
+            off_finite = all_finite(model(**inputs))
         off_mem = torch.cuda.max_memory_allocated() / 2**30
 
         install_deleaker_processors(model)
@@ -134,13 +141,15 @@ def main() -> None:
                 config=config,
                 step=torch.ones((), dtype=torch.int64, device=device),
             )
-            model(**inputs, joint_attention_kwargs={"deleaker_state": state})
+            return model(**inputs, joint_attention_kwargs={"deleaker_state": state})
 
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             on_ms = time_ms(on_step, args.repeats)
+            on_finite = all_finite(on_step())
         on_mem = torch.cuda.max_memory_allocated() / 2**30
-        rows.append((f"{height}x{width}, T={text_len}", off_ms, on_ms, on_ms / off_ms, off_mem, on_mem))
+        rows.append((f"{height}x{width}, T={text_len}", off_ms, on_ms, on_ms / off_ms, off_mem, on_mem,
+                     f"{off_finite}/{on_finite}"))
         if args.graph:
             with torch.no_grad():
                 on_graph, on_error = graph_ms(on_step, args.repeats)
@@ -152,10 +161,11 @@ def main() -> None:
         f"FLUX.1-dev transformer step, random bf16 weights, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"{datetime.date.today().isoformat()}, DeLeaker via {kernels}; median of {args.repeats}",
         "",
-        "| case | DeLeaker off (ms) | DeLeaker on (ms) | ratio (target <= 1.15) | peak GiB off | peak GiB on |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| case | DeLeaker off (ms) | DeLeaker on (ms) | ratio (target <= 1.15) | peak GiB off | peak GiB on "
+        "| output finite (off/on) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {c} | {a:.1f} | {b:.1f} | {r:.2f}x | {m0:.1f} | {m1:.1f} |" for c, a, b, r, m0, m1 in rows]
+    lines += [f"| {c} | {a:.1f} | {b:.1f} | {r:.2f}x | {m0:.1f} | {m1:.1f} | {f} |" for c, a, b, r, m0, m1, f in rows]
     if graphs:
         lines += ["", "CUDA graphs (capture of one whole step, median replay):", "",
                   "| case | off, graph (ms) | on, graph (ms) | ratio |", "| --- | --- | --- | --- |"]
