@@ -3,9 +3,12 @@
     python benchmarks/bench_flux_step.py --out benchmarks/flux_step.md
 
 Off: diffusers' stock attention processor. On: `DeLeakerFluxAttnProcessor` with two entities and a step inside
-the intervention window (every block edits), so the ratio is the worst case of a step. The same inputs and weights
-are used for both, in the same run; the table records the device, the date and the ratios against the issue's
-target (<= 1.15x). Needs CUDA and about 30 GiB of GPU memory.
+the intervention window (every block edits). The same inputs and weights are used for both, in the same run; the
+table records the device, the date and the ratios against the issue's target (<= 1.15x), whether each output is
+finite, and how much the step edited: the masks' union per attention and the fallback rows, from one untimed step
+through the kernels' debug views (with random weights the masks are whatever those weights give, so the attention
+timings in ``device_check.py``, at chosen coverages, are the controlled ones). Needs CUDA and about 30 GiB of GPU
+memory.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+from typing import Any, Callable, List, Tuple
 
 import torch
 
@@ -70,6 +74,46 @@ def all_finite(outputs) -> bool:
     return bool(torch.isfinite(outputs[0]).all())
 
 
+def kernel_views(q, k, v, entity_mask, **kwargs) -> Tuple[torch.Tensor, int]:
+    """The CUDA fast path's masks ``(B, E_max, Nimg)`` and fallback row count for one attention call."""
+    from deleaker.plugins import torch_op
+
+    _, _, views = torch_op.deleaker_attention_cuda_debug(q, k, v, entity_mask, **kwargs)
+    fallback = views.get("fallback_count")
+    return views["masks"], int(fallback.sum()) if isinstance(fallback, torch.Tensor) else int(fallback or 0)
+
+
+def union_per_attention(step_fn: Callable[[], Any], views_fn: Callable[..., Tuple[torch.Tensor, int]]) -> List[dict]:
+    """Each joint attention's share of image tokens in the masks' union, and its fallback rows, over one untimed
+    DeLeaker step (``step_fn``): how much correction the timed step did. ``views_fn`` takes the op's arguments
+    (``q, k, v, entity_mask, grid=, block_step=, history=, config=``) and returns the masks and fallback rows."""
+    from deleaker import processor
+
+    seen: List[dict] = []
+    original = processor.call_attention
+
+    def probing(q, k, v, entity_mask, history, step, *, block_offset, num_blocks, grid, config):
+        block_step = int(step) * num_blocks + block_offset
+        masks, fallback = views_fn(q, k, v, entity_mask, grid=grid, block_step=block_step, history=history,
+                                   config=config)
+        seen.append({"block_step": block_step, "union": float(masks.any(1).float().mean()), "fallback_rows": fallback})
+        return original(q, k, v, entity_mask, history, step, block_offset=block_offset, num_blocks=num_blocks,
+                        grid=grid, config=config)
+
+    processor.call_attention = probing
+    try:
+        step_fn()
+    finally:
+        processor.call_attention = original
+    return seen
+
+
+def union_summary(seen: List[dict]) -> str:
+    unions = sorted(r["union"] for r in seen)
+    return (f"{len(seen)} attentions, union min/median/max {unions[0]:.2f}/{statistics.median(unions):.2f}/"
+            f"{unions[-1]:.2f}, fallback rows {sum(r['fallback_rows'] for r in seen)}")
+
+
 def time_ms(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -115,7 +159,7 @@ def main() -> None:
     stock = {name: FluxAttnProcessor() for name in model.attn_processors}
     config = DeLeakerConfig()
     kernels = "CUDA kernels" if _kernel_module() is not None else "PyTorch reference (kernels unavailable)"
-    rows, graphs = [], []
+    rows, graphs, unions = [], [], []
     for spec in args.sizes.split(","):
         size, text_len = spec.split(":")
         height, width = (int(x) for x in size.split("x"))
@@ -147,9 +191,14 @@ def main() -> None:
         with torch.no_grad():
             on_ms = time_ms(on_step, args.repeats)
             on_finite = all_finite(on_step())
-        on_mem = torch.cuda.max_memory_allocated() / 2**30
-        rows.append((f"{height}x{width}, T={text_len}", off_ms, on_ms, on_ms / off_ms, off_mem, on_mem,
-                     f"{off_finite}/{on_finite}"))
+        on_mem = torch.cuda.max_memory_allocated() / 2**30  # before the probe's debug views
+        case = f"{height}x{width}, T={text_len}"
+        try:  # a probe that fails must not cost the timings above
+            with torch.no_grad():
+                unions.append((case, union_summary(union_per_attention(on_step, kernel_views))))
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            unions.append((case, f"probe failed: {type(exc).__name__}: {exc}"[:300]))
+        rows.append((case, off_ms, on_ms, on_ms / off_ms, off_mem, on_mem, f"{off_finite}/{on_finite}"))
         if args.graph:
             with torch.no_grad():
                 on_graph, on_error = graph_ms(on_step, args.repeats)
@@ -166,6 +215,8 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {c} | {a:.1f} | {b:.1f} | {r:.2f}x | {m0:.1f} | {m1:.1f} | {f} |" for c, a, b, r, m0, m1, f in rows]
+    lines += ["", "What the DeLeaker step edited (one untimed step through the kernels' debug views):", ""]
+    lines += [f"- {case}: {summary}" for case, summary in unions]
     if graphs:
         lines += ["", "CUDA graphs (capture of one whole step, median replay):", "",
                   "| case | off, graph (ms) | on, graph (ms) | ratio |", "| --- | --- | --- | --- |"]
