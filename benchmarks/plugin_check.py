@@ -38,9 +38,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the driver's Python side and the structured inputs live there
 DEFAULT_DIR = Path(os.environ.get("DELEAKER_TRT_PLUGIN_DIR") or ROOT / ".device" / "plugin")
-#: pip wheels that hold the headers the plugin's cuDNN attention compiles against, and where in them.
+#: pip wheels (requirements) that hold the headers the plugin's cuDNN attention compiles against, and where in them.
+#: cuDNN's are those of the oldest cuDNN 9 we expect at run time, 9.19 (torch 2.11's, the GPU machines'): a library
+#: built against older cuDNN 9 headers runs on newer cuDNN 9, not the other way round.
 HEADER_WHEELS = {
-    "nvidia-cudnn-cu13": ("nvidia/cudnn/include/", "CUDNN_ROOT"),
+    "nvidia-cudnn-cu13==9.19.0.56": ("nvidia/cudnn/include/", "CUDNN_ROOT"),
     "nvidia-cudnn-frontend": ("include/", "CUDNN_FRONTEND_ROOT"),
     "nvidia-cuda-nvrtc": ("nvidia/cu13/include/", "CMAKE_INCLUDE_PATH"),
 }
@@ -61,14 +63,15 @@ def _fetch_headers(headers: Path) -> dict:
     """Environment variables pointing the plugin build at the cuDNN / cudnn-frontend / NVRTC headers, fetched from
     their pip wheels (downloaded, not installed; only the headers are kept) unless already given."""
     env = {}
-    for wheel, (prefix, variable) in HEADER_WHEELS.items():
+    for requirement, (prefix, variable) in HEADER_WHEELS.items():
         if os.environ.get(variable):
             continue
-        target = headers / wheel
-        if not (target / ".complete").is_file():  # a folder from an interrupted or older extraction is redone
+        target = headers / requirement.split("==")[0]
+        complete = target / ".complete"
+        if not complete.is_file() or complete.read_text() != requirement:  # interrupted, or another version: redone
             shutil.rmtree(target, ignore_errors=True)
             with tempfile.TemporaryDirectory() as tmp:
-                subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, wheel],
+                subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, requirement],
                                check=True)
                 staged = Path(tmp) / "headers"
                 with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as archive:
@@ -76,7 +79,7 @@ def _fetch_headers(headers: Path) -> dict:
                         # Every file of the include folder: cudnn-frontend also ships .hpp (its JSON library).
                         if name.startswith(prefix) and not name.endswith("/") and not name.endswith(".so"):
                             archive.extract(name, staged)
-                (staged / ".complete").write_text(wheel)
+                (staged / ".complete").write_text(requirement)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(staged), target)
         include = target / prefix
