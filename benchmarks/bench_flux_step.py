@@ -79,8 +79,7 @@ def kernel_views(q, k, v, entity_mask, **kwargs) -> Tuple[torch.Tensor, int]:
     from deleaker.plugins import torch_op
 
     _, _, views = torch_op.deleaker_attention_cuda_debug(q, k, v, entity_mask, **kwargs)
-    fallback = views.get("fallback_count")
-    return views["masks"], int(fallback.sum()) if isinstance(fallback, torch.Tensor) else int(fallback or 0)
+    return views["masks"], int(views["fallback_count"])  # a () int32 tensor (torch_op.debug_views)
 
 
 def union_per_attention(step_fn: Callable[[], Any], views_fn: Callable[..., Tuple[torch.Tensor, int]]) -> List[dict]:

@@ -195,9 +195,8 @@ def op_views(ctx: Context, inputs, step) -> Dict[str, Any]:
             q, k, v, mask, grid=grid, block_step=step, history=None, config=CONFIG
         )
         synchronize(ctx.device)
-        masks, provider = views["masks"], views.get("provider")
-        fallback = views.get("fallback_count")
-        fallback = int(fallback.sum()) if isinstance(fallback, torch.Tensor) else fallback
+        masks, provider = views["masks"], views["provider"]
+        fallback = int(views["fallback_count"])  # a () int32 tensor (torch_op.debug_views)
     else:
         got = decomposed_intermediates(q, k, v, mask, grid=grid, block_step=step, history=None, config=CONFIG)
         masks, fallback, provider = got.masks, got.fallback_count, "decomposed op (smoke)"
