@@ -239,7 +239,9 @@ def region_thresholds(pbar: Tensor, masks: Tensor, config: DeLeakerConfig) -> Te
 
     ``pbar`` ``(B, Nimg, Nimg)`` float32 (head mean of the pre-intervention probabilities), ``masks`` ``(B, E,
     Nimg)`` bool -> ``(B, E, E)`` float32. NaN where the pair cuts nothing: ``e == f``, or a region of fewer than
-    2 cells (no unbiased std). Sums in float64, as the kernels' pair statistics.
+    2 cells (no unbiased std). Sums in float64, as the kernels' pair statistics, and as there the variance of a
+    region whose least and largest values are equal is exactly 0 (a constant region cuts nothing), which the
+    one-pass sums alone may miss by a rounding residue.
     """
     m = masks.to(torch.float64)
     p = pbar.to(torch.float64)
@@ -249,9 +251,23 @@ def region_thresholds(pbar: Tensor, masks: Tensor, config: DeLeakerConfig) -> Te
     # Centred second moment, per pair: sum over R of (pbar - mean)^2.
     squares = torch.einsum("bei,bij,bfj->bef", m, p * p, m)
     var = (squares - count * mean * mean).clamp(min=0.0) / (count - 1.0).clamp(min=1.0)
+    var = torch.where(_constant_regions(pbar, masks), torch.zeros_like(var), var)
     threshold = (mean + config.std_mul_image_image * var.sqrt()).to(torch.float32)
     eye = torch.eye(masks.shape[1], dtype=torch.bool, device=masks.device)
     return torch.where((count >= 2) & ~eye, threshold, torch.full_like(threshold, math.nan))
+
+
+def _constant_regions(pbar: Tensor, masks: Tensor) -> Tensor:
+    """``(B, E, E)`` bool: whether every value of ``pbar`` over ``M_e x M_f`` is the same (False for empty regions)."""
+    batch, num_entities = masks.shape[:2]
+    constant = torch.zeros(batch, num_entities, num_entities, dtype=torch.bool, device=masks.device)
+    for e in range(num_entities):
+        for f in range(num_entities):
+            region = masks[:, e, :, None] & masks[:, f, None, :]
+            largest = torch.where(region, pbar, -math.inf).amax((1, 2))
+            least = torch.where(region, pbar, math.inf).amin((1, 2))
+            constant[:, e, f] = region.any((1, 2)) & (largest == least)
+    return constant
 
 
 def image_image_cuts(pbar: Tensor, masks: Tensor, thresholds: Tensor) -> Tensor:

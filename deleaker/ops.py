@@ -216,9 +216,13 @@ def entity_image_masks(source: Tensor, present: Tensor, grid: Tuple[int, int], c
 
     ``source`` ``(B, E, Nimg)`` float32, ``present`` ``(E,)`` bool -> ``(B, E, Nimg)`` bool.
     """
-    mean = source.mean(-1, keepdim=True)
-    std = source.std(-1, unbiased=True, keepdim=True)
-    masks = (source > mean + config.std_mul_text * std) & present[None, :, None]
+    # Statistics of the values relative to their largest: the same threshold in exact arithmetic, and exactly the
+    # spec's answer for a constant map (std 0, nothing above the mean: no mask), which a plain float32 mean can
+    # miss by an ulp (uniform attention, e.g. zero queries, gives such maps).
+    shifted = source - source.amax(-1, keepdim=True)
+    mean = shifted.mean(-1, keepdim=True)
+    std = shifted.std(-1, unbiased=True, keepdim=True)
+    masks = (shifted > mean + config.std_mul_text * std) & present[None, :, None]
     if config.do_smoothing:
         masks = smooth_masks(masks, grid)
     return masks
@@ -256,10 +260,12 @@ def image_image_suppression(probs_image_image: Tensor, masks: Tensor, config: De
                 continue
             region = m[:, e, :, None] * m[:, f, None, :]
             count = region.sum((1, 2), keepdim=True)
-            mean = (pbar * region).sum((1, 2), keepdim=True) / count.clamp(min=1.0)
-            var = (((pbar - mean) * region) ** 2).sum((1, 2), keepdim=True) / (count - 1).clamp(min=1.0)
+            # Relative to the region's largest value (pbar >= 0), as the entity masks: a constant region cuts nothing.
+            shifted = (pbar - (pbar * region).amax((1, 2), keepdim=True)) * region
+            mean = shifted.sum((1, 2), keepdim=True) / count.clamp(min=1.0)
+            var = (((shifted - mean) * region) ** 2).sum((1, 2), keepdim=True) / (count - 1).clamp(min=1.0)
             threshold = mean + config.std_mul_image_image * var.sqrt()
-            cut |= (region > 0) & (pbar > threshold) & (count >= 2)
+            cut |= (region > 0) & (shifted > threshold) & (count >= 2)
     return cut
 
 

@@ -334,10 +334,12 @@ def decomposed_translation(
     plain = op.MatMul(probs, vf)  # (B, H, N, D)
 
     # Step 5: entity image masks, unbiased std, strict >.
-    mean = op.ReduceMean(source, _i([-1]), keepdims=1)
-    centred = op.Sub(source, mean)
+    # Relative to each map's largest value, as deleaker.ops: a constant map gives no mask.
+    shifted = op.Sub(source, op.ReduceMax(source, _i([-1]), keepdims=1))
+    mean = op.ReduceMean(shifted, _i([-1]), keepdims=1)
+    centred = op.Sub(shifted, mean)
     std = op.Sqrt(op.Div(op.ReduceSum(op.Mul(centred, centred), _i([-1]), keepdims=1), _f(max(n_img - 1, 1))))
-    masks = op.And(op.Greater(source, op.Add(mean, op.Mul(_f(config.std_mul_text), std))),
+    masks = op.And(op.Greater(shifted, op.Add(mean, op.Mul(_f(config.std_mul_text), std))),
                    op.Cast(present_f, to=onnx.TensorProto.BOOL))
     masks_f = op.Cast(masks, to=f32)  # (B, E, Nimg)
     if config.do_smoothing:
@@ -370,13 +372,16 @@ def decomposed_translation(
                 cols = op.Unsqueeze(op.Gather(masks_f, op.Constant(value_int=f), axis=1), _i([1]))  # (B, 1, Nimg)
                 region = op.Mul(rows, cols)
                 count = op.ReduceSum(region, _i([1, 2]), keepdims=1)
-                region_mean = op.Div(op.ReduceSum(op.Mul(pbar, region), _i([1, 2]), keepdims=1), op.Max(count, _f(1.0)))
-                dev = op.Mul(op.Sub(pbar, region_mean), region)
+                # Relative to the region's largest value (pbar >= 0), as deleaker.ops.
+                largest = op.ReduceMax(op.Mul(pbar, region), _i([1, 2]), keepdims=1)
+                shifted = op.Mul(op.Sub(pbar, largest), region)
+                region_mean = op.Div(op.ReduceSum(shifted, _i([1, 2]), keepdims=1), op.Max(count, _f(1.0)))
+                dev = op.Mul(op.Sub(shifted, region_mean), region)
                 var = op.Div(op.ReduceSum(op.Mul(dev, dev), _i([1, 2]), keepdims=1),
                              op.Max(op.Sub(count, _f(1.0)), _f(1.0)))
                 threshold = op.Add(region_mean, op.Mul(_f(config.std_mul_image_image), op.Sqrt(var)))
                 pair_cut = op.And(
-                    op.And(op.Greater(region, _f(0.0)), op.Greater(pbar, threshold)),
+                    op.And(op.Greater(region, _f(0.0)), op.Greater(shifted, threshold)),
                     op.GreaterOrEqual(count, _f(2.0)),
                 )
                 cut = pair_cut if cut is None else op.Or(cut, pair_cut)

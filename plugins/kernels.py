@@ -20,7 +20,7 @@ from .build import build_library
 DTYPE_FLOAT16 = 0
 DTYPE_BFLOAT16 = 1
 MAX_ENTITIES = 8
-ABI_VERSION = 2
+ABI_VERSION = 3
 #: The library's own error codes (negative; CUDA's are not).
 ERROR_INVALID_ARGUMENT = -1
 ERROR_NOT_INITIALIZED = -2

@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from deleaker import DeLeakerConfig
 from deleaker.decomposed import decomposed_intermediates, image_image_cuts, region_thresholds
 from deleaker.ops import image_text_edits, smooth_masks
-from test_op_reference import make_case, rect
+from test_op_reference import (
+    constant_region_inputs,
+    constant_region_masks,
+    make_case,
+    rect,
+    uniform_attention_inputs,
+)
 
 Tensor = torch.Tensor
 #: ``run(q, k, v, entity_mask, *, grid, block_step, history, config, fallback_threshold=0.5)`` ->
@@ -323,3 +329,27 @@ def check_fallback(run: KernelRun, dtype: torch.dtype, device: str) -> None:
                                         config=config, fallback_threshold=1e-9)
     assert not views_unguarded["fallback"].any()
     assert rel_l2(unguarded, exact) > 3 * err, "the fallback should matter here"
+
+
+def check_constant_statistics(run: KernelRun, dtype: torch.dtype, head_dim: int, device: str) -> None:
+    """Equal values have std 0 and nothing above their mean: zero queries (constant entity maps) give no mask and
+    the plain output; a region of one pbar value is no cut even at std_mul_image_image = -1, where a rounding
+    residue in the one-pass variance would cut all of it. Both as the decomposed op. (Exact on the emulator,
+    whose LSE of equal rows is equal; a GPU's fused attention need not promise that.)"""
+    windows = dict(start_aggregating_from=0, start_intervention_from=0)
+    q, k, v, entity_mask = (x.to(device) for x in uniform_attention_inputs(13, (8, 8), head_dim, dtype=dtype))
+    config = DeLeakerConfig(**windows, std_mul_text=0.0)
+    out, _, views = run(q, k, v, entity_mask, grid=(8, 8), block_step=INSIDE, history=None, config=config)
+    assert not views["masks"].any() and int(views["union_count"].sum()) == 0
+    assert torch.equal(out, views["plain"])
+
+    q, k, v, entity_mask = (x.to(device) for x in constant_region_inputs(head_dim, dtype=dtype))
+    config = DeLeakerConfig(**windows, std_mul_image_image=-1.0)
+    out, _, views = run(q, k, v, entity_mask, grid=(6, 6), block_step=INSIDE, history=None, config=config)
+    ref = decomposed_intermediates(q, k, v, entity_mask, grid=(6, 6), block_step=INSIDE, history=None,
+                                   config=config)
+    masks = constant_region_masks().to(device)
+    assert torch.equal(views["masks"], masks) and torch.equal(ref.masks, masks)
+    assert not views["cut"].any() and not ref.cut.any()
+    assert torch.isfinite(views["thresholds"][0, :2, :2]).sum() == 2, "both ordered pairs are region pairs"
+    assert rel_l2(out, ref.out) < 1e-2

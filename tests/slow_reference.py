@@ -114,12 +114,16 @@ def update_history(
 
 
 def unbiased_mean_std(values: List[float]) -> Tuple[float, float]:
-    """Mean and unbiased standard deviation (n - 1 in the denominator); std is nan for fewer than 2 values."""
+    """Mean and unbiased standard deviation (n - 1 in the denominator); std is nan for fewer than 2 values.
+
+    The mean is taken relative to the first value, so equal values give exactly that value and std 0 (nothing is
+    strictly above a constant set's threshold); a plain float64 sum of n equal values can round away from n x.
+    """
     n = len(values)
-    mean = sum(values) / n
+    mean = values[0] + math.fsum(x - values[0] for x in values) / n
     if n < 2:
         return mean, float("nan")
-    var = sum((x - mean) ** 2 for x in values) / (n - 1)
+    var = math.fsum((x - mean) ** 2 for x in values) / (n - 1)
     return mean, math.sqrt(var)
 
 

@@ -32,6 +32,7 @@ from deleaker import deleaker_attention_reference
 from kernel_checks import (
     CONFIG,
     INSIDE,
+    check_constant_statistics,
     check_fallback,
     check_history_threaded,
     check_matches_decomposed,
@@ -135,6 +136,12 @@ def test_history_threaded_over_block_steps(library, use_history):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_rows_almost_all_cut_fall_back(library, dtype):
     check_fallback(runner(library), dtype, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_constant_statistics_give_no_mask_and_no_cut(library, dtype, head_dim):
+    check_constant_statistics(runner(library), dtype, head_dim, device="cpu")
 
 
 def test_every_row_through_the_fallback_matches_decomposed(library):

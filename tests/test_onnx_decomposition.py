@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ from deleaker.export.onnx_node import (
 )
 from deleaker.export.ort import make_reference_session, make_session
 from deleaker.ops import deleaker_attention_reference, entity_affinity, entity_image_masks, update_history
+from test_op_reference import constant_region_inputs, uniform_attention_inputs
 
 GRID = (8, 8)
 NUM_BLOCKS = 4
@@ -79,10 +81,10 @@ def step_inputs(seed: int, dtype: torch.dtype = torch.float32):
     return [qkv[:3] for qkv in per_step], entity_mask, history
 
 
-def plain_attention(q, k, v, entity_mask) -> np.ndarray:
+def plain_attention(q, k, v, entity_mask, grid=GRID) -> np.ndarray:
     """The output with DeLeaker off (intervention window never reached)."""
     off = DeLeakerConfig(start_intervention_from=10**6, stop_intervention_at=10**6)
-    return deleaker_attention_reference(q, k, v, entity_mask, grid=GRID, block_step=0, history=None, config=off)[0].numpy()
+    return deleaker_attention_reference(q, k, v, entity_mask, grid=grid, block_step=0, history=None, config=off)[0].numpy()
 
 
 def reference_steps(qkvs, entity_mask, history, config):
@@ -215,6 +217,36 @@ def test_custom_node_runs_in_ort_with_reference(tmp_path):
     for (ref_out, ref_hist, _, _), (out, hist) in zip(reference, got):
         assert rel_l2(out, ref_out.numpy()) < 1e-6
         np.testing.assert_allclose(hist, ref_hist.numpy(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("inputs", ["uniform_attention", "constant_image_image_region"])
+def test_decomposition_cuts_nothing_where_statistics_are_constant(tmp_path, inputs):
+    """Equal values have std 0 and nothing above their mean: no mask (zero queries) and no image-image cut (a
+    region of one pbar value), with the multipliers where an ulp in the mean would flip that."""
+    windows = dict(start_aggregating_from=0, start_intervention_from=0)
+    if inputs == "uniform_attention":
+        text_len, grid = 13, (8, 8)  # a plain float32 mean of the constant map is an ulp off it here
+        q, k, v, entity_mask = uniform_attention_inputs(text_len, grid)
+        config = DeLeakerConfig(**windows, std_mul_text=0.0)
+    else:
+        text_len, grid = 4, (6, 6)
+        q, k, v, entity_mask = constant_region_inputs()
+        config = DeLeakerConfig(**windows, std_mul_image_image=-1.0)
+    no_image_image = dataclasses.replace(config, do_image_image=False)
+    expected, _ = deleaker_attention_reference(q, k, v, entity_mask, grid=grid, block_step=5, history=None,
+                                               config=no_image_image)
+    path = export_attention_onnx(
+        tmp_path / "attention.onnx", batch=1, heads=q.shape[1], text_len=text_len, grid=grid, head_dim=q.shape[-1],
+        max_entities=entity_mask.shape[0], block_offset=1, num_blocks=4, config=config, decompose=True,
+    )
+    history = np.zeros((1, entity_mask.shape[0], grid[0] * grid[1]), dtype=np.float32)
+    feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "entity_mask": entity_mask.numpy(),
+             "history": history, "step": np.array(1, dtype=np.int64)}  # t = 1 * 4 + 1 = 5
+    out, _ = make_session(path).run(None, feeds)
+    assert rel_l2(out, expected.numpy()) < 1e-6
+    if inputs == "uniform_attention":
+        plain = plain_attention(q, k, v, entity_mask, grid)
+        assert rel_l2(out, plain) < 1e-6
 
 
 def _morphology_graph(ops: str) -> onnx.ModelProto:

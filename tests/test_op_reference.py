@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import slow_reference as slow
-from deleaker import DeLeakerConfig, deleaker_attention, ops
+from deleaker import DeLeakerConfig, deleaker_attention, deleaker_attention_decomposed, ops
 from deleaker.library import call_attention
 
 Cell = Tuple[int, int]
@@ -591,3 +591,100 @@ def test_corner_blob_survives_opening(corner: Cell) -> None:
     for r, c in rect(2, 4, 3, 5):
         middle[0, 0, r * gw + c] = True
     assert not bool(ops.smooth_masks(middle, (gh, gw)).any()), "a 2x2 blob inside the grid is opened away"
+
+
+# --- constant statistics: std exactly 0 --------------------------------------------------------------------------
+#
+# A map or region whose values are all equal has std 0 and nothing strictly above its mean: no mask, no cut, for
+# any std multiplier. A float32 mean of equal values can be an ulp off them, which once gave full masks (and every
+# image query's other-entity text cut) for uniform attention; these inputs pin the exact answer in every
+# implementation (this module's two ops; the ONNX decomposition and the kernels reuse the builders).
+
+#: (T, grid) shapes where a plain float32 mean of 1/N over the grid is not 1/N.
+UNIFORM_SHAPES = [(5, (8, 8)), (7, (5, 7)), (13, (3, 3)), (32, (5, 7)), (7, (16, 16))]
+
+
+def uniform_attention_inputs(text_len: int, grid: Tuple[int, int], head_dim: int = 16, seed: int = 0,
+                             dtype: torch.dtype = torch.float32):
+    """Zero queries (every attention row uniform, so every entity map is constant), random k and v, entity mask
+    ``(4, T)`` with entities on tokens 1 and 3. -> ``(q, k, v, entity_mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = text_len + grid[0] * grid[1]
+    q = torch.zeros(1, 2, tokens, head_dim)
+    k, v = (torch.randn(1, 2, tokens, head_dim, generator=g) for _ in range(2))
+    entity_mask = torch.zeros(4, text_len, dtype=torch.bool)
+    entity_mask[0, 1] = entity_mask[1, 3] = True
+    return q.to(dtype), k.to(dtype), v.to(dtype), entity_mask
+
+
+def constant_region_blocks(side: int) -> Tuple[List[Cell], List[Cell]]:
+    """The two entity regions of `constant_region_inputs` on its ``2 side x 2 side`` grid: the top-left and the
+    bottom-right ``side x side`` blocks."""
+    return rect(0, side, 0, side), rect(side, 2 * side, side, 2 * side)
+
+
+def constant_region_inputs(head_dim: int = 16, seed: int = 3, dtype: torch.dtype = torch.float32, side: int = 3):
+    """T = 4, a ``2 side x 2 side`` grid, entities on tokens 0 and 2. The image queries of each block of
+    `constant_region_blocks` point at their entity's token and are identical within the block, as are the image
+    keys, so pbar takes one value over each region M_e x M_f. -> ``(q, k, v, entity_mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    text_len, heads, gw = 4, 2, 2 * side
+    tokens = text_len + gw * gw
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, generator=g) for _ in range(3))
+    entity_mask = torch.zeros(4, text_len, dtype=torch.bool)
+    entity_mask[0, 0] = entity_mask[1, 2] = True
+    for token, cells in zip((0, 2), constant_region_blocks(side)):
+        direction, query, key = (torch.randn(heads, head_dim, generator=g) for _ in range(3))
+        k[0, :, token] = 2.0 * direction
+        for r, c in cells:
+            q[0, :, text_len + r * gw + c] = query + 2.0 * direction
+            k[0, :, text_len + r * gw + c] = key
+    return q.to(dtype), k.to(dtype), v.to(dtype), entity_mask
+
+
+def constant_region_masks(side: int = 3) -> torch.Tensor:
+    """``(1, 4, (2 side)^2)`` bool: the masks `constant_region_inputs` must give (its two blocks)."""
+    gw = 2 * side
+    masks = torch.zeros(1, 4, gw * gw, dtype=torch.bool)
+    for e, cells in enumerate(constant_region_blocks(side)):
+        for r, c in cells:
+            masks[0, e, r * gw + c] = True
+    return masks
+
+
+CONSTANT_WINDOWS = dict(start_aggregating_from=0, start_intervention_from=0)
+
+
+@pytest.mark.parametrize("text_len, grid", UNIFORM_SHAPES)
+@pytest.mark.parametrize("std_mul_text", [1.0, 0.0, -1.0])
+def test_uniform_attention_gets_no_mask(text_len: int, grid: Tuple[int, int], std_mul_text: float) -> None:
+    q, k, v, entity_mask = uniform_attention_inputs(text_len, grid)
+    config = DeLeakerConfig(**CONSTANT_WINDOWS, use_history=False, std_mul_text=std_mul_text)
+    plain = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
+    source = ops.entity_affinity(torch.softmax(q @ k.transpose(-1, -2), -1)[:, :, text_len:, :text_len], entity_mask)
+    assert torch.unique(source[:, :2]).numel() == 1, "the entity maps are constant"
+    assert not bool(ops.entity_image_masks(source, entity_mask.any(-1), grid, config).any())
+    ref = slow.slow_deleaker_attention_detailed(q, k, v, entity_mask, grid, 5, None, config)
+    assert not bool(ref.masks.any())
+    for op in (deleaker_attention, deleaker_attention_decomposed):
+        out, _ = op(q, k, v, entity_mask, grid=grid, block_step=5, history=None, config=config)
+        assert rel_l2(out, plain) < 1e-6, op.__name__
+
+
+@pytest.mark.parametrize("std_mul_image_image", [1.0, 0.0, -1.0])
+def test_constant_image_image_region_cuts_nothing(std_mul_image_image: float) -> None:
+    q, k, v, entity_mask = constant_region_inputs()
+    config = DeLeakerConfig(**CONSTANT_WINDOWS, std_mul_image_image=std_mul_image_image)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+    masks = constant_region_masks()
+    pbar = probs[:, :, 4:, 4:].mean(1)
+    region = masks[0, 0, :, None] & masks[0, 1, None, :]
+    assert torch.unique(pbar[0][region]).numel() == 1, "pbar is constant over M_0 x M_1"
+    assert not bool(ops.image_image_suppression(probs[:, :, 4:, 4:], masks, config).any())
+    no_cut = dataclasses.replace(config, do_image_image=False)
+    ref = slow.slow_deleaker_attention_detailed(q, k, v, entity_mask, (6, 6), 5, None, config)
+    assert torch.equal(ref.masks, masks) and not bool(ref.image_image_cut.any())
+    for op in (deleaker_attention, deleaker_attention_decomposed):
+        out, _ = op(q, k, v, entity_mask, grid=(6, 6), block_step=5, history=None, config=config)
+        expected, _ = op(q, k, v, entity_mask, grid=(6, 6), block_step=5, history=None, config=no_cut)
+        assert rel_l2(out, expected) < 1e-6, op.__name__

@@ -3,7 +3,8 @@
 // Plain C: usable from C++ (and ctypes) without CUDA headers. The Python mirror of these structs lives in
 // plugins/kernels.py (one field list), and tests/test_cuda_compile.py checks both layouts against this header.
 //
-// ABI version 2. The caller computes the plain attention first (any fused attention that returns the row
+// ABI version 3 (3: the workspace keeps four statistics per region pair, DELEAKER_PAIR_STATS; 2: the plain
+// attention and its LSE come from the caller). The caller computes the plain attention first (any fused attention that returns the row
 // log-sum-exp): `out` holds o = softmax(s) v of every row, `lse` the natural-log LSE of s = softmax_scale q k^T.
 // The library then does only what DeLeaker adds and edits `out` in place, on the rows of the entity masks.
 #ifndef DELEAKER_PARAMS_H_
@@ -16,7 +17,7 @@
 extern "C" {
 #endif
 
-enum { DELEAKER_ABI_VERSION = 2 };
+enum { DELEAKER_ABI_VERSION = 3 };
 
 enum { DELEAKER_DTYPE_FLOAT16 = 0, DELEAKER_DTYPE_BFLOAT16 = 1 };
 
@@ -33,6 +34,9 @@ enum {
 //! Image-image statistics are summed into this many fixed partial slots (a fixed-order reduction: the result does
 //! not depend on the grid size or on the order in which blocks run).
 enum { DELEAKER_REGION_SLOTS = 256 };
+//! Statistics of each region pair per slot: sum and sum of squares of pbar, and its least and largest value (a
+//! region whose values are all equal has std exactly 0, which the two sums alone cannot tell after rounding).
+enum { DELEAKER_PAIR_STATS = 4 };
 
 //! The union U of the masks is corrected in bands of at most this many rows (a multiple of 64): the cut bits of
 //! one band, U rows x U columns, are the workspace's only quadratic part, so it stays O(tokens). A compile-time
@@ -95,7 +99,8 @@ typedef struct DeLeakerWorkspaceLayout {
   uint64_t union_count;         // int32 (B): |U|, U = union of the M_e
   uint64_t union_index;         // int32 (B, Nimg): every image token, U first (grouped by row_entities, ascending
                                 //   within a group), then the others ascending
-  uint64_t pair_partials;       // double (B, DELEAKER_REGION_SLOTS, E, E, 2): sum, sum of squares of pbar
+  uint64_t pair_partials;       // double (B, DELEAKER_REGION_SLOTS, E, E, DELEAKER_PAIR_STATS): sum, sum of
+                                //   squares, least and largest value of pbar
   uint64_t thresholds;          // float (B, E, E): threshold of region M_e x M_f, NaN where the pair cuts nothing
   uint64_t cut_bits;            // uint64 (B, band_rows, tiles): bit c of word (u, w) set iff logit (U[u],
                                 //   U[64 w + c]) is cut, for the rows of the last band (u - band start)
@@ -139,7 +144,7 @@ static inline DeLeakerWorkspaceLayout deleaker_workspace_layout(const DeLeakerPa
   w.row_entities = at;       at = deleaker_align256(at + b * n);
   w.union_count = at;        at = deleaker_align256(at + b * 4);
   w.union_index = at;        at = deleaker_align256(at + b * n * 4);
-  w.pair_partials = at;      at = deleaker_align256(at + b * (uint64_t)DELEAKER_REGION_SLOTS * e * e * 2 * 8);
+  w.pair_partials = at;      at = deleaker_align256(at + b * (uint64_t)DELEAKER_REGION_SLOTS * e * e * DELEAKER_PAIR_STATS * 8);
   w.thresholds = at;         at = deleaker_align256(at + b * e * e * 4);
   w.cut_bits = at;           at = deleaker_align256(at + b * w.band_rows * w.tiles * 8);
   w.cut_tiles = at;          at = deleaker_align256(at + b * (w.band_rows / 64) * w.tiles * 4);

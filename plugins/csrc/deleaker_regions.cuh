@@ -3,10 +3,12 @@
 // The U x U tiles (64 x 64, in union_index's grouped order) are split into DELEAKER_REGION_SLOTS fixed slots of
 // consecutive tiles; a block takes slots (striding when the grid is smaller) and, per tile with any cell in a
 // region pair, recomputes pbar = head mean of exp(s - lse) from q, k and the caller's LSE (tile_pbar), then adds
-// each pair's sum and sum of squares (double) into per-warp accumulators. Each slot's partial is written once, and
+// each pair's sum and sum of squares (double) into per-warp accumulators and keeps its least and largest value. Each slot's partial is written once, and
 // threshold_kernel sums the slots in order: a fixed-order reduction, no floating-point atomics, so a CUDA-graph
 // replay equals an eager run bit for bit and the grid size does not change the result. Then, per pair,
-// threshold = mean + std_mul_image_image * std (unbiased), NaN where the pair cuts nothing; and per band of U
+// threshold = mean + std_mul_image_image * std (unbiased; exactly 0 when the least and largest values are equal,
+// where the one-pass sums may leave a rounding residue that a negative std_mul would turn into cuts: a constant
+// region cuts nothing), NaN where the pair cuts nothing; and per band of U
 // rows, cut_kernel recomputes pbar tile by tile and writes the cut bits the correction reads.
 #pragma once
 
@@ -28,8 +30,9 @@ struct RegionSmem {
   static constexpr int kPartners = kColBits + smem_align(kTile * 4);  // per entity: bits of its pair partners
   static constexpr int kThresholds = kPartners + smem_align(DELEAKER_MAX_ENTITIES * 4);
   static constexpr int kWarpSums = kThresholds + smem_align(DELEAKER_MAX_ENTITIES * DELEAKER_MAX_ENTITIES * 4);
-  // per warp and pair: sum and sum of squares of pbar (double)
-  static constexpr int kBytes = kWarpSums + smem_align(kWarps * DELEAKER_MAX_ENTITIES * DELEAKER_MAX_ENTITIES * 2 * 8);
+  // per warp and pair: sum, sum of squares, least and largest value of pbar (double)
+  static constexpr int kBytes =
+      kWarpSums + smem_align(kWarps * DELEAKER_MAX_ENTITIES * DELEAKER_MAX_ENTITIES * DELEAKER_PAIR_STATS * 8);
 };
 
 // The parts of RegionSmem, as pointers.
@@ -121,7 +124,10 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
 
   for (int slot = blockIdx.x; slot < DELEAKER_REGION_SLOTS; slot += gridDim.x) {
     __syncthreads();  // partners are published; the previous slot's sums are written out
-    for (int idx = threadIdx.x; idx < kWarps * pairs * 2; idx += kThreads) warp_sums[idx] = 0.0;
+    for (int idx = threadIdx.x; idx < kWarps * pairs * DELEAKER_PAIR_STATS; idx += kThreads) {
+      const int stat = idx % DELEAKER_PAIR_STATS;
+      warp_sums[idx] = stat == 2 ? INFINITY : stat == 3 ? -INFINITY : 0.0;
+    }
     const int first = slot * per_slot, last = first + per_slot < tiles ? first + per_slot : tiles;
     for (int tile = first; tile < last; ++tile) {
       __syncthreads();  // the previous tile's lists are no longer read
@@ -137,6 +143,7 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
         if (!((partners[e] >> f) & 1u)) continue;  // the same for the whole block
         const bool row_in = (my_row_bits >> e) & 1u;
         double sum = 0.0, sq = 0.0;
+        float least = INFINITY, largest = -INFINITY;
         if (row_in) {
 #pragma unroll
           for (int i = 0; i < 32; ++i) {
@@ -144,6 +151,8 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
               const double x = pbar[i];
               sum += x;
               sq += x * x;
+              least = fminf(least, pbar[i]);
+              largest = fmaxf(largest, pbar[i]);
             }
           }
         }
@@ -151,18 +160,27 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
         for (int o = 16; o > 0; o >>= 1) {
           sum += __shfl_xor_sync(0xffffffffu, sum, o);
           sq += __shfl_xor_sync(0xffffffffu, sq, o);
+          least = fminf(least, __shfl_xor_sync(0xffffffffu, least, o));
+          largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, o));
         }
         if (me.lane == 0) {
-          warp_sums[(warp * pairs + pair) * 2] += sum;
-          warp_sums[(warp * pairs + pair) * 2 + 1] += sq;
+          double* stats = warp_sums + (warp * pairs + pair) * DELEAKER_PAIR_STATS;
+          stats[0] += sum;
+          stats[1] += sq;
+          stats[2] = fmin(stats[2], (double)least);
+          stats[3] = fmax(stats[3], (double)largest);
         }
       }
     }
     __syncthreads();  // every warp's sums are in
-    for (int idx = threadIdx.x; idx < pairs * 2; idx += kThreads) {
-      double total = 0.0;
-      for (int w = 0; w < kWarps; ++w) total += warp_sums[w * pairs * 2 + idx];
-      ws.pair_partials[((int64_t)b * DELEAKER_REGION_SLOTS + slot) * pairs * 2 + idx] = total;
+    for (int idx = threadIdx.x; idx < pairs * DELEAKER_PAIR_STATS; idx += kThreads) {
+      const int stat = idx % DELEAKER_PAIR_STATS;
+      double total = warp_sums[idx];
+      for (int w = 1; w < kWarps; ++w) {
+        const double x = warp_sums[w * pairs * DELEAKER_PAIR_STATS + idx];
+        total = stat == 2 ? fmin(total, x) : stat == 3 ? fmax(total, x) : total + x;
+      }
+      ws.pair_partials[((int64_t)b * DELEAKER_REGION_SLOTS + slot) * pairs * DELEAKER_PAIR_STATS + idx] = total;
     }
   }
 }
@@ -179,14 +197,17 @@ __global__ void __launch_bounds__(kThresholdThreads) threshold_kernel(DeLeakerPa
   double cells;
   float threshold = nanf("");
   if (is_region_pair(ws, b, E, e, f, &cells)) {
-    double sum = 0.0, sq = 0.0;
+    double sum = 0.0, sq = 0.0, least = INFINITY, largest = -INFINITY;
     for (int slot = 0; slot < DELEAKER_REGION_SLOTS; ++slot) {
-      const double* partial = ws.pair_partials + ((int64_t)b * DELEAKER_REGION_SLOTS + slot) * pairs * 2;
-      sum += partial[pair * 2];
-      sq += partial[pair * 2 + 1];
+      const double* partial =
+          ws.pair_partials + (((int64_t)b * DELEAKER_REGION_SLOTS + slot) * pairs + pair) * DELEAKER_PAIR_STATS;
+      sum += partial[0];
+      sq += partial[1];
+      least = fmin(least, partial[2]);
+      largest = fmax(largest, partial[3]);
     }
-    const double mean = sum / cells;
-    const double var = fmax(sq - cells * mean * mean, 0.0) / (cells - 1.0);
+    const double mean = sum / cells;  // exact for a constant region: its sums of float values are exact in double
+    const double var = least == largest ? 0.0 : fmax(sq - cells * mean * mean, 0.0) / (cells - 1.0);
     threshold = (float)(mean + (double)p.std_mul_image_image * sqrt(var));
   }
   ws.thresholds[(int64_t)b * pairs + pair] = threshold;
