@@ -316,8 +316,8 @@ class EngineManifest:
     def from_json(cls, text: str) -> "EngineManifest":
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:
-            raise ManifestError(f"manifest is not valid JSON: {err}") from err
+        except (ValueError, RecursionError) as err:  # ValueError: also a number of more than 4300 digits
+            raise ManifestError(f"manifest is not valid JSON: {str(err):.200}") from None
         if not isinstance(data, dict):
             raise ManifestError("manifest must be a JSON object")
         if data.get("format") != MANIFEST_FORMAT:

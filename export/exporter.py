@@ -354,7 +354,13 @@ def _vae_scale_factor(model_dir: Path) -> int:
     vae_config = model_dir / "vae" / "config.json"
     if not vae_config.is_file():
         return 8  # FLUX.1's
-    return vae_scale_factor({"block_out_channels": [0, 0, 0, 0], **json.loads(vae_config.read_text())})
+    try:
+        config = json.loads(vae_config.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"cannot read the VAE config {vae_config}: {str(exc):.200}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"the VAE config {vae_config} is not a JSON object")
+    return vae_scale_factor({"block_out_channels": [0, 0, 0, 0], **config})
 
 
 def load_transformer(

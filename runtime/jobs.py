@@ -210,7 +210,8 @@ def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     records: list[tuple[int, dict[str, Any]]] = []
     try:
         with path.open("rb") as handle:
-            for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            # A line of MAX_LINE_BYTES and its "\r\n" still reads whole; anything longer reads as too long.
+            for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 2), b""), start=1):
                 record = _parse_line(raw, f"{path} line {number}", first=number == 1)
                 if record is not None:
                     records.append((number, record))
@@ -223,7 +224,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
 
 def _parse_line(raw: bytes, where: str, *, first: bool) -> Optional[dict[str, Any]]:
     """The record of one line (None for a blank line); raises `BatchFileError` prefixed with ``where``."""
-    if len(raw) > MAX_LINE_BYTES:
+    if len(raw.removesuffix(b"\n").removesuffix(b"\r")) > MAX_LINE_BYTES:
         raise BatchFileError(f"{where}: longer than {MAX_LINE_BYTES} bytes; one JSON object per line, one prompt each")
     try:
         text = raw.decode("utf-8-sig" if first else "utf-8")
@@ -235,6 +236,8 @@ def _parse_line(raw: bytes, where: str, *, first: bool) -> Optional[dict[str, An
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BatchFileError(f"{where}: not JSON ({exc.msg})") from None
+    except ValueError as exc:  # a number json cannot convert: an int of more than 4300 digits
+        raise BatchFileError(f"{where}: unreadable JSON ({str(exc):.120})") from None
     except RecursionError:
         raise BatchFileError(f"{where}: JSON nested too deeply; expected a flat object") from None
     if not isinstance(record, dict):

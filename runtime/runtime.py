@@ -571,5 +571,5 @@ def transformer_config(model: str | Path, components: Mapping[str, Any]) -> dict
     path = Path(model) / "transformer" / "config.json"
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the transformer config {path}: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"cannot read the transformer config {path}: {str(exc):.200}") from None

@@ -137,6 +137,10 @@ def test_bad_input_is_one_error_line_fast_without_torch(tmp_path, args, message)
         (b"\n\n  \n", "has no prompts"),
         (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "seed": 1e30}\n', "'seed' must be"),
         (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "seed": ' + b"9" * 30 + b"}\n", "seed"),
+        (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "seed": 1' + b"0" * 5000 + b"}\n",
+         "line 1: unreadable JSON"),
+        (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "other": -' + b"7" * 5000 + b"}\n",
+         "line 1: unreadable JSON"),
         (b'{"prompt": "a cat and a dog", "entities": "cat,dog"}\n', "'entities' must be a list of strings"),
         (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"]}\n{"prompt": 1}\n', "line 2: 'prompt'"),
         (b'\xef\xbb\xbf{"prompt": "a cat and a dog", "entities": ["cat", "cow"]}\n', "line 1: entities not found"),
@@ -145,7 +149,8 @@ def test_bad_input_is_one_error_line_fast_without_torch(tmp_path, args, message)
     # a 40 MiB parameter passes the kernel's 128 KiB limit on one environment string (E2BIG at exec).
     ids=[
         "line-over-40MiB", "prompt-over-20000-chars", "not-utf8", "deep-list", "deep-object", "json-list",
-        "json-string", "blank-lines", "seed-float", "seed-huge", "entities-not-list", "second-line-bad", "bom-unknown",
+        "json-string", "blank-lines", "seed-float", "seed-huge", "seed-5000-digits", "ignored-key-5000-digits",
+        "entities-not-list", "second-line-bad", "bom-unknown",
     ],
 )
 def test_bad_prompts_file_is_refused_fast(tmp_path, content, message):
@@ -158,6 +163,22 @@ def test_bad_prompts_file_is_refused_fast(tmp_path, content, message):
     assert "TORCH_IMPORTED=False" in done.stderr
     assert not (tmp_path / "out").exists()
     assert seconds < BOUND_S, f"took {seconds:.2f} s"
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b""])
+def test_prompts_line_limit_counts_the_line_not_its_ending(tmp_path, ending):
+    from deleaker.runtime.jobs import MAX_LINE_BYTES, BatchFileError, read_prompts
+
+    head = b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "pad": "'
+    line = head + b"x" * (MAX_LINE_BYTES - len(head) - 2) + b'"}'
+    assert len(line) == MAX_LINE_BYTES
+    prompts = tmp_path / "p.jsonl"
+    lines = 2 if ending else 1  # without a line ending, only the file's last line
+    prompts.write_bytes((line + ending) * lines)
+    assert [number for number, _ in read_prompts(prompts)] == list(range(1, lines + 1))
+    prompts.write_bytes(line[:-2] + b'x"}' + ending)
+    with pytest.raises(BatchFileError, match=f"line 1: longer than {MAX_LINE_BYTES} bytes"):
+        read_prompts(prompts)
 
 
 def test_batch_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path):

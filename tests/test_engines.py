@@ -124,6 +124,9 @@ def test_manifest_rejects_malformed_json():
         EngineManifest.from_json(json.dumps({**data, "precision": "int8"}))
     with pytest.raises(ManifestError, match="not valid JSON"):
         EngineManifest.from_json("{")
+    # json.loads refuses an int of more than 4300 digits with a ValueError, not a JSONDecodeError.
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        EngineManifest.from_json(json.dumps(data)[:-1] + ', "x": 1' + "0" * 5000 + "}")
 
 
 @pytest.mark.parametrize(

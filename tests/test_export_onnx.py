@@ -388,3 +388,14 @@ def test_failed_export_leaves_no_partial_file(tmp_path):
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     assert [p.name for p in blocker.iterdir()] == ["keep"]
+
+
+@pytest.mark.parametrize("text", ["{", "1" + "0" * 5000, "[1]", "[" * 100_000 + "]" * 100_000],
+                         ids=["truncated", "int-of-5000-digits", "not-an-object", "nested-too-deeply"])
+def test_unreadable_vae_config_is_a_config_error(tmp_path, text):
+    from deleaker.export import exporter
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match="VAE config"):
+        exporter._vae_scale_factor(tmp_path)
