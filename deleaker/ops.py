@@ -21,6 +21,8 @@ Tensor = torch.Tensor
 BlockStep = Union[int, Tensor]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: block_step is an int64 wherever it reaches a graph or the kernels.
+_INT64_MAX = 2**63 - 1
 
 
 def deleaker_attention(
@@ -108,7 +110,9 @@ def check_attention_inputs(
         raise ShapeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ShapeError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    batch, _, tokens, _ = q.shape
+    batch, heads, tokens, head_dim = q.shape
+    if min(batch, heads, head_dim) < 1:
+        raise ShapeError(f"q, k and v must have B, H and D >= 1, got shape (B, H, N, D) = {tuple(q.shape)}")
     if not isinstance(entity_mask, torch.Tensor) or entity_mask.dim() != 2:
         shape = tuple(entity_mask.shape) if isinstance(entity_mask, torch.Tensor) else type(entity_mask).__name__
         raise ShapeError(f"entity_mask must be an (E_max, T) bool tensor, got {shape}")
@@ -136,8 +140,11 @@ def check_attention_inputs(
     if isinstance(block_step, torch.Tensor):
         if block_step.numel() != 1 or block_step.dtype.is_floating_point or block_step.dtype == torch.bool:
             raise ShapeError(f"block_step must be an int or a one-element integer tensor, got {block_step!r}")
-    elif isinstance(block_step, bool) or not isinstance(block_step, int) or block_step < 0:
-        raise ShapeError(f"block_step must be an int >= 0, got {block_step!r}")
+        # A tensor on the host is read here; on a GPU it is read by the kernels only (no synchronisation).
+        if block_step.device.type == "cpu" and int(block_step.reshape(())) < 0:
+            raise ShapeError(f"block_step must be >= 0, got {int(block_step.reshape(()))}")
+    elif isinstance(block_step, bool) or not isinstance(block_step, int) or not 0 <= block_step <= _INT64_MAX:
+        raise ShapeError(f"block_step must be an int >= 0 and at most 2**63 - 1 (int64), got {block_step!r:.40}")
     if history is not None:
         expected = (batch, num_entities, image_tokens)
         if not isinstance(history, torch.Tensor) or tuple(history.shape) != expected:

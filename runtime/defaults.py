@@ -1,5 +1,10 @@
 """Defaults shared by the runtime and the CLI (a light module: the CLI's ``--help`` imports no model code)."""
 
+from typing import Any
+
+from deleaker.errors import ConfigError
+from deleaker.plugins.kernels import MAX_ENTITIES
+
 #: Backends by where the transformer comes from.
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 #: Backends `DeLeakerRuntime.from_model` can run the transformer with.
@@ -20,3 +25,18 @@ DEFAULT_PRECISION = "fp16"
 MAX_TEXT_LEN = 512
 #: Largest image side in pixels any runtime serves (a 2048x2048 attention already needs a large GPU).
 MAX_SIDE = 2048
+
+
+def check_text_len(value: Any) -> None:
+    """Raise `ConfigError` unless ``value`` is an int in [1, `MAX_TEXT_LEN`]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TEXT_LEN:
+        raise ConfigError(f"text_len must be an int in [1, {MAX_TEXT_LEN}] (T5 tokens), got {value!r:.40}")
+
+
+def check_max_entities(value: Any) -> None:
+    """Raise `ConfigError` unless ``value`` is an int in [2, `MAX_ENTITIES`] (the kernels' limit)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_ENTITIES:
+        raise ConfigError(
+            f"max_entities must be an int in [2, {MAX_ENTITIES}] (the kernels take at most {MAX_ENTITIES} "
+            f"entities), got {value!r:.40}"
+        )

@@ -17,9 +17,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from deleaker.config import DeLeakerConfig, shown
 from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError
-from deleaker.plugins.kernels import MAX_ENTITIES
 
-from .defaults import BACKENDS, DEFAULT_MAX_ENTITIES, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN, MAX_TEXT_LEN
+from .defaults import (
+    BACKENDS,
+    DEFAULT_MAX_ENTITIES,
+    DEFAULT_MODEL_BACKEND,
+    DEFAULT_TEXT_LEN,
+    check_max_entities,
+    check_text_len,
+)
 from .images import OutputError, check_output_files, psnr, read_png_record, save_pngs_atomic, side_by_side
 from .request import GenerationRequest, ImageSettings
 
@@ -70,21 +76,8 @@ class RuntimeSpec:
             raise ConfigError("--precision selects engines (--engines DIR); a --model runs in its own dtype")
         if self.model is not None and self.backend == "tensorrt":
             raise ConfigError("the tensorrt backend runs built engines: pass --engines DIR (see `deleaker-trt build`)")
-        if (
-            isinstance(self.text_len, bool)
-            or not isinstance(self.text_len, int)
-            or not 1 <= self.text_len <= MAX_TEXT_LEN
-        ):
-            raise ConfigError(f"text_len must be an int in [1, {MAX_TEXT_LEN}] (T5 tokens), got {self.text_len!r}")
-        if (
-            isinstance(self.max_entities, bool)
-            or not isinstance(self.max_entities, int)
-            or not 2 <= self.max_entities <= MAX_ENTITIES
-        ):
-            raise ConfigError(
-                f"max_entities must be an int in [2, {MAX_ENTITIES}] (the kernels take at most {MAX_ENTITIES} "
-                f"entities), got {self.max_entities!r}"
-            )
+        check_text_len(self.text_len)
+        check_max_entities(self.max_entities)
         if self.device is not None and (not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device)):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r:.40}")
         DeLeakerConfig.check_overrides(dict(self.deleaker_overrides))

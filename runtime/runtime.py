@@ -37,6 +37,8 @@ from .defaults import (
     DEFAULT_TEXT_LEN,
     MAX_SIDE,
     MODEL_BACKENDS,
+    check_max_entities,
+    check_text_len,
 )
 from .memory import AttentionMemory
 from .schedule import (
@@ -233,11 +235,9 @@ class DeLeakerRuntime:
         only; ONNX export and text encoders stay on the CPU for the onnxruntime backend), ``dtype`` to bfloat16
         on CUDA and float32 on the CPU.
         """
-        if backend not in MODEL_BACKENDS:
-            raise ConfigError(
-                f"backend {backend!r} cannot load a model; allowed: {MODEL_BACKENDS} "
-                "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
-            )
+        if not isinstance(model, (str, Path)):
+            raise ConfigError(f"model must be 'tiny' or a diffusers folder (str or Path), got {type(model).__name__}")
+        check_model_options(backend, text_len=text_len, max_entities=max_entities, dtype=dtype)
         start = time.perf_counter()
         model_device(backend, device)  # a device this backend cannot use is refused before the model loads
         components, model_id = load_components(model)
@@ -280,11 +280,7 @@ class DeLeakerRuntime:
         Other arguments as `from_model`.
         """
         start = time.perf_counter() if started_at is None else started_at
-        if backend not in MODEL_BACKENDS:
-            raise ConfigError(
-                f"backend {backend!r} cannot load a model; allowed: {MODEL_BACKENDS} "
-                "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
-            )
+        check_model_options(backend, text_len=text_len, max_entities=max_entities, dtype=dtype)
         device = model_device(backend, device)
         components = dict(components)
         transformer = components["transformer"]
@@ -531,6 +527,23 @@ def default_cache_dir() -> Path:
     if os.environ.get("DELEAKER_CACHE"):
         return Path(os.environ["DELEAKER_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deleaker-trt"
+
+
+#: The dtypes a model can run in (``dtype`` of `DeLeakerRuntime.from_model`).
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_model_options(backend: Any, *, text_len: Any, max_entities: Any, dtype: Any) -> None:
+    """Raise `ConfigError` for options of `DeLeakerRuntime.from_model` out of range (before any work)."""
+    if backend not in MODEL_BACKENDS:
+        raise ConfigError(
+            f"backend {backend!r:.40} cannot load a model; allowed: {MODEL_BACKENDS} "
+            "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
+        )
+    check_text_len(text_len)
+    check_max_entities(max_entities)
+    if dtype is not None and dtype not in MODEL_DTYPES:
+        raise ConfigError(f"dtype must be None or one of {MODEL_DTYPES}, got {dtype!r:.40}")
 
 
 def load_components(model: str | Path, *, with_transformer: bool = True) -> tuple[dict[str, Any], str]:

@@ -7,7 +7,13 @@ from typing import Any, Dict
 import pytest
 import torch
 
-from deleaker import DeLeakerConfig, ShapeError, deleaker_attention, deleaker_attention_reference
+from deleaker import (
+    DeLeakerConfig,
+    ShapeError,
+    deleaker_attention,
+    deleaker_attention_decomposed,
+    deleaker_attention_reference,
+)
 
 B, H, T, GH, GW, D, E = 2, 2, 5, 3, 4, 8, 4
 N = T + GH * GW
@@ -72,6 +78,15 @@ CASES = {
     "history float64": (dict(history=torch.zeros(B, E, GH * GW, dtype=torch.float64)), ["history", "float32"]),
     "history not a tensor": (dict(history=[0.0]), ["history", "list"]),
     "block_step negative": (dict(block_step=-1), ["block_step", ">= 0", "-1"]),
+    "block_step negative tensor": (dict(block_step=torch.tensor(-5)), ["block_step", ">= 0", "-5"]),
+    "block_step past int64": (dict(block_step=2**63), ["block_step", "2**63 - 1", "9223372036854775808"]),
+    "block_step huge": (dict(block_step=10**30), ["block_step", "2**63 - 1"]),
+    "batch zero": (dict(q=torch.randn(0, H, N, D), k=torch.randn(0, H, N, D), v=torch.randn(0, H, N, D),
+                        history=None), ["B, H and D >= 1", "(0, 2, 17, 8)"]),
+    "no heads": (dict(q=torch.randn(B, 0, N, D), k=torch.randn(B, 0, N, D), v=torch.randn(B, 0, N, D)),
+                 ["B, H and D >= 1", "(2, 0, 17, 8)"]),
+    "head dim zero": (dict(q=torch.randn(B, H, N, 0), k=torch.randn(B, H, N, 0), v=torch.randn(B, H, N, 0)),
+                      ["B, H and D >= 1", "(2, 2, 17, 0)"]),
     "block_step float": (dict(block_step=3.0), ["block_step", "3.0"]),
     "block_step bool": (dict(block_step=True), ["block_step", "True"]),
     "block_step str": (dict(block_step="3"), ["block_step"]),
@@ -81,7 +96,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("fn", [deleaker_attention, deleaker_attention_reference])
+@pytest.mark.parametrize("fn", [deleaker_attention, deleaker_attention_reference, deleaker_attention_decomposed])
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_gives_shape_error(name: str, fn) -> None:
     changes, phrases = CASES[name]

@@ -363,3 +363,36 @@ def test_transformer_hash_follows_the_weights(tiny_components):
     with torch.no_grad():
         next(transformer.parameters()).view(-1)[0] += 1e-3
     assert onnx_cache_mod.transformer_sha256(transformer) != before
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(text_len=600), "text_len must be an int in [1, 512]"),
+        (dict(text_len=32.5), "text_len must be an int"),
+        (dict(text_len=0), "text_len must be an int"),
+        (dict(max_entities=20), "max_entities must be an int in [2, 8]"),
+        (dict(max_entities=1), "max_entities must be an int in [2, 8]"),
+        (dict(dtype=torch.int32), "dtype must be None or one of"),
+        (dict(dtype="float16"), "dtype must be None or one of"),
+        (dict(model=None), "model must be 'tiny' or a diffusers folder"),
+        (dict(backend="tensorrt"), "cannot load a model"),
+    ],
+    ids=["T-600", "T-float", "T-0", "E-20", "E-1", "dtype-int32", "dtype-str", "model-None", "backend-tensorrt"],
+)
+def test_from_model_refuses_bad_options_before_loading(monkeypatch, options, message):
+    from deleaker.runtime import runtime as runtime_mod
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(runtime_mod, "load_components", must_not_load)
+    options = {"model": "tiny", "backend": "torch", **options}
+    with pytest.raises(ConfigError) as info:
+        DeLeakerRuntime.from_model(options.pop("model"), **options)
+    assert message in str(info.value)
+
+
+def test_from_components_checks_the_same_options(tiny_components):
+    with pytest.raises(ConfigError, match=r"max_entities must be an int in \[2, 8\]"):
+        DeLeakerRuntime.from_components(tiny_components, model_id="tiny", backend="torch", max_entities=9)
