@@ -317,7 +317,14 @@ def check_session_contract(
             g[:2] != w[:2] or not dims_match(g[2], w[2]) for g, w in zip(got, want)
         ):
             raise ShapeError(f"{name} has {what} {got}; the contract wants {want}")
-    metadata = session.get_modelmeta().custom_metadata_map
+    check_recorded_contract(session.get_modelmeta().custom_metadata_map, io, name, config)
+
+
+def check_recorded_contract(
+    metadata: Mapping[str, str], io: FluxTransformerIO, name: str, config: Optional[DeLeakerConfig] = None
+) -> None:
+    """Raise `ShapeError` unless what a graph's metadata records (the exporter's, where present) is ``io`` and,
+    when given, ``config``. Reads only the metadata: usable before a session or a conversion is made."""
     wanted = {META_IO: ("I/O contract", io.to_dict())}
     if config is not None:
         wanted[META_CONFIG] = ("DeLeaker config", dataclasses.asdict(config))

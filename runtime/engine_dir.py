@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from deleaker.config import DeLeakerConfig
-from deleaker.errors import ConfigError, DeLeakerError
+from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.geometry import vae_scale_factor
 
 from .backends import OnnxRuntimeBackend, TensorRTBackend, TransformerBackend, resolve_device
@@ -178,7 +178,7 @@ def load_engine_dir(
                 p, io, plugin, built_with, cuda_graph=cuda_graph, device=device or "cuda"
             )
         else:
-            portable = _check_onnx(path, m)
+            portable = _check_onnx(path, m, io)
             loaders[key] = lambda p=path, m=m, io=io, portable=portable: _onnx_backend(
                 p, m, io, cache, ort_providers, portable
             )
@@ -278,9 +278,10 @@ def _onnx_backend(
     )
 
 
-def _check_onnx(path: Path, manifest: Any) -> bool:
-    """Refuse an ONNX whose weights live in files its manifest does not name (and so did not check); else say
-    whether ONNX Runtime needs its portable form (`deleaker.export.portable.needs_portable`)."""
+def _check_onnx(path: Path, manifest: Any, io: Any) -> bool:
+    """Refuse an ONNX whose weights live in files its manifest does not name (and so did not check), or whose
+    recorded contract or DeLeaker config is not its manifest's; else say whether ONNX Runtime needs its portable
+    form (`deleaker.export.portable.needs_portable`). Reads the graph, not the weights: before any conversion."""
     import onnx
 
     try:
@@ -296,6 +297,13 @@ def _check_onnx(path: Path, manifest: Any) -> bool:
                 f"{path.name} reads weights from {location!r}, which its manifest does not name (data_files: "
                 f"{sorted(named)}); rebuild the directory"
             )
+    from deleaker.export.ort import check_recorded_contract
+
+    try:
+        check_recorded_contract({p.key: p.value for p in model.metadata_props}, io, path.name,
+                                DeLeakerConfig(**manifest.deleaker_config))
+    except ShapeError as exc:
+        raise EngineDirError(f"{exc}, as its manifest says; rebuild the directory") from None
     return needs_portable(model)
 
 

@@ -445,6 +445,28 @@ def test_every_path_a_manifest_names_stays_inside_its_directory(built, tmp_path,
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("key, change", [("config", {"k_strength": 2.0}), ("io", {"text_len": 32})])
+def test_an_onnx_that_records_another_contract_than_its_manifest_is_refused_before_any_work(
+    built, tmp_path, key, change
+):
+    """Another graph swapped in and rehashed: what the graph records (its exporter's metadata) must be its
+    manifest's, checked before the portable conversion makes a cache entry."""
+    from deleaker.export.exporter import META_CONFIG, META_IO
+
+    engines = _copy(built, tmp_path)
+    model = onnx.load(str(engines / ONNX_NAME))
+    meta_key = {"config": META_CONFIG, "io": META_IO}[key]
+    (prop,) = [p for p in model.metadata_props if p.key == meta_key]
+    prop.value = json.dumps({**json.loads(prop.value), **change})
+    onnx.save(model, str(engines / ONNX_NAME))
+    digest = sha256_file(engines / ONNX_NAME)
+    _edit_manifest(engines, lambda data: data.update(artifact_sha256=digest, onnx_sha256=digest))
+    what = {"config": "DeLeaker config", "io": "I/O contract"}[key]
+    result = _run_engines(engines, tmp_path)
+    assert result.exit_code == 1 and f"records another {what}" in result.stderr, result.stderr
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "cache").exists()
+
+
 _CHECK_FIFO = r"""
 import sys
 from deleaker.engines.manifest import EngineManifest, ManifestError
