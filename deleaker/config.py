@@ -68,16 +68,7 @@ class DeLeakerConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_knob(f.name, f.type, getattr(self, f.name))
-        if self.stop_aggregating_at < self.start_aggregating_from:
-            raise ConfigError(
-                f"stop_aggregating_at ({self.stop_aggregating_at}) must be >= start_aggregating_from "
-                f"({self.start_aggregating_from})"
-            )
-        if self.stop_intervention_at < self.start_intervention_from:
-            raise ConfigError(
-                f"stop_intervention_at ({self.stop_intervention_at}) must be >= start_intervention_from "
-                f"({self.start_intervention_from})"
-            )
+        _check_window_order(dataclasses.asdict(self))
 
     @classmethod
     def for_model(cls, num_blocks: int, **overrides: Any) -> "DeLeakerConfig":
@@ -109,6 +100,7 @@ class DeLeakerConfig:
             raise ConfigError(f"unknown DeLeaker option(s) {unknown}; allowed: {sorted(types)}")
         for name, value in overrides.items():
             _check_knob(name, types[name], value)
+        _check_window_order(overrides)  # the windows both of whose ends are given
 
     @classmethod
     def resolve(cls, config: "DeLeakerConfig | Mapping[str, Any] | None", num_blocks: int) -> "DeLeakerConfig":
@@ -123,6 +115,14 @@ class DeLeakerConfig:
 
     def intervenes_at(self, block_step: int) -> bool:
         return self.start_intervention_from <= block_step <= self.stop_intervention_at
+
+
+def _check_window_order(knobs: Mapping[str, Any]) -> None:
+    """Raise `ConfigError` where ``knobs`` holds both ends of a window and its stop is before its start."""
+    for start, stop in (("start_aggregating_from", "stop_aggregating_at"),
+                        ("start_intervention_from", "stop_intervention_at")):
+        if start in knobs and stop in knobs and knobs[stop] < knobs[start]:
+            raise ConfigError(f"{stop} ({knobs[stop]}) must be >= {start} ({knobs[start]})")
 
 
 def _check_knob(name: str, kind: Any, value: Any) -> None:

@@ -81,6 +81,14 @@ class RuntimeSpec:
         if self.device is not None and (not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device)):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r:.40}")
         DeLeakerConfig.check_overrides(dict(self.deleaker_overrides))
+        # Paths as they are now, so that a typo is answered before torch loads (opening checks them again).
+        if self.model is not None and self.model != "tiny" and not Path(self.model).is_dir():
+            raise ConfigError(f"model {self.model!r:.200} is neither 'tiny' nor a directory")
+        if self.engines is not None and not Path(self.engines).is_dir():
+            state = "is not a directory" if Path(self.engines).exists() else "does not exist"
+            raise ConfigError(f"engine directory {self.engines} {state}")
+        if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise ConfigError(f"cache directory {self.cache_dir} is not a directory")
 
     def open(self) -> "DeLeakerRuntime":
         """Load the runtime (checks the device, the engine manifest, loads the model); no generation yet."""
