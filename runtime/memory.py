@@ -9,8 +9,10 @@ process killed by the kernel's OOM killer. `AttentionMemory.check` refuses such 
 **The figures are estimates**: `SCORE_TENSORS` and `PAIR_TENSORS` count live tensors of each size at the peak,
 fitted with a margin to peaks measured on the tiny model (2 heads, T = 32, one DeLeaker step, peak RSS above
 the loaded runtime, on a 2-core CPU machine): ONNX Runtime 1.33 GiB at 512x512 and 2.89 GiB at 640x640, PyTorch
-0.89 and 1.61 GiB; the estimate says 1.45 and 3.53 GiB. Models with more heads weigh the score tensors more;
-the count per head was not measured on them. Available memory is the kernel's ``MemAvailable`` (Linux; bounded
+0.89 and 1.61 GiB; the estimate says 1.45 and 3.53 GiB. Models with more heads weigh the score tensors more: the
+PyTorch op alone with FLUX.1's 24 heads (T = 32, 32x32 and 48x48 grids, peak RSS, 2026-11-27) peaked at 4.3
+score tensors, so `SCORE_TENSORS` over-estimates it there by about 1.6x (refusing early, never late); ONNX
+Runtime was not measured with 24 heads. Available memory is the kernel's ``MemAvailable`` (Linux; bounded
 by a cgroup v2 limit when there is one); where it cannot be read, nothing is refused.
 """
 
