@@ -45,7 +45,7 @@ from deleaker.geometry import vae_scale_factor
 from deleaker.errors import ConfigError, DeLeakerError
 
 from deleaker.filelock import exclusive_lock
-from deleaker.runtime.defaults import PRECISIONS
+from deleaker.runtime.defaults import PRECISIONS  # noqa: F401 (API)
 from deleaker.plugins.trt_build import LIBRARY_NAME
 from deleaker.plugins.trt_library import (
     PluginLibrary,
@@ -60,6 +60,7 @@ from deleaker.plugins.trt_library import (
 )
 
 from . import fp8 as fp8_lib
+from .request import DEFAULT_CALIBRATION_PROMPTS, DEFAULT_CALIBRATION_SIGMAS, BuildRequest  # noqa: F401 (API)
 from .manifest import (
     MANIFEST_SUFFIX,
     EngineManifest,
@@ -72,16 +73,6 @@ from .manifest import (
 
 #: The ONNX's float dtype per engine precision. FP8 engines keep fp16 outside the quantized linears.
 ONNX_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "float16"}
-
-#: Prompts the FP8 scales are calibrated on (the reference examples' kinds of scenes).
-DEFAULT_CALIBRATION_PROMPTS = (
-    "A bat and an owl are perched side by side on a tree branch.",
-    "The dolphin and the whale are cuddling together",
-    "A strawberry, a radish, and a cherry sit together.",
-    "In a pop art style, A hippopotamus and a rhinoceros are one gently pushing the other with its nose.",
-)
-#: Flow-matching sigmas (timesteps / 1000) the calibration evaluates each prompt at: early, middle and late.
-DEFAULT_CALIBRATION_SIGMAS = (1.0, 0.6, 0.2)
 
 TIMING_CACHE_NAME = "timing.cache"
 #: Held by a build while it writes into its output folder.
@@ -100,52 +91,6 @@ class BuildError(DeLeakerError):
 
 class DiskFullError(DeLeakerError, OSError):
     """No space left while writing an artifact (partial files were removed)."""
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    """What to build. ``height``/``width`` in pixels, ``text_len`` = T, ``max_entities`` = E_max (fixed per engine);
-    ``batch`` = (min, opt, max) of the engine's profile; ``deleaker_config``: overrides of the knobs (None:
-    defaults scaled to the model). ``plugin_library``: ``libdeleaker_trt_plugin.so`` (``deleaker-trt plugin``),
-    needed for an engine; ``onnx_only`` builds none and takes no library."""
-
-    model: str
-    precision: str
-    out_dir: Path
-    height: int = 512
-    width: int = 512
-    text_len: int = 256
-    max_entities: int = 4
-    batch: Tuple[int, int, int] = (1, 1, 4)
-    onnx_only: bool = False
-    plugin_library: Optional[Path] = None
-    deleaker_config: Optional[Mapping[str, Any]] = None
-    calibration_prompts: Tuple[str, ...] = DEFAULT_CALIBRATION_PROMPTS
-    calibration_sigmas: Tuple[float, ...] = DEFAULT_CALIBRATION_SIGMAS
-    workspace_bytes: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("height", "width", "text_len", "max_entities"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        if len(self.batch) != 3 or not 1 <= self.batch[0] <= self.batch[1] <= self.batch[2]:
-            raise ConfigError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {self.batch!r}")
-        if self.precision == "fp8" and not self.calibration_prompts:
-            raise ConfigError("fp8 needs at least one calibration prompt")
-        if self.onnx_only and self.plugin_library is not None:
-            raise ConfigError("the plugin library is for engine builds; an ONNX-only build takes none")
-        if not self.onnx_only and self.plugin_library is None:
-            raise ConfigError(
-                "building an engine needs the DeLeaker plugin library (--plugin PATH; `deleaker-trt plugin --out DIR` "
-                "builds it), or ask for the ONNX only (--onnx-only)"
-            )
-
-    @property
-    def artifact_stem(self) -> str:
-        return f"transformer.{self.height}x{self.width}.{self.precision}"
 
 
 @dataclass(frozen=True)
@@ -180,9 +125,8 @@ def disk_guard(*cleanup: Path) -> Iterator[None]:
             else:
                 path.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise DiskFullError(
-                errno.ENOSPC, f"no space left on the device while writing {cleanup or 'artifacts'}"
-            ) from err
+            written = ", ".join(str(path) for path in cleanup) or "artifacts"
+            raise DiskFullError(errno.ENOSPC, f"no space left on the device while writing {written}") from err
         raise
 
 
@@ -467,6 +411,7 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
         DiskFullError: no space left (partial files removed).
     """
     from deleaker.export.contract import FluxTransformerIO, dtype_name
+    from deleaker.runtime.runtime import check_size
 
     stage = _Stages(progress)
     out_dir = Path(request.out_dir)
@@ -475,6 +420,8 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
         components, model_id = load_model(request.model)
         transformer = components["transformer"].eval()
         dtype = ONNX_DTYPES[request.precision]
+        # The model's multiple, before any export (the request checked every bound that needs no model).
+        check_size(request.height, request.width, 2 * vae_scale_factor(components["vae"].config))
         io = FluxTransformerIO.from_transformer(
             transformer,
             height=request.height,
@@ -524,31 +471,33 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
                         components, calib_io, request.calibration_prompts, request.calibration_sigmas
                     )
                     scales = calibrate_fp8(transformer, calib_io, config, batches)
-            with stage("export", f"exporting ONNX ({dtype})"):
-                EngineManifest.path_for(onnx_path).unlink(missing_ok=True)  # a stale manifest must not outlive its ONNX
-                transformer.to(io.spec("hidden_states").torch_dtype)
-                with disk_guard():
+            data_path = onnx_path.with_name(onnx_path.name + ".data")  # external weights of a > 2 GB model
+            # An ONNX without its manifest is an artifact nothing may use: any failure or interrupt from the export
+            # to the manifest's write (the last, atomic step) removes both files.
+            with disk_guard(onnx_path, data_path):
+                with stage("export", f"exporting ONNX ({dtype})"):
+                    # a stale manifest must not outlive its ONNX
+                    EngineManifest.path_for(onnx_path).unlink(missing_ok=True)
+                    transformer.to(io.spec("hidden_states").torch_dtype)
                     if scales is None:
                         export_onnx(transformer, io, config, onnx_path)
                     else:
                         model = export_fp8_onnx(transformer, io, config, scales, onnx_path)
                         quantization = quantization_record(scales, model, len(batches))
-            with stage("manifest", f"hashing {onnx_path.name}, writing its manifest"):
-                onnx_hash = sha256_file(onnx_path)
-                data_path = onnx_path.with_name(onnx_path.name + ".data")  # external weights of a > 2 GB model
-                data_files = {data_path.name: sha256_file(data_path)} if data_path.is_file() else {}
-                onnx_manifest = EngineManifest(
-                    kind="onnx",
-                    artifact=onnx_path.name,
-                    artifact_sha256=onnx_hash,
-                    model_id=model_id,
-                    onnx_sha256=onnx_hash,
-                    quantization=quantization,
-                    data_files=data_files,
-                    timings_s=dict(stage.timings),
-                    **expected,
-                )
-                with disk_guard(onnx_path):
+                with stage("manifest", f"hashing {onnx_path.name}, writing its manifest"):
+                    onnx_hash = sha256_file(onnx_path)
+                    data_files = {data_path.name: sha256_file(data_path)} if data_path.is_file() else {}
+                    onnx_manifest = EngineManifest(
+                        kind="onnx",
+                        artifact=onnx_path.name,
+                        artifact_sha256=onnx_hash,
+                        model_id=model_id,
+                        onnx_sha256=onnx_hash,
+                        quantization=quantization,
+                        data_files=data_files,
+                        timings_s=dict(stage.timings),
+                        **expected,
+                    )
                     onnx_manifest.write(out_dir)
         onnx_manifest_path = EngineManifest.path_for(onnx_path)
         if request.onnx_only:
@@ -585,19 +534,20 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
                     timing_cache=None if trt.__name__ == "tensorrt_rtx" else out_dir / TIMING_CACHE_NAME,
                     workspace_bytes=request.workspace_bytes,
                 )
-            save_engine(data, engine_path)
-        manifest = dataclasses.replace(
-            onnx_manifest,
-            kind="engine",
-            data_files={},
-            artifact=engine_path.name,
-            artifact_sha256=sha256_file(engine_path),
-            plugin=library.record(),
-            tensorrt_version=tensorrt_release(trt),
-            gpu_name=gpu_name,
-            compute_capability=capability,
-            timings_s=dict(stage.timings),
-        )
+        # As the ONNX: the engine file is removed unless its manifest (checked when made) is written.
         with disk_guard(engine_path):
+            save_engine(data, engine_path)
+            manifest = dataclasses.replace(
+                onnx_manifest,
+                kind="engine",
+                data_files={},
+                artifact=engine_path.name,
+                artifact_sha256=sha256_file(engine_path),
+                plugin=library.record(),
+                tensorrt_version=tensorrt_release(trt),
+                gpu_name=gpu_name,
+                compute_capability=capability,
+                timings_s=dict(stage.timings),
+            )
             engine_manifest = manifest.write(out_dir)
         return BuildResult(onnx_path, onnx_manifest_path, engine_path, engine_manifest, dict(stage.timings), reused)

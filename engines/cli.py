@@ -72,10 +72,10 @@ class BuildCliError(click.ClickException):
 )
 def build(model, precision, height, width, max_entities, text_len, batch, out_dir, plugin_library, onnx_only) -> None:
     """Export the DeLeaker FLUX transformer to ONNX and build a TensorRT engine with a manifest."""
-    # Imported here: the build pulls in torch and onnx, which `--help` and usage errors do not need.
-    from .build import BuildRequest, build_engines
+    from .request import BuildRequest
 
     try:
+        # Made before the build is imported: every bound its manifests enforce is refused before torch loads.
         request = BuildRequest(
             model=model,
             precision=precision,
@@ -88,6 +88,9 @@ def build(model, precision, height, width, max_entities, text_len, batch, out_di
             onnx_only=onnx_only,
             plugin_library=plugin_library,
         )
+        # Imported here: the build pulls in torch and onnx, which `--help` and bad input do not need.
+        from .build import build_engines
+
         result = build_engines(request, progress=lambda line: click.echo(line, err=True))
     except DeLeakerError as err:
         raise BuildCliError(str(err)) from err

@@ -80,8 +80,8 @@ def _checked_settings(seed: Any, steps: Any, guidance: Any, height: Any, width: 
             f"1 to 10), got {shown(guidance)}"
         )
     for side, value in (("height", height), ("width", width)):
-        if value is not None and (not _is_int(value) or not 1 <= value <= MAX_SIDE):
-            raise ShapeError(f"{side} must be an int in [1, {MAX_SIDE}] pixels, got {shown(value)}")
+        if value is not None:
+            check_side(side, value)
     return {
         "seed": int(seed),
         "steps": int(steps),
@@ -89,6 +89,13 @@ def _checked_settings(seed: Any, steps: Any, guidance: Any, height: Any, width: 
         "height": None if height is None else int(height),
         "width": None if width is None else int(width),
     }
+
+
+def check_side(side: str, value: Any) -> None:
+    """Raise `ShapeError` unless ``value`` is an int in ``[1, MAX_SIDE]`` pixels (the model's multiple is checked
+    where the model is known)."""
+    if not _is_int(value) or not 1 <= value <= MAX_SIDE:
+        raise ShapeError(f"{side} must be an int in [1, {MAX_SIDE}] pixels, got {shown(value)}")
 
 
 def _set_fields(instance: Any, values: dict[str, Any]) -> None:

@@ -69,6 +69,23 @@ def _with(**changes: str) -> list[str]:
     return args
 
 
+BUILD = ["build", "--model", "tiny", "--onnx-only", "--text-len", "32", "--height", "64", "--width", "64",
+         "--out", "E/b3"]  # fmt: skip
+
+
+def _build(**changes: str | list[str]) -> list[str]:
+    args = list(BUILD)
+    for flag, value in changes.items():
+        flag = "--" + flag.replace("_", "-")
+        values = value if isinstance(value, list) else [value]
+        if flag in args:
+            at = args.index(flag) + 1
+            args[at : at + len(values)] = values
+        else:
+            args += [flag, *values]
+    return args
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -115,6 +132,12 @@ def _with(**changes: str) -> list[str]:
         (_with(cache_dir="/etc/passwd"), "cache directory /etc/passwd is not a directory"),
         (["verify", *GOOD[1:], "--max-rel-err", "nan"], "max_rel_err must be a finite number > 0"),
         (["verify", *GOOD[1:], "--min-psnr", "inf"], "min_psnr must be a finite number > 0"),
+        # build: every bound its manifests enforce, before torch (a manifest refused after a 15 s export left an
+        # ONNX without one)
+        (_build(height="2056"), "height must be an int in [1, 2048] pixels, got 2056"),
+        (_build(width="4096"), "width must be an int in [1, 2048] pixels, got 4096"),
+        (_build(batch=["1", "1", "65"]), "1 <= min <= opt <= max <= 64, got (1, 1, 65)"),
+        (_build(batch=["2", "1", "4"]), "1 <= min <= opt <= max <= 64, got (2, 1, 4)"),
     ],
 )
 def test_bad_input_is_one_error_line_fast_without_torch(tmp_path, args, message):

@@ -325,6 +325,31 @@ def test_cli_onnx_only_writes_onnx_and_manifest(onnx_only_build):
     assert not list(out.glob("*.plan")) and [p.name for p in out.glob(".*")] == [build_lib.BUILD_LOCK_NAME]
 
 
+def _interrupted_hash(path):
+    raise KeyboardInterrupt
+
+
+def _refused_io(self):
+    raise ManifestError("manifest io.height is 2056; at most 2048 is allowed")
+
+
+@pytest.mark.parametrize(
+    "target,name,failure",
+    [(build_lib, "sha256_file", _interrupted_hash), (EngineManifest, "_check_io", _refused_io)],
+    ids=["interrupted-while-hashing", "manifest-refused"],
+)
+def test_a_build_that_fails_after_its_export_leaves_no_onnx(tmp_path, monkeypatch, target, name, failure):
+    """Between the export and its manifest's write, an interrupt or a refused manifest removes the ONNX: an ONNX
+    without its manifest is an artifact nothing may use."""
+    monkeypatch.setattr(target, name, failure)
+    request = build_lib.BuildRequest(
+        model="tiny", precision="fp16", out_dir=tmp_path, height=64, width=64, text_len=16, onnx_only=True
+    )
+    with pytest.raises((KeyboardInterrupt, ManifestError)):
+        build_lib.build_engines(request)
+    assert [p.name for p in tmp_path.iterdir()] == [build_lib.BUILD_LOCK_NAME]
+
+
 @pytest.mark.parametrize(
     ("options", "code", "message"),
     [

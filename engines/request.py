@@ -1,0 +1,84 @@
+"""`BuildRequest`: what ``deleaker-trt build`` makes, validated without any model (a light module: no torch).
+
+Every bound the build's manifests enforce (sides, ``T``, ``E_max``, the batch profile) is checked here, when the
+request is made, so that a build that could never write its manifest is refused before it loads or exports
+anything, and the CLI answers before it imports torch. The resolution's multiple needs the model's VAE: the build
+checks it right after loading the model, before any export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Tuple
+
+from deleaker.errors import ConfigError
+from deleaker.runtime.defaults import PRECISIONS, check_max_entities, check_text_len
+from deleaker.runtime.request import check_side
+
+from .manifest import MAX_BATCH
+
+#: Prompts the FP8 scales are calibrated on (the reference examples' kinds of scenes).
+DEFAULT_CALIBRATION_PROMPTS = (
+    "A bat and an owl are perched side by side on a tree branch.",
+    "The dolphin and the whale are cuddling together",
+    "A strawberry, a radish, and a cherry sit together.",
+    "In a pop art style, A hippopotamus and a rhinoceros are one gently pushing the other with its nose.",
+)
+#: Flow-matching sigmas (timesteps / 1000) the calibration evaluates each prompt at: early, middle and late.
+DEFAULT_CALIBRATION_SIGMAS = (1.0, 0.6, 0.2)
+
+
+def check_batch(batch: Any) -> None:
+    """Raise `ConfigError` unless ``batch`` is ``(min, opt, max)`` ints with ``1 <= min <= opt <= max <= MAX_BATCH``
+    (the largest batch a manifest may declare)."""
+    ints = isinstance(batch, (tuple, list)) and all(isinstance(b, int) and not isinstance(b, bool) for b in batch)
+    if not ints or len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2] <= MAX_BATCH:
+        raise ConfigError(
+            f"batch must be MIN OPT MAX ints with 1 <= min <= opt <= max <= {MAX_BATCH}, got {tuple(batch)!r:.80}"
+        )
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build. ``height``/``width`` in pixels, ``text_len`` = T, ``max_entities`` = E_max (fixed per engine);
+    ``batch`` = (min, opt, max) of the engine's profile; ``deleaker_config``: overrides of the knobs (None:
+    defaults scaled to the model). ``plugin_library``: ``libdeleaker_trt_plugin.so`` (``deleaker-trt plugin``),
+    needed for an engine; ``onnx_only`` builds none and takes no library."""
+
+    model: str
+    precision: str
+    out_dir: Path
+    height: int = 512
+    width: int = 512
+    text_len: int = 256
+    max_entities: int = 4
+    batch: Tuple[int, int, int] = (1, 1, 4)
+    onnx_only: bool = False
+    plugin_library: Optional[Path] = None
+    deleaker_config: Optional[Mapping[str, Any]] = None
+    calibration_prompts: Tuple[str, ...] = DEFAULT_CALIBRATION_PROMPTS
+    calibration_sigmas: Tuple[float, ...] = DEFAULT_CALIBRATION_SIGMAS
+    workspace_bytes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_side("height", self.height)
+        check_side("width", self.width)
+        check_text_len(self.text_len)
+        check_max_entities(self.max_entities)
+        check_batch(self.batch)
+        if self.precision == "fp8" and not self.calibration_prompts:
+            raise ConfigError("fp8 needs at least one calibration prompt")
+        if self.onnx_only and self.plugin_library is not None:
+            raise ConfigError("the plugin library is for engine builds; an ONNX-only build takes none")
+        if not self.onnx_only and self.plugin_library is None:
+            raise ConfigError(
+                "building an engine needs the DeLeaker plugin library (--plugin PATH; `deleaker-trt plugin --out DIR` "
+                "builds it), or ask for the ONNX only (--onnx-only)"
+            )
+
+    @property
+    def artifact_stem(self) -> str:
+        return f"transformer.{self.height}x{self.width}.{self.precision}"
