@@ -1,7 +1,8 @@
 """``deleaker-trt build``: parse the options into a `BuildRequest`, call `build_engines`, print stage timings.
 
 Mounted on the ``deleaker-trt`` group by ``deleaker.runtime.cli`` (``from deleaker.engines.cli import build``).
-Typed errors print ``error: <message>`` on stderr and exit 1; usage errors exit 2 (click).
+Typed errors print ``error: <message>`` on stderr and exit 1; usage errors exit 2 (click); Ctrl-C and SIGTERM
+exit 130 and 143 (`deleaker.runtime.cli_errors`), leaving no partial artifact.
 """
 
 from __future__ import annotations
@@ -10,20 +11,9 @@ from pathlib import Path
 
 import click
 
-from deleaker.errors import DeLeakerError
 from deleaker.plugins.kernels import MAX_ENTITIES
+from deleaker.runtime.cli_errors import reported_errors
 from deleaker.runtime.defaults import DEFAULT_PRECISION, MAX_TEXT_LEN, PRECISIONS
-
-EXIT_ERROR = 1
-
-
-class BuildCliError(click.ClickException):
-    """A library error shown as ``error: <message>`` on stderr, exit code 1."""
-
-    exit_code = EXIT_ERROR
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 @click.command("build")
@@ -74,7 +64,7 @@ def build(model, precision, height, width, max_entities, text_len, batch, out_di
     """Export the DeLeaker FLUX transformer to ONNX and build a TensorRT engine with a manifest."""
     from .request import BuildRequest
 
-    try:
+    with reported_errors("the artifact in progress"):
         # Made before the build is imported: every bound its manifests enforce is refused before torch loads.
         request = BuildRequest(
             model=model,
@@ -92,8 +82,6 @@ def build(model, precision, height, width, max_entities, text_len, batch, out_di
         from .build import build_engines
 
         result = build_engines(request, progress=lambda line: click.echo(line, err=True))
-    except DeLeakerError as err:
-        raise BuildCliError(str(err)) from err
     click.echo(f"onnx: {result.onnx_path}" + (" (reused)" if result.reused_onnx else ""))
     if result.engine_path is not None:
         click.echo(f"engine: {result.engine_path}")

@@ -11,10 +11,12 @@ Nothing here imports torch or TensorRT or needs a GPU; no plugin library is load
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -116,10 +118,23 @@ def _environment() -> dict:
 
 
 def _run(command: list[str], env: dict, what: str) -> subprocess.CompletedProcess:
+    """Run ``command`` to its end in a process group of its own, which is killed whole when this process is
+    interrupted (Ctrl-C, SIGTERM, any exception): CMake's ``make`` and ``nvcc`` would otherwise outlive it, and a
+    terminal's Ctrl-C no longer reaches them directly."""
     try:
-        return subprocess.run(command, capture_output=True, text=True, env=env)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
     except OSError as exc:
         raise PluginBuildError(f"cannot run {what} ({command[0]}): {exc}") from exc
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()  # reap it and close the pipes
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], None]] = None) -> Path:
@@ -159,8 +174,11 @@ def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], N
         if built.returncode != 0:
             raise PluginBuildError(f"building the plugin library failed:\n{(built.stdout + built.stderr)[-6000:]}")
         staged = out_dir / (LIBRARY_NAME + ".tmp")
-        shutil.copyfile(build_dir / LIBRARY_NAME, staged)
-        os.replace(staged, out_dir / LIBRARY_NAME)
+        try:
+            shutil.copyfile(build_dir / LIBRARY_NAME, staged)
+            os.replace(staged, out_dir / LIBRARY_NAME)
+        finally:
+            staged.unlink(missing_ok=True)  # an interrupted copy leaves no partial library
     return out_dir / LIBRARY_NAME
 
 

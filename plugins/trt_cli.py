@@ -1,7 +1,8 @@
 """``deleaker-trt plugin``: parse the options into a `PluginBuildConfig`, call `build_plugin`, print the path.
 
 Mounted on the ``deleaker-trt`` group by ``deleaker.runtime.cli``. Typed errors print ``error: <message>`` on stderr
-(every missing tool or header, one line each) and exit 1.
+(every missing tool or header, one line each) and exit 1; Ctrl-C and SIGTERM exit 130 and 143 and stop the
+compilers the build started (`build_plugin`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from pathlib import Path
 
 import click
 
-from deleaker.engines.cli import BuildCliError
-from deleaker.errors import DeLeakerError
+from deleaker.runtime.cli_errors import reported_errors
 
 from .trt_build import PluginBuildConfig, build_plugin, library_build_info
 
@@ -39,10 +39,8 @@ from .trt_build import PluginBuildConfig, build_plugin, library_build_info
 def plugin(out_dir: Path, tensorrt_root, stand_in_headers: bool) -> None:
     """Build the DeLeaker TensorRT plugin library (for trtexec, Triton and C++ services) and print its path."""
     config = PluginBuildConfig(out_dir=out_dir, stand_in_headers=stand_in_headers, tensorrt_root=tensorrt_root)
-    try:
+    with reported_errors("the library"):
         path = build_plugin(config, progress=lambda line: click.echo(line, err=True))
         info = library_build_info(path)
-    except DeLeakerError as err:
-        raise BuildCliError(str(err)) from err
     click.echo(f"built: {info}", err=True)
     click.echo(str(path))

@@ -8,19 +8,23 @@ knobs, paths, prompts files, entities as words of the prompt) answer before torc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
-from deleaker.errors import DeLeakerError
 from deleaker.plugins.kernels import MAX_ENTITIES
 
+from .cli_errors import (  # noqa: F401  (the exit codes, named where the commands are)
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    DeLeakerCliError,
+    reported_errors,
+)
 from .defaults import (
     BACKENDS,
     DEFAULT_GUIDANCE,
@@ -30,53 +34,6 @@ from .defaults import (
     MAX_TEXT_LEN,
     PRECISIONS,
 )
-
-#: Exit code of a typed error (bad input, incompatible engine, verification beyond tolerance).
-EXIT_ERROR = 1
-#: Exit codes after Ctrl-C and SIGTERM (128 + the signal's number), as shells report them.
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
-
-
-class DeLeakerCliError(click.ClickException):
-    """A library error shown as ``error: <message>`` on stderr, exit code 1."""
-
-    exit_code = EXIT_ERROR
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-class _Terminated(BaseException):
-    """SIGTERM, raised where the main thread is, so that it unwinds as Ctrl-C does (temporary files removed)."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
-
-
-@contextlib.contextmanager
-def _reported_errors() -> Iterator[None]:
-    """Library errors become one ``error:`` line (exit 1); Ctrl-C and SIGTERM end the command with exit 130 and
-    143. Outputs are written atomically (temporary file, then rename; removed while unwinding), so an interrupted
-    run leaves no partial file."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread (the CLI called from a test runner's worker): keep the default
-        previous = None
-    try:
-        yield
-    except DeLeakerError as exc:
-        raise DeLeakerCliError(str(exc)) from None
-    except (KeyboardInterrupt, _Terminated) as exc:
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        what, code = ("interrupted", EXIT_INTERRUPTED) if interrupted else ("terminated", EXIT_TERMINATED)
-        click.echo(f"error: {what}; no output was written for the image in progress", err=True)
-        raise click.exceptions.Exit(code) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
 
 def _echo_json(report: dict[str, Any]) -> None:
     # allow_nan=False: strict JSON only (the reports hold null plus a reason where a number is not finite).
@@ -343,7 +300,7 @@ def run(
     from . import jobs
     from .request import ImageSettings
 
-    with _reported_errors():
+    with reported_errors("the image in progress"):
         spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompts_file is not None:
@@ -415,7 +372,7 @@ def verify(
     from . import jobs
     from .request import ImageSettings
 
-    with _reported_errors():
+    with reported_errors("the image in progress"):
         spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompt is None or entities is None:

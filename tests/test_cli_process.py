@@ -108,3 +108,105 @@ def test_first_run_says_it_exports_and_prints_no_library_noise(tmp_path):
     first = result.stderr.splitlines()[0]
     assert first.startswith("exporting the ONNX for 64x64 (no export in the cache yet for these weights, T=32")
     assert "torchvision" not in result.stderr and "Warning" not in result.stderr, result.stderr
+
+
+def _read_stderr_until(process: subprocess.Popen, marker: str, timeout_s: float = 240) -> str:
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while marker not in seen and time.monotonic() < deadline:
+        chunk = process.stderr.read(1)
+        assert chunk, f"the command ended early: {seen}"
+        seen += chunk
+    return seen
+
+
+def test_ctrl_c_during_a_build_exits_130_and_leaves_no_artifact(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while exporting: exit 130 with an error line,
+    not click's "Aborted!" and exit 1; no ONNX without its manifest."""
+    out = tmp_path / "engines"
+    args = ["build", "--model", "tiny", "--onnx-only", "--text-len", "32", "--height", "64", "--width", "64",
+            "--out", str(out)]  # fmt: skip
+    process = subprocess.Popen(
+        [*CLI, *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        seen = _read_stderr_until(process, "exporting ONNX")
+        time.sleep(1)  # inside the export
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, rest = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = seen + rest
+    assert process.returncode == 130, stderr
+    assert "error: interrupted; no output was written" in stderr and "Aborted!" not in stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert _files(out) == [".build.lock"]
+
+
+#: A stand-in for cmake: configuring succeeds at once; building starts a compiler-like child (a long sleep, as make
+#: starts nvcc) and waits for it, writing the child's pid where the test reads it.
+FAKE_CMAKE = """#!/bin/sh
+case " $* " in
+  *" --build "*) sleep 300 & echo $! > "$COMPILER_PID_FILE"; wait ;;
+esac
+exit 0
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has stopped; its reaper is not ours
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize(
+    "signum,whole_group,code,word",
+    [(signal.SIGINT, True, 130, "interrupted"), (signal.SIGINT, False, 130, "interrupted"),
+     (signal.SIGTERM, False, 143, "terminated")],  # fmt: skip
+    ids=["ctrl-c", "INT-to-the-process", "TERM-to-the-process"],
+)
+def test_a_signal_during_a_plugin_build_stops_its_compilers(tmp_path, signum, whole_group, code, word):
+    """Ctrl-C, or SIGINT/SIGTERM sent to the `plugin` process alone while it compiles: exit 128 + the signal's
+    number with an error line, and the compilers it started stop too (no orphaned make/nvcc)."""
+    bin_dir, pid_file, out = tmp_path / "bin", tmp_path / "compiler.pid", tmp_path / "plugin"
+    bin_dir.mkdir()
+    (bin_dir / "cmake").write_text(FAKE_CMAKE)
+    (bin_dir / "cmake").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "COMPILER_PID_FILE": str(pid_file)}
+    process = subprocess.Popen(
+        [*CLI, "plugin", "--out", str(out), "--stand-in-headers"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    compiler = None
+    try:
+        seen = _read_stderr_until(process, "compiling the plugin", timeout_s=60)
+        deadline = time.monotonic() + 30
+        while not (pid_file.is_file() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        compiler = int(pid_file.read_text())
+        if whole_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        stdout, rest = process.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while not _gone(compiler) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(compiler), "the compiler outlived the plugin command"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if compiler is not None and not _gone(compiler):
+            os.kill(compiler, signal.SIGKILL)
+    stderr = seen + rest
+    assert process.returncode == code, stderr
+    assert f"error: {word}; no output was written for the library" in stderr and "Aborted!" not in stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert not (out / "libdeleaker_trt_plugin.so").exists()

@@ -1,0 +1,63 @@
+"""How every ``deleaker-trt`` command ends on an error or a signal (``run``, ``verify``, ``build``, ``plugin``).
+
+A `DeLeakerError` becomes one ``error:`` line on stderr and exit code 1; Ctrl-C (SIGINT) and SIGTERM end the
+command with one ``error:`` line and exit code 130 and 143 (128 + the signal's number, as shells report them)
+instead of click's ``Aborted!`` and exit 1. A light module: the commands import it before torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Any, Iterator
+
+import click
+
+from deleaker.errors import DeLeakerError
+
+#: Exit code of a typed error (bad input, incompatible engine, verification beyond tolerance).
+EXIT_ERROR = 1
+#: Exit codes after Ctrl-C and SIGTERM (128 + the signal's number), as shells report them.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class DeLeakerCliError(click.ClickException):
+    """A library error shown as ``error: <message>`` on stderr, exit code 1."""
+
+    exit_code = EXIT_ERROR
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so that it unwinds as Ctrl-C does (temporary files removed)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def reported_errors(unfinished: str) -> Iterator[None]:
+    """Library errors become one ``error:`` line (exit 1); Ctrl-C and SIGTERM end the command with exit 130 and
+    143, saying that nothing was written for ``unfinished`` (e.g. "the image in progress"). Outputs are written
+    atomically (temporary file, then rename; removed while unwinding), so an interrupted command leaves no
+    partial file."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (the CLI called from a test runner's worker): keep the default
+        previous = None
+    try:
+        yield
+    except DeLeakerError as exc:
+        raise DeLeakerCliError(str(exc)) from None
+    except (KeyboardInterrupt, _Terminated) as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        what, code = ("interrupted", EXIT_INTERRUPTED) if interrupted else ("terminated", EXIT_TERMINATED)
+        click.echo(f"error: {what}; no output was written for {unfinished}", err=True)
+        raise click.exceptions.Exit(code) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
