@@ -127,21 +127,24 @@ def _check_window_order(knobs: Mapping[str, Any]) -> None:
 
 def _check_knob(name: str, kind: Any, value: Any) -> None:
     """Raise `ConfigError` unless ``value`` has the knob's type (``kind``: its dataclass annotation) and range."""
+    # Every message names the allowed values: a wrong type (text the CLI could not parse) is a bad value too.
     if kind in ("bool", bool):
         if not isinstance(value, bool):
-            raise ConfigError(f"DeLeakerConfig.{name} must be a bool, got {shown(value)}")
+            raise ConfigError(f"DeLeakerConfig.{name} must be a bool (true or false), got {shown(value)}")
     elif kind in ("int", int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"DeLeakerConfig.{name} must be an int (block steps), got {shown(value)}")
+            raise ConfigError(
+                f"DeLeakerConfig.{name} must be an int (block steps) in [0, 2**31 - 1], got {shown(value)}"
+            )
         if not 0 <= value <= MAX_BLOCK_STEP:
             raise ConfigError(f"DeLeakerConfig.{name} must be in [0, 2**31 - 1] (block steps), got {shown(value)}")
     else:
+        low, high, low_included = FLOAT_RANGES[name]
+        interval = f"{'[' if low_included else '('}{low:g}, {high:g}]"
         # abs() < inf before isfinite: isfinite overflows on an int beyond float's range.
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < math.inf:
-            raise ConfigError(f"DeLeakerConfig.{name} must be a finite number, got {shown(value)}")
-        low, high, low_included = FLOAT_RANGES[name]
+            raise ConfigError(f"DeLeakerConfig.{name} must be a finite number in {interval}, got {shown(value)}")
         if not (low <= value if low_included else low < value) or value > high:
-            interval = f"{'[' if low_included else '('}{low:g}, {high:g}]"
             raise ConfigError(f"DeLeakerConfig.{name} must be in {interval}, got {shown(value)}")
 
 

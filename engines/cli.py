@@ -12,8 +12,10 @@ from pathlib import Path
 import click
 
 from deleaker.plugins.kernels import MAX_ENTITIES
-from deleaker.runtime.cli_errors import reported_errors
-from deleaker.runtime.defaults import DEFAULT_PRECISION, MAX_TEXT_LEN, PRECISIONS
+from deleaker.runtime.cli_errors import CHECKED_INT, reported_errors
+from deleaker.runtime.defaults import DEFAULT_PRECISION, MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
+
+from .manifest import MAX_BATCH
 
 
 @click.command("build")
@@ -25,22 +27,32 @@ from deleaker.runtime.defaults import DEFAULT_PRECISION, MAX_TEXT_LEN, PRECISION
     show_default=True,
     help="Engine precision: fp16/bf16 (strongly typed) or fp8 (E4M3 Q/DQ on the linears, fp16 elsewhere).",
 )
-@click.option("--height", type=click.IntRange(min=1), default=512, show_default=True, help="Image height in pixels.")
-@click.option("--width", type=click.IntRange(min=1), default=512, show_default=True, help="Image width in pixels.")
+# Values are checked by `BuildRequest` (CHECKED_INT passes what is not an int on): one message and exit 1 for
+# every bad value, with its allowed range.
+@click.option(
+    "--height",
+    type=CHECKED_INT,
+    default=512,
+    show_default=True,
+    help=f"Image height in pixels, at most {MAX_SIDE} (a multiple of 2 x the VAE scale factor).",
+)
+@click.option("--width", type=CHECKED_INT, default=512, show_default=True, help="Image width in pixels (as --height).")
 @click.option(
     "--max-entities",
-    type=click.IntRange(2, MAX_ENTITIES),
+    type=CHECKED_INT,
     default=4,
     show_default=True,
-    help=f"E_max: entity rows of the engine (the kernels take at most {MAX_ENTITIES}).",
+    help=f"E_max: entity rows of the engine, 2 to {MAX_ENTITIES} (the kernels take at most {MAX_ENTITIES}).",
 )
-@click.option("--text-len", type=click.IntRange(1, MAX_TEXT_LEN), default=256, show_default=True, help="T5 tokens T.")
+@click.option(
+    "--text-len", type=CHECKED_INT, default=256, show_default=True, help=f"T5 tokens T, 1 to {MAX_TEXT_LEN}."
+)
 @click.option(
     "--batch",
-    type=(int, int, int),
+    type=(CHECKED_INT, CHECKED_INT, CHECKED_INT),
     default=(1, 1, 4),
     show_default=True,
-    help="Batch profile MIN OPT MAX of the engine.",
+    help=f"Batch profile MIN OPT MAX of the engine, 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}.",
 )
 @click.option(
     "--out",

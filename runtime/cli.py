@@ -19,6 +19,8 @@ import click
 from deleaker.plugins.kernels import MAX_ENTITIES
 
 from .cli_errors import (  # noqa: F401  (the exit codes, named where the commands are)
+    CHECKED_FLOAT,
+    CHECKED_INT,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
@@ -92,17 +94,17 @@ def _source_options(func):
         ),
         click.option(
             "--text-len",
-            type=click.IntRange(1, MAX_TEXT_LEN),
+            type=CHECKED_INT,
             default=DEFAULT_TEXT_LEN,
             show_default=True,
-            help="T5 tokens T (--model only; engines fix it).",
+            help=f"T5 tokens T, 1 to {MAX_TEXT_LEN} (--model only; engines fix it).",
         ),
         click.option(
             "--max-entities",
-            type=click.IntRange(2, MAX_ENTITIES),
+            type=CHECKED_INT,
             default=DEFAULT_MAX_ENTITIES,
             show_default=True,
-            help=f"E_max (--model only; engines fix it; the kernels take at most {MAX_ENTITIES}).",
+            help=f"E_max, 2 to {MAX_ENTITIES} (--model only; engines fix it; the kernels take at most {MAX_ENTITIES}).",
         ),
         click.option(
             "--cache-dir",
@@ -135,18 +137,24 @@ def _request_options(func):
     options = [
         click.option("--prompt", default=None, help="The prompt."),
         click.option("--entities", default=None, help="Comma-separated entities of the prompt, e.g. 'cat,dog'."),
-        # Ranges are checked by the library (`ImageSettings`): one message and exit 1 for every out-of-range number.
-        click.option("--seed", type=int, default=0, show_default=True, help="Starting noise, an int in [0, 2**63)."),
-        click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Denoising steps, 1 to 1000."),
+        # Values are checked by the library (`ImageSettings`): one message and exit 1 for every bad value.
+        click.option(
+            "--seed", type=CHECKED_INT, default=0, show_default=True, help="Starting noise, an int in [0, 2**63)."
+        ),
+        click.option(
+            "--steps", type=CHECKED_INT, default=DEFAULT_STEPS, show_default=True, help="Denoising steps, 1 to 1000."
+        ),
         click.option(
             "--guidance",
-            type=float,
+            type=CHECKED_FLOAT,
             default=DEFAULT_GUIDANCE,
             show_default=True,
             help="Guidance, a finite number in [0, 100].",
         ),
-        click.option("--height", type=int, default=None, help="Pixels (default: the engine's, 64 for tiny, else 512)."),
-        click.option("--width", type=int, default=None, help="Pixels (default: as --height, or the engine's)."),
+        click.option(
+            "--height", type=CHECKED_INT, default=None, help="Pixels (default: the engine's, 64 for tiny, else 512)."
+        ),
+        click.option("--width", type=CHECKED_INT, default=None, help="Pixels (default: as --height, or the engine's)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -165,8 +173,9 @@ def _overrides(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
 
 
 def _knob_value(name: str, text: str) -> Any:
-    """``true``/``false`` (any case), an int, or a float: also ``inf``/``nan``, which the config then refuses
-    with its range (one message for every out-of-range number)."""
+    """``true``/``false`` (any case), an int, or a float: also ``inf``/``nan``. The config then refuses what is
+    out of range, and the text itself when it is none of these, with the knob's allowed values (one message and
+    exit 1 for every bad value, as `LibraryChecked` does for the options)."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for parse in (int, float):
@@ -174,7 +183,7 @@ def _knob_value(name: str, text: str) -> Any:
             return parse(text)
         except ValueError:
             pass
-    raise click.BadParameter(f"{name}: {text!r:.40} is not a number or true/false", param_hint="--set")
+    return text
 
 
 def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
@@ -336,13 +345,17 @@ def run(
 @_request_options
 @click.option(
     "--max-rel-err",
-    type=float,
+    type=CHECKED_FLOAT,
     default=1e-2,
     show_default=True,
     help="Largest allowed per-step latent relative error vs PyTorch.",
 )
 @click.option(
-    "--min-psnr", type=float, default=30.0, show_default=True, help="Smallest allowed final-image PSNR (dB) vs PyTorch."
+    "--min-psnr",
+    type=CHECKED_FLOAT,
+    default=30.0,
+    show_default=True,
+    help="Smallest allowed final-image PSNR (dB) vs PyTorch.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")

@@ -1,15 +1,18 @@
-"""How every ``deleaker-trt`` command ends on an error or a signal (``run``, ``verify``, ``build``, ``plugin``).
+"""How every ``deleaker-trt`` command ends on a bad value, an error or a signal (``run``, ``verify``, ``build``,
+``plugin``).
 
-A `DeLeakerError` becomes one ``error:`` line on stderr and exit code 1; Ctrl-C (SIGINT) and SIGTERM end the
-command with one ``error:`` line and exit code 130 and 143 (128 + the signal's number, as shells report them)
-instead of click's ``Aborted!`` and exit 1. A light module: the commands import it before torch.
+A bad value of an option is refused by the library's checks (`LibraryChecked` hands them what click could not
+parse), with the option's allowed range. A `DeLeakerError` becomes one ``error:`` line on stderr and exit code 1;
+Ctrl-C (SIGINT) and SIGTERM end the command with one ``error:`` line and exit code 130 and 143 (128 + the signal's
+number, as shells report them) instead of click's ``Aborted!`` and exit 1. A light module: the commands import it
+before torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -20,6 +23,29 @@ EXIT_ERROR = 1
 #: Exit codes after Ctrl-C and SIGTERM (128 + the signal's number), as shells report them.
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+
+
+class LibraryChecked(click.ParamType):
+    """``parse(text)`` (``int`` or ``float``), or the text itself when it does not parse: the library's check then
+    refuses it with the option's allowed range, one ``error:`` line and exit 1, as any out-of-range number (click's
+    own types would stop with a usage error, exit 2). Ranges are the library's too, for the same reason."""
+
+    def __init__(self, parse: Callable[[str], Any]) -> None:
+        self.parse = parse
+        self.name = {int: "integer", float: "float"}.get(parse, parse.__name__)  # help shows INTEGER, FLOAT
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if not isinstance(value, str):
+            return value  # a default
+        try:
+            return self.parse(value)
+        except ValueError:
+            return value
+
+
+#: Options whose values the library checks (`LibraryChecked`).
+CHECKED_INT = LibraryChecked(int)
+CHECKED_FLOAT = LibraryChecked(float)
 
 
 class DeLeakerCliError(click.ClickException):

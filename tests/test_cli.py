@@ -367,7 +367,10 @@ def test_engine_dir_without_tensorrt_says_so_before_generating(tiny_components, 
         (["run", "--model", "tiny", "--engines", "x", "--prompt", "p", "--entities", "a,b"], "exactly one of"),
         (["run", "--model", "tiny", "--entities", "a,b"], "give --prompt and --entities"),
         (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--backend", "cuda"], "Invalid value"),
-        (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--steps", "x"], "Invalid value"),
+        # A bad value of a number is exit 1 (tests/test_cli_fast.py); a missing value or option is a usage error.
+        (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--steps"], "requires an argument"),
+        (["run", "--model", "tiny", "--prompt", "p", "--entities", "a,b", "--stepz", "3"], "No such option"),
+        (["build", "--model", "tiny", "--onnx-only"], "Missing option '--out'"),
         (["run", "--model", "tiny", "--set", "k_strength"], "expected KNOB=VALUE"),
     ],
 )
