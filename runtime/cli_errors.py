@@ -65,6 +65,14 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _ignore_signals(*signums: int) -> None:
+    for signum in signums:
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            return
+
+
 @contextlib.contextmanager
 def reported_errors(unfinished: str) -> Iterator[None]:
     """Library errors become one ``error:`` line (exit 1); Ctrl-C and SIGTERM end the command with exit 130 and
@@ -80,6 +88,10 @@ def reported_errors(unfinished: str) -> Iterator[None]:
     except DeLeakerError as exc:
         raise DeLeakerCliError(str(exc)) from None
     except (KeyboardInterrupt, _Terminated) as exc:
+        # The command is over: a second Ctrl-C could only interrupt the interpreter's own clean-up (a traceback
+        # from an atexit handler of torch's), so the process ignores further signals on its way out.
+        _ignore_signals(signal.SIGINT, signal.SIGTERM)
+        previous = None
         interrupted = isinstance(exc, KeyboardInterrupt)
         what, code = ("interrupted", EXIT_INTERRUPTED) if interrupted else ("terminated", EXIT_TERMINATED)
         click.echo(f"error: {what}; no output was written for {unfinished}", err=True)

@@ -437,6 +437,9 @@ class VerifyReport:
     max_rel_err: float
     min_psnr: float
     uniform_images: bool = False
+    #: Why a run gave no image (NaN or inf in its latents or decoded image), e.g. "the candidate (torch) ...";
+    #: its steps from the first non-finite one are NaN in ``step_rel_err``, and ``psnr_db`` is NaN.
+    non_finite_result: Optional[str] = None
 
     @property
     def max_step_rel_err(self) -> Optional[float]:
@@ -448,7 +451,7 @@ class VerifyReport:
     @property
     def failures(self) -> list[str]:
         """Why the candidate fails (empty: it passes). Non-finite numbers and flat images always fail."""
-        reasons = []
+        reasons = [self.non_finite_result] if self.non_finite_result else []
         bad = [i + 1 for i, e in enumerate(self.step_rel_err) if not math.isfinite(e)]
         if not self.step_rel_err:
             reasons.append("no step was compared")
@@ -456,7 +459,7 @@ class VerifyReport:
             reasons.append(f"the latent error is not finite at step(s) {bad}")
         elif self.step_rel_err and self.max_step_rel_err > self.max_rel_err:
             reasons.append(f"max rel. error {self.max_step_rel_err:.2e} > {self.max_rel_err}")
-        if math.isnan(self.psnr_db):
+        if math.isnan(self.psnr_db) and not self.non_finite_result:
             reasons.append("the image PSNR is NaN")
         elif self.psnr_db < self.min_psnr:
             reasons.append(f"PSNR {self.psnr_db:.2f} dB < {self.min_psnr} dB")
@@ -479,6 +482,7 @@ class VerifyReport:
             "identical_images": self.psnr_db == math.inf,
             "uniform_images": self.uniform_images,
             "tolerance": {"max_rel_err": self.max_rel_err, "min_psnr": self.min_psnr},
+            "non_finite_result": self.non_finite_result,
             "passed": self.passed,
             "failures": self.failures,
         }
@@ -500,16 +504,24 @@ def reference_spec(candidate: "DeLeakerRuntime", spec: RuntimeSpec) -> RuntimeSp
     )
 
 
-def _generate_compared(
-    rt: "DeLeakerRuntime", request: GenerationRequest, progress_factory, who: str
-) -> "GenerationResult":
-    """`_generate` recording the latents; a non-finite result is a FAIL of the verification, saying whose."""
+@dataclass
+class _ComparedRun:
+    """One side of a verification: its latents per step (up to the failure) and its image (None on failure)."""
+
+    latents: list
+    image: Optional[Any]
+    failure: Optional[str]
+
+
+def _generate_compared(rt: "DeLeakerRuntime", request: GenerationRequest, progress_factory, who: str) -> _ComparedRun:
+    """`_generate` recording the latents; a non-finite result is kept as the FAIL it is, saying whose."""
     from .runtime import NonFiniteError
 
     try:
-        return _generate(rt, request, progress_factory, rt.backend_name, record_latents=True)
+        result = _generate(rt, request, progress_factory, rt.backend_name, record_latents=True)
     except NonFiniteError as exc:
-        raise NonFiniteError(f"verify: FAIL: {who} gave no finite result: {exc}") from None
+        return _ComparedRun(list(exc.latents or []), None, f"{who} gave no finite result: {exc}")
+    return _ComparedRun(result.latents, result.image, None)
 
 
 def verify(
@@ -534,6 +546,11 @@ def verify(
         float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
         for a, b in zip(got.latents, want.latents)
     ]
+    failure = got.failure or want.failure
+    if failure is not None:  # the steps from the first non-finite one have no error to give
+        errors += [math.nan] * (request.steps - len(errors))
+        return VerifyReport(cand.backend_name, errors, math.nan, job.max_rel_err, job.min_psnr,
+                            non_finite_result=failure)
     uniform = all(np.ptp(np.asarray(image.convert("RGB"))) == 0 for image in (got.image, want.image))
     return VerifyReport(
         cand.backend_name, errors, psnr(got.image, want.image), job.max_rel_err, job.min_psnr, uniform_images=uniform

@@ -60,7 +60,15 @@ _TINY_BUILD_LOCK = threading.Lock()
 
 
 class NonFiniteError(DeLeakerError, ArithmeticError):
-    """The latents after a denoising step, or the decoded image, hold NaN or inf: there is no image to give."""
+    """The latents after a denoising step, or the decoded image, hold NaN or inf: there is no image to give.
+
+    ``latents``: what ``generate(record_latents=True)`` had recorded, the finite steps before the failure (None
+    when it was not recording), so that a comparison can still report them.
+    """
+
+    def __init__(self, message: str, *, latents: Optional[list[Tensor]] = None) -> None:
+        super().__init__(message)
+        self.latents = latents
 
 
 @dataclass
@@ -471,7 +479,8 @@ class DeLeakerRuntime:
             if not bool(torch.isfinite(latents).all()):
                 raise NonFiniteError(
                     f"the latents hold NaN or inf after step {i + 1} of {schedule.num_steps} ({self.backend_name}, "
-                    f"{height}x{width}, guidance {request.guidance}): the model overflowed; no image was made"
+                    f"{height}x{width}, guidance {request.guidance}): the model overflowed; no image was made",
+                    latents=recorded if record_latents else None,
                 )
             if record_latents:
                 recorded.append(latents.detach().to("cpu", torch.float32).clone())
@@ -483,7 +492,10 @@ class DeLeakerRuntime:
 
         # 4. VAE decode.
         tick = time.perf_counter()
-        image = self.decode(latents, grid)
+        try:
+            image = self.decode(latents, grid)
+        except NonFiniteError as exc:
+            raise NonFiniteError(str(exc), latents=recorded if record_latents else None) from None
         timings["decode"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
         return GenerationResult(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -541,8 +542,6 @@ def test_verify_of_two_black_images_is_a_fail(tiny_components):
 def test_verify_of_a_non_finite_candidate_is_a_fail(tiny_components):
     from deleaker.runtime import jobs
     from deleaker.runtime.request import GenerationRequest
-    from deleaker.runtime.runtime import NonFiniteError
-
     def overflow(components):
         components["transformer"].proj_out.weight.mul_(3e38)
 
@@ -550,8 +549,12 @@ def test_verify_of_a_non_finite_candidate_is_a_fail(tiny_components):
     reference = _torch_runtime(_components(tiny_components))
     job = jobs.VerifyJob(jobs.RuntimeSpec(model="tiny", backend="torch"), GenerationRequest(PROMPT, ("cat", "cheetah"),
                          steps=2))
-    with pytest.raises(NonFiniteError, match=r"verify: FAIL: the candidate \(torch\) gave no finite result"):
-        jobs.verify(job, candidate=candidate, reference=reference)
+    report = jobs.verify(job, candidate=candidate, reference=reference)
+    assert not report.passed and report.failures[0].startswith("the candidate (torch) gave no finite result")
+    assert math.isnan(report.psnr_db) and len(report.step_rel_err) == 2
+    assert report.to_dict()["non_finite_steps"] == [i + 1 for i, e in enumerate(report.step_rel_err) if e != e]
+    assert report.to_dict()["non_finite_steps"][-1] == 2 and report.max_step_rel_err is None
+    json.dumps(report.to_dict(), allow_nan=False)  # strict JSON
 
 
 def test_side_by_side_caption_is_bounded():
@@ -563,3 +566,26 @@ def test_side_by_side_caption_is_bounded():
     long = side_by_side(image, image, "word " * 4000, ("FLUX", "DeLeaker"))
     assert long.width == 128 and long.height <= short.height + 12 * MAX_CAPTION_LINES
     assert side_by_side(image, image, "猫 and 🐱 " + "x" * 5000, ("FLUX", "DeLeaker")).height < long.height + 12
+
+
+def test_verify_json_reports_a_non_finite_result(monkeypatch):
+    """README: `--json` prints strict JSON also when a result is not finite (null, with `non_finite_steps`), and
+    verify still exits 1. A tiny model whose output projection holds NaN goes non-finite at step 1."""
+    import deleaker.tiny as tiny
+
+    build = tiny.build_tiny_flux_components
+
+    def poisoned(seed=0):
+        components = build(seed)
+        components["transformer"].proj_out.weight.data.fill_(float("nan"))
+        return components
+
+    monkeypatch.setattr(tiny, "build_tiny_flux_components", poisoned)
+    args = ["verify", "--model", "tiny", "--backend", "torch", "--text-len", "32", "--steps", "2", "--prompt", PROMPT,
+            "--entities", "cat,cheetah", "--json", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "error: verify: FAIL" in result.stderr, result.stderr
+    report = _strict_json(result.stdout)
+    assert report["passed"] is False and report["failures"]
+    assert report["non_finite_steps"] and report["non_finite_steps"][0] == 1
+    assert report["step_rel_err"][0] is None

@@ -96,6 +96,32 @@ def test_a_signal_during_a_run_exits_cleanly_and_leaves_no_file(tmp_path, signum
     assert _files(tmp_path) == []
 
 
+_INTERRUPTED_COMMAND = r"""
+import atexit, signal, sys
+import click
+from deleaker.runtime.cli_errors import reported_errors
+
+def state():
+    ignored = [s.name for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN]
+    print("ignored at exit:", ignored, file=sys.stderr)
+
+atexit.register(state)
+try:
+    with reported_errors("the test's output"):
+        raise KeyboardInterrupt
+except click.exceptions.Exit as exc:
+    sys.exit(exc.exit_code)
+"""
+
+
+def test_an_interrupted_command_ignores_further_signals_on_its_way_out():
+    """A second Ctrl-C while the interpreter shuts down (torch's atexit handlers) printed a traceback."""
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_COMMAND], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert "error: interrupted; no output was written for the test's output" in done.stderr
+    assert "ignored at exit: ['SIGINT', 'SIGTERM']" in done.stderr
+
+
 def test_first_run_says_it_exports_and_prints_no_library_noise(tmp_path):
     """A cold cache exports the ONNX for ~10 s: one line on stderr says so and why; no torchvision notices."""
     cache, out = tmp_path / "cache", tmp_path / "x.png"
