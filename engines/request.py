@@ -35,7 +35,7 @@ def check_batch(batch: Any) -> None:
     ints = isinstance(batch, (tuple, list)) and all(isinstance(b, int) and not isinstance(b, bool) for b in batch)
     if not ints or len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2] <= MAX_BATCH:
         raise ConfigError(
-            f"batch must be MIN OPT MAX ints with 1 <= min <= opt <= max <= {MAX_BATCH}, got {tuple(batch)!r:.80}"
+            f"batch must be MIN OPT MAX ints with 1 <= min <= opt <= max <= {MAX_BATCH}, got {batch!r:.80}"
         )
 
 

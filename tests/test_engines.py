@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 
 from deleaker.config import DeLeakerConfig
 from deleaker.engines import build as build_lib
+from deleaker.errors import ConfigError
 from deleaker.engines.cli import build as build_command
 from deleaker.export.contract import FluxTransformerIO
 from deleaker.engines.manifest import (
@@ -457,7 +458,6 @@ def test_loader_parse_failure_is_a_build_error(trt, tmp_path):
 
 def test_fp8_needs_compute_capability_8_9():
     from deleaker.engines.fp8 import check_fp8_capable
-    from deleaker.errors import ConfigError
 
     check_fp8_capable((8, 9))
     check_fp8_capable((9, 0))
@@ -465,3 +465,9 @@ def test_fp8_needs_compute_capability_8_9():
         check_fp8_capable((8, 6))
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
         check_fp8_capable(None)
+
+
+@pytest.mark.parametrize("batch", [5, None, (1, 2), (0, 1, 1), (2, 1, 4), (1, 1, 65), (1, 1.0, 2), (True, 1, 1)])
+def test_build_request_refuses_a_bad_batch_profile(tmp_path, batch):
+    with pytest.raises(ConfigError, match="batch must be MIN OPT MAX ints"):
+        build_lib.BuildRequest(model="tiny", precision="fp16", out_dir=tmp_path, onnx_only=True, batch=batch)
