@@ -537,19 +537,29 @@ def test_malformed_manifest_is_one_clean_error_before_allocation(built, tmp_path
     assert time.perf_counter() - started < 60 and not (tmp_path / "x.png").exists()
 
 
-def test_manifest_contract_must_be_the_models(built, tmp_path):
-    """A contract that parses but is not what the model's config gives (another width of T5 embeddings)."""
+@pytest.mark.parametrize("graph_agrees", [True, False], ids=["graph-and-manifest", "manifest-only"])
+def test_manifest_contract_must_be_the_models(built, tmp_path, graph_agrees):
+    """A contract that parses but is not what the model's config gives (another width of T5 embeddings): in the
+    manifest and the graph's own record alike (another model's build), or in the manifest only (an edit, caught
+    before the model loads: the graph records another contract)."""
+    from deleaker.export.contract import FluxTransformerIO
+    from deleaker.export.exporter import META_IO
+
     engines = _copy(built, tmp_path)
-
-    def other_model(data: dict) -> None:
-        from deleaker.export.contract import FluxTransformerIO
-
-        io = FluxTransformerIO.from_dict(data["io"])
-        data["io"] = dataclasses.replace(io, joint_attention_dim=64).to_dict()
-
-    _edit_manifest(engines, other_model)
+    io = FluxTransformerIO.from_dict(EngineManifest.read(engines / MANIFEST_NAME).io)
+    other = dataclasses.replace(io, joint_attention_dim=64).to_dict()
+    changes = {"io": other}
+    if graph_agrees:
+        model = onnx.load(str(engines / ONNX_NAME))
+        (prop,) = [p for p in model.metadata_props if p.key == META_IO]
+        prop.value = json.dumps(other, sort_keys=True)
+        onnx.save(model, str(engines / ONNX_NAME))
+        digest = sha256_file(engines / ONNX_NAME)
+        changes.update(artifact_sha256=digest, onnx_sha256=digest)
+    _edit_manifest(engines, lambda data: data.update(changes))
     result = _run_engines(engines, tmp_path)
-    assert result.exit_code == 1 and "was built for another model than tiny" in result.stderr
+    message = "was built for another model than tiny" if graph_agrees else "records another I/O contract"
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
 
 
 def test_weights_in_a_file_the_manifest_does_not_name_are_refused(built, tmp_path):
