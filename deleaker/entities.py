@@ -148,6 +148,11 @@ def _check_entities(entities: Sequence[str], max_entities: int | None) -> list[s
             raise EntityError(
                 f"entity {i} is empty or whitespace ({entity!r}); each entity must be words of the prompt"
             )
+        if not any(ch.isalnum() for ch in entity):
+            # Punctuation, symbols, emoji or invisible characters alone spell no thing T5 has a word for.
+            raise EntityError(
+                f"entity {i} ({entity.strip()!r:.60}) has no letter or digit; each entity must be words of the prompt"
+            )
         names.append(entity.strip())
     if len(names) < MIN_ENTITIES:
         raise EntityError(f"got {len(names)} entity(ies) {names}; at least {MIN_ENTITIES} entities are needed")

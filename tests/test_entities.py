@@ -139,6 +139,9 @@ def test_overlap_follows_the_first_occurrence_rule(t5):
         (["cat", "dog", "bowl", "toys", "A"], r"got 5 entities.*at most max_entities=4"),
         (["cat", "  "], r"entity 1 is empty or whitespace"),
         (["cat", 3], r"entity 1 must be a str"),
+        (["cat", "."], r"entity 1 \('\.'\) has no letter or digit"),
+        (["\u200b", "cat"], r"entity 0 \('\\u200b'\) has no letter or digit"),
+        (["cat", "🐱"], r"entity 1 \('🐱'\) has no letter or digit"),
         ("cat", r"entities must be a list of strings"),
     ],
 )
