@@ -398,6 +398,27 @@ def _reusable_onnx(onnx_path: Path, expected: Mapping[str, Any]) -> bool:
     )
 
 
+#: What every artifact of one folder must share for `run --engines` to serve them together.
+FOLDER_INVARIANTS = ("model_id", "model_sha256", "text_len", "max_entities", "deleaker_config")
+
+
+def check_folder_agrees(out_dir: Path, artifact_stem: str, wanted: Mapping[str, Any]) -> None:
+    """Raise `ConfigError` when ``out_dir`` holds an artifact (other than this request's own, ``artifact_stem``)
+    whose `FOLDER_INVARIANTS` are not ``wanted``'s: `run --engines` would refuse the folder once this one is
+    added. Before any export."""
+    for path in sorted(out_dir.glob("*" + MANIFEST_SUFFIX)):
+        if path.name.startswith(artifact_stem + "."):
+            continue  # this request's own ONNX or engine: replaced or reused
+        other = EngineManifest.read(path)
+        for what in FOLDER_INVARIANTS:
+            if json.dumps(getattr(other, what), sort_keys=True) != json.dumps(wanted[what], sort_keys=True):
+                raise ConfigError(
+                    f"{out_dir} holds {other.artifact}, built with another {what} ({getattr(other, what)!r:.120}, "
+                    f"this build: {wanted[what]!r:.120}); `run --engines` serves one model, T, E_max and set of "
+                    "knobs per folder: build into another --out"
+                )
+
+
 def build_engines(request: BuildRequest, progress: Optional[Progress] = None) -> BuildResult:
     """Build what ``request`` asks for into ``request.out_dir`` (see the module docstring for the stages).
 
@@ -456,6 +477,11 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
             "deleaker_config": dataclasses.asdict(config),
             "plugin": plugin_node(),
         }
+        check_folder_agrees(
+            out_dir,
+            request.artifact_stem,
+            {**expected, "model_id": model_id, "text_len": request.text_len, "max_entities": request.max_entities},
+        )
         reused = _reusable_onnx(onnx_path, expected)
         if reused:
             if progress:

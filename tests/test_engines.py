@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -471,3 +472,24 @@ def test_fp8_needs_compute_capability_8_9():
 def test_build_request_refuses_a_bad_batch_profile(tmp_path, batch):
     with pytest.raises(ConfigError, match="batch must be MIN OPT MAX ints"):
         build_lib.BuildRequest(model="tiny", precision="fp16", out_dir=tmp_path, onnx_only=True, batch=batch)
+
+
+@pytest.mark.parametrize("flag, value, what", [("--text-len", "32", "text_len"), ("--max-entities", "5", "max_entities")])
+def test_build_refuses_to_mix_a_folder_that_run_could_not_serve(onnx_only_build, tmp_path, flag, value, what):
+    built, result = onnx_only_build
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "engines"
+    shutil.copytree(built, out)
+    before = sorted(p.name for p in out.iterdir())
+    args = [*TINY_ARGS, "--precision", "bf16", "--out", str(out), "--onnx-only"]
+    args[args.index(flag) + 1] = value
+    refused = CliRunner().invoke(build_command, args)
+    assert refused.exit_code == 1, refused.output
+    assert f"holds transformer.64x64.fp16.onnx, built with another {what}" in refused.output
+    assert sorted(p.name for p in out.iterdir()) == before
+    # Other knobs, through the library: the same refusal.
+    request = build_lib.BuildRequest(model="tiny", precision="bf16", out_dir=out, height=64, width=64, text_len=16,
+                                     max_entities=4, onnx_only=True, deleaker_config={"k_strength": 1.5})
+    with pytest.raises(ConfigError, match="built with another deleaker_config"):
+        build_lib.build_engines(request)
+    assert sorted(p.name for p in out.iterdir()) == before
