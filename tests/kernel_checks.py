@@ -353,3 +353,23 @@ def check_constant_statistics(run: KernelRun, dtype: torch.dtype, head_dim: int,
     assert not views["cut"].any() and not ref.cut.any()
     assert torch.isfinite(views["thresholds"][0, :2, :2]).sum() == 2, "both ordered pairs are region pairs"
     assert rel_l2(out, ref.out) < 1e-2
+
+
+def check_overflowing_corrections_fall_back(run: KernelRun, head_dim: int, device: str) -> None:
+    """k_strength 10 (the largest allowed) on logits about twice the structured ones: p_a = exp(a s - l) of the
+    strengthened tokens overflows float32 in some rows, whose corrections are then not finite. Those rows take the
+    exact fallback (one lane of a row's pair seeing it must not keep the other from its shuffle: the kernel used
+    to skip the shuffle there, undefined on a GPU, a deadlock on the emulator), and the output stays finite and
+    within 2x the decomposed op's error."""
+    config = dataclasses.replace(CONFIG, k_strength=10.0)
+    grid = (12, 11)
+    (q, k, v), entity_mask = structured_inputs(1, 2, 77, grid, head_dim, 2, 4, torch.float16, 3, device=device)
+    q, k = q * 2, k * 2
+    out, _, views = run(q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None, config=config)
+    ref = decomposed_intermediates(q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None, config=config)
+    assert torch.isfinite(out).all()
+    assert int(views["fallback_count"]) > 0 and (~torch.isfinite(views["z"][views["fallback"]])).any(), \
+        "the case must have rows whose correction is not finite"
+    exact, _ = exact_edited_attention(q, k, v, views["masks"], views["cut"], entity_mask, config)
+    err, err_ref = rel_l2(out, exact), rel_l2(ref.out, exact)
+    assert err <= 2 * err_ref + 1e-6, (err, err_ref)

@@ -23,6 +23,7 @@ from kernel_checks import (
     check_fallback,
     check_history_threaded,
     check_matches_decomposed,
+    check_overflowing_corrections_fall_back,
     check_plain_outside_window,
     check_switch_off,
     rel_l2,
@@ -118,6 +119,11 @@ def test_history_threaded_over_block_steps(use_history):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_rows_almost_all_cut_fall_back(dtype):
     check_fallback(run_cuda, dtype, device="cuda")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rows_whose_correction_overflows_fall_back(head_dim):
+    check_overflowing_corrections_fall_back(run_cuda, head_dim, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -36,6 +36,7 @@ from kernel_checks import (
     check_fallback,
     check_history_threaded,
     check_matches_decomposed,
+    check_overflowing_corrections_fall_back,
     check_plain_outside_window,
     check_switch_off,
     mostly_cut_inputs,
@@ -142,6 +143,11 @@ def test_rows_almost_all_cut_fall_back(library, dtype):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_constant_statistics_give_no_mask_and_no_cut(library, dtype, head_dim):
     check_constant_statistics(runner(library), dtype, head_dim, device="cpu")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rows_whose_correction_overflows_fall_back(library, head_dim):
+    check_overflowing_corrections_fall_back(runner(library), head_dim, device="cpu")
 
 
 def test_every_row_through_the_fallback_matches_decomposed(library):

@@ -191,7 +191,9 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
       for (int x = 0; x < 8; ++x) finite = finite && isfinite((to_float(plain[x]) - num_row[d0 + x]) / z);
     }
   }
-  finite = finite && __shfl_xor_sync(0xffffffffu, (int)finite, 1) != 0;
+  // Every lane takes part in the shuffle (a lane skipping it, as `finite && __shfl...` did, is undefined).
+  const int partner_finite = __shfl_xor_sync(0xffffffffu, (int)finite, 1);
+  finite = finite && partner_finite != 0;
   const float z_stored = finite || !isfinite(z) ? z : nanf("");
   if (token >= 0) {
     if (correction_stands(z_stored, p.fallback_threshold)) {
