@@ -223,14 +223,36 @@ def _node_fields(**overrides) -> dict:
         ({"grid_h": ["FLOAT32", 7.5]}, "grid_h must be an integer"),
         ({"num_blocks": ["INT32", [4, 4]]}, "plugin field num_blocks must hold one value, got 2"),
         ({"plugin_namespace": ["CHAR", "other"]}, "plugin_namespace must be 'deleaker', got 'other'"),
+        # The float knobs' ranges as DeLeakerConfig's, on the float32 the plugin stores: a FLOAT64 1e300 is finite
+        # but would be inf, which the plugin could serialize and then not read back.
+        ({"k_strength": ["FLOAT64", 1e300]}, "k_strength must be a finite number in (0, 10] (as float32), got inf"),
+        ({"k_strength": ["FLOAT32", 0.0]}, "k_strength must be a finite number in (0, 10] (as float32), got 0"),
+        ({"k_strength": ["FLOAT32", 10.5]}, "k_strength must be a finite number in (0, 10]"),
+        ({"k_strength": ["FLOAT64", 1e-320]}, "k_strength must be a finite number in (0, 10] (as float32), got 0"),
+        ({"std_mul_text": ["FLOAT32", -10.5]}, "std_mul_text must be a finite number in [-10, 10]"),
+        ({"std_mul_image_image": ["FLOAT32", 1e30]}, "std_mul_image_image must be a finite number in [-10, 10]"),
+        ({"num_blocks": ["INT64", 2**63 - 1]}, "num_blocks must be in [0, 2^31), got 9.22337204e+18"),
+        ({"grid_h": ["INT64", 7]}, None),  # an INT64 field in range is read as any int
+        ({"k_strength": ["FLOAT64", 10.0]}, None),  # the range's end is allowed
     ],
 )
 def test_creator_refuses_bad_fields_with_a_message(stand_in_library, tmp_path, fields, message):
     good, _ = run_rtx(stand_in_library, "create", {"fields": _node_fields()}, tmp_path)
     assert good == {"created": True}
-    bad, log = run_rtx(stand_in_library, "create", {"fields": _node_fields(**fields)}, tmp_path)
-    assert bad == {"created": False}
+    got, log = run_rtx(stand_in_library, "create", {"fields": _node_fields(**fields)}, tmp_path)
+    if message is None:
+        assert got == {"created": True}, log
+        return
+    assert got == {"created": False}
     assert any(message in text for severity, text in log if severity == "ERROR"), log
+
+
+def test_creator_refuses_a_field_given_twice(stand_in_library, tmp_path):
+    """Two values for one field: neither silently wins."""
+    args = {"fields": _node_fields(), "extra": [["grid_h", "INT32", 99]]}
+    got, log = run_rtx(stand_in_library, "create", args, tmp_path)
+    assert got == {"created": False}
+    assert any("plugin field grid_h is given twice" in text for severity, text in log if severity == "ERROR"), log
 
 
 def read_plan_fields(plan: bytes, start: int = 0) -> dict:

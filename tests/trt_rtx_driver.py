@@ -43,17 +43,22 @@ def creator_info(registry, _args) -> dict:
     }
 
 
+#: Numeric PluginFieldType names the ``create`` command takes, with their numpy dtypes.
+NUMERIC_KINDS = {"INT32": np.int32, "INT64": np.int64, "FLOAT32": np.float32, "FLOAT64": np.float64}
+
+
 def create(registry, args) -> dict:
-    """createPlugin with ``args["fields"]``: ``{name: [kind, value]}``, kind INT32, FLOAT32 or CHAR (text); a list
-    value gives a field of that many elements."""
+    """createPlugin with ``args["fields"]``: ``{name: [kind, value]}``, kind INT32, INT64, FLOAT32, FLOAT64 or CHAR
+    (text); a list value gives a field of that many elements. ``args["extra"]``: ``[[name, kind, value], ...]``
+    appended after them (a field given twice)."""
     arrays = []
     fields = []
-    for name, (kind, value) in args["fields"].items():
+    given = [(name, kind, value) for name, (kind, value) in args["fields"].items()] + args.get("extra", [])
+    for name, kind, value in given:
         if kind == "CHAR":
             array = np.frombuffer(value.encode() + b"\0", dtype=np.int8).copy()
         else:
-            array = np.array(value if isinstance(value, list) else [value],
-                             dtype=np.float32 if kind == "FLOAT32" else np.int32)
+            array = np.array(value if isinstance(value, list) else [value], dtype=NUMERIC_KINDS[kind])
         arrays.append(array)
         fields.append(trt.PluginField(name, array, getattr(trt.PluginFieldType, kind)))
     plugin = _creator(registry).create_plugin("probe", trt.PluginFieldCollection(fields), trt.TensorRTPhase.BUILD)

@@ -154,6 +154,23 @@ std::string check_shapes(const CallShapes& shapes, const PluginFields& fields) {
     text << kPluginName << ": the kernels take at most " << DELEAKER_MAX_ENTITIES << " entity rows, got " << e_max;
     problem = text.str();
   }
+  // What the kernels refuse at launch, refused here, before any work (a dimension of -1 is not known yet): the
+  // plain attention would otherwise have written `out` before the kernels said no.
+  const int64_t head_dim = in[kQ].dims[3];
+  if (problem.empty() && head_dim >= 0 && head_dim != 64 && head_dim != 128) {
+    problem = std::string(kPluginName) + ": the kernels take head dim 64 or 128, got " + shape_text(in[kQ]);
+  }
+  constexpr int64_t kInt32Max = 2147483647;
+  for (int axis = 0; axis < 3 && problem.empty(); ++axis) {
+    const int64_t d = in[kQ].dims[axis];
+    if (d == 0 || d > kInt32Max) {
+      problem = std::string(kPluginName) + ": q's " + kAxes[axis] + " must be in [1, 2^31), got " + shape_text(in[kQ]);
+    }
+  }
+  if (problem.empty() && (e_max == 0 || text_len == 0)) {
+    problem = std::string(kPluginName) + ": entity_mask must have E_max >= 1 rows and T >= 1 text tokens, got " +
+              shape_text(in[kEntityMask]);
+  }
   return problem;
 }
 

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <iomanip>
 #include <sstream>
 #include <vector>
 
@@ -35,6 +36,43 @@ std::string read_number(const RawField& field, double* value) {
       return std::string("plugin field ") + field.name + " has PluginFieldType " + std::to_string(field.type) +
              "; expected INT32, INT64, FLOAT32 or FLOAT64";
   }
+}
+
+// A number as it was given, without converting a double outside long long's range (undefined in C++).
+std::string shown(double value) {
+  std::ostringstream text;
+  if (value == std::floor(value) && std::fabs(value) < 1e18) {
+    text << static_cast<long long>(value);
+  } else {
+    text << std::setprecision(9) << value;
+  }
+  return text.str();
+}
+
+// The float knobs' ranges: DeLeakerConfig's (deleaker/config.py, FLOAT_RANGES), on the float32 the field stores.
+struct FloatRange {
+  const char* name;
+  float low, high;
+  bool low_included;
+};
+constexpr FloatRange kFloatRanges[] = {
+    {"std_mul_text", -10.0f, 10.0f, true},
+    {"std_mul_image_image", -10.0f, 10.0f, true},
+    {"k_strength", 0.0f, 10.0f, false},
+};
+
+std::string check_float(const char* name, float value) {
+  for (const FloatRange& range : kFloatRanges) {
+    if (std::strcmp(range.name, name) != 0) continue;
+    const bool above_low = range.low_included ? value >= range.low : value > range.low;
+    if (!std::isfinite(value) || !above_low || value > range.high) {
+      std::ostringstream problem;
+      problem << "plugin field " << name << " must be a finite number in " << (range.low_included ? "[" : "(")
+              << range.low << ", " << range.high << "] (as float32), got " << shown(value);
+      return problem.str();
+    }
+  }
+  return "";
 }
 
 std::string check_lookup(const RawField& field, const char* expected) {
@@ -91,25 +129,27 @@ std::string decode_fields(const RawField* fields, int count, PluginFields* out) 
       unknown.push_back(field.name);
       continue;
     }
+    if (seen[index]) return std::string("plugin field ") + field.name + " is given twice; give each field once";
     double value = 0.0;
     std::string problem = read_number(field, &value);
     if (!problem.empty()) return problem;
     const FieldSpec& spec = kFieldSpecs[index];
     const int slot = field_slot(index);
     if (spec.kind == FieldKind::kFloat) {
-      if (!std::isfinite(value)) return std::string("plugin field ") + spec.name + " must be a finite number";
-      decoded.floats[slot] = static_cast<float>(value);
+      // Checked as stored: a FLOAT64 of 1e300 is finite but becomes inf in float32.
+      const float stored = static_cast<float>(value);
+      problem = check_float(spec.name, stored);
+      if (!problem.empty()) return problem;
+      decoded.floats[slot] = stored;
     } else {
       if (!std::isfinite(value) || value != std::floor(value)) {
-        return std::string("plugin field ") + spec.name + " must be an integer, got " + std::to_string(value);
+        return std::string("plugin field ") + spec.name + " must be an integer, got " + shown(value);
       }
       if (spec.kind == FieldKind::kFlag && value != 0.0 && value != 1.0) {
-        return std::string("plugin field ") + spec.name + " is a flag and must be 0 or 1, got " +
-               std::to_string(static_cast<long long>(value));
+        return std::string("plugin field ") + spec.name + " is a flag and must be 0 or 1, got " + shown(value);
       }
       if (value < 0.0 || value > 2147483647.0) {
-        return std::string("plugin field ") + spec.name + " must be in [0, 2^31), got " +
-               std::to_string(static_cast<long long>(value));
+        return std::string("plugin field ") + spec.name + " must be in [0, 2^31), got " + shown(value);
       }
       decoded.ints[slot] = static_cast<int32_t>(value);
     }
