@@ -228,7 +228,8 @@ def entity_image_masks(source: Tensor, present: Tensor, grid: Tuple[int, int], c
     # miss by an ulp (uniform attention, e.g. zero queries, gives such maps).
     shifted = source - source.amax(-1, keepdim=True)
     mean = shifted.mean(-1, keepdim=True)
-    std = shifted.std(-1, unbiased=True, keepdim=True)
+    # Unbiased, written out: one image token gives 0 / 0 = NaN (no mask) without torch's degrees-of-freedom warning.
+    std = (((shifted - mean) ** 2).sum(-1, keepdim=True) / (source.shape[-1] - 1)).sqrt()
     masks = (shifted > mean + config.std_mul_text * std) & present[None, :, None]
     if config.do_smoothing:
         masks = smooth_masks(masks, grid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -9,9 +10,9 @@ from diffusers import FluxPipeline
 
 from .config import DeLeakerConfig
 from .entities import entity_token_mask
-from .errors import DeLeakerError
+from .errors import ConfigError
 from .geometry import latent_grid
-from .processor import DeLeakerState, install_deleaker_processors
+from .processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
 
 #: Entity rows of the mask (the spec's E_max); prompts may name fewer entities.
 DEFAULT_MAX_ENTITIES = 4
@@ -25,7 +26,18 @@ class DeLeakerFluxPipeline(FluxPipeline):
     `DeLeakerState` (entity mask, grid, config, step, history) and passes it to every joint attention.
     """
 
-    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer, image_encoder=None, feature_extractor=None):
+    def __init__(
+        self,
+        scheduler,
+        vae,
+        text_encoder,
+        tokenizer,
+        text_encoder_2,
+        tokenizer_2,
+        transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    ):
         super().__init__(
             scheduler=scheduler,
             vae=vae,
@@ -38,6 +50,9 @@ class DeLeakerFluxPipeline(FluxPipeline):
             feature_extractor=feature_extractor,
         )
         self.num_blocks = install_deleaker_processors(self.transformer)
+
+    # diffusers reads the component classes from __init__'s annotations (`from_pipe`, loading): FluxPipeline's.
+    __init__.__annotations__ = dict(FluxPipeline.__init__.__annotations__)
 
     def deleaker_state(
         self,
@@ -62,6 +77,21 @@ class DeLeakerFluxPipeline(FluxPipeline):
             config=config,
             step=torch.zeros((), dtype=torch.int64, device=device),
         )
+
+    def _check_processors(self) -> None:
+        """Raise `ConfigError` unless every joint attention still runs DeLeaker's processor, unfused: entities would
+        otherwise be ignored (a replaced processor) or refused deep in the first attention (fused projections)."""
+        processors = self.transformer.attn_processors
+        others = sorted({type(p).__name__ for p in processors.values() if not isinstance(p, DeLeakerFluxAttnProcessor)})
+        if others:
+            raise ConfigError(
+                f"the transformer's attention processors were replaced ({others}); entities need DeLeaker's: call "
+                "deleaker.processor.install_deleaker_processors(pipe.transformer)"
+            )
+        if any(getattr(module, "fused_projections", False) for module in self.transformer.modules()):
+            raise ConfigError(
+                "DeLeaker attention needs unfused projections; call pipe.transformer.unfuse_qkv_projections()"
+            )
 
     @torch.no_grad()
     def __call__(
@@ -90,7 +120,15 @@ class DeLeakerFluxPipeline(FluxPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             **kwargs,
         )
-        if not entities:
+        # Checked with or without entities, before any work: a NaN guidance gives a NaN (black) image silently in
+        # FluxPipeline, and DeLeaker's own options are checked even when they are not used.
+        guidance = kwargs.get("guidance_scale", 3.5)
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise ConfigError(f"guidance_scale must be a finite number, got {guidance!r:.40}")
+        config = DeLeakerConfig.resolve(deleaker_config, self.num_blocks)
+        if isinstance(max_entities, bool) or not isinstance(max_entities, int) or max_entities < 2:
+            raise ConfigError(f"max_entities must be an int >= 2, got {max_entities!r:.40}")
+        if entities is None or (isinstance(entities, (list, tuple)) and len(entities) == 0):
             return super().__call__(
                 prompt=prompt,
                 joint_attention_kwargs=joint_attention_kwargs,
@@ -99,19 +137,22 @@ class DeLeakerFluxPipeline(FluxPipeline):
             )
 
         if isinstance(prompt, (list, tuple)):
-            if len(set(prompt)) != 1:
-                raise DeLeakerError("entities apply to one prompt; got a list of different prompts")
+            if len(prompt) == 0 or len(set(prompt)) != 1:
+                raise ConfigError(f"entities apply to one prompt; got a list of {len(set(prompt))} different prompts")
             prompt_text = prompt[0]
         elif isinstance(prompt, str):
             prompt_text = prompt
         else:
-            raise DeLeakerError("entities need the prompt text (prompt=...), not only prompt embeddings")
-        if kwargs.get("true_cfg_scale", 1.0) > 1 and (
-            kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
-        ):
-            raise DeLeakerError("DeLeaker does not support true CFG (negative prompts): its history is per pass")
+            raise ConfigError("entities need the prompt text (prompt=...), not only prompt embeddings")
+        true_cfg = kwargs.get("true_cfg_scale", 1.0)
+        if kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None:
+            if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)) or not math.isfinite(true_cfg):
+                raise ConfigError(f"true_cfg_scale must be a finite number, got {true_cfg!r:.40}")
+            if true_cfg > 1:
+                raise ConfigError("DeLeaker does not support true CFG (negative prompts): its history is per pass")
         if joint_attention_kwargs and "deleaker_state" in joint_attention_kwargs:
-            raise DeLeakerError("pass entities=..., not a deleaker_state: the pipeline owns the per-call state")
+            raise ConfigError("pass entities=..., not a deleaker_state: the pipeline owns the per-call state")
+        self._check_processors()
 
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
@@ -122,7 +163,7 @@ class DeLeakerFluxPipeline(FluxPipeline):
             width=width,
             max_sequence_length=max_sequence_length,
             max_entities=max_entities,
-            deleaker_config=deleaker_config,
+            deleaker_config=config,
         )
 
         def advance_then_user_callback(pipe, step_index, timestep, callback_kwargs):

@@ -11,7 +11,7 @@ from diffusers import FluxPipeline
 from diffusers.models.transformers import transformer_flux
 
 from deleaker import DeLeakerConfig, EntityError, deleaker_attention
-from deleaker.errors import DeLeakerError
+from deleaker.errors import ConfigError
 from deleaker.geometry import latent_grid
 from deleaker.pipeline import DeLeakerFluxPipeline
 from deleaker.processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
@@ -208,19 +208,85 @@ def test_pipeline_scales_default_windows_to_the_model(components):
 )
 def test_pipeline_rejects_bad_entities_before_any_work(components, entities, message):
     pipe = DeLeakerFluxPipeline(**components)
-    calls = []
-    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
-    pipe.text_encoder_2.register_forward_pre_hook(lambda *a: calls.append(1))
+    calls = _count_work(pipe)
     with pytest.raises(EntityError, match=message):
         _call(pipe, entities=entities)
     assert calls == []
 
 
+def _count_work(pipe) -> list:
+    calls: list = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    pipe.text_encoder_2.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls
+
+
 def test_pipeline_rejects_unsupported_combinations(components):
     pipe = DeLeakerFluxPipeline(**components)
-    with pytest.raises(DeLeakerError, match="one prompt"):
+    calls = _count_work(pipe)
+    # ConfigError, a ValueError like FluxPipeline's own argument errors.
+    with pytest.raises(ConfigError, match="one prompt; got a list of 2 different prompts"):
         _call(pipe, prompt=[PROMPT, "A dog and a cat"], entities=ENTITIES)
-    with pytest.raises(DeLeakerError, match="true CFG"):
+    with pytest.raises(ConfigError, match="one prompt; got a list of 0"):
+        _call(pipe, prompt=[], entities=ENTITIES)
+    with pytest.raises(ConfigError, match="true CFG"):
         _call(pipe, entities=ENTITIES, true_cfg_scale=2.0, negative_prompt="blurry")
-    with pytest.raises(DeLeakerError, match="prompt text"):
+    with pytest.raises(ConfigError, match="true_cfg_scale must be a finite number, got None"):
+        _call(pipe, entities=ENTITIES, true_cfg_scale=None, negative_prompt="blurry")
+    with pytest.raises(ConfigError, match="prompt text"):
         _call(pipe, prompt=None, prompt_embeds=torch.zeros(1, TEXT_LEN, 32), entities=ENTITIES)
+    assert calls == []
+
+
+@pytest.mark.parametrize("entities", [np.array(ENTITIES), "", "cat", 0])
+def test_pipeline_refuses_entities_that_are_not_a_list(components, entities):
+    """Only None or an empty list means 'no entities'; anything else is checked (an array, an empty string...)."""
+    pipe = DeLeakerFluxPipeline(**components)
+    calls = _count_work(pipe)
+    with pytest.raises(EntityError, match="entities must be a list of strings"):
+        _call(pipe, entities=entities)
+    assert calls == []
+
+
+@pytest.mark.parametrize("entities", [None, ENTITIES], ids=["plain", "entities"])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+        (dict(deleaker_config="garbage"), "deleaker_config must be"),
+        (dict(deleaker_config={"nope": 1}), "unknown DeLeaker option"),
+        (dict(max_entities="x"), "max_entities must be an int"),
+    ],
+)
+def test_pipeline_checks_its_options_with_or_without_entities(components, entities, options, message):
+    """A NaN guidance gives a black image in FluxPipeline; DeLeaker's own options are checked even unused."""
+    pipe = DeLeakerFluxPipeline(**components)
+    calls = _count_work(pipe)
+    with pytest.raises(ConfigError, match=message):
+        _call(pipe, entities=entities, **options)
+    assert calls == []
+
+
+def test_pipeline_refuses_entities_without_its_attention_processors(components):
+    pipe = DeLeakerFluxPipeline(**components)
+    calls = _count_work(pipe)
+    pipe.transformer.set_attn_processor(transformer_flux.FluxAttnProcessor())
+    with pytest.raises(ConfigError, match=r"processors were replaced \(\['FluxAttnProcessor'\]\)"):
+        _call(pipe, entities=ENTITIES)
+    install_deleaker_processors(pipe.transformer)
+    pipe.transformer.fuse_qkv_projections()
+    with pytest.raises(ConfigError, match="needs unfused projections"):
+        _call(pipe, entities=ENTITIES)
+    assert calls == []
+
+
+def test_from_pipe_makes_a_deleaker_pipeline(tiny_components):
+    """diffusers' from_pipe reads the component classes from __init__'s annotations (FluxPipeline's)."""
+    plain = FluxPipeline(**{n: copy.deepcopy(c) for n, c in tiny_components.items()})
+    want = _call(plain)
+    ours = DeLeakerFluxPipeline.from_pipe(plain)
+    assert isinstance(ours, DeLeakerFluxPipeline) and ours.num_blocks == plain.transformer.config.num_layers + \
+        plain.transformer.config.num_single_layers
+    np.testing.assert_array_equal(_call(ours), want)
+    assert np.isfinite(_call(ours, entities=ENTITIES)).all()
