@@ -102,6 +102,13 @@ def entity_token_positions(
     return positions
 
 
+def check_entity_rows(max_entities: Any) -> None:
+    """Raise `ConfigError` unless ``max_entities`` (E_max, the entity mask's rows) is an int >= `MIN_ENTITIES`.
+    (The CUDA kernels' upper bound is checked where they are used: `deleaker.runtime.defaults.check_max_entities`.)"""
+    if isinstance(max_entities, bool) or not isinstance(max_entities, int) or max_entities < MIN_ENTITIES:
+        raise ConfigError(f"max_entities must be an int >= {MIN_ENTITIES}, got {max_entities!r:.40}")
+
+
 def entity_token_mask(
     tokenizer: Any,
     prompt: str,
@@ -113,8 +120,7 @@ def entity_token_mask(
     """The ``(max_entities, max_sequence_length)`` bool mask of entity tokens: row ``e`` marks entity ``e``'s
     T5 tokens (see `entity_token_positions`); rows past ``len(entities)`` are all False (absent entities).
     """
-    if isinstance(max_entities, bool) or not isinstance(max_entities, int) or max_entities < MIN_ENTITIES:
-        raise ConfigError(f"max_entities must be an int >= {MIN_ENTITIES}, got {max_entities!r}")
+    check_entity_rows(max_entities)
     positions = entity_token_positions(
         tokenizer, prompt, entities, max_sequence_length=max_sequence_length, max_entities=max_entities
     )

@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxPipeline
 
 from .config import DeLeakerConfig
-from .entities import entity_token_mask
+from .entities import check_entity_rows, entity_token_mask
 from .errors import ConfigError
 from .geometry import latent_grid
 from .processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
@@ -122,12 +122,9 @@ class DeLeakerFluxPipeline(FluxPipeline):
         )
         # Checked with or without entities, before any work: a NaN guidance gives a NaN (black) image silently in
         # FluxPipeline, and DeLeaker's own options are checked even when they are not used.
-        guidance = kwargs.get("guidance_scale", 3.5)
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise ConfigError(f"guidance_scale must be a finite number, got {guidance!r:.40}")
+        _check_finite("guidance_scale", kwargs.get("guidance_scale", 3.5))
         config = DeLeakerConfig.resolve(deleaker_config, self.num_blocks)
-        if isinstance(max_entities, bool) or not isinstance(max_entities, int) or max_entities < 2:
-            raise ConfigError(f"max_entities must be an int >= 2, got {max_entities!r:.40}")
+        check_entity_rows(max_entities)
         if entities is None or (isinstance(entities, (list, tuple)) and len(entities) == 0):
             return super().__call__(
                 prompt=prompt,
@@ -144,10 +141,9 @@ class DeLeakerFluxPipeline(FluxPipeline):
             prompt_text = prompt
         else:
             raise ConfigError("entities need the prompt text (prompt=...), not only prompt embeddings")
-        true_cfg = kwargs.get("true_cfg_scale", 1.0)
         if kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None:
-            if isinstance(true_cfg, bool) or not isinstance(true_cfg, (int, float)) or not math.isfinite(true_cfg):
-                raise ConfigError(f"true_cfg_scale must be a finite number, got {true_cfg!r:.40}")
+            true_cfg = kwargs.get("true_cfg_scale", 1.0)
+            _check_finite("true_cfg_scale", true_cfg)
             if true_cfg > 1:
                 raise ConfigError("DeLeaker does not support true CFG (negative prompts): its history is per pass")
         if joint_attention_kwargs and "deleaker_state" in joint_attention_kwargs:
@@ -178,3 +174,9 @@ class DeLeakerFluxPipeline(FluxPipeline):
             callback_on_step_end=advance_then_user_callback,
             **{**common, "height": height, "width": width},
         )
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """Raise `ConfigError` unless ``value`` is a finite int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r:.40}")

@@ -91,7 +91,7 @@ def reported_errors(unfinished: str) -> Iterator[None]:
         # The command is over: a second Ctrl-C could only interrupt the interpreter's own clean-up (a traceback
         # from an atexit handler of torch's), so the process ignores further signals on its way out.
         _ignore_signals(signal.SIGINT, signal.SIGTERM)
-        previous = None
+        previous = None  # so `finally` leaves SIGTERM ignored instead of restoring its handler
         interrupted = isinstance(exc, KeyboardInterrupt)
         what, code = ("interrupted", EXIT_INTERRUPTED) if interrupted else ("terminated", EXIT_TERMINATED)
         click.echo(f"error: {what}; no output was written for {unfinished}", err=True)

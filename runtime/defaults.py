@@ -1,5 +1,6 @@
 """Defaults shared by the runtime and the CLI (a light module: the CLI's ``--help`` imports no model code)."""
 
+from pathlib import Path
 from typing import Any
 
 from deleaker.errors import ConfigError
@@ -40,3 +41,10 @@ def check_max_entities(value: Any) -> None:
             f"max_entities must be an int in [2, {MAX_ENTITIES}] (the kernels take at most {MAX_ENTITIES} "
             f"entities), got {value!r:.40}"
         )
+
+
+def check_model_source(model: Any) -> None:
+    """Raise `ConfigError` unless ``model`` is ``"tiny"`` (the built-in model, `deleaker.tiny.TINY_MODEL_NAME`,
+    spelled out: that module imports torch) or names a directory."""
+    if str(model) != "tiny" and not Path(model).is_dir():
+        raise ConfigError(f"model {str(model)!r:.200} is neither 'tiny' nor a directory")

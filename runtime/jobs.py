@@ -24,6 +24,7 @@ from .defaults import (
     DEFAULT_MODEL_BACKEND,
     DEFAULT_TEXT_LEN,
     check_max_entities,
+    check_model_source,
     check_text_len,
 )
 from .images import OutputError, check_output_files, psnr, read_png_record, save_pngs_atomic, side_by_side
@@ -82,8 +83,8 @@ class RuntimeSpec:
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r:.40}")
         DeLeakerConfig.check_overrides(dict(self.deleaker_overrides))
         # Paths as they are now, so that a typo is answered before torch loads (opening checks them again).
-        if self.model is not None and self.model != "tiny" and not Path(self.model).is_dir():
-            raise ConfigError(f"model {self.model!r:.200} is neither 'tiny' nor a directory")
+        if self.model is not None:
+            check_model_source(self.model)
         if self.engines is not None and not Path(self.engines).is_dir():
             state = "is not a directory" if Path(self.engines).exists() else "does not exist"
             raise ConfigError(f"engine directory {self.engines} {state}")

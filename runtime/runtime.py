@@ -38,6 +38,7 @@ from .defaults import (
     MAX_SIDE,
     MODEL_BACKENDS,
     check_max_entities,
+    check_model_source,
     check_text_len,
 )
 from .memory import AttentionMemory
@@ -572,9 +573,8 @@ def load_components(model: str | Path, *, with_transformer: bool = True) -> tupl
         # their draws and get different weights (and so different caches). One at a time.
         with _TINY_BUILD_LOCK, torch_work():
             return build_tiny_flux_components(0), TINY_MODEL_NAME
+    check_model_source(model)
     path = Path(model)
-    if not path.is_dir():
-        raise ConfigError(f"model {str(model)!r} is neither 'tiny' nor a directory")
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"{path} is not a diffusers model folder (no model_index.json)")
     from diffusers import FluxPipeline
