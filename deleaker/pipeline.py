@@ -133,14 +133,10 @@ class DeLeakerFluxPipeline(FluxPipeline):
                 **common,
             )
 
-        if isinstance(prompt, (list, tuple)):
-            if len(prompt) == 0 or len(set(prompt)) != 1:
-                raise ConfigError(f"entities apply to one prompt; got a list of {len(set(prompt))} different prompts")
-            prompt_text = prompt[0]
-        elif isinstance(prompt, str):
-            prompt_text = prompt
-        else:
-            raise ConfigError("entities need the prompt text (prompt=...), not only prompt embeddings")
+        _one_prompt("prompt", prompt)
+        # The entity mask indexes T5's tokens, and T5 reads prompt_2 when it is given (FluxPipeline.encode_prompt:
+        # ``prompt_2 or prompt``): entities are looked up in that text, or they would mark unrelated tokens.
+        t5_text = _one_prompt("prompt_2", kwargs.get("prompt_2") or prompt)
         if kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None:
             true_cfg = kwargs.get("true_cfg_scale", 1.0)
             _check_finite("true_cfg_scale", true_cfg)
@@ -153,7 +149,7 @@ class DeLeakerFluxPipeline(FluxPipeline):
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         state = self.deleaker_state(
-            prompt_text,
+            t5_text,
             entities,
             height=height,
             width=width,
@@ -174,6 +170,17 @@ class DeLeakerFluxPipeline(FluxPipeline):
             callback_on_step_end=advance_then_user_callback,
             **{**common, "height": height, "width": width},
         )
+
+
+def _one_prompt(name: str, prompt: Any) -> str:
+    """The one text ``prompt`` holds (a str, or a list of copies of one str); `ConfigError` otherwise."""
+    if isinstance(prompt, (list, tuple)):
+        if len(prompt) == 0 or len(set(prompt)) != 1:
+            raise ConfigError(f"entities apply to one prompt; got a list of {len(set(prompt))} different {name}s")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ConfigError(f"entities need the prompt text ({name}=...), not only prompt embeddings")
+    return prompt
 
 
 def _check_finite(name: str, value: Any) -> None:

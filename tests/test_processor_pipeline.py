@@ -214,6 +214,33 @@ def test_pipeline_rejects_bad_entities_before_any_work(components, entities, mes
     assert calls == []
 
 
+def test_pipeline_finds_entities_in_prompt_2_which_t5_reads(components, monkeypatch):
+    """FluxPipeline gives T5 ``prompt_2`` when it is set: the mask must index those tokens (it used to mark the
+    tokens at the positions the entities had in ``prompt``: here "big" and a piece of "sits")."""
+    pipe = DeLeakerFluxPipeline(**components)
+    masks = []
+    make_state = DeLeakerFluxPipeline.deleaker_state
+
+    def spy(self, *args, **kwargs):
+        state = make_state(self, *args, **kwargs)
+        masks.append(state.entity_mask)
+        return state
+
+    monkeypatch.setattr(DeLeakerFluxPipeline, "deleaker_state", spy)
+    prompt_2 = "the big dog sits here with a small cat"
+    _call(pipe, prompt="a cat and a dog", prompt_2=prompt_2, entities=["cat", "dog"], num_inference_steps=1)
+    ids = pipe.tokenizer_2(prompt_2, padding="max_length", max_length=TEXT_LEN, truncation=True).input_ids
+    spelled = [pipe.tokenizer_2.convert_ids_to_tokens([ids[i] for i in row.nonzero().flatten()]) for row in masks[0]]
+    assert spelled[:2] == [["▁cat"], ["▁dog"]]
+    # An entity of prompt that T5 does not read is refused, before any work.
+    calls = _count_work(pipe)
+    with pytest.raises(EntityError, match=r"not found in the prompt: \['cheetah'\]"):
+        _call(pipe, prompt_2="a cat and a dog", entities=ENTITIES)
+    with pytest.raises(ConfigError, match="one prompt; got a list of 2 different prompt_2s"):
+        _call(pipe, prompt_2=["a cat and a cheetah", "a cheetah and a cat"], entities=ENTITIES)
+    assert calls == []
+
+
 def _count_work(pipe) -> list:
     calls: list = []
     pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
