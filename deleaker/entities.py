@@ -54,8 +54,7 @@ def entity_token_positions(
     bounds the count. Raises `EntityError` when the entities do not fit the prompt (see the module docstring).
     """
     names = _check_entities(entities, max_entities)
-    if not isinstance(prompt, str):
-        raise EntityError(f"prompt must be a str, got {type(prompt).__name__}")
+    _check_prompt(prompt)
     if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 2:
         raise ConfigError(f"max_sequence_length must be an int >= 2, got {max_sequence_length!r}")
     spans = _find_spans(prompt, names)
@@ -136,8 +135,7 @@ def check_entity_words(prompt: str, entities: Sequence[str], *, max_entities: in
     """The entity checks that need no tokenizer (type, count, empty, duplicates, whole words of ``prompt``);
     returns the stripped names. Raises `EntityError`. `entity_token_positions` runs these first."""
     names = _check_entities(entities, max_entities)
-    if not isinstance(prompt, str):
-        raise EntityError(f"prompt must be a str, got {type(prompt).__name__}")
+    _check_prompt(prompt)
     _find_spans(prompt, names)
     return names
 
@@ -177,6 +175,20 @@ def _check_entities(entities: Sequence[str], max_entities: int | None) -> list[s
             f"duplicate entities (case-insensitive): {'; '.join(duplicates)}; each entity must be given once"
         )
     return names
+
+
+def _check_prompt(prompt: Any) -> None:
+    """`EntityError` unless ``prompt`` is a str the tokenizer can take."""
+    if not isinstance(prompt, str):
+        raise EntityError(f"prompt must be a str, got {type(prompt).__name__}")
+    try:
+        # A lone surrogate (JSON's "\ud800", undecodable bytes of argv) makes the fast tokenizer raise a TypeError.
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EntityError(
+            f"the prompt is not valid Unicode text (at character {exc.start}: {exc.reason}); it must be text T5 "
+            "can read"
+        ) from None
 
 
 def _find_spans(prompt: str, names: list[str]) -> list[tuple[int, int]]:

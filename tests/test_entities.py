@@ -10,7 +10,7 @@ import torch
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from deleaker.entities import MIN_ENTITIES, entity_token_mask, entity_token_positions
+from deleaker.entities import MIN_ENTITIES, check_entity_words, entity_token_mask, entity_token_positions
 from deleaker.errors import ConfigError, EntityError
 from deleaker.tiny import build_tiny_tokenizers
 
@@ -150,6 +150,15 @@ def test_bad_entities_are_rejected_before_the_tokenizer_is_used(entities, messag
     # tokenizer=None: these errors must come before any tokenization.
     with pytest.raises(EntityError, match=message):
         entity_token_mask(None, prompt, entities, max_sequence_length=T, max_entities=4)
+
+
+def test_a_prompt_that_is_not_valid_unicode_is_an_entity_error(t5):
+    # A lone surrogate (JSON "\ud800", undecodable argv bytes) used to reach the tokenizer: a TypeError.
+    prompt = "A cat \ud800 and a dog"
+    with pytest.raises(EntityError, match=r"prompt is not valid Unicode text \(at character 6"):
+        entity_token_positions(t5, prompt, ["cat", "dog"], max_sequence_length=T)
+    with pytest.raises(EntityError, match="prompt is not valid Unicode text"):
+        check_entity_words(prompt, ["cat", "dog"])
 
 
 def test_entities_cut_by_truncation_are_rejected(t5):
