@@ -142,6 +142,9 @@ def check_entity_words(prompt: str, entities: Sequence[str], *, max_entities: in
 
 def _check_entities(entities: Sequence[str], max_entities: int | None) -> list[str]:
     """Entity strings stripped, after the checks that need no tokenizer."""
+    if max_entities is not None:
+        # A bound below 2 would contradict the minimum; one that is not an int would fail the comparison below.
+        check_entity_rows(max_entities)
     if isinstance(entities, str) or not isinstance(entities, Sequence):
         raise EntityError(f"entities must be a list of strings, got {entities!r}")
     names: list[str] = []

@@ -179,6 +179,10 @@ def test_bad_sizes_and_tokenizers_are_rejected(t5):
         entity_token_mask(t5, "A cat and a dog", ["cat", "dog"], max_sequence_length=T, max_entities=1)
     with pytest.raises(ConfigError, match="max_sequence_length must be an int >= 2"):
         entity_token_mask(t5, "A cat and a dog", ["cat", "dog"], max_sequence_length=0)
+    # entity_token_positions bounds the count with max_entities: the same check as the mask's rows.
+    for bad in (1, 0, "4", 2.5, True):
+        with pytest.raises(ConfigError, match="max_entities must be an int >= 2"):
+            entity_token_positions(t5, "A cat and a dog", ["cat", "dog"], max_sequence_length=T, max_entities=bad)
     with pytest.raises(TypeError, match="fast tokenizer"):
         entity_token_mask(object(), "A cat and a dog", ["cat", "dog"], max_sequence_length=T)
 
