@@ -180,6 +180,10 @@ def _check_entities(entities: Sequence[str], max_entities: int | None) -> list[s
     return names
 
 
+#: Characters of the prompt an error message quotes.
+_PROMPT_SHOWN = 100
+
+
 def _check_prompt(prompt: Any) -> None:
     """`EntityError` unless ``prompt`` is a str the tokenizer can take."""
     if not isinstance(prompt, str):
@@ -207,8 +211,10 @@ def _find_spans(prompt: str, names: list[str]) -> list[tuple[int, int]]:
         else:
             spans.append(match.span())
     if missing:
+        # The prompt is shown cut: prompts run to 20,000 characters and the CLI prints this as one line.
+        shown = repr(prompt) if len(prompt) <= _PROMPT_SHOWN else f"{prompt[:_PROMPT_SHOWN]!r}..."
         raise EntityError(
-            f"entities not found in the prompt: {missing}; each entity must occur in the prompt {prompt!r} "
+            f"entities not found in the prompt: {missing}; each entity must occur in the prompt {shown} "
             "as whole words (case-insensitive)"
         )
     return spans

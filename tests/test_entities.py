@@ -161,6 +161,16 @@ def test_a_prompt_that_is_not_valid_unicode_is_an_entity_error(t5):
         check_entity_words(prompt, ["cat", "dog"])
 
 
+def test_an_entity_not_found_in_a_long_prompt_quotes_only_its_start():
+    # The whole prompt (up to 20,000 characters) used to be quoted in the one-line error.
+    prompt = "A cat and a dog " + "in a very long garden " * 1000
+    with pytest.raises(EntityError) as info:
+        entity_token_mask(None, prompt, ["cat", "cow"], max_sequence_length=T)
+    message = str(info.value)
+    assert "not found in the prompt: ['cow']" in message and "'A cat and a dog in a very long" in message
+    assert "gar'... as whole words" in message and len(message) < 300
+
+
 def test_entities_cut_by_truncation_are_rejected(t5):
     prompt = "a " * 20 + "cat and a blue jay"
     n = len(t5(prompt).input_ids)  # with </s>
