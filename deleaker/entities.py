@@ -4,7 +4,8 @@ Rules (spec, "Entities to tokens"):
 
 - Each entity must occur in the prompt as whole words, case-insensitively; runs of whitespace inside an entity
   match any whitespace run (``"blue jay"`` matches ``"Blue  jay"``). Whole words: the characters just before and
-  after the match are not word characters (``"cat"`` is not found in ``"category"`` but is in ``"cat's"``).
+  after the match are not word characters, i.e. letters, digits, ``_`` or combining marks (``"cat"`` is not found
+  in ``"category"`` but is in ``"cat's"``; ``"cafe"`` is not found in a decomposed ``"café"``).
 - Only an entity's first occurrence counts. Its tokens are the T5 tokens whose character span overlaps that
   occurrence, in the prompt tokenized exactly as ``FluxPipeline`` does (``padding="max_length"``,
   ``truncation=True``, ``max_length=max_sequence_length``), so positions index the text embeddings. A bare ``▁``
@@ -24,6 +25,7 @@ Rules (spec, "Entities to tokens"):
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -205,11 +207,11 @@ def _find_spans(prompt: str, names: list[str]) -> list[tuple[int, int]]:
     for name in names:
         # Matching on the original text (IGNORECASE, not .lower()) keeps character offsets exact.
         pattern = r"(?<!\w)" + r"\s+".join(re.escape(word) for word in name.split()) + r"(?!\w)"
-        match = re.search(pattern, prompt, flags=re.IGNORECASE)
-        if match is None:
+        span = _first_whole_word(re.compile(pattern, flags=re.IGNORECASE), prompt)
+        if span is None:
             missing.append(name)
         else:
-            spans.append(match.span())
+            spans.append(span)
     if missing:
         # The prompt is shown cut: prompts run to 20,000 characters and the CLI prints this as one line.
         shown = repr(prompt) if len(prompt) <= _PROMPT_SHOWN else f"{prompt[:_PROMPT_SHOWN]!r}..."
@@ -218,6 +220,23 @@ def _find_spans(prompt: str, names: list[str]) -> list[tuple[int, int]]:
             "as whole words (case-insensitive)"
         )
     return spans
+
+
+def _first_whole_word(pattern: re.Pattern[str], prompt: str) -> tuple[int, int] | None:
+    """Span of the first match of ``pattern`` that is not next to a combining mark."""
+    # \w does not cover combining marks, so the lookarounds alone take "cafe" for a word of "cafe\u0301" (café
+    # decomposed) and "ह" for a word of "हिन्दी"; a mark continues the word it follows.
+    position = 0
+    while (match := pattern.search(prompt, position)) is not None:
+        start, end = match.span()
+        if not (end < len(prompt) and _is_mark(prompt[end])) and not (start > 0 and _is_mark(prompt[start - 1])):
+            return start, end
+        position = start + 1
+    return None
+
+
+def _is_mark(ch: str) -> bool:
+    return unicodedata.category(ch).startswith("M")
 
 
 def _tokens_of_span(prompt: str, offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:

@@ -112,6 +112,21 @@ def test_match_is_whole_words_only(t5):
         entity_token_positions(t5, "A category and a dog", ["cat", "dog"], max_sequence_length=T)
 
 
+def test_a_combining_mark_continues_the_word(t5):
+    # "\w" does not cover combining marks: "cafe" used to be found as a whole word of a decomposed "café", and "ह"
+    # of "हिन्दी" (the vowel sign after it is a mark).
+    decomposed = "A cafe\u0301 and a dog near a cafe"
+    cafe, _ = entity_token_positions(t5, decomposed, ["cafe", "dog"], max_sequence_length=T)
+    assert _spelled(t5, decomposed, cafe) == "cafe" and min(cafe) > 3  # the plain "cafe" at the end
+    cafe_accent, _ = entity_token_positions(t5, decomposed, ["cafe\u0301", "dog"], max_sequence_length=T)
+    assert max(cafe_accent) < min(cafe)
+    with pytest.raises(EntityError, match=r"not found in the prompt: \['cafe'\]"):
+        entity_token_positions(t5, "A cafe\u0301 and a dog", ["cafe", "dog"], max_sequence_length=T)
+    with pytest.raises(EntityError, match=r"not found in the prompt: \['ह'\]"):
+        check_entity_words("हिन्दी and a dog", ["ह", "dog"])
+    assert check_entity_words("हिन्दी and a dog", ["हिन्दी", "dog"]) == ["हिन्दी", "dog"]
+
+
 def test_first_occurrence_is_used(t5):
     prompt = "A cat chases a dog and another cat"
     cat, dog = entity_token_positions(t5, prompt, ["cat", "dog"], max_sequence_length=T)
