@@ -50,7 +50,9 @@ class _NoticeHandler(logging.Handler):
 
 
 def _entities(value: str) -> tuple[str, ...]:
-    return tuple(e.strip() for e in value.split(",") if e.strip())
+    # Empty items ("cat,,dog", "cat,dog,") are kept: the entity checks refuse them, as the Python API does, rather
+    # than the command line guessing what a typo meant.
+    return tuple(e.strip() for e in value.split(","))
 
 
 def _progress_factory(enabled: bool):

@@ -114,6 +114,8 @@ def _build(**changes: str | list[str]) -> list[str]:
         (_with(entities="cat,cow"), "not found in the prompt: ['cow']"),
         (_with(entities="cat"), "at least 2"),
         (_with(entities="cat,cat"), "duplicate"),
+        (_with(entities="cat,,dog"), "entity 1 is empty or whitespace"),
+        (_with(entities="cat,dog,"), "entity 2 is empty or whitespace"),
         (_with(set="k_strength=1" + "0" * 400), "k_strength must be in (0, 10], got 1000000000"),
         (
             _with(set="stop_intervention_at=1" + "0" * 5000),
