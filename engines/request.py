@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple
 
 from deleaker.errors import ConfigError
-from deleaker.runtime.defaults import PRECISIONS, check_max_entities, check_text_len
+from deleaker.runtime.defaults import PRECISIONS, check_max_entities, check_model_source, check_text_len
 from deleaker.runtime.request import check_side
 
 from .manifest import MAX_BATCH
@@ -64,6 +64,11 @@ class BuildRequest:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        # A mistyped folder is answered here, not after the build imported torch to load it.
+        try:
+            check_model_source(self.model)
+        except ConfigError as err:
+            raise ConfigError(f"--model: {err}") from None
         check_side("height", self.height)
         check_side("width", self.width)
         check_text_len(self.text_len)
