@@ -189,10 +189,22 @@ def _knob_value(name: str, text: str) -> Any:
 
 
 def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
+    from deleaker.errors import ConfigError
+
     from . import jobs
 
     if (engines is None) == (model is None):
         raise click.UsageError("give exactly one of --engines DIR or --model PATH|tiny")
+    if engines is not None:
+        # Engines fix T and E_max: a value given for them would be ignored silently (as --set is refused).
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in ("text_len", "max_entities")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise ConfigError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to --model; engines are built "
+                "for one T and E_max (build others with `deleaker-trt build` to change them)"
+            )
     return jobs.RuntimeSpec(
         engines=engines,
         model=model,

@@ -239,6 +239,17 @@ def test_engine_dir_errors(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("given", [["--text-len", "256"], ["--max-entities", "8"], ["--text-len", "32", "--max-entities", "2"]])
+def test_engines_refuse_text_len_and_max_entities(tmp_path, given):
+    """Engines fix T and E_max: --text-len/--max-entities with --engines were ignored silently (even the default
+    value, given explicitly, is refused: it says what the user expects)."""
+    result = invoke("run", "--engines", tmp_path, *given, "--prompt", PROMPT, "--entities", "cat,cheetah",
+                    "--out", tmp_path / "x.png")
+    assert result.exit_code == 1 and "only to --model; engines are built for one T and E_max" in result.stderr
+    assert " and ".join(g for g in given if g.startswith("--")) in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def _local_tensorrt_release() -> str:
     """The TensorRT release importable here (the engines' manifests must name it), or one that is not."""
     from deleaker.plugins.trt_library import TensorRTUnavailableError, import_tensorrt, tensorrt_release
