@@ -64,7 +64,9 @@ from .manifest import MAX_BATCH
 @click.option(
     "--plugin",
     "plugin_library",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    # Checked by `BuildRequest` (one error line, exit 1, as every bad path), not by click (a usage error, exit 2).
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     default=None,
     help="The DeLeaker TensorRT plugin library (libdeleaker_trt_plugin.so, from `deleaker-trt plugin`); needed for "
     "an engine. Copied into the output folder, where `run --engines` loads it from.",

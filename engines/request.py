@@ -78,6 +78,9 @@ class BuildRequest:
             raise ConfigError("fp8 needs at least one calibration prompt")
         if self.onnx_only and self.plugin_library is not None:
             raise ConfigError("the plugin library is for engine builds; an ONNX-only build takes none")
+        if self.plugin_library is not None and not Path(self.plugin_library).is_file():
+            state = "is not a file" if Path(self.plugin_library).exists() else "does not exist"
+            raise ConfigError(f"plugin library {self.plugin_library} {state} (`deleaker-trt plugin --out DIR` builds it)")
         if not self.onnx_only and self.plugin_library is None:
             raise ConfigError(
                 "building an engine needs the DeLeaker plugin library (--plugin PATH; `deleaker-trt plugin --out DIR` "

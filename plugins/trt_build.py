@@ -137,6 +137,19 @@ def _run(command: list[str], env: dict, what: str) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def _tensorrt_root_problem(config: PluginBuildConfig) -> Optional[str]:
+    """Why an explicit ``tensorrt_root`` cannot provide TensorRT's headers, or None (none given, or it can)."""
+    if config.tensorrt_root is None or config.stand_in_headers:
+        return None
+    root = Path(config.tensorrt_root)
+    if not root.is_dir():
+        return f"TensorRT's headers: the TensorRT root {root} {'is not a folder' if root.exists() else 'does not exist'}"
+    if not any((folder / "NvInferRuntime.h").is_file() for folder in (root / "include", root)):
+        return (f"TensorRT's headers (NvInferRuntime.h): the TensorRT root {root} has no include/NvInferRuntime.h; "
+                "give the folder of a TensorRT install")
+    return None
+
+
 def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], None]] = None) -> Path:
     """Build ``libdeleaker_trt_plugin.so`` into ``config.out_dir`` and return its path.
 
@@ -153,8 +166,9 @@ def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], N
             f"the test stand-in TensorRT headers ({STAND_IN_HEADERS_DIR}): they live in the source checkout's "
             "tests/ folder, not in an installed package"
         )
+    root_problem = _tensorrt_root_problem(config)
     if missing:
-        raise PluginToolMissingError(missing)
+        raise PluginToolMissingError(missing + ([root_problem] if root_problem else []))
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # One CMake build tree per source checkout: CMake refuses a tree configured from another source folder.
@@ -164,6 +178,8 @@ def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], N
         say("configuring (cmake)")
         configured = _run(configure_command(config, cmake, build_dir), env, "cmake")
         reported = _MISSING.findall(configured.stdout + configured.stderr)
+        if root_problem:  # CMake would fall back to the system's headers, or blame $TensorRT_ROOT: name the option
+            reported = [root_problem] + [r for r in reported if not r.startswith("TensorRT's headers")]
         if reported:
             raise PluginToolMissingError(list(dict.fromkeys(reported)))
         if configured.returncode != 0:

@@ -26,7 +26,9 @@ from .trt_build import PluginBuildConfig, build_plugin, library_build_info
 )
 @click.option(
     "--tensorrt-root",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    # Checked by the build (one error line naming the folder, exit 1, as every bad path), not by click (exit 2).
+    type=click.Path(path_type=Path),
+    metavar="DIRECTORY",
     default=None,
     help="TensorRT install holding include/NvInferRuntime.h (default: $TensorRT_ROOT, then system locations).",
 )

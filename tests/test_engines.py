@@ -358,13 +358,15 @@ def test_a_build_that_fails_after_its_export_leaves_no_onnx(tmp_path, monkeypatc
         ([], 1, "error: building an engine needs the DeLeaker plugin library (--plugin PATH"),
         (["--onnx-only", "--plugin", "{lib}"], 1, "error: the plugin library is for engine builds; an ONNX-only"),
         (["--plugin", "{lib}"], 1, "is not a DeLeaker TensorRT plugin library: "),
-        (["--plugin", "{missing}"], 2, "Invalid value for '--plugin'"),
+        # A missing library is a bad path like any other: one error line, exit 1 (click's exists=True gave exit 2).
+        (["--plugin", "{missing}"], 1, "error: plugin library {missing} does not exist"),
     ],
 )
 def test_cli_refuses_a_missing_or_bad_plugin_library_before_any_work(tmp_path, options, code, message):
     not_a_library = tmp_path / LIBRARY_NAME
     not_a_library.write_bytes(b"\x7fELF but not really")
     options = [o.format(lib=not_a_library, missing=tmp_path / "nope.so") for o in options]
+    message = message.format(missing=tmp_path / "nope.so")
     out = tmp_path / "out"
     result = CliRunner().invoke(build_command, TINY_ARGS + ["--out", str(out), *options])
     assert result.exit_code == code and message in result.output, result.output

@@ -83,7 +83,8 @@ def test_build_names_every_missing_header(tmp_path):
     with pytest.raises(trt_build.PluginToolMissingError) as caught:
         trt_build.build_plugin(trt_build.PluginBuildConfig(out_dir=tmp_path, tensorrt_root=tmp_path))
     missing = "\n".join(caught.value.missing)
-    assert "NvInferRuntime.h" in missing and "TensorRT_ROOT" in missing
+    # The root given is named (CMake's own line would point at $TensorRT_ROOT, or fall back to the system's headers).
+    assert f"the TensorRT root {tmp_path} has no include/NvInferRuntime.h" in missing and "TensorRT_ROOT" not in missing
     assert not (tmp_path / trt_build.LIBRARY_NAME).exists()
 
 
@@ -104,6 +105,24 @@ def test_cli_plugin_reports_missing_pieces_and_exits_1(tmp_path):
     assert result.exit_code == 1, result.output
     assert "error: cannot build the TensorRT plugin library; missing:" in result.output
     assert "cmake" in result.output and not (tmp_path / "out" / trt_build.LIBRARY_NAME).exists()
+
+
+@pytest.mark.parametrize("root", ["no-such-root", "a-file"])
+def test_cli_plugin_refuses_a_tensorrt_root_that_is_no_folder_with_exit_1(tmp_path, root):
+    """A missing --tensorrt-root was click's usage error (exit 2, 'Usage: ...'); now it is named with the other
+    missing pieces (here cmake: PATH is empty), one error and exit 1, as every bad path."""
+    from click.testing import CliRunner
+
+    from deleaker.runtime.cli import main
+
+    (tmp_path / "a-file").write_text("")
+    args = ["plugin", "--out", str(tmp_path / "out"), "--tensorrt-root", str(tmp_path / root)]
+    result = CliRunner().invoke(main, args, env={"PATH": str(tmp_path / "empty-bin")})
+    assert result.exit_code == 1, result.output
+    state = "does not exist" if root == "no-such-root" else "is not a folder"
+    assert result.output.startswith("error: cannot build the TensorRT plugin library; missing:")
+    assert f"the TensorRT root {tmp_path / root} {state}" in result.output and "cmake" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_product_build_against_real_tensorrt_headers_where_present(tmp_path):
