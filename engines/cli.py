@@ -13,6 +13,7 @@ import click
 
 from deleaker.plugins.kernels import MAX_ENTITIES
 from deleaker.runtime.cli_errors import CHECKED_INT, reported_errors
+from deleaker.runtime.cli_knobs import knob_option, knob_overrides
 from deleaker.runtime.defaults import DEFAULT_PRECISION, MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
 
 from .manifest import MAX_BATCH
@@ -74,7 +75,13 @@ from .manifest import MAX_BATCH
 @click.option(
     "--onnx-only", is_flag=True, help="Stop after the ONNX and its manifest (no TensorRT, no plugin library needed)."
 )
-def build(model, precision, height, width, max_entities, text_len, batch, out_dir, plugin_library, onnx_only) -> None:
+@knob_option(
+    "A DeLeaker knob built into the engine's nodes, e.g. --set k_strength=1.5 (default: the spec's, windows scaled "
+    "to the model); repeatable, each knob once."
+)
+def build(
+    model, precision, height, width, max_entities, text_len, batch, out_dir, plugin_library, onnx_only, overrides
+) -> None:
     """Export the DeLeaker FLUX transformer to ONNX and build a TensorRT engine with a manifest."""
     from .request import BuildRequest
 
@@ -91,6 +98,7 @@ def build(model, precision, height, width, max_entities, text_len, batch, out_di
             batch=tuple(batch),
             onnx_only=onnx_only,
             plugin_library=plugin_library,
+            deleaker_config=dict(knob_overrides(overrides)) or None,
         )
         # Imported here: the build pulls in torch and onnx, which `--help` and bad input do not need.
         from .build import build_engines

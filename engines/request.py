@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple, Union
 
+from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError
 from deleaker.runtime.defaults import PRECISIONS, check_max_entities, check_model_source, check_text_len
 from deleaker.runtime.request import check_side
@@ -42,8 +43,8 @@ def check_batch(batch: Any) -> None:
 @dataclass(frozen=True)
 class BuildRequest:
     """What to build. ``height``/``width`` in pixels, ``text_len`` = T, ``max_entities`` = E_max (fixed per engine);
-    ``batch`` = (min, opt, max) of the engine's profile; ``deleaker_config``: overrides of the knobs (None:
-    defaults scaled to the model). ``plugin_library``: ``libdeleaker_trt_plugin.so`` (``deleaker-trt plugin``),
+    ``batch`` = (min, opt, max) of the engine's profile; ``deleaker_config``: overrides of the knobs (a mapping,
+    checked here), a full `DeLeakerConfig` (used as is), or None (the defaults scaled to the model). ``plugin_library``: ``libdeleaker_trt_plugin.so`` (``deleaker-trt plugin``),
     needed for an engine; ``onnx_only`` builds none and takes no library."""
 
     model: str
@@ -56,7 +57,7 @@ class BuildRequest:
     batch: Tuple[int, int, int] = (1, 1, 4)
     onnx_only: bool = False
     plugin_library: Optional[Path] = None
-    deleaker_config: Optional[Mapping[str, Any]] = None
+    deleaker_config: Union[Mapping[str, Any], DeLeakerConfig, None] = None
     calibration_prompts: Tuple[str, ...] = DEFAULT_CALIBRATION_PROMPTS
     calibration_sigmas: Tuple[float, ...] = DEFAULT_CALIBRATION_SIGMAS
     workspace_bytes: Optional[int] = None
@@ -74,6 +75,13 @@ class BuildRequest:
         check_text_len(self.text_len)
         check_max_entities(self.max_entities)
         check_batch(self.batch)
+        if isinstance(self.deleaker_config, Mapping):
+            DeLeakerConfig.check_overrides(self.deleaker_config)
+        elif self.deleaker_config is not None and not isinstance(self.deleaker_config, DeLeakerConfig):
+            raise ConfigError(
+                "deleaker_config must be a mapping of knob overrides, a DeLeakerConfig or None, got "
+                f"{type(self.deleaker_config).__name__}"
+            )
         if self.precision == "fp8" and not self.calibration_prompts:
             raise ConfigError("fp8 needs at least one calibration prompt")
         if self.onnx_only and self.plugin_library is not None:

@@ -27,6 +27,7 @@ from .cli_errors import (  # noqa: F401  (the exit codes, named where the comman
     DeLeakerCliError,
     reported_errors,
 )
+from .cli_knobs import knob_option, knob_overrides
 from .defaults import (
     BACKENDS,
     DEFAULT_GUIDANCE,
@@ -122,12 +123,9 @@ def _source_options(func):
             default=None,
             help="Engines of this precision (--engines only; needed when a directory has several).",
         ),
-        click.option(
-            "--set",
-            "overrides",
-            multiple=True,
-            metavar="KNOB=VALUE",
-            help="Override a DeLeaker knob (--model only), e.g. --set k_strength=1.5; repeatable.",
+        knob_option(
+            "Override a DeLeaker knob (--model only: engines are built with theirs, see `build --set`), e.g. "
+            "--set k_strength=1.5; repeatable, each knob once."
         ),
     ]
     for option in reversed(options):
@@ -163,31 +161,6 @@ def _request_options(func):
     return func
 
 
-def _overrides(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
-    """``("k_strength=1.5", "use_history=false")`` -> ``(("k_strength", 1.5), ("use_history", False))``."""
-    parsed = []
-    for item in values:
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise click.BadParameter(f"expected KNOB=VALUE, got {item!r}", param_hint="--set")
-        parsed.append((name.strip(), _knob_value(name.strip(), text.strip())))
-    return tuple(parsed)
-
-
-def _knob_value(name: str, text: str) -> Any:
-    """``true``/``false`` (any case), an int, or a float: also ``inf``/``nan``. The config then refuses what is
-    out of range, and the text itself when it is none of these, with the knob's allowed values (one message and
-    exit 1 for every bad value, as `LibraryChecked` does for the options)."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
-
-
 def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
     from deleaker.errors import ConfigError
 
@@ -213,7 +186,7 @@ def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, de
         max_entities=max_entities,
         cache_dir=cache_dir,
         device=device,
-        deleaker_overrides=_overrides(overrides),
+        deleaker_overrides=knob_overrides(overrides),
         precision=precision,
     )
 

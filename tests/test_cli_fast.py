@@ -115,6 +115,10 @@ def _build(**changes: str | list[str]) -> list[str]:
         (_with(entities="cat"), "at least 2"),
         (_with(entities="cat,cat"), "duplicate"),
         (_with(entities="cat,,dog"), "entity 1 is empty or whitespace"),
+        ([*GOOD, "--set", "k_strength=1.5", "--set", "k_strength= 2"],
+         "--set k_strength is given twice ('k_strength=1.5' and 'k_strength= 2'); give each knob once"),
+        ([*BUILD, "--set", "k_strength=0"], "k_strength must be in (0, 10]"),
+        ([*BUILD, "--set", "no_such_knob=1"], "unknown DeLeaker option(s) ['no_such_knob']"),
         (_with(entities="cat,dog,"), "entity 2 is empty or whitespace"),
         (_with(set="k_strength=1" + "0" * 400), "k_strength must be in (0, 10], got 1000000000"),
         (
