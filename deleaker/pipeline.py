@@ -12,6 +12,7 @@ from .config import DeLeakerConfig
 from .entities import check_entity_rows, entity_token_mask
 from .errors import ConfigError
 from .geometry import latent_grid
+from .guidance import check_guidance
 from .processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
 
 #: Entity rows of the mask (the spec's E_max); prompts may name fewer entities.
@@ -120,9 +121,12 @@ class DeLeakerFluxPipeline(FluxPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             **kwargs,
         )
-        # Checked with or without entities, before any work: a NaN guidance gives a NaN (black) image silently in
-        # FluxPipeline, and DeLeaker's own options are checked even when they are not used.
-        _check_finite("guidance_scale", kwargs.get("guidance_scale", 3.5))
+        # Checked with or without entities, before any work: a NaN guidance, or one that overflows the embedding
+        # (x 1000 in the transformer's dtype), gives a NaN (black) image silently in FluxPipeline, and DeLeaker's own
+        # options are checked even when they are not used.
+        guided = bool(getattr(self.transformer.config, "guidance_embeds", False))
+        embedding_dtype = self.transformer.dtype if guided else torch.float64
+        check_guidance("guidance_scale", kwargs.get("guidance_scale", 3.5), embedding_dtype)
         config = DeLeakerConfig.resolve(deleaker_config, self.num_blocks)
         check_entity_rows(max_entities)
         if entities is None or (isinstance(entities, (list, tuple)) and len(entities) == 0):

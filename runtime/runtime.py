@@ -24,6 +24,7 @@ from PIL import Image
 
 from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.geometry import latent_grid, vae_scale_factor
+from deleaker.guidance import check_guidance
 from deleaker.tiny import TINY_MODEL_NAME
 from deleaker.tracing import torch_work
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
@@ -437,6 +438,10 @@ class DeLeakerRuntime:
     def _generate_loaded(self, request, backend, grid, timings, start, record_latents, progress) -> GenerationResult:
         """Encode, denoise and decode with a loaded backend (torch work: never while this process exports)."""
         height, width = request.height, request.width
+        if self.transformer_config.get("guidance_embeds", False):
+            # The transformer embeds guidance x 1000 in its dtype: float16 (a model, an fp16/fp8 engine) overflows
+            # above 65.5, and every latent would be NaN. Refused before the work, not after it.
+            check_guidance("guidance", request.guidance, backend.dtype)
 
         # 1. Text: T5 sequence + CLIP pooled, and the entity mask (all zeros renders plain FLUX).
         tick = time.perf_counter()

@@ -13,6 +13,7 @@ from diffusers.models.transformers import transformer_flux
 from deleaker import DeLeakerConfig, EntityError, deleaker_attention
 from deleaker.errors import ConfigError
 from deleaker.geometry import latent_grid
+from deleaker.guidance import max_guidance
 from deleaker.pipeline import DeLeakerFluxPipeline
 from deleaker.processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
 
@@ -281,6 +282,8 @@ def test_pipeline_refuses_entities_that_are_not_a_list(components, entities):
     [
         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
         (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+        # Finite, but x 1000 overflows float32 in the guidance embedding: FluxPipeline's image is black.
+        (dict(guidance_scale=1e36), r"guidance_scale 1e\+36 overflows FLUX's guidance embedding in float32"),
         (dict(deleaker_config="garbage"), "deleaker_config must be"),
         (dict(deleaker_config={"nope": 1}), "unknown DeLeaker option"),
         (dict(max_entities="x"), "max_entities must be an int"),
@@ -293,6 +296,17 @@ def test_pipeline_checks_its_options_with_or_without_entities(components, entiti
     with pytest.raises(ConfigError, match=message):
         _call(pipe, entities=entities, **options)
     assert calls == []
+
+
+def test_pipeline_refuses_a_guidance_a_float16_transformer_cannot_embed(tiny_components):
+    """float16 holds at most 65504: guidance 66 (x 1000) is inf in the embedding, and the image black."""
+    pipe = DeLeakerFluxPipeline(**{n: copy.deepcopy(c) for n, c in tiny_components.items()})
+    pipe.transformer.to(torch.float16)
+    calls = _count_work(pipe)
+    with pytest.raises(ConfigError, match=r"at most 65\.504 in magnitude"):
+        _call(pipe, guidance_scale=66.0)
+    assert calls == []
+    assert max_guidance(torch.float16) == pytest.approx(65.504) and max_guidance(torch.bfloat16) > 1e35
 
 
 def test_pipeline_refuses_entities_without_its_attention_processors(components):

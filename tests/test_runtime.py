@@ -279,6 +279,19 @@ def test_non_finite_latents_are_an_error_not_an_image(tiny_components):
     assert isinstance(info.value, DeLeakerError) and done == []  # stopped at the first bad step
 
 
+def test_a_guidance_a_float16_model_cannot_embed_is_refused_before_the_work(tiny_components):
+    """The transformer embeds guidance x 1000 in its dtype: in float16, 66 is inf (every latent NaN)."""
+    components = {k: copy.deepcopy(v) for k, v in tiny_components.items()}
+    rt = DeLeakerRuntime.from_components(
+        components, model_id="tiny", backend="torch", text_len=TEXT_LEN, default_size=(64, 64), dtype=torch.float16
+    )
+    encoded = []
+    rt.text.encode = lambda *args, **kwargs: encoded.append(args)  # the first step of the work
+    with pytest.raises(ConfigError, match=r"guidance 66\.0 overflows FLUX's guidance embedding in float16"):
+        rt(PROMPT, list(ENTITIES), steps=1, guidance=66.0)
+    assert encoded == []
+
+
 def test_non_finite_decoded_image_is_an_error(tiny_components):
     rt = _overflowing_runtime(tiny_components, "vae.decoder.conv_out")
     with pytest.raises(NonFiniteError, match="decoded image"):

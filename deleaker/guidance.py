@@ -1,0 +1,33 @@
+"""The guidance a FLUX transformer can embed: diffusers' ``FluxTransformer2DModel`` casts ``guidance`` to the
+transformer's dtype and multiplies it by 1000 there, so a float16 model (or engine) overflows to inf above
+65504 / 1000 = 65.504, and its image is NaN (black). bfloat16 and float32 overflow only near 3.4e35."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+#: FluxTransformer2DModel multiplies the guidance by this before its sinusoidal embedding.
+GUIDANCE_EMBEDDING_SCALE = 1000
+
+
+def max_guidance(dtype: torch.dtype) -> float:
+    """The largest guidance magnitude whose embedding input (x 1000) is finite in ``dtype``."""
+    return torch.finfo(dtype).max / GUIDANCE_EMBEDDING_SCALE if dtype.is_floating_point else math.inf
+
+
+def check_guidance(name: str, value: Any, dtype: torch.dtype) -> None:
+    """Raise `ConfigError` unless ``value`` is a finite number (not a bool) whose embedding fits ``dtype``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r:.40}")
+    limit = max_guidance(dtype)
+    if abs(value) > limit:
+        raise ConfigError(
+            f"{name} {value!r:.40} overflows FLUX's guidance embedding in {str(dtype).removeprefix('torch.')} "
+            f"(it embeds guidance x {GUIDANCE_EMBEDDING_SCALE}): at most {limit:.6g} in magnitude; FLUX.1-dev is "
+            "distilled for about 1 to 10"
+        )
