@@ -60,9 +60,10 @@ def _takes(q: Tensor) -> bool:
 
 
 def supports(q: Tensor, entity_mask: Tensor) -> bool:
-    """True for CUDA ``q`` of dtype float16 / bfloat16 with head dim 64 or 128 (the kernels' instantiations)
-    and at most ``kernels.MAX_ENTITIES`` entity rows; callers run the reference otherwise."""
-    return _takes(q) and entity_mask.shape[0] <= kernels.MAX_ENTITIES
+    """True for CUDA ``q`` of dtype float16 / bfloat16 with head dim 64 or 128 (the kernels' instantiations),
+    at most ``kernels.MAX_ENTITIES`` entity rows and sizes within the kernels' grids (`kernel_shape_problem`);
+    callers run the reference otherwise."""
+    return _takes(q) and kernel_shape_problem(q, entity_mask) is None
 
 
 def _refuse_under_capture(what: str) -> None:
@@ -270,16 +271,34 @@ def _run(q, k, v, entity_mask, *, grid, block_step, history, config, fallback_th
     return out, new_history, views
 
 
-def _check_kernel_shapes(q: Tensor, entity_mask: Tensor) -> None:
+def kernel_shape_problem(q: Tensor, entity_mask: Tensor) -> str | None:
+    """Why the kernels cannot take ``q`` ``(B, H, N, D)`` and ``entity_mask`` ``(E_max, T)`` (already checked as
+    inputs of the op), or None. The library refuses the same sizes at launch, but only after the fused attention
+    ran: a batch or head count beyond its launch grids used to reach it from `supports` (which said yes)."""
     if q.dtype not in _DTYPES or q.shape[-1] not in _HEAD_DIMS:
-        raise ShapeError(
+        return (
             f"the kernels take float16/bfloat16 q with head dim in {_HEAD_DIMS}, got {q.dtype} with head dim "
             f"{q.shape[-1]}"
         )
     if entity_mask.shape[0] > kernels.MAX_ENTITIES:
-        raise ShapeError(
-            f"the CUDA kernels take at most {kernels.MAX_ENTITIES} entity rows, got {entity_mask.shape[0]}"
-        )
+        return f"the CUDA kernels take at most {kernels.MAX_ENTITIES} entity rows, got {entity_mask.shape[0]}"
+    batch, heads, tokens, _ = q.shape
+    image_tokens = tokens - entity_mask.shape[1]
+    for name, value, limit in (
+        ("batch", batch, kernels.MAX_BATCH),
+        ("heads", heads, kernels.MAX_HEADS),
+        ("image tokens (gh * gw)", image_tokens, kernels.MAX_IMAGE_TOKENS),
+        ("tokens (N)", tokens, kernels.MAX_TOKENS),
+    ):
+        if value > limit:
+            return f"the CUDA kernels take {name} up to {limit}, got {value}"
+    return None
+
+
+def _check_kernel_shapes(q: Tensor, entity_mask: Tensor) -> None:
+    problem = kernel_shape_problem(q, entity_mask)
+    if problem is not None:
+        raise ShapeError(problem)
 
 
 def launch_kernels(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +30,7 @@ from deleaker.decomposed import plain_attention_with_lse
 from deleaker.export import onnx_node
 from deleaker.plugins import kernels, torch_op
 from deleaker import deleaker_attention_reference
+from deleaker.errors import ShapeError
 from kernel_checks import (
     CONFIG,
     INSIDE,
@@ -330,6 +332,37 @@ def test_launch_errors_name_the_argument(library, overrides, message):
     with pytest.raises(kernels.KernelLaunchError, match=message) as info:
         library.launch(params, 0, 0, 0)
     assert info.value.code == kernels.ERROR_INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "shape, text_len, message",
+    [
+        ((65536, 1, 2, 64), 1, r"batch up to 65535, got 65536"),
+        ((1, 65536, 2, 64), 1, r"heads up to 65535, got 65536"),
+        ((1, 1, 65535 * 64 + 2, 64), 1, r"image tokens \(gh \* gw\) up to 4194240, got 4194241"),
+    ],
+)
+def test_sizes_beyond_the_kernels_grids_are_not_supported(shape, text_len, message):
+    """`supports` says no (the caller runs the reference) and the fast path refuses with a ShapeError before any
+    work, for sizes the library's launch grids cannot take; it used to say yes, and the library refused only after
+    the fused attention had run. Meta tensors: no memory."""
+    q = torch.empty(shape, dtype=torch.float16, device="meta")
+    entity_mask = torch.zeros(4, text_len, dtype=torch.bool, device="meta")
+    assert re.search(message, torch_op.kernel_shape_problem(q, entity_mask))
+    at_limit = torch.empty([min(d, 65535) for d in shape[:2]] + [2, 64], dtype=torch.float16, device="meta")
+    assert torch_op.kernel_shape_problem(at_limit, entity_mask) is None
+
+
+def test_a_batch_beyond_the_kernels_grid_is_refused_before_any_launch(library):
+    (q, k, v), entity_mask = structured_inputs(1, 1, 1, (1, 1), 64, 1, 2, torch.float16, 0, device="cpu")
+    q, k, v = (x.expand(65536, -1, -1, -1) for x in (q, k, v))  # a batch of 65536, no memory
+    out = torch.zeros(65536, 1, 2, 64, dtype=torch.float16)
+    lse = torch.zeros(65536, 1, 2)
+    before = library.launches()
+    with pytest.raises(ShapeError, match="batch up to 65535, got 65536"):
+        torch_op.launch_kernels(library, q, k, v, entity_mask, out=out, lse=lse, grid=(1, 1), block_step=INSIDE,
+                                history=None, config=CONFIG, stream=0, debug=False)
+    assert library.launches() == before and not out.any()
 
 
 def test_launch_before_init_is_an_error(library, tmp_path):
