@@ -200,7 +200,8 @@ def decomposed_intermediates(
     corrected = (plain[:, :, text_len:].to(torch.float32) + correction) / z[..., None]
 
     # Step 6: the exact fallback for rows with a small or non-finite normaliser.
-    finite = torch.isfinite(z) & torch.isfinite(corrected).all(-1)
+    # Finite in the output dtype: a corrected value beyond fp16's range would be written as inf.
+    finite = torch.isfinite(z) & torch.isfinite(corrected.to(q.dtype)).all(-1)
     fallback = edited_rows & ~((z >= fallback_threshold) & finite)
     if bool(fallback.any()):
         exact = edited_attention_rows(

@@ -93,11 +93,12 @@ def structured_inputs(batch, heads, text_len, grid, head_dim, entities, e_max, d
     return tuple(x.to(dtype=dtype, device=device) for x in (q, k, v)), entity_mask.to(device)
 
 
-def mostly_cut_inputs(seed: int, dtype: torch.dtype, device: str, head_dim: int = 64):
+def mostly_cut_inputs(seed: int, dtype: torch.dtype, device: str, head_dim: int = 64, boost: float = 7.0,
+                      value_scale: float = 1.0):
     """Two entities sharing one blob, the top 3 rows of an 8x8 grid (T = 8, H = 2): those rows are in both
     masks, so both entities' text tokens are cut there, and their queries put nearly all their mass on those
-    tokens: Z far below 0.5, where the exact fallback must take over. The two masks also make an image-image
-    region pair."""
+    tokens (their logits raised by ``boost``): Z far below 0.5, where the exact fallback must take over. The two
+    masks also make an image-image region pair. ``value_scale`` multiplies v."""
     blob = rect(0, 3, 0, 8)
     case = make_case(seed, grid=(8, 8), entities=[(1,), (4,)], e_max=4, heads=2, dim=head_dim, text_len=8,
                      blobs=[[blob, blob]])
@@ -106,8 +107,9 @@ def mostly_cut_inputs(seed: int, dtype: torch.dtype, device: str, head_dim: int 
     # Raise both entity logits of the blob's queries by the same 7 units: w in span(k_1, k_4), w.k_1 = w.k_4 = 1.
     keys = torch.stack([k[:, :, 1], k[:, :, 4]], dim=-2)  # (B, H, 2, D)
     w = (torch.linalg.pinv(keys) @ torch.ones(2, 1, dtype=keys.dtype)).transpose(-1, -2)  # (B, H, 1, D)
-    q[:, :, rows] += 7.0 * math.sqrt(q.shape[-1]) * w
-    return tuple(x.to(dtype=dtype, device=device) for x in (q, case.k, case.v)), case.entity_mask.to(device)
+    q[:, :, rows] += boost * math.sqrt(q.shape[-1]) * w
+    v = case.v * value_scale
+    return tuple(x.to(dtype=dtype, device=device) for x in (q, case.k, v)), case.entity_mask.to(device)
 
 
 def rel_l2(x: Tensor, ref: Tensor) -> float:
@@ -371,5 +373,24 @@ def check_overflowing_corrections_fall_back(run: KernelRun, head_dim: int, devic
     assert int(views["fallback_count"]) > 0 and (~torch.isfinite(views["z"][views["fallback"]])).any(), \
         "the case must have rows whose correction is not finite"
     exact, _ = exact_edited_attention(q, k, v, views["masks"], views["cut"], entity_mask, config)
+    err, err_ref = rel_l2(out, exact), rel_l2(ref.out, exact)
+    assert err <= 2 * err_ref + 1e-6, (err, err_ref)
+
+
+def check_corrections_beyond_fp16_fall_back(run: KernelRun, device: str) -> None:
+    """Under a fallback threshold far below 0.5 a correction with Z near 2e-5 stands, and its rounding error,
+    amplified 1 / Z, takes values of |v| ~ 5000 beyond fp16's range: finite in float32, inf once written. Such rows
+    take the exact fallback (they used to be written as inf, by the decomposed op too), so the output is finite."""
+    config = dataclasses.replace(CONFIG, do_image_image=False)
+    (q, k, v), entity_mask = mostly_cut_inputs(3, torch.float16, device, boost=14.0, value_scale=5000.0)
+    grid = (8, 8)
+    out, _, views = run(q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None, config=config,
+                        fallback_threshold=1e-9)
+    ref = decomposed_intermediates(q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None, config=config,
+                                   fallback_threshold=1e-9)
+    exact, _ = exact_edited_attention(q, k, v, views["masks"], views["cut"], entity_mask, config)
+    assert torch.isfinite(exact).all() and float(exact.abs().max()) < 65504
+    assert torch.isfinite(out).all() and torch.isfinite(ref.out).all()
+    assert int(views["fallback_count"]) > 0 and ref.fallback_count > 0  # which rows overflow depends on rounding
     err, err_ref = rel_l2(out, exact), rel_l2(ref.out, exact)
     assert err <= 2 * err_ref + 1e-6, (err, err_ref)

@@ -23,6 +23,7 @@ from kernel_checks import (
     check_fallback,
     check_history_threaded,
     check_matches_decomposed,
+    check_corrections_beyond_fp16_fall_back,
     check_overflowing_corrections_fall_back,
     check_plain_outside_window,
     check_switch_off,
@@ -124,6 +125,10 @@ def test_rows_almost_all_cut_fall_back(dtype):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_rows_whose_correction_overflows_fall_back(head_dim):
     check_overflowing_corrections_fall_back(run_cuda, head_dim, device="cuda")
+
+
+def test_corrections_beyond_fp16_fall_back():
+    check_corrections_beyond_fp16_fall_back(run_cuda, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

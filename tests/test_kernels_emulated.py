@@ -35,6 +35,7 @@ from kernel_checks import (
     CONFIG,
     INSIDE,
     check_constant_statistics,
+    check_corrections_beyond_fp16_fall_back,
     check_fallback,
     check_history_threaded,
     check_matches_decomposed,
@@ -150,6 +151,10 @@ def test_constant_statistics_give_no_mask_and_no_cut(library, dtype, head_dim):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_rows_whose_correction_overflows_fall_back(library, head_dim):
     check_overflowing_corrections_fall_back(runner(library), head_dim, device="cpu")
+
+
+def test_corrections_beyond_fp16_fall_back(library):
+    check_corrections_beyond_fp16_fall_back(runner(library), device="cpu")
 
 
 def test_every_row_through_the_fallback_matches_decomposed(library):

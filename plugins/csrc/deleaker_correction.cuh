@@ -181,14 +181,16 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
                   (int64_t)(token >= 0 ? token : 0) * p.o_row_stride + me.half * (D / 2);
   const float* num_row = num_s + me.row * kLdO + me.half * (D / 2);
   // Two passes over this thread's half row (o is re-read from cache): are the corrected values finite, then
-  // write them if the correction stands.
+  // write them if the correction stands. Finite as the input dtype, what is written: a value finite in float32
+  // that overflows fp16 (a small Z under a small fallback threshold) must fall back, not be written as inf.
   bool finite = true;
   if (token >= 0) {
     for (int d0 = 0; d0 < D / 2; d0 += 8) {
       alignas(16) Elem plain[8];
       *reinterpret_cast<uint4*>(plain) = *reinterpret_cast<const uint4*>(out_row + d0);
 #pragma unroll
-      for (int x = 0; x < 8; ++x) finite = finite && isfinite((to_float(plain[x]) - num_row[d0 + x]) / z);
+      for (int x = 0; x < 8; ++x)
+        finite = finite && isfinite(to_float(from_float<Elem>((to_float(plain[x]) - num_row[d0 + x]) / z)));
     }
   }
   // Every lane takes part in the shuffle (a lane skipping it, as `finite && __shfl...` did, is undefined).
