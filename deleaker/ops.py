@@ -218,6 +218,12 @@ def smooth_masks(masks: Tensor, grid: Tuple[int, int]) -> Tensor:
     return x.reshape(batch, entities, -1) > 0.5
 
 
+def _magnitude(x: Tensor, dims: Tuple[int, ...]) -> Tensor:
+    """The largest ``|x|`` over ``dims`` (kept), 1 where it is 0: a divisor that leaves comparisons unchanged."""
+    largest = x.abs().amax(dims, keepdim=True)
+    return torch.where(largest > 0, largest, torch.ones_like(largest))
+
+
 def entity_image_masks(source: Tensor, present: Tensor, grid: Tuple[int, int], config: DeLeakerConfig) -> Tensor:
     """Step 5: ``M_e[i] = src_e[i] > mean(src_e) + std_mul_text * std(src_e)`` (unbiased std), then smoothing.
 
@@ -227,6 +233,9 @@ def entity_image_masks(source: Tensor, present: Tensor, grid: Tuple[int, int], c
     # spec's answer for a constant map (std 0, nothing above the mean: no mask), which a plain float32 mean can
     # miss by an ulp (uniform attention, e.g. zero queries, gives such maps).
     shifted = source - source.amax(-1, keepdim=True)
+    # ... and scaled to [-1, 0] (the rule is scale-invariant): maps of tiny affinities (about 1e-30 under sharp
+    # attention) would otherwise have squares that underflow float32, a std of 0 and a mask at their maximum.
+    shifted = shifted / _magnitude(shifted, (-1,))
     mean = shifted.mean(-1, keepdim=True)
     # Unbiased, written out: one image token gives 0 / 0 = NaN (no mask) without torch's degrees-of-freedom warning.
     std = (((shifted - mean) ** 2).sum(-1, keepdim=True) / (source.shape[-1] - 1)).sqrt()
@@ -270,6 +279,7 @@ def image_image_suppression(probs_image_image: Tensor, masks: Tensor, config: De
             count = region.sum((1, 2), keepdim=True)
             # Relative to the region's largest value (pbar >= 0), as the entity masks: a constant region cuts nothing.
             shifted = (pbar - (pbar * region).amax((1, 2), keepdim=True)) * region
+            shifted = shifted / _magnitude(shifted, (1, 2))  # in [-1, 0]: tiny pbar's squares do not underflow
             mean = shifted.sum((1, 2), keepdim=True) / count.clamp(min=1.0)
             var = (((shifted - mean) * region) ** 2).sum((1, 2), keepdim=True) / (count - 1).clamp(min=1.0)
             threshold = mean + config.std_mul_image_image * var.sqrt()

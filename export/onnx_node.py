@@ -245,6 +245,13 @@ def _erode(x):
     return op.Neg(_dilate(op.Neg(x)))
 
 
+def _unit_scaled(x, axes: Sequence[int]):
+    """``x / max |x|`` over ``axes`` (x where that is 0), as ``deleaker.ops``: squares of tiny values do not
+    underflow float32 (the threshold rule is scale-invariant)."""
+    largest = op.ReduceMax(op.Abs(x), _i(axes), keepdims=1)
+    return op.Div(x, op.Where(op.Greater(largest, _f(0.0)), largest, _f(1.0)))
+
+
 def decomposed_translation(
     q,
     k,
@@ -335,7 +342,7 @@ def decomposed_translation(
 
     # Step 5: entity image masks, unbiased std, strict >.
     # Relative to each map's largest value, as deleaker.ops: a constant map gives no mask.
-    shifted = op.Sub(source, op.ReduceMax(source, _i([-1]), keepdims=1))
+    shifted = _unit_scaled(op.Sub(source, op.ReduceMax(source, _i([-1]), keepdims=1)), [-1])
     mean = op.ReduceMean(shifted, _i([-1]), keepdims=1)
     centred = op.Sub(shifted, mean)
     std = op.Sqrt(op.Div(op.ReduceSum(op.Mul(centred, centred), _i([-1]), keepdims=1), _f(max(n_img - 1, 1))))
@@ -374,7 +381,7 @@ def decomposed_translation(
                 count = op.ReduceSum(region, _i([1, 2]), keepdims=1)
                 # Relative to the region's largest value (pbar >= 0), as deleaker.ops.
                 largest = op.ReduceMax(op.Mul(pbar, region), _i([1, 2]), keepdims=1)
-                shifted = op.Mul(op.Sub(pbar, largest), region)
+                shifted = _unit_scaled(op.Mul(op.Sub(pbar, largest), region), [1, 2])
                 region_mean = op.Div(op.ReduceSum(shifted, _i([1, 2]), keepdims=1), op.Max(count, _f(1.0)))
                 dev = op.Mul(op.Sub(shifted, region_mean), region)
                 var = op.Div(op.ReduceSum(op.Mul(dev, dev), _i([1, 2]), keepdims=1),

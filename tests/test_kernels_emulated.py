@@ -26,7 +26,7 @@ import torch
 
 import cuda_emulator
 import trt_plugin_host
-from deleaker.decomposed import plain_attention_with_lse
+from deleaker.decomposed import decomposed_intermediates, plain_attention_with_lse
 from deleaker.export import onnx_node
 from deleaker.plugins import kernels, torch_op
 from deleaker import deleaker_attention_reference
@@ -155,6 +155,27 @@ def test_rows_whose_correction_overflows_fall_back(library, head_dim):
 
 def test_corrections_beyond_fp16_fall_back(library):
     check_corrections_beyond_fp16_fall_back(runner(library), device="cpu")
+
+
+def test_tiny_maps_give_the_masks_of_any_scaled_copy(library):
+    """A history of tiny values (about 1e-30, as sharp attention gives; the source map past the aggregation window)
+    gives the masks of the same history scaled to 1, in the kernels (float64 statistics) and in the decomposed op
+    (whose float32 std of such maps used to underflow to 0, masking each map's maximum)."""
+    config = dataclasses.replace(CONFIG, do_smoothing=False)
+    grid = (9, 11)
+    (q, k, v), entity_mask = structured_inputs(1, 2, 77, grid, 64, 3, 4, torch.bfloat16, 11, device="cpu")
+    history = torch.rand(1, 4, 99, generator=torch.Generator().manual_seed(11))
+    history[:, 3] = 0.0  # the absent entity
+    step = CONFIG.stop_intervention_at  # inside the intervention window, past the aggregation: source = history
+    masks = []
+    for scale in (1.0, 1e-30):
+        _, _, views = runner(library)(q, k, v, entity_mask, grid=grid, block_step=step, history=history * scale,
+                                      config=config)
+        ref = decomposed_intermediates(q, k, v, entity_mask, grid=grid, block_step=step, history=history * scale,
+                                       config=config)
+        assert torch.equal(views["masks"], ref.masks), scale
+        masks.append(views["masks"])
+    assert torch.equal(masks[0], masks[1]) and int(masks[0].sum()) > 10
 
 
 def test_every_row_through_the_fallback_matches_decomposed(library):

@@ -297,3 +297,31 @@ def test_maxpool_padding_acts_as_minus_infinity(tmp_path):
         expected = smooth_masks(masks, (5, 6)).reshape(1, 1, 5, 6).numpy()
         got = session.run(None, {"x": masks.reshape(1, 1, 5, 6).float().numpy()})[0] > 0.5
         np.testing.assert_array_equal(got, expected)
+
+
+def test_decomposition_thresholds_tiny_maps_as_any_scaled_copy(tmp_path):
+    """The mask rule is scale-invariant: a history of tiny values (about 1e-30, as sharp attention gives) masks as
+    the same history scaled to 1 does, as in the reference op. Their float32 squares used to underflow: std 0,
+    and a mask at the maximum of each map only."""
+    config = DeLeakerConfig(start_aggregating_from=0, stop_aggregating_at=2, start_intervention_from=0,
+                            stop_intervention_at=100, do_smoothing=False)
+    q, k, v, entity_mask, _ = structured_inputs(seed=7)
+    history = torch.rand(BATCH, 3, GRID[0] * GRID[1], generator=torch.Generator().manual_seed(7))
+    history[:, 2] = 0.0
+    path = export_attention_onnx(
+        tmp_path / "attention.onnx", batch=BATCH, heads=HEADS, text_len=TEXT_LEN, grid=GRID, head_dim=HEAD_DIM,
+        max_entities=3, block_offset=1, num_blocks=4, config=config, decompose=True,
+    )
+    session = make_session(path)
+    outs = []
+    for scale in (1.0, 1e-30):
+        hist = history * scale  # t = 5 > stop_aggregating_at: the source map is the history as given
+        feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "entity_mask": entity_mask.numpy(),
+                 "history": hist.numpy(), "step": np.array(1, dtype=np.int64)}
+        out, _ = session.run(None, feeds)
+        expected, _ = deleaker_attention_reference(q, k, v, entity_mask, grid=GRID, block_step=5, history=hist,
+                                                   config=config)
+        assert rel_l2(out, expected.numpy()) < 1e-5, scale
+        outs.append(out)
+    assert rel_l2(outs[1], outs[0]) < 1e-6
+    assert rel_l2(outs[0], plain_attention(q, k, v, entity_mask)) > 1e-3, "the masks must edit the attention"

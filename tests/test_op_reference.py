@@ -688,3 +688,33 @@ def test_constant_image_image_region_cuts_nothing(std_mul_image_image: float) ->
         out, _ = op(q, k, v, entity_mask, grid=(6, 6), block_step=5, history=None, config=config)
         expected, _ = op(q, k, v, entity_mask, grid=(6, 6), block_step=5, history=None, config=no_cut)
         assert rel_l2(out, expected) < 1e-6, op.__name__
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e-33])
+def test_tiny_entity_maps_are_thresholded_as_any_scaled_copy(scale: float) -> None:
+    """The mask rule is scale-invariant, and maps of tiny affinities (about 1e-30 when attention is sharp) are
+    thresholded as the float64 reference does: their float32 squares used to underflow, giving std 0 and a mask
+    at the maximum of each map, even for two values (which mean + 1 std can never pass)."""
+    config = DeLeakerConfig(**WINDOWS, do_smoothing=False)
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 3, 40, generator=g) * scale
+    present = torch.tensor([True, True, False])
+    masks = ops.entity_image_masks(source, present, (5, 8), config)
+    expected, margin = slow.threshold_masks(source.double(), present.tolist(), config.std_mul_text)
+    # relative_gap measures below 1e-30 against 1e-30: the margin shrinks with the scale there.
+    assert margin > MARGIN * min(1.0, scale / 1e-30) and masks.any() and torch.equal(masks, expected)
+    pair = torch.tensor([[[3e-33, 1e-36]]]) * (scale / 1e-30)
+    assert not ops.entity_image_masks(pair, torch.tensor([True]), (2, 1), config).any()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30])
+def test_tiny_image_image_regions_are_thresholded_as_any_scaled_copy(scale: float) -> None:
+    """As the entity maps: a region of tiny pbar values cuts what the float64 reference cuts."""
+    config = DeLeakerConfig(**WINDOWS)
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(1, 2, 12, 12, generator=g) * scale
+    masks = torch.zeros(1, 2, 12, dtype=torch.bool)
+    masks[0, 0, :6], masks[0, 1, 4:] = True, True
+    cut = ops.image_image_suppression(probs, masks, config)
+    expected, margin = slow.image_image_cut(probs.double(), masks, 0, config.std_mul_image_image)
+    assert margin > MARGIN and cut.any() and torch.equal(cut, expected)
