@@ -167,7 +167,13 @@ def entity_affinity(probs_image_text: Tensor, entity_mask: Tensor) -> Tensor:
     """
     weights = entity_mask.to(torch.float32)
     weights = weights / weights.sum(-1, keepdim=True).clamp(min=1.0)
-    return torch.einsum("bit,et->bei", probs_image_text.mean(1), weights)
+    probs = probs_image_text.mean(1)  # (B, Nimg, T)
+    # A row-wise product and sum, not a matrix product: every image token's value is then computed the same way,
+    # so equal rows (uniform attention) give exactly equal affinities, a constant map and no mask. A GEMM rounds
+    # rows differently by where they fall in its tiles, and an ulp of spread is a "std" the threshold then passes.
+    if weights.shape[0] == 0:
+        return probs.new_zeros(probs.shape[0], 0, probs.shape[1])
+    return torch.stack([(probs * row).sum(-1) for row in weights], dim=1)
 
 
 def _select(condition, if_true: Tensor, if_false: Tensor) -> Tensor:

@@ -320,7 +320,11 @@ def decomposed_translation(
     weights = op.Div(tokens, op.Max(op.ReduceSum(tokens, _i([1]), keepdims=1), _f(1.0)))
     probs_image_rows = image_part(probs, 2)  # (B, H, Nimg, N)
     image_text_probs = op.ReduceMean(text_part(probs_image_rows, 3), _i([1]), keepdims=0)  # (B, Nimg, T)
-    affinity = op.MatMul(weights, op.Transpose(image_text_probs, perm=[0, 2, 1]))  # (B, E, Nimg)
+    # A row-wise product and sum, as deleaker.ops (not a MatMul, which rounds rows by their place in its tiles):
+    # equal rows (uniform attention) give exactly equal affinities, hence no mask.
+    affinity = op.ReduceSum(
+        op.Mul(op.Unsqueeze(image_text_probs, _i([1])), op.Unsqueeze(weights, _i([0, 2]))), _i([3]), keepdims=0
+    )  # (B, E, Nimg)
 
     t = op.Add(op.Mul(op.Reshape(op.Cast(step, to=onnx.TensorProto.INT64), op.Constant(value=onnx.helper.make_tensor("scalar_shape", onnx.TensorProto.INT64, [0], []))), op.Constant(value_int=num_blocks)),
                op.Constant(value_int=block_offset))

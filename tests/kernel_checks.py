@@ -339,11 +339,17 @@ def check_constant_statistics(run: KernelRun, dtype: torch.dtype, head_dim: int,
     residue in the one-pass variance would cut all of it. Both as the decomposed op. (Exact on the emulator,
     whose LSE of equal rows is equal; a GPU's fused attention need not promise that.)"""
     windows = dict(start_aggregating_from=0, start_intervention_from=0)
-    q, k, v, entity_mask = (x.to(device) for x in uniform_attention_inputs(13, (8, 8), head_dim, dtype=dtype))
-    config = DeLeakerConfig(**windows, std_mul_text=0.0)
-    out, _, views = run(q, k, v, entity_mask, grid=(8, 8), block_step=INSIDE, history=None, config=config)
-    assert not views["masks"].any() and int(views["union_count"].sum()) == 0
-    assert torch.equal(out, views["plain"])
+    # Also multi-token entities (every text token in one of two), whose maps a matrix product once made unequal.
+    for text_len, grid, split in ((13, (8, 8), False), (65, (1, 127), True)):
+        inputs = uniform_attention_inputs(text_len, grid, head_dim, dtype=dtype, split=split)
+        q, k, v, entity_mask = (x.to(device) for x in inputs)
+        config = DeLeakerConfig(**windows, std_mul_text=0.0, do_smoothing=not split)
+        out, _, views = run(q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None, config=config)
+        assert not views["masks"].any() and int(views["union_count"].sum()) == 0
+        assert torch.equal(out, views["plain"])
+        ref = decomposed_intermediates(q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None,
+                                       config=config)
+        assert not ref.masks.any()
 
     q, k, v, entity_mask = (x.to(device) for x in constant_region_inputs(head_dim, dtype=dtype))
     config = DeLeakerConfig(**windows, std_mul_image_image=-1.0)

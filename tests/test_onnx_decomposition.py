@@ -219,7 +219,7 @@ def test_custom_node_runs_in_ort_with_reference(tmp_path):
         np.testing.assert_allclose(hist, ref_hist.numpy(), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("inputs", ["uniform_attention", "constant_image_image_region"])
+@pytest.mark.parametrize("inputs", ["uniform_attention", "uniform_attention_split", "constant_image_image_region"])
 def test_decomposition_cuts_nothing_where_statistics_are_constant(tmp_path, inputs):
     """Equal values have std 0 and nothing above their mean: no mask (zero queries) and no image-image cut (a
     region of one pbar value), with the multipliers where an ulp in the mean would flip that."""
@@ -228,6 +228,10 @@ def test_decomposition_cuts_nothing_where_statistics_are_constant(tmp_path, inpu
         text_len, grid = 13, (8, 8)  # a plain float32 mean of the constant map is an ulp off it here
         q, k, v, entity_mask = uniform_attention_inputs(text_len, grid)
         config = DeLeakerConfig(**windows, std_mul_text=0.0)
+    elif inputs == "uniform_attention_split":
+        text_len, grid = 127, (1, 127)  # a MatMul gave these maps values an ulp apart
+        q, k, v, entity_mask = uniform_attention_inputs(text_len, grid, split=True)
+        config = DeLeakerConfig(**windows, std_mul_text=1.0, do_smoothing=False)
     else:
         text_len, grid = 4, (6, 6)
         q, k, v, entity_mask = constant_region_inputs()
@@ -244,7 +248,7 @@ def test_decomposition_cuts_nothing_where_statistics_are_constant(tmp_path, inpu
              "history": history, "step": np.array(1, dtype=np.int64)}  # t = 1 * 4 + 1 = 5
     out, _ = make_session(path).run(None, feeds)
     assert rel_l2(out, expected.numpy()) < 1e-6
-    if inputs == "uniform_attention":
+    if inputs.startswith("uniform_attention"):
         plain = plain_attention(q, k, v, entity_mask, grid)
         assert rel_l2(out, plain) < 1e-6
 

@@ -600,20 +600,27 @@ def test_corner_blob_survives_opening(corner: Cell) -> None:
 # image query's other-entity text cut) for uniform attention; these inputs pin the exact answer in every
 # implementation (this module's two ops; the ONNX decomposition and the kernels reuse the builders).
 
-#: (T, grid) shapes where a plain float32 mean of 1/N over the grid is not 1/N.
-UNIFORM_SHAPES = [(5, (8, 8)), (7, (5, 7)), (13, (3, 3)), (32, (5, 7)), (7, (16, 16))]
+#: (T, grid, split) shapes where a plain float32 mean of 1/N over the grid is not 1/N; with ``split`` (every text
+#: token in one of two entities), shapes where a matrix product gave the image tokens affinities an ulp apart.
+UNIFORM_SHAPES = [(5, (8, 8), False), (7, (5, 7), False), (13, (3, 3), False), (32, (5, 7), False),
+                  (7, (16, 16), False), (127, (1, 127), True), (65, (1, 127), True), (33, (9, 7), True)]
 
 
 def uniform_attention_inputs(text_len: int, grid: Tuple[int, int], head_dim: int = 16, seed: int = 0,
-                             dtype: torch.dtype = torch.float32):
+                             dtype: torch.dtype = torch.float32, split: bool = False):
     """Zero queries (every attention row uniform, so every entity map is constant), random k and v, entity mask
-    ``(4, T)`` with entities on tokens 1 and 3. -> ``(q, k, v, entity_mask)``."""
+    ``(4, T)`` with entities on tokens 1 and 3, or with ``split`` ``(2, T)`` with entities on the even and the odd
+    tokens (multi-token entities: each affinity is a sum of many equal terms; a matrix product with two columns
+    took another path through its tiles than with four). -> ``(q, k, v, entity_mask)``."""
     g = torch.Generator().manual_seed(seed)
     tokens = text_len + grid[0] * grid[1]
     q = torch.zeros(1, 2, tokens, head_dim)
     k, v = (torch.randn(1, 2, tokens, head_dim, generator=g) for _ in range(2))
-    entity_mask = torch.zeros(4, text_len, dtype=torch.bool)
-    entity_mask[0, 1] = entity_mask[1, 3] = True
+    entity_mask = torch.zeros(2 if split else 4, text_len, dtype=torch.bool)
+    if split:
+        entity_mask[0, 0::2] = entity_mask[1, 1::2] = True
+    else:
+        entity_mask[0, 1] = entity_mask[1, 3] = True
     return q.to(dtype), k.to(dtype), v.to(dtype), entity_mask
 
 
@@ -655,14 +662,14 @@ def constant_region_masks(side: int = 3) -> torch.Tensor:
 CONSTANT_WINDOWS = dict(start_aggregating_from=0, start_intervention_from=0)
 
 
-@pytest.mark.parametrize("text_len, grid", UNIFORM_SHAPES)
+@pytest.mark.parametrize("text_len, grid, split", UNIFORM_SHAPES)
 @pytest.mark.parametrize("std_mul_text", [1.0, 0.0, -1.0])
-def test_uniform_attention_gets_no_mask(text_len: int, grid: Tuple[int, int], std_mul_text: float) -> None:
-    q, k, v, entity_mask = uniform_attention_inputs(text_len, grid)
+def test_uniform_attention_gets_no_mask(text_len: int, grid: Tuple[int, int], split: bool, std_mul_text: float) -> None:
+    q, k, v, entity_mask = uniform_attention_inputs(text_len, grid, split=split)
     config = DeLeakerConfig(**CONSTANT_WINDOWS, use_history=False, std_mul_text=std_mul_text)
     plain = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
     source = ops.entity_affinity(torch.softmax(q @ k.transpose(-1, -2), -1)[:, :, text_len:, :text_len], entity_mask)
-    assert torch.unique(source[:, :2]).numel() == 1, "the entity maps are constant"
+    assert all(torch.unique(source[0, e]).numel() == 1 for e in range(2)), "each entity map is constant"
     assert not bool(ops.entity_image_masks(source, entity_mask.any(-1), grid, config).any())
     ref = slow.slow_deleaker_attention_detailed(q, k, v, entity_mask, grid, 5, None, config)
     assert not bool(ref.masks.any())
