@@ -116,8 +116,9 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
   const int b = blockIdx.y, E = p.num_entities, pairs = E * E;
   const int U = ws.union_count[b];
   const int u_tiles = ceil_div(U, kTile);
-  const int tiles = u_tiles * u_tiles;
-  const int per_slot = ceil_div(tiles, DELEAKER_REGION_SLOTS);
+  // int64: a union of more than 46340 tiles (2,965,760 image tokens; the kernels take 4,194,240) overflows int32.
+  const int64_t tiles = (int64_t)u_tiles * u_tiles;
+  const int64_t per_slot = (tiles + DELEAKER_REGION_SLOTS - 1) / DELEAKER_REGION_SLOTS;
   const int warp = threadIdx.x / 32;
   const CellOwner me = cell_owner();
   pair_partners_from_counts(ws, b, E, partners);
@@ -128,10 +129,11 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
       const int stat = idx % DELEAKER_PAIR_STATS;
       warp_sums[idx] = stat == 2 ? INFINITY : stat == 3 ? -INFINITY : 0.0;
     }
-    const int first = slot * per_slot, last = first + per_slot < tiles ? first + per_slot : tiles;
-    for (int tile = first; tile < last; ++tile) {
+    const int64_t first = slot * per_slot, last = first + per_slot < tiles ? first + per_slot : tiles;
+    for (int64_t tile = first; tile < last; ++tile) {
       __syncthreads();  // the previous tile's lists are no longer read
-      load_union_tile(p, ws, b, U, tile / u_tiles, tile % u_tiles, row_token, row_bits, col_token, col_bits);
+      load_union_tile(p, ws, b, U, (int)(tile / u_tiles), (int)(tile % u_tiles), row_token, row_bits, col_token,
+                      col_bits);
       __syncthreads();
       const uint32_t my_row_bits = row_bits[me.row];
       const uint32_t my_partners = row_partners(my_row_bits, partners, E);
