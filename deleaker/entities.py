@@ -152,15 +152,17 @@ def _check_entities(entities: Sequence[str], max_entities: int | None) -> list[s
     names: list[str] = []
     for i, entity in enumerate(entities):
         if not isinstance(entity, str):
-            raise EntityError(f"entity {i} must be a str, got {entity!r}")
+            raise EntityError(f"the {_ordinal(i)} entity must be a str, got {entity!r}")
         if not entity.strip():
             raise EntityError(
-                f"entity {i} is empty or whitespace ({entity!r}); each entity must be words of the prompt"
+                f"the {_ordinal(i)} entity is empty or whitespace ({entity!r}); each entity must be words of the "
+                "prompt"
             )
         if not any(ch.isalnum() for ch in entity):
             # Punctuation, symbols, emoji or invisible characters alone spell no thing T5 has a word for.
             raise EntityError(
-                f"entity {i} ({entity.strip()!r:.60}) has no letter or digit; each entity must be words of the prompt"
+                f"the {_ordinal(i)} entity ({entity.strip()!r:.60}) has no letter or digit; each entity must be "
+                "words of the prompt"
             )
         names.append(entity.strip())
     if len(names) < MIN_ENTITIES:
@@ -180,6 +182,13 @@ def _check_entities(entities: Sequence[str], max_entities: int | None) -> list[s
             f"duplicate entities (case-insensitive): {'; '.join(duplicates)}; each entity must be given once"
         )
     return names
+
+
+def _ordinal(index: int) -> str:
+    """``0`` -> ``"1st"``: messages count entities from one, for the command line and Python alike."""
+    n = index + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 #: Characters of the prompt an error message quotes.

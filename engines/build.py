@@ -2,6 +2,8 @@
 
 `build_engines(BuildRequest) -> BuildResult` is the one library call behind ``deleaker-trt build``. Stages:
 
+0. unless ``onnx_only``: TensorRT imports, can host the plugin library, and (TensorRT proper) has a GPU, with FP8
+   for fp8: checked before any work;
 1. load the model (``tiny`` or a diffusers folder) and make its I/O contract (`FluxTransformerIO`);
 2. export the ONNX (one ``DeLeakerAttention`` node per joint attention) in the engine's float dtype, or reuse the
    ONNX already in the output folder when its manifest matches (same weights, contract, knobs, plugin, precision);
@@ -49,7 +51,6 @@ from deleaker.runtime.defaults import PRECISIONS  # noqa: F401 (API)
 from deleaker.plugins.trt_build import LIBRARY_NAME
 from deleaker.plugins.trt_library import (
     PluginLibrary,
-    TensorRTUnavailableError,
     check_plugin_layers_loadable,
     check_tensorrt_can_host,
     import_tensorrt,
@@ -419,6 +420,25 @@ def check_folder_agrees(out_dir: Path, artifact_stem: str, wanted: Mapping[str, 
                 )
 
 
+def _build_target(request: BuildRequest, library: Any) -> tuple[Any, Optional[str], Optional[str]]:
+    """``(tensorrt module, GPU name, compute capability)`` an engine of ``request`` is built with; the GPU is None
+    for TensorRT-RTX, which builds without one for every GPU it supports. Raises `TensorRTUnavailableError`,
+    `PluginLibraryError` (this TensorRT cannot host ``library``) or `BuildError` (no GPU, or no FP8 on it)."""
+    trt = import_tensorrt()
+    check_tensorrt_can_host(library, trt)
+    gpu_name, capability = None, None
+    if trt.__name__ == "tensorrt":  # TensorRT proper builds for the GPU it runs on
+        gpu_name, capability = cuda_environment()
+        if capability is None:
+            raise BuildError("building a TensorRT engine needs a CUDA GPU; none is visible")
+        if request.precision == "fp8":
+            try:
+                fp8_lib.check_fp8_capable(capability)
+            except ConfigError as err:
+                raise BuildError(str(err)) from err
+    return trt, gpu_name, capability
+
+
 def build_engines(request: BuildRequest, progress: Optional[Progress] = None) -> BuildResult:
     """Build what ``request`` asks for into ``request.out_dir`` (see the module docstring for the stages).
 
@@ -426,9 +446,9 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
         ModelNotFoundError: bad ``model``. ConfigError: bad sizes for the model.
         PluginLibraryError: ``plugin_library`` is not a DeLeaker plugin library (before any work), or this TensorRT
             cannot load it.
-        TensorRTUnavailableError: TensorRT is not importable (the ONNX and its manifest are written first).
-        BuildError: TensorRT cannot parse/build, the GPU lacks FP8, or the folder's plugin library belongs to other
-            engines.
+        TensorRTUnavailableError: TensorRT is not importable (before any work, unless ``onnx_only``).
+        BuildError: no GPU for TensorRT proper, the GPU lacks FP8 (both before any work), TensorRT cannot
+            parse/build, or the folder's plugin library belongs to other engines.
         DiskFullError: no space left (partial files removed).
     """
     from deleaker.export.contract import FluxTransformerIO, dtype_name
@@ -437,6 +457,9 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
     stage = _Stages(progress)
     out_dir = Path(request.out_dir)
     library = None if request.plugin_library is None else inspect_plugin_library(request.plugin_library)
+    # TensorRT, the GPU it builds for and the library's fit, before the model loads and the ONNX exports (minutes
+    # for FLUX.1-dev): an engine that cannot be built is answered first.
+    target = None if request.onnx_only else _build_target(request, library)
     with stage("load", f"loading model {request.model}"):
         components, model_id = load_model(request.model)
         transformer = components["transformer"].eval()
@@ -529,25 +552,8 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
         if request.onnx_only:
             return BuildResult(onnx_path, onnx_manifest_path, None, None, dict(stage.timings), reused)
 
+        trt, gpu_name, capability = target
         with stage("engine", "building the TensorRT engine"):
-            try:
-                trt = import_tensorrt()
-            except TensorRTUnavailableError as err:
-                raise TensorRTUnavailableError(
-                    f"{err} The ONNX and its manifest are written ({onnx_path}); run this command again once TensorRT "
-                    "is installed: it reuses them."
-                ) from err
-            check_tensorrt_can_host(library, trt)
-            gpu_name, capability = None, None  # TensorRT-RTX builds without a GPU, for every GPU it supports
-            if trt.__name__ == "tensorrt":  # TensorRT proper builds for the GPU it runs on
-                gpu_name, capability = cuda_environment()
-                if capability is None:
-                    raise BuildError("building a TensorRT engine needs a CUDA GPU; none is visible")
-                if request.precision == "fp8":
-                    try:
-                        fp8_lib.check_fp8_capable(capability)
-                    except ConfigError as err:
-                        raise BuildError(str(err)) from err
             # This engine's old manifest may name the library about to be replaced: it must not outlive the swap.
             EngineManifest.path_for(engine_path).unlink(missing_ok=True)
             library = install_plugin_library(library, out_dir)

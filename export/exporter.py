@@ -322,7 +322,10 @@ def export_transformer_onnx(
         final_data = out_path.parent / data_name
         _move_into_place(staged, staged_data if has_data else None, out_path, final_data)
     seconds["total"] = time.perf_counter() - start
-    logger.info("exported %s (%d DeLeaker nodes, decomposed=%s) in %.1f s", out_path, num_custom, decompose, seconds["total"])
+    # The name only: callers export into staging folders that are renamed into place afterwards.
+    how = "decomposed into standard ONNX operators" if decompose else f"as {num_custom} {OP_TYPE} nodes"
+    logger.info("exported %s (%d joint attentions, DeLeaker %s) in %.1f s", out_path.name, io.num_blocks, how,
+                seconds["total"])
     return ExportResult(
         onnx_path=out_path,
         data_path=final_data if has_data else None,

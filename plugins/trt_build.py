@@ -55,7 +55,7 @@ class PluginToolMissingError(PluginBuildError):
 class PluginBuildConfig:
     """One build of the plugin library.
 
-    ``out_dir`` receives ``libdeleaker_trt_plugin.so`` (and keeps CMake's build folder in ``out_dir/build`` for
+    ``out_dir`` receives ``libdeleaker_trt_plugin.so`` (and keeps CMake's build folder in ``out_dir/build-<hash>`` for
     incremental rebuilds). ``stand_in_headers`` builds against the test stand-in TensorRT headers, for checks:
     with cuDNN's fused attention where its headers are found (a GPU check), otherwise without, when the library
     loads, registers and takes part in engine builds but cannot run (CI). cuDNN's, cudnn-frontend's and NVRTC's
@@ -143,7 +143,8 @@ def _tensorrt_root_problem(config: PluginBuildConfig) -> Optional[str]:
         return None
     root = Path(config.tensorrt_root)
     if not root.is_dir():
-        return f"TensorRT's headers: the TensorRT root {root} {'is not a folder' if root.exists() else 'does not exist'}"
+        state = "is not a folder" if root.exists() else "does not exist"
+        return f"TensorRT's headers: the TensorRT root {root} {state}"
     if not any((folder / "NvInferRuntime.h").is_file() for folder in (root / "include", root)):
         return (f"TensorRT's headers (NvInferRuntime.h): the TensorRT root {root} has no include/NvInferRuntime.h; "
                 "give the folder of a TensorRT install")

@@ -22,7 +22,8 @@ from .trt_build import PluginBuildConfig, build_plugin, library_build_info
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Output folder: receives libdeleaker_trt_plugin.so (and CMake's build folder, build/).",
+    help="Output folder: receives libdeleaker_trt_plugin.so (and CMake's build folder, build-<hash of the source "
+    "folder>/, kept for faster rebuilds).",
 )
 @click.option(
     "--tensorrt-root",

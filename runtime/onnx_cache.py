@@ -129,7 +129,7 @@ def model_backend(
         from deleaker.export.exporter import export_transformer_onnx
 
         logger.info(
-            "exporting the ONNX for %dx%d (no export in the cache yet for these weights, T=%d, E_max=%d and knobs) ...",
+            "exporting the ONNX for %dx%d, T=%d, E_max=%d into the cache (once per weights, size and knobs) ...",
             height, width, text_len, max_entities,
         )
         export_transformer_onnx(transformer, io, path, config=config, decompose=True)

@@ -132,7 +132,9 @@ def test_first_run_says_it_exports_and_prints_no_library_noise(tmp_path):
     result = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     first = result.stderr.splitlines()[0]
-    assert first.startswith("exporting the ONNX for 64x64 (no export in the cache yet for these weights, T=32")
+    assert first.startswith("exporting the ONNX for 64x64, T=32, E_max=4 into the cache (once per weights, size")
+    assert "exported transformer.onnx (4 joint attentions, DeLeaker decomposed into standard ONNX operators)" in \
+        result.stderr
     assert "torchvision" not in result.stderr and "Warning" not in result.stderr, result.stderr
 
 

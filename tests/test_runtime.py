@@ -202,7 +202,7 @@ def test_bad_requests_fail_before_any_work(torch_runtime, change, error, message
         (dict(entities={"cat", "cheetah"}), EntitiesTypeError, "list or tuple of strings, got set"),
         (dict(entities=None), EntitiesTypeError, "got NoneType"),
         (dict(entities=b"cat"), EntitiesTypeError, "got bytes"),
-        (dict(entities=("cat", 3)), EntityError, "entity 1 must be a str"),
+        (dict(entities=("cat", 3)), EntityError, "the 2nd entity must be a str"),
         (dict(prompt=""), PromptError, "non-empty"),
         (dict(prompt=None), PromptError, "non-empty"),
         (dict(prompt="a cat and a cheetah " + "x" * MAX_PROMPT_CHARS), PromptError, "at most 20000"),

@@ -563,25 +563,23 @@ def test_build_without_the_unversioned_tensorrt_rtx_library_says_how_to_link_it(
     assert "reusing" in build.stderr and not list(engines.glob("*.plan"))
 
 
-def test_build_without_tensorrt_keeps_the_onnx_and_installs_no_library(rtx_engines, stand_in_library, tmp_path,
-                                                                       monkeypatch):
-    """No TensorRT package importable (both made unimportable in this process): the ONNX and its manifest stay,
-    the message says what to install; no engine and no library copy are written."""
+def test_build_without_tensorrt_is_refused_before_any_work(rtx_engines, stand_in_library, tmp_path, monkeypatch):
+    """No TensorRT package importable (both made unimportable in this process): refused before the model loads or
+    the ONNX exports (minutes for FLUX.1-dev), saying what to install; the folder is left as it was."""
     from click.testing import CliRunner
 
     from deleaker.runtime.cli import main
 
     engines = _copy_engines(rtx_engines, tmp_path, without=("*.plan", "*.plan.manifest.json", trt_build.LIBRARY_NAME))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in engines.iterdir())
     for name in ("tensorrt", "tensorrt_rtx"):
         monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
     result = CliRunner().invoke(main, [*TINY_BUILD, "--precision", "fp16", "--plugin", str(stand_in_library),
                                        "--out", str(engines)])
     assert result.exit_code == 1, result.output
     assert "TensorRT's Python package is not importable" in result.output
-    assert "The ONNX and its manifest are written" in result.output and "reusing" in result.output
-    assert sorted(p.name for p in engines.iterdir()) == [
-        ".build.lock", "transformer.64x64.fp16.onnx", "transformer.64x64.fp16.onnx.manifest.json"
-    ]
+    assert "loading model" not in result.output and "reusing" not in result.output
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in engines.iterdir()) == before
 
 
 def _tamper_manifest(engines: Path, **changes) -> None:
