@@ -6,7 +6,8 @@ A directory holds one artifact per resolution, each beside ``<artifact>.manifest
 - the directory exists and has at least one manifest of the wanted kind;
 - every manifest parses and is well-formed (types, knobs validated like `--set`, shapes within the runtime's
   limits), and all agree on the model, ``T``, ``E_max`` and DeLeaker knobs (one runtime, one model); each
-  manifest's contract is the one the model's transformer config gives for its sizes;
+  manifest's contract is the one the model's transformer config gives for its sizes; an ONNX's
+  ``DeLeakerAttention`` nodes carry its manifest's knobs, grid and block count, one node per block;
 - every file a manifest names resolves, after symlinks, inside the directory (checked before any file is read),
   and an ONNX's external data files are all named by its manifest;
 - each artifact's bytes hash to its manifest's ``artifact_sha256`` (a truncated or corrupted file is refused);
@@ -27,6 +28,7 @@ Text encoders and the VAE come from the model the manifests name (``tiny`` or a 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -304,7 +306,45 @@ def _check_onnx(path: Path, manifest: Any, io: Any) -> bool:
                                 DeLeakerConfig(**manifest.deleaker_config))
     except ShapeError as exc:
         raise EngineDirError(f"{exc}, as its manifest says; rebuild the directory") from None
+    _check_node_attributes(model, path, manifest, io)
     return needs_portable(model)
+
+
+def _check_node_attributes(model: Any, path: Path, manifest: Any, io: Any) -> None:
+    """Refuse a graph whose ``DeLeakerAttention`` nodes would run other knobs, another grid or other blocks than
+    its manifest says: the nodes' attributes are what ONNX Runtime (and TensorRT) run, while the image record and
+    the metadata check above read the manifest, so an edited and rehashed graph would otherwise run unnoticed."""
+    from deleaker.export.exporter import META_DECOMPOSED
+    from deleaker.export.onnx_node import config_from_attributes, node_attributes
+    from deleaker.export.portable import check_custom_nodes
+
+    try:
+        nodes = check_custom_nodes(model)
+    except DeLeakerError as exc:
+        raise EngineDirError(f"{path.name}: {exc}; rebuild the directory") from None
+    decomposed = {p.key: p.value for p in model.metadata_props}.get(META_DECOMPOSED) == "1"
+    if not nodes and decomposed:
+        return  # standard ONNX already: its knobs are constants, recorded in the metadata checked above
+    # The manifest's knobs as the nodes store them (float32 attributes), so equal knobs compare equal.
+    config = DeLeakerConfig(**manifest.deleaker_config)
+    _, _, grid, wanted = config_from_attributes(node_attributes(block_offset=0, num_blocks=io.num_blocks, grid=io.grid,
+                                                                config=config))
+    expected = {"num_blocks": io.num_blocks, "grid": grid, **dataclasses.asdict(wanted)}
+    for node in nodes:
+        got = {"num_blocks": node.num_blocks, "grid": node.grid, **dataclasses.asdict(node.config)}
+        differ = [f"{name}={got[name]!r} where its manifest says {value!r}" for name, value in expected.items()
+                  if got[name] != value]
+        if differ:
+            raise EngineDirError(
+                f"{path.name}: its DeLeakerAttention node {node.node.name or node.node.output[0]} has "
+                f"{', '.join(differ)}; rebuild the directory"
+            )
+    offsets = sorted(node.block_offset for node in nodes)
+    if offsets != list(range(io.num_blocks)):
+        raise EngineDirError(
+            f"{path.name} has DeLeakerAttention nodes for block offsets {offsets}; the model's {io.num_blocks} "
+            "joint attentions need one node each (offsets 0 to num_blocks - 1); rebuild the directory"
+        )
 
 
 def _torch_dtype(name: str) -> torch.dtype:

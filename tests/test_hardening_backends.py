@@ -467,6 +467,35 @@ def test_an_onnx_that_records_another_contract_than_its_manifest_is_refused_befo
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"k_strength": 5.0}, "has k_strength=5.0 where its manifest says 1.2"),
+        ({"grid_h": 4, "grid_w": 16}, r"has grid=\(4, 16\) where its manifest says \(8, 8\)"),  # 64 tokens either way
+        ({"block_offset": 0}, r"nodes for block offsets \[0, 0, 0, 0\]"),
+    ],
+    ids=["knob", "grid", "block_offset"],
+)
+def test_node_attributes_that_are_not_the_manifests_are_refused_before_any_work(built, tmp_path, edit, message):
+    """The nodes' attributes are what runs; the image record says the manifest's knobs. A graph whose nodes were
+    edited (metadata untouched) and rehashed used to run with the edited knobs and record the manifest's."""
+    engines = _copy(built, tmp_path)
+    model = onnx.load(str(engines / ONNX_NAME))
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.name in edit:
+                if attr.type == onnx.AttributeProto.FLOAT:
+                    attr.f = edit[attr.name]
+                else:
+                    attr.i = edit[attr.name]
+    onnx.save(model, str(engines / ONNX_NAME))
+    digest = sha256_file(engines / ONNX_NAME)
+    _edit_manifest(engines, lambda data: data.update(artifact_sha256=digest, onnx_sha256=digest))
+    result = _run_engines(engines, tmp_path)
+    assert result.exit_code == 1 and re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "cache").exists()
+
+
 _CHECK_FIFO = r"""
 import sys
 from deleaker.engines.manifest import EngineManifest, ManifestError
