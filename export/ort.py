@@ -205,15 +205,27 @@ def make_reference_session(onnx_path: Union[str, Path], *, session_options: Any 
     """A CPU session on ``onnx_path`` in which ``deleaker::DeLeakerAttention`` runs the Python reference.
 
     Every custom node's attributes are checked first (`config_from_attributes`: missing, NaN, out-of-range
-    values, a grid that does not match the node's tokens raise `ConfigError` / `ShapeError` here, not inside
-    ONNX Runtime). Errors inside the node come out of ``run`` (see `ReferenceSession`).
+    values, a grid that does not match the node's tokens, q, k, v other than float32 raise `ConfigError` /
+    `ShapeError` here, not inside ONNX Runtime). Errors inside the node come out of ``run`` (see `ReferenceSession`).
     """
     import onnxruntime as ort
 
     from .portable import check_custom_nodes
 
     path = _existing(onnx_path)
-    check_custom_nodes(onnx.load(str(path), load_external_data=False))
+    model = onnx.load(str(path), load_external_data=False)
+    check_custom_nodes(model)
+    # The Python op takes float32 q, k, v only; ONNX Runtime would refuse other types with its own InvalidGraph.
+    declared = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.value_info)}
+    for node in model.graph.node:
+        if node.domain == DOMAIN:
+            narrow = {declared.get(name) for name in node.input[:3]} - {None, onnx.TensorProto.FLOAT}
+            if narrow:
+                names = sorted(onnx.TensorProto.DataType.Name(t).lower() for t in narrow)
+                raise ShapeError(
+                    f"{path.name}: {OP_TYPE} node {node.name} takes {', '.join(names)} q, k, v; the Python reference "
+                    "takes float32 only: run the graph's portable form (deleaker.export.portable.make_portable)"
+                )
     options = _session_options(session_options)
     options.register_custom_ops_library(register_reference_op())
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])

@@ -299,6 +299,18 @@ def test_onnx_runtime_sessions_refuse_the_custom_node(tmp_path):
         make_session(_node_graph(tmp_path))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_python_reference_node_refuses_narrow_floats_with_a_typed_error(tmp_path, dtype):
+    """The reference node takes float32 q, k, v; an fp16/bf16 node graph (what `build` writes) used to raise
+    ONNX Runtime's own InvalidGraph from make_reference_session."""
+    path = export_attention_onnx(
+        tmp_path / "node.onnx", batch=1, heads=2, text_len=8, grid=(4, 4), head_dim=16, max_entities=3, config=CONFIG,
+        dtype=dtype,
+    )
+    with pytest.raises(ShapeError, match=f"takes {dtype} q, k, v; the Python reference takes float32 only"):
+        make_reference_session(path)
+
+
 # --- section 4: threads and processes with a cold cache ---------------------------------------------------------
 
 
