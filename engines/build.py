@@ -64,6 +64,7 @@ from . import fp8 as fp8_lib
 from .request import DEFAULT_CALIBRATION_PROMPTS, DEFAULT_CALIBRATION_SIGMAS, BuildRequest  # noqa: F401 (API)
 from .manifest import (
     MANIFEST_SUFFIX,
+    ONNX_DTYPES,
     EngineManifest,
     ManifestError,
     atomic_write_bytes,
@@ -72,8 +73,6 @@ from .manifest import (
     sha256_file,
 )
 
-#: The ONNX's float dtype per engine precision. FP8 engines keep fp16 outside the quantized linears.
-ONNX_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "float16"}
 
 TIMING_CACHE_NAME = "timing.cache"
 #: Held by a build while it writes into its output folder.

@@ -37,6 +37,8 @@ MAX_MANIFEST_BYTES = 16 * 2**20
 #: (``MAX_TEXT_LEN``, ``MAX_SIDE``; E_max up to the kernels' ``MAX_ENTITIES``, as `run` and `build` take it) and
 #: the batch.
 MAX_BATCH = 64
+#: The graph's float dtype (the contract's ``io.dtype``) per precision. FP8 keeps fp16 outside the quantized linears.
+ONNX_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp8": "float16"}
 
 
 class ManifestError(DeLeakerError, ValueError):
@@ -226,6 +228,11 @@ class EngineManifest:
             FluxTransformerIO.from_dict(self.io)
         except (ConfigError, ShapeError) as err:
             raise ManifestError(f"manifest io: {err}") from err
+        # `run --engines --precision` picks artifacts by this field: it must be what the graph computes in.
+        if io.dtype != ONNX_DTYPES[self.precision]:
+            raise ManifestError(
+                f"manifest precision {self.precision} needs io.dtype {ONNX_DTYPES[self.precision]}, got {io.dtype}"
+            )
 
     def _check_deleaker_config(self) -> None:
         from deleaker.config import DeLeakerConfig

@@ -124,6 +124,9 @@ def test_manifest_rejects_malformed_json():
         EngineManifest.from_json(json.dumps({k: v for k, v in data.items() if k != "precision"}))
     with pytest.raises(ManifestError, match="precision must be one of"):
         EngineManifest.from_json(json.dumps({**data, "precision": "int8"}))
+    # A bf16 label on a float16 graph (edited by hand) used to load, and `--precision bf16` then picked it.
+    with pytest.raises(ManifestError, match="precision bf16 needs io.dtype bfloat16, got float16"):
+        EngineManifest.from_json(json.dumps({**data, "precision": "bf16"}))
     with pytest.raises(ManifestError, match="not valid JSON"):
         EngineManifest.from_json("{")
     # json.loads refuses an int of more than 4300 digits with a ValueError, not a JSONDecodeError.
