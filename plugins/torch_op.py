@@ -355,12 +355,13 @@ def launch_kernels(
     step_tensor = None
     if isinstance(block_step, torch.Tensor) and block_step.device != q.device and block_step.device.type == "cpu":
         block_step = int(block_step.reshape(()))  # a CPU scalar costs no device sync
+    if not isinstance(block_step, torch.Tensor) and block_step >= 2**31:
+        # The params' block offset is an int32; the device step is an int64, as the op's contract allows.
+        block_step = torch.tensor(block_step, dtype=torch.int64, device=q.device)
     if isinstance(block_step, torch.Tensor):
         step_tensor = block_step.reshape(()).to(device=q.device, dtype=torch.int64)
         block_offset, num_blocks = 0, 1
     else:
-        if block_step >= 2**31:
-            raise ShapeError(f"block_step must be < 2**31, got {block_step}")
         block_offset, num_blocks = int(block_step), 1
 
     params = kernels.DeLeakerParams(

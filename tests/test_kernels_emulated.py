@@ -284,6 +284,15 @@ def test_host_step_skips_the_kernels_the_window_does_not_need(library):
     _assert_identical(_call(library, INSIDE), _call(library, torch.tensor(INSIDE)), "host vs device step inside")
 
 
+def test_a_host_step_beyond_int32_runs_as_a_device_step(library):
+    """The op takes int64 block steps; the params' host offset is an int32, so a larger Python int goes to the
+    kernels as a device step (it was refused). Past every window (knobs < 2**31): the plain output."""
+    far = 2**31 + 3
+    host = _call(library, far)
+    _assert_identical(host, _call(library, torch.tensor(far)), "host vs device step 2**31 + 3", VIEWS_ALWAYS_WRITTEN)
+    assert torch.equal(host[0], host[2]["plain"])
+
+
 # ---- the fast path's choice of fused attention (its LSE convention check runs on any device) ------------------
 
 
