@@ -572,6 +572,11 @@ def test_cpp_plugin_refuses_bad_shapes_before_any_work(plugin_host):
     with pytest.raises(trt_plugin_host.PluginDriveError, match="supportsFormatCombination refused position 0"):
         trt_plugin_host.drive(plugin_host, plugin_host, attrs, [q.float(), k, v, entity_mask, wrong_history, step],
                               outputs)
+    too_large = {**attrs, "grid_h": 2048, "grid_w": 2049}
+    with pytest.raises(trt_plugin_host.PluginDriveError, match=r"grid_h x grid_w must be at most 4194240 image tokens "
+                                                               r"\(the kernels' limit\), got 2048x2049"):
+        trt_plugin_host.drive(plugin_host, plugin_host, too_large, [q, k, v, entity_mask, wrong_history, step],
+                              outputs)
     bad_fields = {**attrs, "do_smoothing": 3}
     with pytest.raises(trt_plugin_host.PluginDriveError, match="do_smoothing is a flag and must be 0 or 1, got 3"):
         trt_plugin_host.drive(plugin_host, plugin_host, bad_fields, [q, k, v, entity_mask, wrong_history, step],
