@@ -175,6 +175,13 @@ def load_engine_dir(
             m.check_compatible(env)
         io = FluxTransformerIO.from_dict(m.io)
         contracts[key] = io
+        if wanted_kind == "engine" and io.batch_min > 1:
+            # The runtime makes one image per call; TensorRT runs no batch below the profile's minimum (found out
+            # at the first step otherwise). ONNX Runtime ignores profiles: an ONNX runs at any batch.
+            raise EngineDirError(
+                f"{m.artifact} has the batch profile ({io.batch_min}, {io.batch_opt}, {io.batch_max}); this runtime "
+                "runs batch 1, which the engine does not take: build it with --batch 1 OPT MAX to serve it here"
+            )
         if wanted_kind == "engine":
             loaders[key] = lambda p=path, io=io, built_with=m.tensorrt_version: TensorRTBackend(
                 p, io, plugin, built_with, cuda_graph=cuda_graph, device=device or "cuda"

@@ -260,7 +260,8 @@ def _local_tensorrt_release() -> str:
         return "tensorrt==10.8.0"
 
 
-def _engine_dir(root, tiny_components, sizes=((64, 64),), text_lens=None, model_sha256=None, precisions=None):
+def _engine_dir(root, tiny_components, sizes=((64, 64),), text_lens=None, model_sha256=None, precisions=None,
+                batch=(1, 1, 4)):
     """A directory of engine artifacts with real manifests. The engine and plugin library bytes are placeholders:
     no GPU here, so only the checks before deserialization (manifest, hashes, shapes) can run."""
     import dataclasses
@@ -289,6 +290,7 @@ def _engine_dir(root, tiny_components, sizes=((64, 64),), text_lens=None, model_
             text_len=(text_lens or [32] * len(sizes))[i],
             max_entities=4,
             vae_scale_factor=4,
+            batch=batch,
             dtype="float16",
         )
         EngineManifest(
@@ -337,12 +339,15 @@ def _has_tensorrt() -> bool:
         ("two_precisions", [], "2 engine artifacts for 64x64 (fp16, fp8); choose one with --precision"),
         ("two_precisions", ["--precision", "bf16"], "has no bf16 engine artifacts (it has: ['fp16', 'fp8'])"),
         ("two_precisions", ["--precision", "fp8", "--height", "128"], "no tensorrt engine for 128x128"),
+        ("batch_from_2", [], "has the batch profile (2, 2, 4); this runtime runs batch 1"),
     ],
 )
 def test_engine_dir_is_checked_before_any_work(tiny_components, tmp_path, setup, extra, message):
     engines = tmp_path / "engines"
     if setup == "disagree":
         _engine_dir(engines, tiny_components, sizes=((64, 64), (128, 128)), text_lens=[32, 64])
+    elif setup == "batch_from_2":
+        _engine_dir(engines, tiny_components, batch=(2, 2, 4))
     elif setup == "two_precisions":
         _engine_dir(engines, tiny_components, sizes=((64, 64), (64, 64)), precisions=["fp16", "fp8"])
     else:
