@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,6 @@ def _quiet_libraries() -> None:
     """Keep the terminal for our own output: the libraries' notices (transformers' torchvision notice, the ONNX
     exporter's registration warnings) say nothing actionable to a user of this command. The CLI is the process's
     entry point, so it may set these process-wide; the library API never does."""
-    import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -404,5 +404,20 @@ from deleaker.plugins.trt_cli import plugin as _plugin_command  # noqa: E402
 main.add_command(_plugin_command)
 
 
+def _run_as_module() -> None:
+    """``python -m deleaker.runtime.cli``. After Ctrl-C or SIGTERM the command has unwound (nothing partial is
+    left) and printed its error line: the process then ends at once with exit code 130 or 143. Under ``-m``, the
+    interpreter's own exit was seen to turn a handled Ctrl-C into death by SIGINT (exit status -2, about one run
+    in eight during an ONNX export), which scripts and shells read as a crash."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code)
+        raise
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    _run_as_module()
