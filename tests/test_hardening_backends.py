@@ -240,6 +240,16 @@ def test_memory_estimate_grows_with_the_entity_pairs():
     assert large.estimate_bytes(512, 512) > 1.63 * 2**30 > small.estimate_bytes(512, 512)
 
 
+def _set_attributes(node: onnx.NodeProto, changes: dict) -> None:
+    """Set ``node``'s int or float attributes named in ``changes`` (a hand edit of an exported graph)."""
+    for attr in node.attribute:
+        if attr.name in changes:
+            if attr.type == onnx.AttributeProto.FLOAT:
+                attr.f = changes[attr.name]
+            else:
+                attr.i = changes[attr.name]
+
+
 def _node_graph(tmp_path: Path, **changes) -> Path:
     """A one-node DeLeakerAttention graph with some attributes replaced (as a hostile file would have them)."""
     path = export_attention_onnx(
@@ -247,12 +257,7 @@ def _node_graph(tmp_path: Path, **changes) -> Path:
     )
     model = onnx.load(str(path))
     (node,) = [n for n in model.graph.node if n.op_type == OP_TYPE]
-    for attr in node.attribute:
-        if attr.name in changes:
-            if attr.type == onnx.AttributeProto.FLOAT:
-                attr.f = changes[attr.name]
-            else:
-                attr.i = changes[attr.name]
+    _set_attributes(node, changes)
     onnx.save(model, str(path))
     return path
 
@@ -501,12 +506,7 @@ def test_node_attributes_that_are_not_the_manifests_are_refused_before_any_work(
     engines = _copy(built, tmp_path)
     model = onnx.load(str(engines / ONNX_NAME))
     for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.name in edit:
-                if attr.type == onnx.AttributeProto.FLOAT:
-                    attr.f = edit[attr.name]
-                else:
-                    attr.i = edit[attr.name]
+        _set_attributes(node, edit)
     onnx.save(model, str(engines / ONNX_NAME))
     digest = sha256_file(engines / ONNX_NAME)
     _edit_manifest(engines, lambda data: data.update(artifact_sha256=digest, onnx_sha256=digest))
