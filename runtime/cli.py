@@ -404,11 +404,11 @@ from deleaker.plugins.trt_cli import plugin as _plugin_command  # noqa: E402
 main.add_command(_plugin_command)
 
 
-def _run_as_module() -> None:
-    """``python -m deleaker.runtime.cli``. After Ctrl-C or SIGTERM the command has unwound (nothing partial is
-    left) and printed its error line: the process then ends at once with exit code 130 or 143. Under ``-m``, the
-    interpreter's own exit was seen to turn a handled Ctrl-C into death by SIGINT (exit status -2, about one run
-    in eight during an ONNX export), which scripts and shells read as a crash."""
+def entry_point() -> None:
+    """The ``deleaker-trt`` command (and ``python -m deleaker.runtime.cli``). After Ctrl-C or SIGTERM the command
+    has unwound (nothing partial is left) and printed its error line: the process then ends at once with exit code
+    130 or 143. Left to the interpreter's own exit, a handled Ctrl-C was seen to end as death by SIGINT instead
+    (exit status -2 under ``-m``, about one run in eight during an ONNX export), which scripts read as a crash."""
     try:
         main()
     except SystemExit as exc:
@@ -420,4 +420,4 @@ def _run_as_module() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    _run_as_module()
+    entry_point()

@@ -254,3 +254,33 @@ def test_batch_output_path_that_is_a_directory_is_refused_before_any_work(tmp_pa
     assert "TORCH_IMPORTED=False" in done.stderr and seconds < BOUND_S
     not_a_dir, _ = _cli("run", "--model", "tiny", "--prompts", prompts, "--out-dir", prompts)
     assert not_a_dir.returncode == 1 and "is not a directory" in not_a_dir.stderr
+
+
+@pytest.mark.parametrize("code, ends_at_once", [(130, True), (143, True), (1, False), (0, False), (2, False)])
+def test_the_entry_point_ends_an_interrupted_command_at_once(monkeypatch, code, ends_at_once):
+    """After Ctrl-C (130) or SIGTERM (143) the process ends with that code through ``os._exit`` (the interpreter's
+    own exit once turned a handled Ctrl-C into death by SIGINT); every other exit goes the usual way."""
+    from deleaker.runtime import cli
+
+    def command() -> None:
+        raise SystemExit(code)
+
+    class Ended(Exception):
+        """What the stand-in for ``os._exit`` raises: the real one never returns."""
+
+    ended = []
+
+    def exit_now(status: int) -> None:
+        ended.append(status)
+        raise Ended
+
+    monkeypatch.setattr(cli, "main", command)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    if ends_at_once:
+        with pytest.raises(Ended):
+            cli.entry_point()
+        assert ended == [code]
+    else:
+        with pytest.raises(SystemExit) as exc:
+            cli.entry_point()
+        assert exc.value.code == code and ended == []
