@@ -99,16 +99,15 @@ def _source_options(func):
         click.option(
             "--text-len",
             type=CHECKED_INT,
-            default=DEFAULT_TEXT_LEN,
-            show_default=True,
-            help=f"T5 tokens T, 1 to {MAX_TEXT_LEN} (--model only; engines fix it).",
+            default=None,  # None: the default for a model; engines fix T and refuse a value (`RuntimeSpec`)
+            help=f"T5 tokens T, 1 to {MAX_TEXT_LEN} (--model only, default {DEFAULT_TEXT_LEN}; engines fix it).",
         ),
         click.option(
             "--max-entities",
             type=CHECKED_INT,
-            default=DEFAULT_MAX_ENTITIES,
-            show_default=True,
-            help=f"E_max, 2 to {MAX_ENTITIES} (--model only; engines fix it; the kernels take at most {MAX_ENTITIES}).",
+            default=None,
+            help=f"E_max, 2 to {MAX_ENTITIES} (--model only, default {DEFAULT_MAX_ENTITIES}; engines fix it; the "
+            f"kernels take at most {MAX_ENTITIES}).",
         ),
         click.option(
             "--cache-dir",
@@ -163,22 +162,10 @@ def _request_options(func):
 
 
 def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
-    from deleaker.errors import ConfigError
-
     from . import jobs
 
     if (engines is None) == (model is None):
         raise click.UsageError("give exactly one of --engines DIR or --model PATH|tiny")
-    if engines is not None:
-        # Engines fix T and E_max: a value given for them would be ignored silently (as --set is refused).
-        ctx = click.get_current_context()
-        given = [f"--{name.replace('_', '-')}" for name in ("text_len", "max_entities")
-                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
-        if given:
-            raise ConfigError(
-                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to --model; engines are built "
-                "for one T and E_max (build others with `deleaker-trt build` to change them)"
-            )
     return jobs.RuntimeSpec(
         engines=engines,
         model=model,

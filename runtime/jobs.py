@@ -49,13 +49,14 @@ class BatchFileError(DeLeakerError, ValueError):
 class RuntimeSpec:
     """Where the model comes from: ``engines`` (a built engine directory) xor ``model`` (``"tiny"`` or a diffusers
     folder), the backend (None: ``onnxruntime`` for a model, the manifest's kind for engines), text length
-    ``T`` and ``E_max`` (models only: engines fix them), the export cache and the device."""
+    ``T`` and ``E_max`` (models only, None: the defaults; engines fix them, and refuse a value), the export cache
+    and the device."""
 
     engines: Optional[Path] = None
     model: Optional[str] = None
     backend: Optional[str] = None
-    text_len: int = DEFAULT_TEXT_LEN
-    max_entities: int = DEFAULT_MAX_ENTITIES
+    text_len: Optional[int] = None
+    max_entities: Optional[int] = None
     cache_dir: Optional[Path] = None
     device: Optional[str] = None
     #: DeLeaker knob overrides (``DeLeakerConfig.for_model``); engines have theirs built in.
@@ -71,14 +72,23 @@ class RuntimeSpec:
                 "DeLeaker options are built into engines; rebuild them to change "
                 f"{[name for name, _ in self.deleaker_overrides]}"
             )
+        given = [name for name in ("text_len", "max_entities") if getattr(self, name) is not None]
+        if self.engines is not None and given:
+            # Engines fix T and E_max: a value given for them would be ignored silently, as knobs would.
+            raise ConfigError(
+                f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to a model (--model); "
+                "engines are built for one T and E_max (build others with `deleaker-trt build` to change them)"
+            )
         if self.backend is not None and self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; allowed: {BACKENDS}")
         if self.model is not None and self.precision is not None:
             raise ConfigError("--precision selects engines (--engines DIR); a --model runs in its own dtype")
         if self.model is not None and self.backend == "tensorrt":
             raise ConfigError("the tensorrt backend runs built engines: pass --engines DIR (see `deleaker-trt build`)")
-        check_text_len(self.text_len)
-        check_max_entities(self.max_entities)
+        if self.text_len is not None:
+            check_text_len(self.text_len)
+        if self.max_entities is not None:
+            check_max_entities(self.max_entities)
         if self.device is not None and (not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device)):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r:.40}")
         DeLeakerConfig.check_overrides(dict(self.deleaker_overrides))
@@ -108,8 +118,8 @@ class RuntimeSpec:
         return DeLeakerRuntime.from_model(
             self.model,
             backend=self.backend or DEFAULT_MODEL_BACKEND,
-            text_len=self.text_len,
-            max_entities=self.max_entities,
+            text_len=DEFAULT_TEXT_LEN if self.text_len is None else self.text_len,
+            max_entities=DEFAULT_MAX_ENTITIES if self.max_entities is None else self.max_entities,
             cache_dir=self.cache_dir,
             device=self.device,
             deleaker_config=dict(self.deleaker_overrides) or None,
@@ -347,7 +357,8 @@ def run_job(
     if runtime is None and job.runtime.model is not None:
         for item in job.items:  # E_max is known before loading a model: say so before the load
             try:
-                check_entity_words(item.request.prompt, item.request.entities, max_entities=job.runtime.max_entities)
+                check_entity_words(item.request.prompt, item.request.entities,
+                                   max_entities=job.runtime.max_entities or DEFAULT_MAX_ENTITIES)
             except DeLeakerError as exc:
                 raise _labelled(item, exc) from None
     rt = runtime if runtime is not None else job.runtime.open()

@@ -13,6 +13,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from deleaker.errors import ConfigError
+from deleaker.runtime.jobs import RuntimeSpec
 from deleaker.runtime.cli import main
 from deleaker.runtime.images import is_valid_png
 
@@ -239,15 +241,20 @@ def test_engine_dir_errors(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("given", [["--text-len", "256"], ["--max-entities", "8"], ["--text-len", "32", "--max-entities", "2"]])
+@pytest.mark.parametrize(
+    "given", [["--text-len", "256"], ["--max-entities", "8"], ["--text-len", "32", "--max-entities", "2"]]
+)
 def test_engines_refuse_text_len_and_max_entities(tmp_path, given):
     """Engines fix T and E_max: --text-len/--max-entities with --engines were ignored silently (even the default
-    value, given explicitly, is refused: it says what the user expects)."""
+    value, given explicitly, is refused: it says what the user expects), in the CLI and in `RuntimeSpec` alike."""
     result = invoke("run", "--engines", tmp_path, *given, "--prompt", PROMPT, "--entities", "cat,cheetah",
                     "--out", tmp_path / "x.png")
-    assert result.exit_code == 1 and "only to --model; engines are built for one T and E_max" in result.stderr
-    assert " and ".join(g for g in given if g.startswith("--")) in result.stderr
+    named = [g[2:].replace("-", "_") for g in given if g.startswith("--")]
+    assert result.exit_code == 1 and "only to a model (--model); engines are built for one T" in result.stderr
+    assert " and ".join(named) in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="only to a model"):
+        RuntimeSpec(engines=tmp_path, **{name: int(value) for name, value in zip(named, given[1::2])})
 
 
 def _local_tensorrt_release() -> str:
