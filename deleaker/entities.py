@@ -195,18 +195,23 @@ def _ordinal(index: int) -> str:
 _PROMPT_SHOWN = 100
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text (a lone surrogate: JSON's ``"\ud800"``, undecodable bytes of argv),
+    or None. The fast tokenizer raises a bare `TypeError` on such text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode text (at character {exc.start}: {exc.reason})"
+    return None
+
+
 def _check_prompt(prompt: Any) -> None:
     """`EntityError` unless ``prompt`` is a str the tokenizer can take."""
     if not isinstance(prompt, str):
         raise EntityError(f"prompt must be a str, got {type(prompt).__name__}")
-    try:
-        # A lone surrogate (JSON's "\ud800", undecodable bytes of argv) makes the fast tokenizer raise a TypeError.
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise EntityError(
-            f"the prompt is not valid Unicode text (at character {exc.start}: {exc.reason}); it must be text T5 "
-            "can read"
-        ) from None
+    problem = unicode_problem(prompt)
+    if problem is not None:
+        raise EntityError(f"the prompt {problem}; it must be text T5 can read")
 
 
 def _find_spans(prompt: str, names: list[str]) -> list[tuple[int, int]]:

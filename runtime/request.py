@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from deleaker.config import shown
-from deleaker.entities import check_entity_words
+from deleaker.entities import check_entity_words, unicode_problem
 from deleaker.errors import ConfigError, DeLeakerError, EntityError, ShapeError
 
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SIDE
@@ -52,10 +52,9 @@ class EntitiesTypeError(EntityError, TypeError):
 
 
 def _check_text(what: str, value: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PromptError(f"{what} is not valid Unicode text (at character {exc.start}: {exc.reason})") from None
+    problem = unicode_problem(value)
+    if problem is not None:
+        raise PromptError(f"{what} {problem}")
 
 
 def _is_int(value: Any) -> bool:
