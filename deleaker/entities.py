@@ -196,7 +196,7 @@ _PROMPT_SHOWN = 100
 
 
 def unicode_problem(text: str) -> str | None:
-    """Why ``text`` is not valid Unicode text (a lone surrogate: JSON's ``"\ud800"``, undecodable bytes of argv),
+    """Why ``text`` is not valid Unicode text (a lone surrogate: JSON's ``"\\ud800"``, undecodable bytes of argv),
     or None. The fast tokenizer raises a bare `TypeError` on such text."""
     try:
         text.encode("utf-8")
