@@ -20,9 +20,9 @@ from .build import build_library
 DTYPE_FLOAT16 = 0
 DTYPE_BFLOAT16 = 1
 MAX_ENTITIES = 8
-#: The sizes the kernels' launch grids take (``deleaker_attention.cu``'s argument check): batch and heads are grid
-#: dimensions (at most 65535), image tokens at most 65535 tiles of 64, tokens an int32.
-MAX_BATCH = 65535
+#: The sizes the kernels' launch grids take (``deleaker_params.h``'s ``DELEAKER_MAX_*``, checked against it by the
+#: tests): batch and heads are grid dimensions, image tokens at most 65535 tiles of 64; tokens are an int32.
+MAX_KERNEL_BATCH = 65535
 MAX_HEADS = 65535
 MAX_IMAGE_TOKENS = 65535 * 64
 MAX_TOKENS = 2**31 - 1

@@ -285,7 +285,7 @@ def kernel_shape_problem(q: Tensor, entity_mask: Tensor) -> str | None:
     batch, heads, tokens, _ = q.shape
     image_tokens = tokens - entity_mask.shape[1]
     for name, value, limit in (
-        ("batch", batch, kernels.MAX_BATCH),
+        ("batch", batch, kernels.MAX_KERNEL_BATCH),
         ("heads", heads, kernels.MAX_HEADS),
         ("image tokens (gh * gw)", image_tokens, kernels.MAX_IMAGE_TOKENS),
         ("tokens (N)", tokens, kernels.MAX_TOKENS),

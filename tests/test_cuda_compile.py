@@ -116,6 +116,16 @@ def test_ctypes_structs_match_header(tmp_path, struct, c_name, fields):
         assert header[name] == (getattr(struct, name).offset, ctypes.sizeof(ctype)), name
 
 
+def test_size_limits_match_header(tmp_path):
+    """The host layer's limits (`supports`, `launch_kernels`) are the header's, which the library enforces."""
+    names = {"DELEAKER_MAX_ENTITIES": kernels.MAX_ENTITIES, "DELEAKER_MAX_BATCH": kernels.MAX_KERNEL_BATCH,
+             "DELEAKER_MAX_HEADS": kernels.MAX_HEADS, "DELEAKER_MAX_IMAGE_TOKENS": kernels.MAX_IMAGE_TOKENS,
+             "DELEAKER_ABI_VERSION": kernels.ABI_VERSION}
+    body = "".join(f'  std::printf("{name} %lld\\n", (long long){name});\n' for name in names)
+    header = _struct_probe(tmp_path, body)
+    assert {name: values[0] for name, values in header.items()} == names
+
+
 def test_workspace_fits_budget_and_grows_linearly(tmp_path):
     """Extra memory at FLUX.1-dev 1024x1024 (B=1, H=24, D=128, T=512, 64x64 grid): under 64 MiB up to E_max=8 (the
     header's own arithmetic, as the library and any C++ host use it). Beyond one band of the union it grows

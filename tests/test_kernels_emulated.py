@@ -384,7 +384,8 @@ def test_sizes_beyond_the_kernels_grids_are_not_supported(shape, text_len, messa
     q = torch.empty(shape, dtype=torch.float16, device="meta")
     entity_mask = torch.zeros(4, text_len, dtype=torch.bool, device="meta")
     assert re.search(message, torch_op.kernel_shape_problem(q, entity_mask))
-    at_limit = torch.empty([min(d, 65535) for d in shape[:2]] + [2, 64], dtype=torch.float16, device="meta")
+    limits = [kernels.MAX_KERNEL_BATCH, kernels.MAX_HEADS, text_len + kernels.MAX_IMAGE_TOKENS]
+    at_limit = torch.empty([min(d, m) for d, m in zip(shape[:3], limits)] + [64], dtype=torch.float16, device="meta")
     assert torch_op.kernel_shape_problem(at_limit, entity_mask) is None
 
 

@@ -81,13 +81,16 @@ int check(const DeLeakerParams* p, const void* workspace, size_t workspace_bytes
   if (p->dtype != DELEAKER_DTYPE_FLOAT16 && p->dtype != DELEAKER_DTYPE_BFLOAT16)
     return invalid("dtype must be DELEAKER_DTYPE_FLOAT16 (0) or DELEAKER_DTYPE_BFLOAT16 (1)");
   if (p->head_dim != 64 && p->head_dim != 128) return invalid("head_dim must be 64 or 128");
-  if (p->batch < 1 || p->batch > 65535) return invalid("batch must be in [1, 65535]");
-  if (p->heads < 1 || p->heads > 65535) return invalid("heads must be in [1, 65535]");
+  static_assert(DELEAKER_MAX_BATCH == 65535 && DELEAKER_MAX_HEADS == 65535 && DELEAKER_MAX_IMAGE_TOKENS == 4194240,
+                "the messages below name these limits");
+  if (p->batch < 1 || p->batch > DELEAKER_MAX_BATCH) return invalid("batch must be in [1, 65535]");
+  if (p->heads < 1 || p->heads > DELEAKER_MAX_HEADS) return invalid("heads must be in [1, 65535]");
   if (p->num_entities < 1 || p->num_entities > DELEAKER_MAX_ENTITIES) return invalid("num_entities must be in [1, 8]");
   if (p->text_tokens < 1 || p->text_tokens >= p->tokens) return invalid("text_tokens must be in [1, tokens)");
   if (p->grid_h < 1 || p->grid_w < 1 || (int64_t)p->grid_h * p->grid_w != (int64_t)p->tokens - p->text_tokens)
     return invalid("grid_h * grid_w must equal tokens - text_tokens");
-  if ((int64_t)p->grid_h * p->grid_w > 65535LL * kTile) return invalid("grid_h * grid_w must be at most 4194240");
+  if ((int64_t)p->grid_h * p->grid_w > DELEAKER_MAX_IMAGE_TOKENS)
+    return invalid("grid_h * grid_w must be at most 4194240");
   if (p->num_blocks < 1 || p->block_offset < 0) return invalid("num_blocks must be >= 1 and block_offset >= 0");
   if (!(p->fallback_threshold > 0.0f && p->fallback_threshold <= 1.0f))
     return invalid("fallback_threshold must be in (0, 1]");

@@ -24,6 +24,10 @@ enum { DELEAKER_DTYPE_FLOAT16 = 0, DELEAKER_DTYPE_BFLOAT16 = 1 };
 //! Most entity rows the kernels take (E_max); rows are bits of one byte.
 enum { DELEAKER_MAX_ENTITIES = 8 };
 
+//! Largest sizes the kernels' launch grids take: batch and heads are grid dimensions (65535 at most), image rows
+//! run in at most 65535 tiles of 64. Checked at launch (deleaker_attention.cu) and, earlier, by every host.
+enum { DELEAKER_MAX_BATCH = 65535, DELEAKER_MAX_HEADS = 65535, DELEAKER_MAX_IMAGE_TOKENS = 65535 * 64 };
+
 //! The library's own error codes: negative, so never a cudaError_t (the launches' own codes are passed through).
 enum {
   DELEAKER_ERROR_INVALID_ARGUMENT = -1,  //!< a bad argument; deleaker_error_string() names it

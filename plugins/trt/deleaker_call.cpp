@@ -157,7 +157,7 @@ std::string check_shapes(const CallShapes& shapes, const PluginFields& fields) {
   // Sizes the kernels refuse at launch, refused before any work (a dimension of -1 is not known yet): the plain
   // attention would otherwise have written `out` before the kernels said no. (The head dim is checked when the
   // call is prepared to run: an engine for another head dim still builds, as the tests' tiny model's does.)
-  const int64_t limits[3] = {65535, 65535, 2147483647};  // batch and heads: the kernels' grid; tokens: int32
+  const int64_t limits[3] = {DELEAKER_MAX_BATCH, DELEAKER_MAX_HEADS, INT32_MAX};  // tokens: an int32
   for (int axis = 0; axis < 3 && problem.empty(); ++axis) {
     const int64_t d = in[kQ].dims[axis];
     if (d == 0 || d > limits[axis]) {

@@ -1,5 +1,7 @@
 #include "plugin_fields.h"
 
+#include "deleaker_params.h"
+
 #include <cmath>
 #include <cstring>
 #include <iomanip>
@@ -93,11 +95,11 @@ std::string check_knobs(const PluginFields& f) {
             << f.block_offset();
   } else if (f.grid_h() < 1 || f.grid_w() < 1) {
     problem << "plugin fields grid_h, grid_w must be >= 1, got " << f.grid_h() << ", " << f.grid_w();
-  } else if (static_cast<int64_t>(f.grid_h()) * f.grid_w() > int64_t{65535} * 64) {
+  } else if (static_cast<int64_t>(f.grid_h()) * f.grid_w() > DELEAKER_MAX_IMAGE_TOKENS) {
     // The kernels' grid of 64-row image tiles (deleaker_attention.cu refuses it at launch: after the plain
     // attention wrote `out`); refused when the plugin is made, as every other field.
-    problem << "plugin fields grid_h x grid_w must be at most 4194240 image tokens (the kernels' limit), got "
-            << f.grid_h() << "x" << f.grid_w();
+    problem << "plugin fields grid_h x grid_w must be at most " << DELEAKER_MAX_IMAGE_TOKENS
+            << " image tokens (the kernels' limit), got " << f.grid_h() << "x" << f.grid_w();
   } else if (f.stop_aggregating_at() < f.start_aggregating_from()) {
     problem << "stop_aggregating_at (" << f.stop_aggregating_at() << ") must be >= start_aggregating_from ("
             << f.start_aggregating_from() << ")";
