@@ -53,7 +53,8 @@ from .manifest import MAX_BATCH
     type=(CHECKED_INT, CHECKED_INT, CHECKED_INT),
     default=(1, 1, 4),
     show_default=True,
-    help=f"Batch profile MIN OPT MAX of the engine, 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}.",
+    help=f"Batch profile MIN OPT MAX of the engine, 1 <= MIN <= OPT <= MAX <= {MAX_BATCH} (`run --engines` makes one "
+    "image per call: it needs MIN = 1; other servers may batch).",
 )
 @click.option(
     "--out",

@@ -205,11 +205,23 @@ def single_job(
     return RenderJob(runtime, (JobItem(request, out, compare_path(out) if compare else None),))
 
 
+#: Keys a prompts line may not set: the options set them for every line.
+PER_RUN_SETTINGS = {
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "height": "--height",
+    "width": "--width",
+    "max_sequence_length": "--text-len",
+    "text_len": "--text-len",
+    "max_entities": "--max-entities",
+}
+
+
 def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` of every non-blank line of a JSONL prompts file (format of slim_examples.jsonl).
 
     Each record is a JSON object with ``prompt`` (str), ``entities`` (list of str) and optionally ``seed`` (int);
-    other keys are ignored. The file is UTF-8 (a byte-order mark is allowed), each line at most `MAX_LINE_BYTES`.
+    keys the options set for the whole run (`PER_RUN_SETTINGS`) are refused, other keys are ignored. The file is UTF-8 (a byte-order mark is allowed), each line at most `MAX_LINE_BYTES`.
     Raises `BatchFileError` naming the line.
     """
     path = Path(path)
@@ -263,6 +275,14 @@ def _parse_line(raw: bytes, where: str, *, first: bool) -> Optional[dict[str, An
     seed = record.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise BatchFileError(f"{where}: 'seed' must be a non-negative int, got {seed!r:.40}")
+    # What the options set for every line: a line that sets it would be ignored silently (other keys, such as the
+    # SLIM examples' "subset", are not settings and are ignored).
+    per_run = sorted(record.keys() & PER_RUN_SETTINGS.keys())
+    if per_run:
+        options = ", ".join(f"{key!r} by {PER_RUN_SETTINGS[key]}" for key in per_run)
+        raise BatchFileError(
+            f"{where}: set for the whole run, not per line: {options}; a line takes prompt, entities and seed"
+        )
     return record
 
 

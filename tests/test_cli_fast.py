@@ -208,13 +208,16 @@ def test_bad_input_is_one_error_line_fast_without_torch(tmp_path, args, message)
         (b'{"prompt": "a cat and a dog", "entities": "cat,dog"}\n', "'entities' must be a list of strings"),
         (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"]}\n{"prompt": 1}\n', "line 2: 'prompt'"),
         (b'\xef\xbb\xbf{"prompt": "a cat and a dog", "entities": ["cat", "cow"]}\n', "line 1: entities not found"),
+        # A setting of the whole run, given on a line, was ignored silently; a key that is no setting still is.
+        (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "subset": "x", "steps": 4, "width": 64}\n',
+         "line 1: set for the whole run, not per line: 'steps' by --steps, 'width' by --width"),
     ],
     # Short ids: pytest puts the id in PYTEST_CURRENT_TEST, which the CLI's child process inherits; an id made from
     # a 40 MiB parameter passes the kernel's 128 KiB limit on one environment string (E2BIG at exec).
     ids=[
         "line-over-40MiB", "prompt-over-20000-chars", "not-utf8", "deep-list", "deep-object", "json-list",
         "json-string", "blank-lines", "seed-float", "seed-huge", "seed-5000-digits", "ignored-key-5000-digits",
-        "entities-not-list", "second-line-bad", "bom-unknown",
+        "entities-not-list", "second-line-bad", "bom-unknown", "per-run-settings",
     ],
 )
 def test_bad_prompts_file_is_refused_fast(tmp_path, content, message):
