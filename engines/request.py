@@ -44,8 +44,9 @@ def check_batch(batch: Any) -> None:
 class BuildRequest:
     """What to build. ``height``/``width`` in pixels, ``text_len`` = T, ``max_entities`` = E_max (fixed per engine);
     ``batch`` = (min, opt, max) of the engine's profile; ``deleaker_config``: overrides of the knobs (a mapping,
-    checked here), a full `DeLeakerConfig` (used as is), or None (the defaults scaled to the model). ``plugin_library``: ``libdeleaker_trt_plugin.so`` (``deleaker-trt plugin``),
-    needed for an engine; ``onnx_only`` builds none and takes no library."""
+    checked here), a full `DeLeakerConfig` (used as is), or None (the defaults scaled to the model).
+    ``plugin_library``: ``libdeleaker_trt_plugin.so`` (``deleaker-trt plugin``), needed for an engine;
+    ``onnx_only`` builds none and takes no library."""
 
     model: str
     precision: str
@@ -88,7 +89,9 @@ class BuildRequest:
             raise ConfigError("the plugin library is for engine builds; an ONNX-only build takes none")
         if self.plugin_library is not None and not Path(self.plugin_library).is_file():
             state = "is not a file" if Path(self.plugin_library).exists() else "does not exist"
-            raise ConfigError(f"plugin library {self.plugin_library} {state} (`deleaker-trt plugin --out DIR` builds it)")
+            raise ConfigError(
+                f"plugin library {self.plugin_library} {state} (`deleaker-trt plugin --out DIR` builds it)"
+            )
         if not self.onnx_only and self.plugin_library is None:
             raise ConfigError(
                 "building an engine needs the DeLeaker plugin library (--plugin PATH; `deleaker-trt plugin --out DIR` "

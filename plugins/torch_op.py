@@ -356,7 +356,13 @@ def launch_kernels(
     if isinstance(block_step, torch.Tensor) and block_step.device != q.device and block_step.device.type == "cpu":
         block_step = int(block_step.reshape(()))  # a CPU scalar costs no device sync
     if not isinstance(block_step, torch.Tensor) and block_step >= 2**31:
-        # The params' block offset is an int32; the device step is an int64, as the op's contract allows.
+        # The params' block offset is an int32; the device step is an int64, as the op's contract allows. Copying
+        # it to the device is no capturable work: a graph must be given the step as a device tensor.
+        if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ShapeError(
+                f"a Python block step of 2**31 or more ({block_step}) cannot be captured in a CUDA graph: pass the "
+                "step as an int64 device tensor"
+            )
         block_step = torch.tensor(block_step, dtype=torch.int64, device=q.device)
     if isinstance(block_step, torch.Tensor):
         step_tensor = block_step.reshape(()).to(device=q.device, dtype=torch.int64)

@@ -221,7 +221,8 @@ def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` of every non-blank line of a JSONL prompts file (format of slim_examples.jsonl).
 
     Each record is a JSON object with ``prompt`` (str), ``entities`` (list of str) and optionally ``seed`` (int);
-    keys the options set for the whole run (`PER_RUN_SETTINGS`) are refused, other keys are ignored. The file is UTF-8 (a byte-order mark is allowed), each line at most `MAX_LINE_BYTES`.
+    keys the options set for the whole run (`PER_RUN_SETTINGS`) are refused, other keys are ignored. The file is
+    UTF-8 (a byte-order mark is allowed), each line at most `MAX_LINE_BYTES`.
     Raises `BatchFileError` naming the line.
     """
     path = Path(path)

@@ -26,11 +26,13 @@ from deleaker.errors import DeLeakerError
 
 #: Live ``(B, H, N, N)`` float32 tensors at the attention's peak (estimate, see the module docstring).
 SCORE_TENSORS = 7
-#: Live ``(B, Nimg, Nimg)`` float32 tensors at the attention's peak (estimate), up to 4 entities (12 ordered pairs).
+#: Live ``(B, Nimg, Nimg)`` float32 tensors at the attention's peak (estimate), for up to `PAIRS_IN_BASE` ordered
+#: entity pairs (4 entities).
 PAIR_TENSORS = 9
-#: More of them per ordered entity pair beyond 12: ONNX Runtime's peak on the unrolled decomposition grows with the
-#: pairs (2 heads, T = 32, 512x512, peak RSS growth of one run, 2026-11-28: E_max 4 0.94 GiB, E_max 8 1.63 GiB, a
-#: quarter of a pair tensor per pair; the fixed count said 1.45 GiB for both).
+PAIRS_IN_BASE = 4 * 3
+#: More of them per ordered entity pair beyond `PAIRS_IN_BASE`: ONNX Runtime's peak on the unrolled decomposition
+#: grows with the pairs (2 heads, T = 32, 512x512, peak RSS growth of one run, 2026-11-28: E_max 4 0.94 GiB, E_max 8
+#: 1.63 GiB, about a quarter of a pair tensor per pair; 0.3 keeps a margin; the fixed count said 1.45 GiB for both).
 PAIR_TENSORS_PER_PAIR = 0.3
 _FLOAT32 = 4
 
@@ -60,7 +62,7 @@ class AttentionMemory:
         n_img = (height // self.patch) * (width // self.patch)
         tokens = self.text_len + n_img
         pairs = self.max_entities * (self.max_entities - 1)
-        pair_tensors = PAIR_TENSORS + PAIR_TENSORS_PER_PAIR * max(0, pairs - 12)
+        pair_tensors = PAIR_TENSORS + PAIR_TENSORS_PER_PAIR * max(0, pairs - PAIRS_IN_BASE)
         return int(_FLOAT32 * batch * (SCORE_TENSORS * self.heads * tokens * tokens + pair_tensors * n_img * n_img))
 
     def check(self, height: int, width: int, batch: int = 1) -> None:

@@ -115,7 +115,8 @@ def entity_tokens(case: Case, g: torch.Generator) -> List[List[int]]:
             used += size
             continue
         else:  # many, non-contiguous
-            size = min(remaining, 1 + int(torch.randint(0, max(1, min(8, T // max(1, len(present)))), (1,), generator=g)))
+            most = max(1, min(8, T // max(1, len(present))))
+            size = min(remaining, 1 + int(torch.randint(0, most, (1,), generator=g)))
         out.append(sorted(perm[used : used + size]))
         used += size
     return out
@@ -278,7 +279,8 @@ def compare(case: Case, q, k, v, entity_mask, out, history, views, ref, problems
         bad("rows outside the union changed")
     exact_finite = torch.isfinite(exact)
     if (~torch.isfinite(out) & exact_finite).any():
-        bad(f"{int((~torch.isfinite(out) & exact_finite).sum())} non-finite outputs where the exact edited attention is finite")
+        count = int((~torch.isfinite(out) & exact_finite).sum())
+        bad(f"{count} non-finite outputs where the exact edited attention is finite")
     if exact_finite.all():
         err = rel_l2(out, exact)
         info["err"] = err
