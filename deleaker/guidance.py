@@ -20,10 +20,15 @@ def max_guidance(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).max / GUIDANCE_EMBEDDING_SCALE if dtype.is_floating_point else math.inf
 
 
-def check_guidance(name: str, value: Any, dtype: torch.dtype) -> None:
-    """Raise `ConfigError` unless ``value`` is a finite number (not a bool) whose embedding fits ``dtype``."""
+def check_finite_number(name: str, value: Any) -> None:
+    """Raise `ConfigError` unless ``value`` is a finite int or float (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r:.40}")
+
+
+def check_guidance(name: str, value: Any, dtype: torch.dtype) -> None:
+    """Raise `ConfigError` unless ``value`` is a finite number (not a bool) whose embedding fits ``dtype``."""
+    check_finite_number(name, value)
     limit = max_guidance(dtype)
     if abs(value) > limit:
         raise ConfigError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -12,7 +11,7 @@ from .config import DeLeakerConfig
 from .entities import check_entity_rows, entity_token_mask
 from .errors import ConfigError
 from .geometry import latent_grid
-from .guidance import check_guidance
+from .guidance import check_finite_number, check_guidance
 from .processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
 
 #: Entity rows of the mask (the spec's E_max); prompts may name fewer entities.
@@ -143,7 +142,7 @@ class DeLeakerFluxPipeline(FluxPipeline):
         t5_text = _one_prompt("prompt_2", kwargs.get("prompt_2") or prompt)
         if kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None:
             true_cfg = kwargs.get("true_cfg_scale", 1.0)
-            _check_finite("true_cfg_scale", true_cfg)
+            check_finite_number("true_cfg_scale", true_cfg)
             if true_cfg > 1:
                 raise ConfigError("DeLeaker does not support true CFG (negative prompts): its history is per pass")
         if joint_attention_kwargs and "deleaker_state" in joint_attention_kwargs:
@@ -185,9 +184,3 @@ def _one_prompt(name: str, prompt: Any) -> str:
     if not isinstance(prompt, str):
         raise ConfigError(f"entities need the prompt text ({name}=...), not only prompt embeddings")
     return prompt
-
-
-def _check_finite(name: str, value: Any) -> None:
-    """Raise `ConfigError` unless ``value`` is a finite int or float (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r:.40}")

@@ -66,11 +66,7 @@ class BuildRequest:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        # A mistyped folder is answered here, not after the build imported torch to load it.
-        try:
-            check_model_source(self.model)
-        except ConfigError as err:
-            raise ConfigError(f"--model: {err}") from None
+        check_model_source(self.model)  # a mistyped folder is answered here, not after torch loaded to read it
         check_side("height", self.height)
         check_side("width", self.width)
         check_text_len(self.text_len)

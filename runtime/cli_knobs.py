@@ -10,9 +10,9 @@ import click
 from deleaker.errors import ConfigError
 
 
-def knob_option(help: str) -> Callable:
+def knob_option(help_text: str) -> Callable:
     """The repeatable ``--set KNOB=VALUE`` option, stored as ``overrides``."""
-    return click.option("--set", "overrides", multiple=True, metavar="KNOB=VALUE", help=help)
+    return click.option("--set", "overrides", multiple=True, metavar="KNOB=VALUE", help=help_text)
 
 
 def knob_overrides(values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:

@@ -172,7 +172,7 @@ def _build(**changes: str | list[str]) -> list[str]:
         (_build(max_entities="9"), "max_entities must be an int in [2, 8]"),
         (_build(batch=["1", "1", "x"]), "1 <= min <= opt <= max <= 64, got (1, 1, 'x')"),
         # build refused a mistyped --model only after importing torch to load it (~9 s, "loading model ..." first)
-        (_build(model="/no/such/model"), "--model: model '/no/such/model' is neither 'tiny' nor a directory"),
+        (_build(model="/no/such/model"), "error: model '/no/such/model' is neither 'tiny' nor a directory"),
     ],
 )
 def test_bad_input_is_one_error_line_fast_without_torch(tmp_path, args, message):

@@ -295,7 +295,7 @@ def test_cli_rejects_bad_precision_and_bad_model(tmp_path):
         build_command, ["--model", str(missing), "--precision", "fp16", "--out", str(tmp_path / "b"), "--onnx-only"]
     )
     assert result.exit_code == 1
-    assert f"error: --model: model '{missing}' is neither 'tiny' nor a directory" in result.output
+    assert f"error: model '{missing}' is neither 'tiny' nor a directory" in result.output
     assert not (tmp_path / "b").exists()  # nothing written for a model that does not load
 
 
