@@ -155,6 +155,7 @@ def main() -> None:
 
     device = torch.device("cuda")
     model = build_transformer(device)
+    # set_attn_processor pops the entries of the dict it is given: each use gets a copy.
     stock = {name: FluxAttnProcessor() for name in model.attn_processors}
     config = DeLeakerConfig()
     kernels = "CUDA kernels" if _kernel_module() is not None else "PyTorch reference (kernels unavailable)"
@@ -167,7 +168,7 @@ def main() -> None:
         mask = torch.zeros(4, text_len, dtype=torch.bool, device=device)
         mask[0, 2], mask[1, 5:7] = True, True
 
-        model.set_attn_processor(stock)
+        model.set_attn_processor(dict(stock))
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             off_ms = time_ms(lambda: model(**inputs), args.repeats)
@@ -201,7 +202,7 @@ def main() -> None:
         if args.graph:
             with torch.no_grad():
                 on_graph, on_error = graph_ms(on_step, args.repeats)
-                model.set_attn_processor(stock)
+                model.set_attn_processor(dict(stock))
                 off_graph, off_error = graph_ms(lambda: model(**inputs), args.repeats)
             graphs.append((rows[-1][0], off_graph, off_error, on_graph, on_error))
 
