@@ -308,16 +308,16 @@ def _check_onnx(path: Path, manifest: Any, io: Any) -> bool:
             )
     from deleaker.export.ort import check_recorded_contract
 
+    metadata = {p.key: p.value for p in model.metadata_props}
     try:
-        check_recorded_contract({p.key: p.value for p in model.metadata_props}, io, path.name,
-                                DeLeakerConfig(**manifest.deleaker_config))
+        check_recorded_contract(metadata, io, path.name, DeLeakerConfig(**manifest.deleaker_config))
     except ShapeError as exc:
         raise EngineDirError(f"{exc}, as its manifest says; rebuild the directory") from None
-    _check_node_attributes(model, path, manifest, io)
+    _check_node_attributes(model, metadata, path, manifest, io)
     return needs_portable(model)
 
 
-def _check_node_attributes(model: Any, path: Path, manifest: Any, io: Any) -> None:
+def _check_node_attributes(model: Any, metadata: dict[str, str], path: Path, manifest: Any, io: Any) -> None:
     """Refuse a graph whose ``DeLeakerAttention`` nodes would run other knobs, another grid or other blocks than
     its manifest says: the nodes' attributes are what ONNX Runtime (and TensorRT) run, while the image record and
     the metadata check above read the manifest, so an edited and rehashed graph would otherwise run unnoticed."""
@@ -329,7 +329,7 @@ def _check_node_attributes(model: Any, path: Path, manifest: Any, io: Any) -> No
         nodes = check_custom_nodes(model)
     except DeLeakerError as exc:
         raise EngineDirError(f"{path.name}: {exc}; rebuild the directory") from None
-    decomposed = {p.key: p.value for p in model.metadata_props}.get(META_DECOMPOSED) == "1"
+    decomposed = metadata.get(META_DECOMPOSED) == "1"
     if not nodes and decomposed:
         return  # standard ONNX already: its knobs are constants, recorded in the metadata checked above
     # The manifest's knobs as the nodes store them (float32 attributes), so equal knobs compare equal.

@@ -101,6 +101,16 @@ class RuntimeSpec:
         if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
             raise ConfigError(f"cache directory {self.cache_dir} is not a directory")
 
+    @property
+    def model_text_len(self) -> int:
+        """``T`` a model runs with: ``text_len``, or the default."""
+        return DEFAULT_TEXT_LEN if self.text_len is None else self.text_len
+
+    @property
+    def model_max_entities(self) -> int:
+        """``E_max`` a model runs with: ``max_entities``, or the default."""
+        return DEFAULT_MAX_ENTITIES if self.max_entities is None else self.max_entities
+
     def open(self) -> "DeLeakerRuntime":
         """Load the runtime (checks the device, the engine manifest, loads the model); no generation yet."""
         from .runtime import DeLeakerRuntime
@@ -118,8 +128,8 @@ class RuntimeSpec:
         return DeLeakerRuntime.from_model(
             self.model,
             backend=self.backend or DEFAULT_MODEL_BACKEND,
-            text_len=DEFAULT_TEXT_LEN if self.text_len is None else self.text_len,
-            max_entities=DEFAULT_MAX_ENTITIES if self.max_entities is None else self.max_entities,
+            text_len=self.model_text_len,
+            max_entities=self.model_max_entities,
             cache_dir=self.cache_dir,
             device=self.device,
             deleaker_config=dict(self.deleaker_overrides) or None,
@@ -379,7 +389,7 @@ def run_job(
         for item in job.items:  # E_max is known before loading a model: say so before the load
             try:
                 check_entity_words(item.request.prompt, item.request.entities,
-                                   max_entities=job.runtime.max_entities or DEFAULT_MAX_ENTITIES)
+                                   max_entities=job.runtime.model_max_entities)
             except DeLeakerError as exc:
                 raise _labelled(item, exc) from None
     rt = runtime if runtime is not None else job.runtime.open()
