@@ -419,7 +419,7 @@ def check_folder_agrees(out_dir: Path, artifact_stem: str, wanted: Mapping[str, 
                 )
 
 
-def _build_target(request: BuildRequest, library: Any) -> tuple[Any, Optional[str], Optional[str]]:
+def _build_target(request: BuildRequest, library: Any) -> Tuple[Any, Optional[str], Optional[Tuple[int, int]]]:
     """``(tensorrt module, GPU name, compute capability)`` an engine of ``request`` is built with; the GPU is None
     for TensorRT-RTX, which builds without one for every GPU it supports. Raises `TensorRTUnavailableError`,
     `PluginLibraryError` (this TensorRT cannot host ``library``) or `BuildError` (no GPU, or no FP8 on it)."""
