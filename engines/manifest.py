@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
+from deleaker.jsonio import loads_strict
 from deleaker.hashing import sha256_file
 from deleaker.plugins.kernels import MAX_ENTITIES
 from deleaker.runtime.defaults import MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
@@ -322,7 +323,7 @@ class EngineManifest:
     @classmethod
     def from_json(cls, text: str) -> "EngineManifest":
         try:
-            data = json.loads(text)
+            data = loads_strict(text)
         except (ValueError, RecursionError) as err:  # ValueError: also a number of more than 4300 digits
             raise ManifestError(f"manifest is not valid JSON: {str(err):.200}") from None
         if not isinstance(data, dict):

@@ -30,6 +30,7 @@ import torch
 
 from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
+from deleaker.jsonio import loads_strict
 from deleaker.hashing import sha256_file
 from deleaker.geometry import vae_scale_factor
 from deleaker.tracing import tracing
@@ -348,8 +349,8 @@ def read_export_metadata(onnx_path: Union[str, Path]) -> Tuple[FluxTransformerIO
     missing = [key for key in (META_IO, META_CONFIG, META_DECOMPOSED) if key not in meta]
     if missing:
         raise ExportError(f"{onnx_path} lacks the DeLeaker metadata {missing}; was it written by export_transformer_onnx?")
-    io = FluxTransformerIO.from_dict(json.loads(meta[META_IO]))
-    config = DeLeakerConfig(**json.loads(meta[META_CONFIG]))
+    io = FluxTransformerIO.from_dict(loads_strict(meta[META_IO]))
+    config = DeLeakerConfig(**loads_strict(meta[META_CONFIG]))
     return io, config, meta[META_DECOMPOSED] == "1"
 
 
@@ -358,7 +359,7 @@ def _vae_scale_factor(model_dir: Path) -> int:
     if not vae_config.is_file():
         return 8  # FLUX.1's
     try:
-        config = json.loads(vae_config.read_text())
+        config = loads_strict(vae_config.read_text())
     except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"cannot read the VAE config {vae_config}: {str(exc):.200}") from None
     if not isinstance(config, dict):

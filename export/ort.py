@@ -28,6 +28,7 @@ import torch
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError, ShapeError
+from deleaker.jsonio import loads_strict
 from deleaker.ops import deleaker_attention_reference
 
 from .contract import FluxTransformerIO
@@ -344,7 +345,7 @@ def check_recorded_contract(
         if key not in metadata:
             continue
         try:
-            same = json.loads(metadata[key]) == json.loads(json.dumps(value))
+            same = loads_strict(metadata[key]) == json.loads(json.dumps(value))
         except (ValueError, RecursionError):
             same = False
         if not same:

@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ShapeError
+from deleaker.jsonio import loads_strict
 
 from .contract import FluxTransformerIO
 from .exporter import EXTERNAL_DATA_THRESHOLD, META_DECOMPOSED, META_IO, ExportError, export_attention_onnx
@@ -365,7 +366,7 @@ def _mark_metadata(model: onnx.ModelProto) -> None:
     """The exporter's metadata, updated: the contract is now float32 and the nodes are decomposed."""
     props = {p.key: p for p in model.metadata_props}
     if META_IO in props:
-        io = FluxTransformerIO.from_dict(json.loads(props[META_IO].value))
+        io = FluxTransformerIO.from_dict(loads_strict(props[META_IO].value))
         props[META_IO].value = json.dumps(dataclasses.replace(io, dtype="float32").to_dict(), sort_keys=True)
     if META_DECOMPOSED in props:
         props[META_DECOMPOSED].value = "1"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from deleaker.errors import DeLeakerError
+from deleaker.jsonio import loads_strict
 from deleaker.filelock import exclusive_lock
 
 #: Targets compiled into the library: Ampere (A100, consumer Ampere), Ada, Hopper, and Hopper's arch-specific
@@ -173,7 +174,7 @@ def _manifest_ok(directory: Path, expected: dict) -> bool:
     if not manifest.is_file() or not library.is_file():
         return False
     try:
-        recorded = json.loads(manifest.read_text())
+        recorded = loads_strict(manifest.read_text())
     except (OSError, ValueError):
         return False
     if any(recorded.get(name) != value for name, value in expected.items()):

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from deleaker.errors import DeLeakerError
+from deleaker.jsonio import loads_strict
 
 
 class OutputError(DeLeakerError, OSError):
@@ -157,7 +158,7 @@ def read_png_record(path: str | Path) -> tuple[bool, Optional[dict[str, Any]]]:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False, None
     try:
-        record = json.loads(text) if text is not None else None
+        record = loads_strict(text) if text is not None else None
     except (ValueError, RecursionError):
         record = None
     return True, record if isinstance(record, dict) else None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from deleaker.config import DeLeakerConfig, shown
 from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError
+from deleaker.jsonio import StrictJSONError, loads_strict
 
 from .defaults import (
     BACKENDS,
@@ -268,9 +269,11 @@ def _parse_line(raw: bytes, where: str, *, first: bool) -> Optional[dict[str, An
     if not text.strip():
         return None
     try:
-        record = json.loads(text)
+        record = loads_strict(text)
     except json.JSONDecodeError as exc:
         raise BatchFileError(f"{where}: not JSON ({exc.msg})") from None
+    except StrictJSONError as exc:
+        raise BatchFileError(f"{where}: {exc}") from None
     except ValueError as exc:  # a number json cannot convert: an int of more than 4300 digits
         raise BatchFileError(f"{where}: unreadable JSON ({str(exc):.120})") from None
     except RecursionError:

@@ -41,6 +41,7 @@ import torch
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError
+from deleaker.jsonio import loads_strict
 from deleaker.filelock import exclusive_lock
 from deleaker.hashing import sha256_file
 from deleaker.tracing import torch_work
@@ -274,7 +275,7 @@ def is_valid_entry(entry: Path, key: str) -> bool:
     """True when ``entry``'s manifest is for ``key`` and every file it lists, and only those, is a regular file in
     the entry that hashes to the recorded value."""
     try:
-        manifest = json.loads((entry / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest = loads_strict((entry / MANIFEST_NAME).read_text(encoding="utf-8"))
         files = manifest["files"]
         present = {p.name for p in entry.iterdir()} - {MANIFEST_NAME}
         return (

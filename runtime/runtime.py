@@ -12,7 +12,6 @@ is no global state: two instances are independent.
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ from deleaker.guidance import check_guidance
 from deleaker.tiny import TINY_MODEL_NAME
 from deleaker.tracing import torch_work
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
+from deleaker.jsonio import loads_strict
 
 from .backends import TorchBackend, TransformerBackend, resolve_device
 from .defaults import (
@@ -600,6 +600,6 @@ def transformer_config(model: str | Path, components: Mapping[str, Any]) -> dict
         return dict(components["transformer"].config)
     path = Path(model) / "transformer" / "config.json"
     try:
-        return json.loads(path.read_text())
+        return loads_strict(path.read_text())
     except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"cannot read the transformer config {path}: {str(exc):.200}") from None

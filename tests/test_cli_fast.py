@@ -211,13 +211,20 @@ def test_bad_input_is_one_error_line_fast_without_torch(tmp_path, args, message)
         # A setting of the whole run, given on a line, was ignored silently; a key that is no setting still is.
         (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "subset": "x", "steps": 4, "width": 64}\n',
          "line 1: set for the whole run, not per line: 'steps' by --steps, 'width' by --width"),
+        # Python's json keeps the last of two equal keys: this line ran seed 2 without a word.
+        (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "seed": 1, "seed": 2}\n',
+         "line 1: duplicate key 'seed' in a JSON object"),
+        (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "meta": {"a": 1, "a": 1}}\n',
+         "line 1: duplicate key 'a'"),
+        (b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "other": NaN}\n', "line 1: NaN is not JSON"),
     ],
     # Short ids: pytest puts the id in PYTEST_CURRENT_TEST, which the CLI's child process inherits; an id made from
     # a 40 MiB parameter passes the kernel's 128 KiB limit on one environment string (E2BIG at exec).
     ids=[
         "line-over-40MiB", "prompt-over-20000-chars", "not-utf8", "deep-list", "deep-object", "json-list",
         "json-string", "blank-lines", "seed-float", "seed-huge", "seed-5000-digits", "ignored-key-5000-digits",
-        "entities-not-list", "second-line-bad", "bom-unknown", "per-run-settings",
+        "entities-not-list", "second-line-bad", "bom-unknown", "per-run-settings", "duplicate-seed",
+        "duplicate-nested", "nan-constant",
     ],
 )
 def test_bad_prompts_file_is_refused_fast(tmp_path, content, message):

@@ -132,6 +132,11 @@ def test_manifest_rejects_malformed_json():
     # json.loads refuses an int of more than 4300 digits with a ValueError, not a JSONDecodeError.
     with pytest.raises(ManifestError, match="not valid JSON"):
         EngineManifest.from_json(json.dumps(data)[:-1] + ', "x": 1' + "0" * 5000 + "}")
+    # A key given twice (the last one won silently) is refused, at any depth.
+    with pytest.raises(ManifestError, match="duplicate key 'precision'"):
+        EngineManifest.from_json(json.dumps(data)[:-1] + ', "precision": "fp16"}')
+    with pytest.raises(ManifestError, match="duplicate key 'batch_min'"):
+        EngineManifest.from_json(json.dumps(data).replace('"batch_min":', '"batch_min": 1, "batch_min":', 1))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,35 @@
+"""The strict JSON reader every user-given JSON goes through (prompts lines, manifests, ONNX metadata)."""
+
+import json
+
+import pytest
+
+from deleaker.jsonio import StrictJSONError, loads_strict
+
+
+def test_reads_what_json_reads():
+    text = '{"prompt": "a cat", "entities": ["cat", "dog"], "seed": 3, "nested": [{"a": 1}, {"a": 2}], "x": null}'
+    assert loads_strict(text) == json.loads(text)
+    assert loads_strict(b'[1, 2.5, "s", true]') == [1, 2.5, "s", True]
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [('{"seed": 1, "seed": 2}', "seed"), ('{"a": {"b": 1, "b": 1}}', "b"), ('[{"c": 1}, {"c": 1, "c": 2}]', "c")],
+)
+def test_refuses_a_key_given_twice_at_any_depth(text, key):
+    with pytest.raises(StrictJSONError, match=f"duplicate key '{key}'"):
+        loads_strict(text)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_refuses_non_standard_constants(constant):
+    with pytest.raises(StrictJSONError, match="is not JSON"):
+        loads_strict(f'{{"guidance": {constant}}}')
+
+
+def test_errors_stay_value_errors():
+    """Callers that turned bad JSON into their own error through ``except ValueError`` keep doing so."""
+    assert issubclass(StrictJSONError, ValueError)
+    with pytest.raises(json.JSONDecodeError):
+        loads_strict("{")
