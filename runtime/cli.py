@@ -252,6 +252,12 @@ def _quiet_libraries() -> None:
 @click.option(
     "--compare", is_flag=True, help="Also render plain FLUX (same seed); save both side by side in <out>_compare.png."
 )
+@click.option(
+    "--save-masks",
+    is_flag=True,
+    help="Also save the entity masks DeLeaker used, drawn over its image (one colour per entity), in "
+    "<out>_masks.png.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 def run(
@@ -276,6 +282,7 @@ def run(
     out_dir,
     overwrite,
     compare,
+    save_masks,
     as_json,
     no_progress,
 ) -> None:
@@ -289,13 +296,18 @@ def run(
         if prompts_file is not None:
             if prompt is not None or entities is not None:
                 raise click.UsageError("--prompts replaces --prompt/--entities; give one or the other")
-            job = jobs.batch_job(spec, prompts_file, out_dir, settings=settings, compare=compare, overwrite=overwrite)
+            job = jobs.batch_job(
+                spec, prompts_file, out_dir, settings=settings, compare=compare, overwrite=overwrite,
+                save_masks=save_masks,
+            )
         else:
             if prompt is None or entities is None:
                 raise click.UsageError("give --prompt and --entities (or a --prompts FILE.jsonl batch)")
             if overwrite:
                 raise click.UsageError("--overwrite applies to --prompts batches (a single --out is always written)")
-            job = jobs.single_job(spec, settings.request(prompt, _entities(entities)), out, compare=compare)
+            job = jobs.single_job(
+                spec, settings.request(prompt, _entities(entities)), out, compare=compare, save_masks=save_masks
+            )
         report = jobs.run_job(job, progress_factory=_progress_factory(not no_progress))
 
     if as_json:
@@ -307,6 +319,7 @@ def run(
             continue
         t = item.timings
         extra = f", compare {item.compare_out}" if item.compare_out else ""
+        extra += f", masks {item.masks_out}" if item.masks_out else ""
         click.echo(
             f"{item.out}: {item.width}x{item.height}, {item.steps} steps, {report.backend}{extra} | "
             f"backend load {t['backend_load']:.2f}s encode {t['encode']:.2f}s denoise {t['denoise']:.2f}s "

@@ -1,5 +1,5 @@
-"""Image helpers of the runtime and CLI: side-by-side comparison, atomic PNG writes with a provenance record,
-PNG validity, PSNR."""
+"""Image helpers of the runtime and CLI: side-by-side comparison, the entity masks' overlay, atomic PNG writes
+with a provenance record, PNG validity, PSNR."""
 
 from __future__ import annotations
 
@@ -216,3 +216,65 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
         raise ValueError(f"images differ in size: {x.shape} vs {y.shape}")
     mse = float(np.mean((x - y) ** 2))
     return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
+
+
+#: One colour per entity row (E_max is at most 8), far apart in hue and readable over photographs.
+ENTITY_COLOURS = (
+    (230, 25, 75),  # red
+    (60, 180, 75),  # green
+    (0, 130, 200),  # blue
+    (255, 225, 25),  # yellow
+    (145, 30, 180),  # purple
+    (70, 240, 240),  # cyan
+    (245, 130, 48),  # orange
+    (240, 50, 230),  # magenta
+)
+#: Weight of an entity's colour where its mask covers the image (the image keeps the rest, so it stays visible).
+OVERLAY_ALPHA = 0.5
+
+
+def mask_overlay(image: Image.Image, masks: Any, entities: Sequence[str]) -> Image.Image:
+    """``image`` with each entity's mask (``(E, gh, gw)`` bool on the latent grid, an array or a CPU tensor) tinted
+    in its colour, and a legend under it naming each entity with its colour and the share of the image its mask
+    covers. ``masks`` None (DeLeaker did not act, see `GenerationResult.entity_masks`) gives the image with a legend
+    saying so.
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    height, width = rgb.shape[:2]
+    lines: list[tuple[Optional[tuple[int, int, int]], str]] = []
+    if masks is None:
+        lines.append((None, "no entity masks: DeLeaker did not act in this generation"))
+    else:
+        grid_masks = np.asarray(masks, dtype=bool)
+        if grid_masks.ndim != 3 or grid_masks.shape[0] != len(entities):
+            raise ValueError(f"masks must be (len(entities), gh, gw), got {grid_masks.shape} for {len(entities)}")
+        for index, (entity, grid_mask) in enumerate(zip(entities, grid_masks)):
+            colour = ENTITY_COLOURS[index % len(ENTITY_COLOURS)]
+            pixels = _to_pixels(grid_mask, height, width)
+            rgb[pixels] = (1 - OVERLAY_ALPHA) * rgb[pixels] + OVERLAY_ALPHA * np.asarray(colour, dtype=np.float32)
+            lines.append((colour, f"{entity}: {100.0 * grid_mask.mean():.0f}% of the image"))
+    tinted = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+    return _with_legend(tinted, lines)
+
+
+def _to_pixels(grid_mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A latent-grid mask scaled to the image by nearest neighbour (each latent token covers a square patch)."""
+    rows = np.arange(height) * grid_mask.shape[0] // height
+    cols = np.arange(width) * grid_mask.shape[1] // width
+    return grid_mask[rows[:, None], cols[None, :]]
+
+
+def _with_legend(image: Image.Image, lines: Sequence[tuple[Optional[tuple[int, int, int]], str]]) -> Image.Image:
+    font = ImageFont.load_default()
+    line_height, swatch = 12, 9
+    canvas = Image.new("RGB", (max(image.width, 160), image.height + line_height * len(lines) + 6), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (colour, text) in enumerate(lines):
+        top = image.height + 3 + line_height * i
+        left = 2
+        if colour is not None:
+            draw.rectangle((left, top + 1, left + swatch, top + 1 + swatch), fill=colour, outline="black")
+            left += swatch + 4
+        draw.text((left, top), text, fill="black", font=font)
+    return canvas

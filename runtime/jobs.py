@@ -28,7 +28,15 @@ from .defaults import (
     check_model_source,
     check_text_len,
 )
-from .images import OutputError, check_output_files, psnr, read_png_record, save_pngs_atomic, side_by_side
+from .images import (
+    OutputError,
+    check_output_files,
+    mask_overlay,
+    psnr,
+    read_png_record,
+    save_pngs_atomic,
+    side_by_side,
+)
 from .request import GenerationRequest, ImageSettings
 
 if TYPE_CHECKING:  # the runtime (torch, diffusers) is imported when a job opens it, after every cheap check
@@ -147,12 +155,19 @@ class RuntimeSpec:
 
 @dataclass(frozen=True)
 class JobItem:
-    """One image of a job: the request, where it goes, and (``--compare``) where the side-by-side goes."""
+    """One image of a job: the request, where it goes, (``--compare``) where the side-by-side goes and
+    (``--save-masks``) where the entity masks' overlay goes."""
 
     request: GenerationRequest
     out: Path
     compare_out: Optional[Path] = None
     label: str = ""
+    masks_out: Optional[Path] = None
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """Every file this item writes (all or none of them, see `save_pngs_atomic`)."""
+        return tuple(p for p in (self.out, self.compare_out, self.masks_out) if p is not None)
 
 
 @dataclass(frozen=True)
@@ -183,6 +198,7 @@ class ItemReport:
     width: int
     skipped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    masks_out: Optional[str] = None
 
 
 @dataclass
@@ -208,12 +224,26 @@ def compare_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}_compare.png")
 
 
+def masks_path(out: Path) -> Path:
+    """Where ``--save-masks`` writes the entity masks' overlay of ``out``: ``<stem>_masks.png`` beside it."""
+    return out.with_name(f"{out.stem}_masks.png")
+
+
 def single_job(
-    runtime: RuntimeSpec, request: GenerationRequest, out: str | Path, *, compare: bool = False
+    runtime: RuntimeSpec,
+    request: GenerationRequest,
+    out: str | Path,
+    *,
+    compare: bool = False,
+    save_masks: bool = False,
 ) -> RenderJob:
-    """A job of one image written to ``out`` (and its comparison beside it with ``compare``)."""
+    """A job of one image written to ``out`` (and its comparison beside it with ``compare``, the overlay of the
+    entity masks DeLeaker used with ``save_masks``)."""
     out = Path(out)
-    return RenderJob(runtime, (JobItem(request, out, compare_path(out) if compare else None),))
+    item = JobItem(
+        request, out, compare_path(out) if compare else None, masks_out=masks_path(out) if save_masks else None
+    )
+    return RenderJob(runtime, (item,))
 
 
 #: Keys a prompts line may not set: the options set them for every line.
@@ -308,6 +338,7 @@ def batch_job(
     settings: ImageSettings,
     compare: bool = False,
     overwrite: bool = False,
+    save_masks: bool = False,
 ) -> RenderJob:
     """A resumable job: line ``i`` (0-based among non-blank lines) of ``prompts_file`` goes to
     ``out_dir/{i:04d}.png``; a line without ``seed`` takes ``settings.seed``; other settings come from ``settings``.
@@ -322,7 +353,10 @@ def batch_job(
         except DeLeakerError as exc:
             raise type(exc)(f"{label}: {exc}") from None
         out = out_dir / f"{index:04d}.png"
-        items.append(JobItem(request, out, compare_path(out) if compare else None, label=label))
+        items.append(JobItem(
+            request, out, compare_path(out) if compare else None, label=label,
+            masks_out=masks_path(out) if save_masks else None,
+        ))
     return RenderJob(runtime, tuple(items), keep_existing=not overwrite)
 
 
@@ -356,9 +390,7 @@ def _existing_outputs(job: RenderJob, records: list[dict[str, Any]]) -> list[boo
     for item, record in zip(job.items, records):
         expected = json.loads(json.dumps(record))  # as read back from a PNG (lists, floats)
         states = []
-        for path in (item.out, item.compare_out):
-            if path is None:
-                continue
+        for path in item.outputs:
             valid, stored = read_png_record(path)
             states.append(valid and stored == expected)
             if valid and stored != expected:
@@ -387,7 +419,7 @@ def run_job(
     tokens, resolution), existing outputs compared with their requests (``keep_existing``), then images generated
     and each item's files written together (`save_pngs_atomic`: all or none).
     """
-    check_output_files(p for item in job.items for p in (item.out, item.compare_out) if p is not None)
+    check_output_files(p for item in job.items for p in item.outputs)
     if runtime is None and job.runtime.model is not None:
         for item in job.items:  # E_max is known before loading a model: say so before the load
             try:
@@ -418,6 +450,7 @@ def run_job(
             height=int(request.height),
             width=int(request.width),
             skipped=skip,
+            masks_out=None if item.masks_out is None else str(item.masks_out),
         )
         reports.append(report)
         if skip:
@@ -430,6 +463,8 @@ def run_job(
             report.timings["plain_total"] = plain.timings["total"]
             pair = side_by_side(plain.image, result.image, request.prompt, ("FLUX", "DeLeaker"))
             images.append((pair, item.compare_out))
+        if item.masks_out is not None:
+            images.append((mask_overlay(result.image, result.entity_masks, request.entities), item.masks_out))
         save_pngs_atomic(images, record)
     return JobReport(backend=rt.backend_name, load_seconds=rt.load_seconds, items=reports)
 

@@ -42,6 +42,7 @@ from .defaults import (
     check_model_source,
     check_text_len,
 )
+from .entity_masks import mask_step, masks_from_history
 from .memory import AttentionMemory
 from .schedule import (
     ShiftConfig,
@@ -78,12 +79,16 @@ class GenerationResult:
     """An image, the time each stage took (seconds) and, when asked for, the latents after every step.
 
     ``latents``: ``steps`` tensors ``(1, Nimg, C)`` float32 (CPU), in order; None unless ``record_latents``.
+    ``entity_masks``: the masks DeLeaker used in its last intervening block, ``(len(entities), gh, gw)`` bool (CPU)
+    on the latent grid, in the order of the request's entities; None when DeLeaker did not act or its masks cannot
+    be recovered exactly (see `deleaker.runtime.entity_masks.mask_step`).
     """
 
     image: Image.Image
     timings: dict[str, float]
     request: GenerationRequest
     latents: Optional[list[Tensor]] = None
+    entity_masks: Optional[Tensor] = None
 
 
 class TransformerSource:
@@ -473,12 +478,19 @@ class DeLeakerRuntime:
 
         # 3. Denoising loop: the backend returns the history for the next step.
         recorded: list[Tensor] = []
+        config = DeLeakerConfig(**self.deleaker_config) if request.deleaker and self.deleaker_config else None
+        # The step whose history gives the masks of DeLeaker's last intervening block (kept for the result).
+        num_blocks = num_joint_blocks(self.transformer_config)
+        masks_at = None if config is None else mask_step(config, num_blocks, request.steps)
+        masks_history: Optional[Tensor] = None
         for i in range(schedule.num_steps):
             inputs["hidden_states"] = latents
             # As FluxPipeline: the timestep in the latents' dtype, divided by 1000 (sigma).
             inputs["timestep"] = timesteps[i].expand(latents.shape[0]).to(latents.dtype) / 1000
             inputs["step"] = torch.tensor(i, dtype=torch.int64, device=device)
             noise_pred, inputs["history"] = backend(inputs)
+            if i == masks_at:
+                masks_history = inputs["history"].detach().clone()  # a backend may reuse its output buffer
             latents = euler_step(latents, noise_pred.to(device), schedule, i)
             # One reduction and a host sync per step: cheap next to a transformer call, and a NaN caught here
             # names its step instead of surfacing as a black image.
@@ -504,8 +516,12 @@ class DeLeakerRuntime:
             raise NonFiniteError(str(exc), latents=recorded if record_latents else None) from None
         timings["decode"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
+        masks = None
+        if masks_history is not None:
+            masks = masks_from_history(masks_history, mask, grid, config, len(request.entities))
         return GenerationResult(
-            image=image, timings=timings, request=request, latents=recorded if record_latents else None
+            image=image, timings=timings, request=request, latents=recorded if record_latents else None,
+            entity_masks=masks,
         )
 
     @torch.no_grad()
