@@ -3,8 +3,9 @@
 - `deleaker.engines.build`: `build_engines(BuildRequest) -> BuildResult` (ONNX export, FP8 Q/DQ, TensorRT loaders
   ``network_from_onnx -> build_serialized_engine -> save_engine``, manifests);
 - `deleaker.engines.fp8`: FP8 (E4M3) calibration, PyTorch fake quantization and the ONNX Q/DQ pass;
-- `deleaker.engines.manifest`: `EngineManifest` (JSON beside every artifact) and its compatibility checks;
-- `deleaker.engines.cli`: the ``deleaker-trt build`` click command (mounted by ``deleaker.runtime.cli``).
+- `deleaker.engines.manifest`: `EngineManifest` (JSON beside every artifact) and its compatibility checks.
+
+The ``deleaker-trt build`` command is `deleaker.runtime.cli.build_command`.
 
 Importing this package needs neither TensorRT nor a GPU.
 """

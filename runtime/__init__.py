@@ -1,4 +1,4 @@
-"""``deleaker.runtime``: the lean FLUX.1 + DeLeaker runtime and the ``deleaker-trt`` CLI.
+"""``deleaker.runtime``: the lean FLUX.1 + DeLeaker runtime; ``deleaker.runtime.cli`` is the ``deleaker-trt`` CLI on top of it.
 
 Public API (imported on first use, so ``deleaker-trt --help`` and ``import deleaker.runtime`` stay light)::
 

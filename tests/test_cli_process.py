@@ -99,7 +99,7 @@ def test_a_signal_during_a_run_exits_cleanly_and_leaves_no_file(tmp_path, signum
 _INTERRUPTED_COMMAND = r"""
 import atexit, signal, sys
 import click
-from deleaker.runtime.cli_errors import reported_errors
+from deleaker.runtime.cli.errors import reported_errors
 
 def state():
     ignored = [s.name for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN]

@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from deleaker.config import DeLeakerConfig
 from deleaker.engines import build as build_lib
 from deleaker.errors import ConfigError
-from deleaker.engines.cli import build as build_command
+from deleaker.runtime.cli.build_command import build as build_command
 from deleaker.export.contract import FluxTransformerIO
 from deleaker.engines.manifest import (
     EngineCompatibilityError,

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from deleaker.config import DeLeakerConfig
 from deleaker.engines import build as build_lib
 from deleaker.engines import fp8
-from deleaker.engines.cli import build as build_command
+from deleaker.runtime.cli.build_command import build as build_command
 from deleaker.engines.manifest import EngineManifest
 
 

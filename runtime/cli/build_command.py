@@ -1,8 +1,8 @@
 """``deleaker-trt build``: parse the options into a `BuildRequest`, call `build_engines`, print stage timings.
 
-Mounted on the ``deleaker-trt`` group by ``deleaker.runtime.cli`` (``from deleaker.engines.cli import build``).
+Mounted on the ``deleaker-trt`` group by ``deleaker.runtime.cli``.
 Typed errors print ``error: <message>`` on stderr and exit 1; usage errors exit 2 (click); Ctrl-C and SIGTERM
-exit 130 and 143 (`deleaker.runtime.cli_errors`), leaving no partial artifact.
+exit 130 and 143 (`deleaker.runtime.cli.errors`), leaving no partial artifact.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import click
 
 from deleaker.plugins.kernels import MAX_ENTITIES
-from deleaker.runtime.cli_errors import CHECKED_INT, reported_errors
-from deleaker.runtime.cli_knobs import knob_option, knob_overrides
+from .errors import CHECKED_INT, reported_errors
+from .knobs import knob_option, knob_overrides
 from deleaker.runtime.defaults import DEFAULT_PRECISION, MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
 
-from .manifest import MAX_BATCH
+from deleaker.engines.manifest import MAX_BATCH
 
 
 @click.command("build")
@@ -84,7 +84,7 @@ def build(
     model, precision, height, width, max_entities, text_len, batch, out_dir, plugin_library, onnx_only, overrides
 ) -> None:
     """Export the DeLeaker FLUX transformer to ONNX and build a TensorRT engine with a manifest."""
-    from .request import BuildRequest
+    from deleaker.engines.request import BuildRequest
 
     with reported_errors("the artifact in progress"):
         # Made before the build is imported: every bound its manifests enforce is refused before torch loads.
@@ -102,7 +102,7 @@ def build(
             deleaker_config=dict(knob_overrides(overrides)) or None,
         )
         # Imported here: the build pulls in torch and onnx, which `--help` and bad input do not need.
-        from .build import build_engines
+        from deleaker.engines.build import build_engines
 
         result = build_engines(request, progress=lambda line: click.echo(line, err=True))
     click.echo(f"onnx: {result.onnx_path}" + (" (reused)" if result.reused_onnx else ""))

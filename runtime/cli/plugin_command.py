@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from deleaker.runtime.cli_errors import reported_errors
+from .errors import reported_errors
 
-from .trt_build import PluginBuildConfig, build_plugin, library_build_info
+from deleaker.plugins.trt_build import PluginBuildConfig, build_plugin, library_build_info
 
 
 @click.command("plugin")

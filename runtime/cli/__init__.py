@@ -19,7 +19,7 @@ import click
 
 from deleaker.plugins.kernels import MAX_ENTITIES
 
-from .cli_errors import (  # noqa: F401  (the exit codes, named where the commands are)
+from .errors import (  # noqa: F401  (the exit codes, named where the commands are)
     CHECKED_FLOAT,
     CHECKED_INT,
     EXIT_ERROR,
@@ -28,8 +28,8 @@ from .cli_errors import (  # noqa: F401  (the exit codes, named where the comman
     DeLeakerCliError,
     reported_errors,
 )
-from .cli_knobs import knob_option, knob_overrides
-from .defaults import (
+from .knobs import knob_option, knob_overrides
+from deleaker.runtime.defaults import (
     BACKENDS,
     DEFAULT_GUIDANCE,
     DEFAULT_MAX_ENTITIES,
@@ -162,7 +162,7 @@ def _request_options(func):
 
 
 def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
-    from . import jobs
+    from deleaker.runtime import jobs
 
     if (engines is None) == (model is None):
         raise click.UsageError("give exactly one of --engines DIR or --model PATH|tiny")
@@ -287,8 +287,8 @@ def run(
     no_progress,
 ) -> None:
     """Generate images with DeLeaker (one --prompt, or a --prompts batch)."""
-    from . import jobs
-    from .request import ImageSettings
+    from deleaker.runtime import jobs
+    from deleaker.runtime.request import ImageSettings
 
     with reported_errors("the image in progress"):
         spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
@@ -369,8 +369,8 @@ def verify(
     no_progress,
 ) -> None:
     """Run one prompt on a backend and on PyTorch; fail beyond tolerance (latent rel. error per step, PSNR)."""
-    from . import jobs
-    from .request import ImageSettings
+    from deleaker.runtime import jobs
+    from deleaker.runtime.request import ImageSettings
 
     with reported_errors("the image in progress"):
         spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
@@ -392,14 +392,13 @@ def verify(
     click.echo("verify: PASS", err=True)
 
 
-# The engine build command lives with the engines (deleaker.engines.cli); the group only mounts it.
+# The engine and plugin build commands each have a module here; the group only mounts them.
 # Model code is imported inside the commands, so `deleaker-trt --help` stays fast (tests/test_cli_fast.py).
-from deleaker.engines.cli import build as _build_command  # noqa: E402  (after the group it joins)
+from .build_command import build as _build_command  # noqa: E402  (after the group it joins)
 
 main.add_command(_build_command)
 
-# The plugin library build lives with the plugins (deleaker.plugins.trt_cli).
-from deleaker.plugins.trt_cli import plugin as _plugin_command  # noqa: E402
+from .plugin_command import plugin as _plugin_command  # noqa: E402
 
 main.add_command(_plugin_command)
 
@@ -418,6 +417,3 @@ def entry_point() -> None:
             os._exit(exc.code)
         raise
 
-
-if __name__ == "__main__":  # pragma: no cover
-    entry_point()
