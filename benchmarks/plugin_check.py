@@ -92,8 +92,8 @@ def prepare(directory: Path) -> None:
     headers stay in the kernel cache."""
     from trt_plugin_host import build_gpu_driver, cuda_include_dir
 
-    from deleaker.plugins import build as kernel_build
-    from deleaker.plugins import trt_build
+    from deleaker.plugins import kernels_build as kernel_build
+    from deleaker.plugins import trt_plugin_build as trt_build
 
     work = kernel_build.cache_root() / "plugin_check"
     os.environ.update(_fetch_headers(work / "headers"))

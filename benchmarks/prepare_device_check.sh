@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .device
-built=$(DELEAKER_KERNEL_CACHE=$PWD/.device/kernels python -m deleaker.plugins.build | tail -1)
+built=$(DELEAKER_KERNEL_CACHE=$PWD/.device/kernels python -m deleaker.plugins.kernels_build | tail -1)
 echo "kernel library: $built"
 # Only this build travels: the builds of older sources stay in the folder otherwise (21 MB each).
 keep=$(basename "$(dirname "$built")")

@@ -48,7 +48,7 @@ from deleaker.errors import ConfigError, DeLeakerError
 
 from deleaker.filelock import exclusive_lock
 from deleaker.runtime.defaults import PRECISIONS  # noqa: F401 (API)
-from deleaker.plugins.trt_build import LIBRARY_NAME
+from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
 from deleaker.plugins.trt_library import (
     PluginLibrary,
     check_plugin_layers_loadable,

@@ -6,8 +6,9 @@
   translations of ``torch.ops.deleaker.attention`` (custom node, standard-ONNX decomposition).
 - `deleaker.export.exporter`: `export_transformer_onnx`, `export_model_onnx`, `export_attention_onnx`,
   `check_onnx_model`, `read_export_metadata`.
-- `deleaker.export.ort`: ONNX Runtime sessions for standard ONNX (`make_session`, `session_feeds`,
-  `run_interruptible`) and, asked for by name, the node's Python reference (`make_reference_session`).
+- `deleaker.export.ort_session`: ONNX Runtime sessions for standard ONNX (`make_session`, `check_session_contract`,
+  `session_feeds`); `deleaker.export.ort_interrupt`: `run_interruptible` (Ctrl-C stops a run between two nodes);
+  `deleaker.export.ort_reference`: asked for by name, the node's Python reference (`make_reference_session`).
 - `deleaker.export.portable`: `make_portable`, any exported graph as float32 standard ONNX (what ONNX Runtime runs).
 
 Submodules are imported on use (onnx/onnxscript are optional dependencies of the package).

@@ -33,7 +33,7 @@ from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.jsonio import loads_strict
 from deleaker.hashing import sha256_file
 from deleaker.geometry import vae_scale_factor
-from deleaker.tracing import tracing
+from deleaker.export_lock import tracing
 
 from .contract import FluxTransformerIO, dtype_name
 from .onnx_node import DOMAIN, ONNX_OPSET, OP_TYPE, register_onnx_schema, translation_table

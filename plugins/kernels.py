@@ -15,7 +15,7 @@ from pathlib import Path
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError
 
-from .build import build_library
+from .kernels_build import build_library
 
 DTYPE_FLOAT16 = 0
 DTYPE_BFLOAT16 = 1

@@ -27,7 +27,7 @@ from typing import Dict, List, Mapping, Optional
 from deleaker.errors import DeLeakerError
 from deleaker.hashing import sha256_file
 
-from .trt_build import LIBRARY_NAME, PluginBuildError, library_build_info
+from .trt_plugin_build import LIBRARY_NAME, PluginBuildError, library_build_info
 
 #: The Python packages of the TensorRT family that can build and run our engines, in the order tried.
 TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx")

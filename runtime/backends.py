@@ -169,12 +169,12 @@ class OnnxRuntimeBackend:
     """A transformer graph in standard ONNX (DeLeaker decomposed, float32 on the CPU) in an ONNX Runtime session.
 
     The graph comes from the runtime's ONNX cache (`deleaker.runtime.onnx_cache`): a model's export or the portable
-    form of an engine directory's ONNX. The session is made by `deleaker.export.ort.make_session`, which refuses
+    form of an engine directory's ONNX. The session is made by `deleaker.export.ort_session.make_session`, which refuses
     graphs with ``DeLeakerAttention`` nodes (ONNX Runtime would run them in Python, where an error aborts the
     process); its inputs and outputs are checked against the contract ``io`` on load, and the contract and knobs
     (``config``, when given) the graph records against ``io`` and ``config``. Feeds are cast to the
-    contract's dtypes (`deleaker.export.ort.session_feeds`). Ctrl-C stops a run between two nodes
-    (`deleaker.export.ort.run_interruptible`). CPU by default; ``providers`` as ONNX Runtime takes them.
+    contract's dtypes (`deleaker.export.ort_session.session_feeds`). Ctrl-C stops a run between two nodes
+    (`deleaker.export.ort_interrupt.run_interruptible`). CPU by default; ``providers`` as ONNX Runtime takes them.
     """
 
     name = "onnxruntime"
@@ -188,17 +188,18 @@ class OnnxRuntimeBackend:
         config: Optional[DeLeakerConfig] = None,
     ) -> None:
         try:
-            ort_helpers = importlib.import_module("deleaker.export.ort")
+            ort_session = importlib.import_module("deleaker.export.ort_session")
+            self._run = importlib.import_module("deleaker.export.ort_interrupt").run_interruptible
         except ImportError as exc:  # onnx / onnxruntime missing
             raise BackendError(
                 f"the onnxruntime backend needs the [onnx] extra (pip install 'deleaker-trt[onnx]'): {exc}"
             ) from exc
         self.path = Path(onnx_path)
         self.io = io
-        self._helpers = ort_helpers
+        self._feeds = ort_session.session_feeds
         try:
-            self.session = ort_helpers.make_session(self.path, providers=providers)
-            ort_helpers.check_session_contract(self.session, io, str(self.path), config)
+            self.session = ort_session.make_session(self.path, providers=providers)
+            ort_session.check_session_contract(self.session, io, str(self.path), config)
         except DeLeakerError as exc:
             raise BackendError(f"ONNX Runtime cannot use {self.path}: {exc}") from exc
         except Exception as exc:  # onnxruntime raises its own types for a corrupt or unsupported graph
@@ -207,9 +208,9 @@ class OnnxRuntimeBackend:
         self.dtype = io.spec("noise_pred").torch_dtype
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        feeds = self._helpers.session_feeds(self.io, {name: inputs[name] for name in self.io.input_names})
+        feeds = self._feeds(self.io, {name: inputs[name] for name in self.io.input_names})
         try:
-            noise_pred, history = self._helpers.run_interruptible(self.session, self.io.output_names, feeds)
+            noise_pred, history = self._run(self.session, self.io.output_names, feeds)
         except DeLeakerError:
             raise
         except Exception as exc:  # onnxruntime's own error types (an allocation failure, a node that fails)

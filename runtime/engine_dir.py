@@ -306,7 +306,7 @@ def _check_onnx(path: Path, manifest: Any, io: Any) -> bool:
                 f"{path.name} reads weights from {location!r}, which its manifest does not name (data_files: "
                 f"{sorted(named)}); rebuild the directory"
             )
-    from deleaker.export.ort import check_recorded_contract
+    from deleaker.export.ort_session import check_recorded_contract
 
     metadata = {p.key: p.value for p in model.metadata_props}
     try:

@@ -44,7 +44,7 @@ from deleaker.errors import DeLeakerError
 from deleaker.jsonio import loads_strict
 from deleaker.filelock import exclusive_lock
 from deleaker.hashing import sha256_file
-from deleaker.tracing import torch_work
+from deleaker.export_lock import torch_work
 
 from .backends import BackendError, OnnxRuntimeBackend
 

@@ -25,7 +25,7 @@ from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.geometry import latent_grid, vae_scale_factor
 from deleaker.guidance import check_guidance
 from deleaker.tiny import TINY_MODEL_NAME
-from deleaker.tracing import torch_work
+from deleaker.export_lock import torch_work
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.jsonio import loads_strict
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from deleaker.errors import DeLeakerError
-from deleaker.plugins import build, kernels
+from deleaker.plugins import kernels, kernels_build as build
 
 HEADER = build.CSRC_DIR / "deleaker_params.h"
 MIB = 1 << 20

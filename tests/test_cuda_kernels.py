@@ -53,7 +53,7 @@ def skip_without_cuda() -> None:
     """Skip the calling test unless a CUDA device and the kernel library (built or buildable) are there."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from deleaker.plugins import build, kernels
+    from deleaker.plugins import kernels, kernels_build as build
 
     try:
         kernels.load_library()

@@ -34,7 +34,7 @@ from deleaker.engines.manifest import (
     sha256_file,
 )
 from deleaker.plugins import trt_library
-from deleaker.plugins.trt_build import LIBRARY_NAME
+from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
 
 #: The tiny model's contract at 64x64, T = 16, E_max = 4, batch 1..4 (what its fp16 build declares).
 TINY_IO = FluxTransformerIO(

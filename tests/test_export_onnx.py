@@ -31,7 +31,8 @@ from deleaker.export.exporter import (
     sha256_file,
 )
 from deleaker.export.onnx_node import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, config_from_attributes
-from deleaker.export.ort import make_reference_session, make_session, session_feeds
+from deleaker.export.ort_reference import make_reference_session
+from deleaker.export.ort_session import make_session, session_feeds
 from deleaker.export.portable import make_portable, needs_portable
 from deleaker.export.wrapper import make_wrapper
 from deleaker.ops import entity_affinity, entity_image_masks, update_history

@@ -97,7 +97,7 @@ def _fp8_linear_model(path, weight: np.ndarray, x_scale: float, w_scale: float) 
 def test_sessions_run_fp8_qdq_linears_as_written(tmp_path):
     """ONNX Runtime 1.30.0 fused DQ(fp8) -> MatMul into MatMulIntegerToFloat and refused the model; our sessions turn
     the QDQ fusions off, so the graph loads and computes the float fake quantization on any version."""
-    from deleaker.export.ort import QDQ_FUSION_KEY, make_session
+    from deleaker.export.ort_session import QDQ_FUSION_KEY, make_session
 
     rng = np.random.default_rng(3)
     weight = (rng.standard_normal((16, 8)) * 0.2).astype(np.float32)
@@ -193,7 +193,8 @@ def test_qdq_graph_structure(qdq_float32):
 
 
 def test_qdq_onnx_in_onnxruntime_matches_pytorch_fake_quantization(qdq_float32):
-    from deleaker.export.ort import make_reference_session, make_session, session_feeds
+    from deleaker.export.ort_reference import make_reference_session
+    from deleaker.export.ort_session import make_session, session_feeds
     from deleaker.export.portable import make_portable
     from deleaker.export.wrapper import make_wrapper
 

@@ -33,7 +33,8 @@ from deleaker.engines.manifest import EngineManifest, ManifestError, sha256_file
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.export.exporter import export_attention_onnx
 from deleaker.export.onnx_node import OP_TYPE
-from deleaker.export.ort import make_reference_session, make_session
+from deleaker.export.ort_reference import make_reference_session
+from deleaker.export.ort_session import make_session
 from deleaker.export.portable import make_portable
 from deleaker.runtime import onnx_cache
 from deleaker.runtime.cli import main as cli_main
@@ -159,7 +160,8 @@ def test_ctrl_c_in_the_cli_leaves_no_image(cache_dir, tmp_path):
 
 _REFERENCE_LOOP = r"""
 import sys, numpy as np
-from deleaker.export.ort import make_reference_session, run_interruptible
+from deleaker.export.ort_interrupt import run_interruptible
+from deleaker.export.ort_reference import make_reference_session
 session = make_reference_session(sys.argv[1])
 shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in session.get_inputs()}
 feeds = {name: np.ones(shape, dtype=np.float32) for name, shape in shapes.items()}
@@ -283,7 +285,7 @@ def test_bad_node_attributes_are_refused_before_onnx_runtime_runs(tmp_path, chan
 _NODE_ERROR_INSIDE = r"""
 import sys, numpy as np, onnxruntime as ort
 from deleaker.errors import DeLeakerError
-from deleaker.export.ort import ReferenceSession, register_reference_op
+from deleaker.export.ort_reference import ReferenceSession, register_reference_op
 options = ort.SessionOptions()
 options.register_custom_ops_library(register_reference_op())
 # Made by hand, without make_reference_session's checks: the bad attribute reaches the Python node.

@@ -25,7 +25,8 @@ from deleaker.export.onnx_node import (
     config_from_attributes,
     node_attributes,
 )
-from deleaker.export.ort import make_reference_session, make_session
+from deleaker.export.ort_reference import make_reference_session
+from deleaker.export.ort_session import make_session
 from deleaker.ops import deleaker_attention_reference, entity_affinity, entity_image_masks, update_history
 from test_op_reference import constant_region_inputs, uniform_attention_inputs
 

@@ -38,8 +38,8 @@ from onnx import helper
 from deleaker.config import DeLeakerConfig
 from deleaker.export import onnx_node
 from deleaker.export.exporter import export_attention_onnx
-from deleaker.plugins import build as kernel_build
-from deleaker.plugins import kernels, trt_build
+from deleaker.plugins import kernels_build as kernel_build
+from deleaker.plugins import kernels, trt_plugin_build as trt_build
 
 HERE = Path(__file__).resolve().parent
 ODD_CONFIG = DeLeakerConfig(

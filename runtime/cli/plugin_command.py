@@ -13,7 +13,7 @@ import click
 
 from .errors import reported_errors
 
-from deleaker.plugins.trt_build import PluginBuildConfig, build_plugin, library_build_info
+from deleaker.plugins.trt_plugin_build import PluginBuildConfig, build_plugin, library_build_info
 
 
 @click.command("plugin")

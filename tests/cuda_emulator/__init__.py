@@ -26,7 +26,7 @@ from typing import Sequence, Tuple
 
 from deleaker.errors import DeLeakerError
 from deleaker.filelock import exclusive_lock
-from deleaker.plugins import build, kernels
+from deleaker.plugins import kernels, kernels_build as build
 
 HERE = Path(__file__).resolve().parent
 LIBRARY_NAME = "libdeleaker_emulated.so"

@@ -64,7 +64,7 @@ def emulated_plugin_library() -> ctypes.CDLL:
 
 def cuda_include_dir() -> Path:
     """CUDA's include folder (for ``cuda_runtime.h``): $CUDA_HOME's, nvcc's, or /usr/local/cuda's."""
-    from deleaker.plugins import build as kernel_build
+    from deleaker.plugins import kernels_build as kernel_build
 
     candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
     try:

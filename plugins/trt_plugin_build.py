@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 from deleaker.errors import DeLeakerError
 from deleaker.filelock import exclusive_lock
 
-from . import build as kernel_build
+from . import kernels_build as kernel_build
 
 LIBRARY_NAME = "libdeleaker_trt_plugin.so"
 SOURCE_DIR = Path(__file__).resolve().parent / "trt"
@@ -73,7 +73,7 @@ class PluginBuildConfig:
 
 def cuda_architectures(archs: Sequence[str]) -> str:
     """CMake's ``CMAKE_CUDA_ARCHITECTURES`` for ``archs``: machine code for each, PTX of the newest portable one
-    (as the kernel library's own build, `deleaker.plugins.build.gencode_flags`)."""
+    (as the kernel library's own build, `deleaker.plugins.kernels_build.gencode_flags`)."""
     return ";".join([f"{a}-real" for a in archs] + [f"{kernel_build.ptx_arch(archs)}-virtual"])
 
 
@@ -108,7 +108,7 @@ def configure_command(config: PluginBuildConfig, cmake: str, build_dir: Path) ->
 
 
 def _environment() -> dict:
-    """The environment for CMake: nvcc from `deleaker.plugins.build.find_nvcc` (PATH, then $CUDA_HOME) if set."""
+    """The environment for CMake: nvcc from `deleaker.plugins.kernels_build.find_nvcc` (PATH, then $CUDA_HOME) if set."""
     env = dict(os.environ)
     try:
         env.setdefault("CUDACXX", str(kernel_build.find_nvcc()))

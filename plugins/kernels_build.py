@@ -213,7 +213,7 @@ def build_library(archs: Sequence[str] = ARCHS, *, force: bool = False) -> Path:
     if jit_forbidden():
         raise KernelBuildError(
             f"DELEAKER_NO_JIT is set and no prebuilt kernel library for archs {list(archs)} and the current "
-            f"sources is in {cache_root()}; build one with `python -m deleaker.plugins.build` first"
+            f"sources is in {cache_root()}; build one with `python -m deleaker.plugins.kernels_build` first"
         )
     spec = build_spec(archs)
     directory = cache_root() / spec.key
@@ -241,7 +241,7 @@ def build_library(archs: Sequence[str] = ARCHS, *, force: bool = False) -> Path:
 
 
 def main() -> None:
-    """``python -m deleaker.plugins.build``: build (or find) the library and print its path."""
+    """``python -m deleaker.plugins.kernels_build``: build (or find) the library and print its path."""
     print(build_library())
 
 

@@ -1,4 +1,4 @@
-"""`deleaker.tracing`: an export runs alone in the process; other torch work runs side by side, never during one.
+"""`deleaker.export_lock`: an export runs alone in the process; other torch work runs side by side, never during one.
 
 torch.export keeps tracing state process-wide (seen: ``KeyError: 'custom'`` from ``torch.fx.proxy`` in a thread
 that encoded a prompt while another thread exported), so the runtime's torch work and the exports share this lock.
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from deleaker.tracing import _SharedExclusiveLock
+from deleaker.export_lock import _SharedExclusiveLock
 
 
 def test_torch_work_waits_for_an_export_and_runs_side_by_side_otherwise():
