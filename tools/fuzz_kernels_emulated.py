@@ -1,9 +1,9 @@
 """Fuzz the emulated CUDA kernels on awkward shapes against the decomposed op and the float64 slow reference.
 
-    python tests/fuzz_kernels_emulated.py [--cases N] [--seed S] [--only INDEX] [--slow-ref]
-    python tests/fuzz_kernels_emulated.py --sweep [--seed S] [--slow-ref] [--defines DELEAKER_BAND_ROWS=64]
-    python tests/fuzz_kernels_emulated.py --edges [--slow-ref]     # the small edge cases, checked
-    python tests/fuzz_kernels_emulated.py --memcheck               # the same under valgrind (a few minutes)
+    python tools/fuzz_kernels_emulated.py [--cases N] [--seed S] [--only INDEX] [--slow-ref]
+    python tools/fuzz_kernels_emulated.py --sweep [--seed S] [--slow-ref] [--defines DELEAKER_BAND_ROWS=64]
+    python tools/fuzz_kernels_emulated.py --edges [--slow-ref]     # the small edge cases, checked
+    python tools/fuzz_kernels_emulated.py --memcheck               # the same under valgrind (a few minutes)
 
 Not collected by pytest (no ``test_`` prefix). Each case draws a shape (T, grid, B, H, D, E_max, which entity rows
 are present and how many tokens they own), a dtype, a query scale (x0: uniform attention, x1, x30: sharp
@@ -36,7 +36,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The emulator and the references it compares with are test infrastructure, in tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import cuda_emulator  # noqa: E402
 import slow_reference as slow  # noqa: E402
