@@ -17,8 +17,8 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 import onnx
+import torch
 
-from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError, ShapeError
 from deleaker.ops import deleaker_attention_reference
 
