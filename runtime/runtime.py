@@ -12,6 +12,7 @@ is no global state: two instances are independent.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -425,79 +426,138 @@ class DeLeakerRuntime:
         ``denoise``, ``decode``, ``total``.
         """
         with self._lock:
-            return self._generate(request, record_latents, progress)
+            return self._generate([request], record_latents, progress)[0]
 
-    def _generate(self, request, record_latents, progress) -> GenerationResult:
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run several requests in one denoising loop; ``result[i]`` is ``requests[i]``'s image.
+
+        Every request has its own prompt, entities, seed and guidance; all must have one resolution (after the
+        default size is filled in) and one step count (they share the schedule), else `ShapeError` /
+        `ConfigError` before any work. Each image equals ``generate(request)``'s within float rounding: prompts are
+        encoded and images decoded one by one, and the transformer runs once per step for each group of requests
+        whose entity mask is the same (the contract's ``entity_mask`` is one per call, not per sample), in chunks
+        of the backend's largest batch. Timings are the whole batch's (each result has the same numbers).
+        """
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
+            raise ConfigError(f"requests must be a non-empty list of GenerationRequest, got {requests!r:.80}")
+        with self._lock:
+            return self._generate(list(requests), False, None)
+
+    def _generate(self, requests, record_latents, progress) -> list[GenerationResult]:
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        request = self.resolve(request)
-        height, width = request.height, request.width
-        grid = latent_grid(height, width, self.vae_scale_factor)
+        resolved = [self.resolve(request) for request in requests]
+        first = resolved[0]
+        for index, request in enumerate(resolved[1:], start=1):
+            if (request.height, request.width) != (first.height, first.width):
+                raise ShapeError(
+                    f"a batch has one resolution: request 0 is {first.height}x{first.width}, request {index} "
+                    f"{request.height}x{request.width}"
+                )
+            if request.steps != first.steps:
+                raise ConfigError(
+                    f"a batch has one step count: request 0 has {first.steps} steps, request {index} {request.steps}"
+                )
+        grid = latent_grid(first.height, first.width, self.vae_scale_factor)
 
         tick = time.perf_counter()
-        backend = self.source.backend(height, width)  # may export: before, not inside, the torch work below
+        backend = self.source.backend(first.height, first.width)  # may export: before, not inside, the torch work
         timings["backend_load"] = time.perf_counter() - tick
         with torch_work():
-            return self._generate_loaded(request, backend, grid, timings, start, record_latents, progress)
+            return self._generate_loaded(resolved, backend, grid, timings, start, record_latents, progress)
 
-    def _generate_loaded(self, request, backend, grid, timings, start, record_latents, progress) -> GenerationResult:
-        """Encode, denoise and decode with a loaded backend (torch work: never while this process exports)."""
-        height, width = request.height, request.width
+    def _generate_loaded(self, requests, backend, grid, timings, start, record_latents, progress):
+        """Encode, denoise and decode ``requests`` (one resolution and step count) with a loaded backend (torch
+        work: never while this process exports). ``record_latents``: every step's latents ``(B, Nimg, C)``."""
+        height, width = requests[0].height, requests[0].width
         if self.transformer_config.get("guidance_embeds", False):
             # The transformer embeds guidance x 1000 in its dtype: float16 (a model, an fp16/fp8 engine) overflows
             # above 65.5, and every latent would be NaN. Refused before the work, not after it.
-            check_guidance("guidance", request.guidance, backend.dtype)
+            for request in requests:
+                check_guidance("guidance", request.guidance, backend.dtype)
 
-        # 1. Text: T5 sequence + CLIP pooled, and the entity mask (all zeros renders plain FLUX).
+        # 1. Text: T5 sequence + CLIP pooled, and the entity mask (all zeros renders plain FLUX). One prompt at a
+        # time: a request's embedding is then the same in a batch as alone.
         tick = time.perf_counter()
-        embeds, pooled = self.text.encode(request.prompt, text_len=self.text_len, dtype=self.dtype)
-        mask = self.text.entity_mask(
-            request.prompt, request.entities, text_len=self.text_len, max_entities=self.max_entities
-        )
-        if not request.deleaker:
-            mask = torch.zeros_like(mask)
+        embeds, pooled, masks = [], [], []
+        for request in requests:
+            embed, pool = self.text.encode(request.prompt, text_len=self.text_len, dtype=self.dtype)
+            mask = self.text.entity_mask(
+                request.prompt, request.entities, text_len=self.text_len, max_entities=self.max_entities
+            )
+            embeds.append(embed)
+            pooled.append(pool)
+            masks.append(mask if request.deleaker else torch.zeros_like(mask))
         timings["encode"] = time.perf_counter() - tick
 
-        # 2. Latents, ids and the schedule.
+        # 2. Latents, ids and the schedule; the rows that share an entity mask share the transformer's calls.
         tick = time.perf_counter()
         device = backend.device
         channels = int(self.transformer_config["in_channels"]) // 4
-        latents = initial_latents(request.seed, 1, channels, grid, dtype=self.dtype).to(device)
-        schedule = flux_schedule(request.steps, grid[0] * grid[1], self.shift)
+        latents = torch.cat(
+            [initial_latents(request.seed, 1, channels, grid, dtype=self.dtype) for request in requests]
+        ).to(device)
+        schedule = flux_schedule(requests[0].steps, grid[0] * grid[1], self.shift)
         timesteps = torch.from_numpy(schedule.timesteps).to(device)
-        inputs: dict[str, Tensor] = {
-            "encoder_hidden_states": embeds.to(device),
-            "pooled_projections": pooled.to(device),
-            "img_ids": image_ids(grid).to(device),
-            "txt_ids": text_ids(self.text_len).to(device),
-            "entity_mask": mask.to(device),
-            "history": torch.zeros(1, self.max_entities, grid[0] * grid[1], dtype=torch.float32, device=device),
+        rows: dict[bytes, list[int]] = {}
+        for index, mask in enumerate(masks):
+            rows.setdefault(mask.to("cpu", torch.bool).numpy().tobytes(), []).append(index)
+        chunk = backend_max_batch(backend)
+        calls = [
+            (group[i : i + chunk], masks[group[0]].to(device))
+            for group in rows.values()
+            for i in range(0, len(group), chunk)
+        ]
+        batch_inputs: dict[str, Tensor] = {
+            "encoder_hidden_states": torch.cat(embeds).to(device),
+            "pooled_projections": torch.cat(pooled).to(device),
         }
         if self.transformer_config.get("guidance_embeds", False):
-            inputs["guidance"] = torch.full([1], float(request.guidance), dtype=torch.float32, device=device)
+            batch_inputs["guidance"] = torch.tensor(
+                [float(request.guidance) for request in requests], dtype=torch.float32, device=device
+            )
+        shared = {"img_ids": image_ids(grid).to(device), "txt_ids": text_ids(self.text_len).to(device)}
+        history = torch.zeros(len(requests), self.max_entities, grid[0] * grid[1], dtype=torch.float32, device=device)
 
         # 3. Denoising loop: the backend returns the history for the next step.
         recorded: list[Tensor] = []
-        config = DeLeakerConfig(**self.deleaker_config) if request.deleaker and self.deleaker_config else None
-        # The step whose history gives the masks of DeLeaker's last intervening block (kept for the result).
+        any_deleaker = any(request.deleaker for request in requests)
+        config = DeLeakerConfig(**self.deleaker_config) if any_deleaker and self.deleaker_config else None
+        # The step whose history gives the masks of DeLeaker's last intervening block (kept for the results).
         num_blocks = num_joint_blocks(self.transformer_config)
-        masks_at = None if config is None else mask_step(config, num_blocks, request.steps)
+        masks_at = None if config is None else mask_step(config, num_blocks, requests[0].steps)
         masks_history: Optional[Tensor] = None
         for i in range(schedule.num_steps):
-            inputs["hidden_states"] = latents
-            # As FluxPipeline: the timestep in the latents' dtype, divided by 1000 (sigma).
-            inputs["timestep"] = timesteps[i].expand(latents.shape[0]).to(latents.dtype) / 1000
-            inputs["step"] = torch.tensor(i, dtype=torch.int64, device=device)
-            noise_pred, inputs["history"] = backend(inputs)
+            noise_pred = torch.empty_like(latents)
+            step = torch.tensor(i, dtype=torch.int64, device=device)
+            for call_rows, mask in calls:
+                index = torch.tensor(call_rows, device=device)
+                whole = len(call_rows) == len(requests)  # one call for all rows: no gather
+                inputs = {name: value if whole else value[index] for name, value in batch_inputs.items()}
+                hidden = latents if whole else latents[index]
+                inputs.update(shared, entity_mask=mask, hidden_states=hidden, step=step)
+                inputs["history"] = history if whole else history[index]
+                # As FluxPipeline: the timestep in the latents' dtype, divided by 1000 (sigma).
+                inputs["timestep"] = timesteps[i].expand(hidden.shape[0]).to(hidden.dtype) / 1000
+                call_noise, call_history = backend(inputs)
+                if whole:
+                    noise_pred, history = call_noise.to(device), call_history
+                else:
+                    noise_pred = noise_pred.to(call_noise.dtype)
+                    noise_pred[index] = call_noise.to(device)
+                    history[index] = call_history.to(history.device, history.dtype)
             if i == masks_at:
-                masks_history = inputs["history"].detach().clone()  # a backend may reuse its output buffer
-            latents = euler_step(latents, noise_pred.to(device), schedule, i)
+                masks_history = history.detach().clone()  # a backend may reuse its output buffer
+            latents = euler_step(latents, noise_pred, schedule, i)
             # One reduction and a host sync per step: cheap next to a transformer call, and a NaN caught here
             # names its step instead of surfacing as a black image.
-            if not bool(torch.isfinite(latents).all()):
+            finite = torch.isfinite(latents).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                which = "" if len(requests) == 1 else f" (batch rows {torch.nonzero(~finite).flatten().tolist()})"
                 raise NonFiniteError(
                     f"the latents hold NaN or inf after step {i + 1} of {schedule.num_steps} ({self.backend_name}, "
-                    f"{height}x{width}, guidance {request.guidance}): the model overflowed; no image was made",
+                    f"{height}x{width}, guidance {requests[0].guidance}){which}: the model overflowed; no image "
+                    "was made",
                     latents=recorded if record_latents else None,
                 )
             if record_latents:
@@ -508,21 +568,26 @@ class DeLeakerRuntime:
             torch.cuda.synchronize(device)
         timings["denoise"] = time.perf_counter() - tick
 
-        # 4. VAE decode.
+        # 4. VAE decode, one image at a time (as alone).
         tick = time.perf_counter()
         try:
-            image = self.decode(latents, grid)
+            images = [self.decode(latents[row : row + 1], grid) for row in range(len(requests))]
         except NonFiniteError as exc:
             raise NonFiniteError(str(exc), latents=recorded if record_latents else None) from None
         timings["decode"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
-        masks = None
-        if masks_history is not None:
-            masks = masks_from_history(masks_history, mask, grid, config, len(request.entities))
-        return GenerationResult(
-            image=image, timings=timings, request=request, latents=recorded if record_latents else None,
-            entity_masks=masks,
-        )
+        results = []
+        for row, (image, request) in enumerate(zip(images, requests)):
+            found = None
+            if masks_history is not None and request.deleaker:
+                found = masks_from_history(
+                    masks_history[row : row + 1], masks[row], grid, config, len(request.entities)
+                )
+            results.append(GenerationResult(
+                image=image, timings=dict(timings), request=request, latents=recorded if record_latents else None,
+                entity_masks=found,
+            ))
+        return results
 
     @torch.no_grad()
     def decode(self, latents: Tensor, grid: tuple[int, int]) -> Image.Image:
@@ -542,6 +607,13 @@ class DeLeakerRuntime:
     @property
     def backend_name(self) -> str:
         return self.source.name
+
+
+def backend_max_batch(backend: TransformerBackend) -> int:
+    """The largest batch one call of ``backend`` takes: its contract's profile (ONNX Runtime, TensorRT), else
+    unbounded (PyTorch)."""
+    io = getattr(backend, "io", None)
+    return int(io.batch_max) if io is not None and getattr(io, "batch_max", None) else sys.maxsize
 
 
 def model_device(backend: str, device: str | torch.device | None) -> torch.device:
