@@ -156,7 +156,7 @@ def main() -> None:
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     from deleaker import DeLeakerConfig
-    from deleaker.plugins_bridge import _kernel_module
+    from deleaker.plugins import torch_op  # registers the CUDA kernel of torch.ops.deleaker.attention
     from deleaker.processor import DeLeakerState, install_deleaker_processors
 
     device = torch.device("cuda")
@@ -164,7 +164,7 @@ def main() -> None:
     # set_attn_processor pops the entries of the dict it is given: each use gets a copy.
     stock = {name: FluxAttnProcessor() for name in model.attn_processors}
     config = DeLeakerConfig(do_smoothing=not args.no_smoothing)
-    kernels = "CUDA kernels" if _kernel_module() is not None else "PyTorch reference (kernels unavailable)"
+    kernels = "CUDA kernels" if torch_op.is_available() else "PyTorch reference (kernels unavailable)"
     rows, graphs, unions = [], [], []
     for spec in args.sizes.split(","):
         size, text_len = spec.split(":")

@@ -15,7 +15,7 @@ _EXPORTS = {
     "DeLeakerError": "errors",
     "EntityError": "errors",
     "ShapeError": "errors",
-    "deleaker_attention": "ops",
+    "deleaker_attention": "library",
     "deleaker_attention_decomposed": "decomposed",
     "deleaker_attention_reference": "ops",
 }

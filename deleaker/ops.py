@@ -25,45 +25,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT64_MAX = 2**63 - 1
 
 
-def deleaker_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    entity_mask: Tensor,
-    *,
-    grid: Tuple[int, int],
-    block_step: BlockStep,
-    history: Tensor | None,
-    config: DeLeakerConfig,
-) -> Tuple[Tensor, Tensor]:
-    """One joint attention call with DeLeaker.
-
-    Args:
-        q, k, v: ``(B, H, N, D)``, the ``T`` text tokens first, then ``gh * gw`` image tokens row-major.
-        entity_mask: ``(E_max, T)`` bool; row ``e`` marks entity ``e``'s text tokens, an all-zero row is absent.
-        grid: ``(gh, gw)``, the image token grid, ``gh * gw == N - T``.
-        block_step: ``t = step * num_blocks + block_offset``.
-        history: ``None`` (zeros) or ``(B, E_max, gh * gw)`` float32, the running mean of entity affinities.
-        config: the knobs; used as given (never rescaled here).
-
-    Returns:
-        ``out`` like ``q`` (same dtype) and the updated history ``(B, E_max, gh * gw)`` float32.
-
-    CUDA tensors run the fused kernels of ``deleaker.plugins`` when they are built; everything else runs
-    `deleaker_attention_reference`.
-    """
-    check_attention_inputs(q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config)
-    if q.is_cuda:
-        from .plugins_bridge import cuda_attention_or_none
-
-        result = cuda_attention_or_none(
-            q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config
-        )
-        if result is not None:
-            return result
-    return _reference(q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config)
-
-
 def deleaker_attention_reference(
     q: Tensor,
     k: Tensor,
@@ -75,7 +36,9 @@ def deleaker_attention_reference(
     history: Tensor | None,
     config: DeLeakerConfig,
 ) -> Tuple[Tensor, Tensor]:
-    """`deleaker_attention` always in PyTorch, on any device (the reference that kernels are checked against)."""
+    """DeLeaker attention in PyTorch, on any device: the op's default kernel and the reference that kernels are
+    checked against. Arguments and results as `deleaker.deleaker_attention` (``deleaker.library``), which runs
+    the kernel PyTorch's dispatcher picks for the device."""
     check_attention_inputs(q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config)
     return _reference(q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config)
 

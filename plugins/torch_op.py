@@ -11,9 +11,10 @@ device the same way (``deleaker_init``: shared-memory limits, SM count). After t
 synchronisation and no lazy setup, so it can be captured in a CUDA graph; a device ``block_step`` is read by the
 kernels.
 
-`deleaker.plugins_bridge` calls `is_available`, `supports` and `deleaker_attention_cuda`; the custom op
-``torch.ops.deleaker.attention`` already reaches this module through `deleaker.deleaker_attention` on CUDA
-inputs, so no separate CUDA kernel is registered for it (a registration would only duplicate that dispatch).
+Importing this module registers `cuda_kernel` as the CUDA kernel of the core's op ``torch.ops.deleaker.attention``
+(``deleaker.library``): the dependency runs from the plugins to the core, never back. Inputs the kernels do not
+take (float32, other head dims, sizes beyond their grids) and a machine where the kernel library does not load
+run the op's PyTorch reference.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from deleaker.config import DeLeakerConfig
 from deleaker.decomposed import DEFAULT_FALLBACK_THRESHOLD, check_fallback_threshold, plain_attention_with_lse
 from deleaker.errors import ShapeError
+from deleaker.library import attention, block_step_of, config_from_knobs, reference_kernel
 from deleaker.ops import check_attention_inputs
 
 from . import kernels
@@ -496,3 +498,37 @@ def debug_views(
                 cut[i, members[:, None], members[None, :]] = bits[i, :count, :count]
         views["cut"] = cut
     return views
+
+
+# ---- the op's CUDA kernel --------------------------------------------------------------------------------------
+
+
+@attention.register_kernel("cuda")
+def cuda_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    entity_mask: Tensor,
+    history: Tensor,
+    step: Tensor,
+    block_offset: int,
+    num_blocks: int,
+    grid_h: int,
+    grid_w: int,
+    *knobs,
+) -> Tuple[Tensor, Tensor]:
+    """``torch.ops.deleaker.attention`` on CUDA: `deleaker_attention_cuda` where the kernels take the inputs and
+    are built, the PyTorch reference otherwise. A device step is read by the kernels (no host synchronisation)."""
+    mask = entity_mask.to(torch.bool)
+    if not (is_available() and supports(q, mask)):
+        return reference_kernel(q, k, v, mask, history, step, block_offset, num_blocks, grid_h, grid_w, *knobs)
+    return deleaker_attention_cuda(
+        q,
+        k,
+        v,
+        mask,
+        grid=(grid_h, grid_w),
+        block_step=block_step_of(step, block_offset, num_blocks),
+        history=history,
+        config=config_from_knobs(*knobs),
+    )

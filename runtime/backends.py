@@ -119,8 +119,9 @@ class TransformerBackend(Protocol):
 class TorchBackend:
     """The diffusers ``FluxTransformer2DModel`` with DeLeaker processors (``torch.ops.deleaker.attention``).
 
-    On CUDA the op dispatches to the fused kernels when they are built (``deleaker.plugins``), else to the
-    PyTorch reference. An all-zero entity mask runs diffusers' stock attention: exactly plain FLUX.
+    On CUDA the op dispatches to the fused kernels when they are built (``deleaker.plugins.torch_op``, imported
+    here so that it registers them onto the op), else to the PyTorch reference. An all-zero entity mask runs
+    diffusers' stock attention: exactly plain FLUX.
     """
 
     name = "torch"
@@ -132,6 +133,8 @@ class TorchBackend:
         param = next(self.transformer.parameters())
         self.device = param.device
         self.dtype = param.dtype
+        if self.device.type == "cuda":
+            importlib.import_module("deleaker.plugins.torch_op")  # registers the op's CUDA kernel
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
