@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -32,9 +33,14 @@ def exclusive_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterato
     cannot be opened.
     """
     try:
-        fd = os.open(Path(path), os.O_RDWR | os.O_CREAT, 0o644)
+        # Not through a link, never blocking: a FIFO or a link put at a lock's name is refused, not opened.
+        fd = os.open(Path(path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                     0o644)
     except OSError as exc:
         raise LockError(f"cannot open the lock file {path}: {exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockError(f"the lock file {path} is not a regular file; remove it or choose another folder")
     try:
         if fcntl is not None:
             try:

@@ -33,7 +33,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from deleaker.geometry import vae_scale_factor
 from deleaker.errors import ConfigError, DeLeakerError
 
 from deleaker.filelock import exclusive_lock
+from deleaker.staging import make_staging_dir, staged_name
 from deleaker.runtime.defaults import PRECISIONS  # noqa: F401 (API)
 from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
 from deleaker.plugins.trt_library import (
@@ -178,7 +178,7 @@ def export_fp8_onnx(
     """Export like `export_onnx`, insert the E4M3 Q/DQ nodes, write ``path``; returns the Q/DQ ``ModelProto``."""
     import onnx
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    staging = make_staging_dir(path)
     try:
         plain = export_onnx(transformer, io, config, staging / path.name)
         weights = {name: layer.weight for name, layer in fp8_lib.quantizable_linears(transformer).items()}
@@ -193,7 +193,7 @@ def save_onnx(model: Any, path: Path) -> None:
     """Write ``model`` at ``path`` atomically; weights go to ``<name>.data`` beside it when the model is large."""
     import onnx
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp_dir = make_staging_dir(path)
     with disk_guard(tmp_dir):
         large = model.ByteSize() > _EXTERNAL_DATA_BYTES
         data_name = path.name + ".data"
@@ -372,12 +372,15 @@ def install_plugin_library(library: PluginLibrary, out_dir: Path) -> PluginLibra
 
 
 def remove_stale_staging(out_dir: Path) -> list[Path]:
-    """Remove what interrupted builds left in ``out_dir``: the hidden staging files and folders that artifacts,
-    manifests, the timing cache and the plugin library are written through (``.transformer.*``,
-    ``.timing.cache.*``, ``.libdeleaker_trt_plugin.so.*``). Only call it holding the folder's build lock."""
+    """Remove what interrupted builds left in ``out_dir``: the staging files and folders that artifacts,
+    manifests, the timing cache and the plugin library are written through, recognised by their whole form
+    (``.<final name>.deleaker-tmp-<pid>-<token>``, `deleaker.staging`) for a final name a build writes. A user's
+    ``.transformer.notes`` or ``.timing.cache.bak`` is not ours and stays. Only call it holding the folder's build
+    lock."""
     removed = []
     for path in sorted(out_dir.iterdir()):
-        if path.name.startswith((".transformer.", f".{TIMING_CACHE_NAME}.", f".{LIBRARY_NAME}.")):
+        final = staged_name(path.name)
+        if final is not None and (final.startswith("transformer.") or final in (TIMING_CACHE_NAME, LIBRARY_NAME)):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:

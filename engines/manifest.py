@@ -15,13 +15,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.jsonio import loads_strict
+from deleaker.staging import staging_path
 from deleaker.hashing import sha256_file
 from deleaker.plugins.kernels import MAX_ENTITIES
 from deleaker.runtime.defaults import MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
@@ -474,9 +474,10 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
     On any error (ENOSPC included) the temp file is removed and the error re-raised; ``target`` is untouched.
     """
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = staging_path(target)  # a name of ours (`deleaker.staging`): stale-staging cleanup may remove it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; artifacts are ordinary readable files
+        os.fchmod(fd, 0o644)  # artifacts are ordinary readable files
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -31,6 +31,7 @@ import torch
 from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.jsonio import loads_strict
+from deleaker.staging import make_staging_dir
 from deleaker.hashing import sha256_file
 from deleaker.geometry import vae_scale_factor
 from deleaker.export_lock import tracing
@@ -219,7 +220,7 @@ def check_onnx_model(onnx_path: Union[str, Path]) -> None:
 @contextlib.contextmanager
 def _staging_dir(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = make_staging_dir(final)  # a name of ours: an engine build's stale-staging cleanup may remove it
     try:
         yield tmp
     finally:

@@ -18,13 +18,13 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from deleaker.errors import DeLeakerError
 from deleaker.jsonio import loads_strict
+from deleaker.staging import make_staging_dir, staged_name, staging_path
 from deleaker.filelock import exclusive_lock
 
 #: Targets compiled into the library: Ampere (A100, consumer Ampere), Ada, Hopper, and Hopper's arch-specific
@@ -32,8 +32,6 @@ from deleaker.filelock import exclusive_lock
 ARCHS: tuple[str, ...] = ("80", "86", "89", "90", "90a")
 
 LIBRARY_NAME = "libdeleaker_kernels.so"
-#: Prefix of a build's staging folder inside its cache entry.
-STAGING_PREFIX = ".staging-"
 MANIFEST_NAME = "manifest.json"
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 #: ``--threads 0``: one nvcc process compiles the targets in parallel on every core.
@@ -222,21 +220,29 @@ def build_library(archs: Sequence[str] = ARCHS, *, force: bool = False) -> Path:
     with exclusive_lock(directory / ".lock"):  # one builder per key; the others wait, then find its result
         if not force and _manifest_ok(directory, expected):
             return directory / LIBRARY_NAME
-        # Staging folders of a build that was killed (tens of MB each): stale, since we hold the key's lock.
-        for stale in directory.glob(f"{STAGING_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        with tempfile.TemporaryDirectory(dir=directory, prefix=STAGING_PREFIX) as tmp:
-            staged = Path(tmp) / LIBRARY_NAME
+        # Staging folders of a build that was killed (tens of MB each): stale, since we hold the key's lock. Only
+        # names of ours (`deleaker.staging`) are removed.
+        for stale in directory.iterdir():
+            if staged_name(stale.name) == LIBRARY_NAME and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = make_staging_dir(directory / LIBRARY_NAME)
+        try:
+            staged = tmp / LIBRARY_NAME
             run_nvcc(compile_command(spec, staged))
             os.replace(staged, directory / LIBRARY_NAME)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         manifest = {
             **expected,
             "nvcc_flags": compile_flags(spec.archs),
             "library_sha256": hashlib.sha256((directory / LIBRARY_NAME).read_bytes()).hexdigest(),
         }
-        staged_manifest = directory / (MANIFEST_NAME + ".tmp")
-        staged_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(staged_manifest, directory / MANIFEST_NAME)
+        staged_manifest = staging_path(directory / MANIFEST_NAME)
+        try:
+            staged_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(staged_manifest, directory / MANIFEST_NAME)
+        finally:
+            staged_manifest.unlink(missing_ok=True)
     return directory / LIBRARY_NAME
 
 

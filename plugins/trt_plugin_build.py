@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 from deleaker.errors import DeLeakerError
 from deleaker.filelock import exclusive_lock
+from deleaker.staging import staging_path
 
 from . import kernels_build as kernel_build
 
@@ -190,7 +191,7 @@ def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], N
         built = _run([cmake, "--build", str(build_dir), "--parallel", jobs], env, "cmake --build")
         if built.returncode != 0:
             raise PluginBuildError(f"building the plugin library failed:\n{(built.stdout + built.stderr)[-6000:]}")
-        staged = out_dir / (LIBRARY_NAME + ".tmp")
+        staged = staging_path(out_dir / LIBRARY_NAME)  # a name of ours: a user's "<library>.tmp" is not touched
         try:
             shutil.copyfile(build_dir / LIBRARY_NAME, staged)
             os.replace(staged, out_dir / LIBRARY_NAME)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from deleaker.errors import DeLeakerError
 from deleaker.jsonio import loads_strict
+from deleaker.staging import STAGING_EXTRA, staging_name, staging_path
 
 
 class OutputError(DeLeakerError, OSError):
@@ -24,7 +25,9 @@ def check_output_files(paths: Iterable[str | Path]) -> None:
     """Raise `OutputError` unless every path can be written as a PNG (checked before any generation): a file name
     ending in .png and short enough for the filesystem (with the temporary name it is written under first), not a
     directory, writable if it exists, in a folder that is (or can be created) writable. Each distinct folder is
-    probed once, so a batch of thousands of images costs one write test."""
+    probed once, so a batch of thousands of images costs one write test. Something at a path that is not a regular
+    file (a FIFO, a device, a socket, a symbolic link) is refused: it is never opened (a FIFO would block) nor
+    replaced."""
     folders: set[Path] = set()
     for path in map(Path, paths):
         try:
@@ -41,12 +44,18 @@ def _check_output_file(path: Path, folders: set[Path]) -> None:
     if path.suffix.lower() != ".png":
         raise OutputError(f"output {path} must end in .png")
     longest = _name_max(path.parent)
-    if len(os.fsencode(path.name)) + _TEMPORARY_EXTRA > longest:
+    if len(os.fsencode(path.name)) + STAGING_EXTRA > longest:
         raise OutputError(
-            f"output file name {path.name[:40]}... is too long: at most {longest - _TEMPORARY_EXTRA} bytes here"
+            f"output file name {path.name[:40]}... is too long: at most {longest - STAGING_EXTRA} bytes here"
         )
-    if path.is_dir():
+    kind = special_file_kind(path)
+    if kind == "a directory":
         raise OutputError(f"output {path} is a directory")
+    if kind is not None:
+        raise OutputError(
+            f"output {path} is {kind}, not a regular file: it is never opened or replaced; remove it or choose "
+            "another path"
+        )
     if path.parent not in folders:
         check_output_dir(path.parent, create=True)
         folders.add(path.parent)
@@ -54,13 +63,36 @@ def _check_output_file(path: Path, folders: set[Path]) -> None:
         raise OutputError(f"output {path} exists and is not writable")
 
 
-#: Most bytes a temporary name adds to the file's name (see `_temporary_path`; Linux pids have at most 7 digits).
-_TEMPORARY_EXTRA = len(".") + len(".4194304.0123abcd.tmp")
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
-def _temporary_path(path: Path) -> Path:
-    """Where ``path`` is written before its rename: a unique hidden name beside it."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+def special_file_kind(path: str | Path) -> Optional[str]:
+    """What is at ``path`` when it is not a regular file ("a FIFO", "a symbolic link", ...); None when nothing is
+    there or a regular file is. Looks with ``lstat``: opens nothing."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (the folder's own checks say why)
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading, or `OutputError` when it is not a regular file. Opened without blocking and
+    without following a link, then checked, so a FIFO swapped in after a check cannot hang us."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _name_max(folder: Path) -> int:
@@ -94,7 +126,7 @@ def check_output_dir(path: str | Path, *, create: bool) -> Path:
 
 def _probe_write(directory: Path, message: str) -> None:
     # A real write, not os.access: that says yes to root on a read-only mount.
-    probe = directory / f".deleaker-write-probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    probe = directory / staging_name("deleaker-write-probe")
     try:
         with open(probe, "xb"):
             pass
@@ -127,7 +159,7 @@ def save_pngs_atomic(images: Sequence[tuple[Image.Image, Path]], record: Optiona
             current = path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             # A unique name opened exclusively (mode "xb" honours the umask, unlike mkstemp's 0600).
-            tmp = _temporary_path(path)
+            tmp = staging_path(path)
             with open(tmp, "xb") as handle:
                 staged.append((tmp, path))
                 image.save(handle, format="PNG", pnginfo=info)
@@ -150,7 +182,7 @@ def save_pngs_atomic(images: Sequence[tuple[Image.Image, Path]], record: Optiona
 def read_png_record(path: str | Path) -> tuple[bool, Optional[dict[str, Any]]]:
     """``(is a complete PNG, its deleaker-trt record or None)``; ``(False, None)`` for a missing or damaged file."""
     try:
-        with Image.open(path) as image:
+        with _open_regular(Path(path)) as handle, Image.open(handle) as image:
             if image.format != "PNG":
                 return False, None
             image.load()  # decodes every chunk: a truncated file fails here
@@ -162,6 +194,37 @@ def read_png_record(path: str | Path) -> tuple[bool, Optional[dict[str, Any]]]:
     except (ValueError, RecursionError):
         record = None
     return True, record if isinstance(record, dict) else None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def carries_record(path: str | Path) -> bool:
+    """True when ``path`` is a regular file that starts as a PNG of ours: a ``deleaker-trt`` text chunk before its
+    image data. Reads chunk headers only, so a PNG of ours cut short after that chunk (a disk that filled up
+    under another writer) still counts as ours, and a file of any other kind (a JPEG named .png, a prompts file)
+    does not. Opens nothing that is not a regular file."""
+    keyword = RECORD_KEY.encode("latin-1") + b"\0"
+    try:
+        with _open_regular(Path(path)) as handle:
+            if handle.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
+                return False
+            start = len(_PNG_SIGNATURE)
+            for _ in range(64):  # IHDR and a few ancillary chunks come before ours; no real PNG needs more
+                handle.seek(start)
+                header = handle.read(8)
+                if len(header) < 8:
+                    return False
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind in (b"IDAT", b"IEND"):
+                    return False
+                if kind in _TEXT_CHUNKS and handle.read(min(length, len(keyword))) == keyword:
+                    return True
+                start += 8 + length + 4  # header, data, CRC
+    except OSError:
+        return False
+    return False
 
 
 def is_valid_png(path: str | Path) -> bool:

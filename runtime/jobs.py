@@ -30,6 +30,7 @@ from .defaults import (
 )
 from .images import (
     OutputError,
+    carries_record,
     check_output_files,
     mask_overlay,
     psnr,
@@ -178,11 +179,18 @@ class RenderJob:
     record: prompt, entities, seed, steps, guidance, size, model, backend, T, E_max, knobs) is kept, and one made
     otherwise is refused before any generation (a resumed batch). False: every output is written, replacing what
     is there (a single image; a batch with ``--overwrite``).
+
+    ``replace_only_ours`` (a batch, with or without ``--overwrite``): a file already at an output path is replaced
+    only when it is a PNG of ours (its ``deleaker-trt`` record, `images.carries_record`); anything else (a user's
+    JPEG saved as ``0000.png``, a prompts file) is refused, naming it, before the model loads. A single ``--out``
+    names its file explicitly and is always written. Whatever the job, something that is not a regular file at an
+    output path (a FIFO, a device, a socket, a link) is refused unopened.
     """
 
     runtime: RuntimeSpec
     items: tuple[JobItem, ...]
     keep_existing: bool = False
+    replace_only_ours: bool = False
 
 
 @dataclass
@@ -357,7 +365,7 @@ def batch_job(
             request, out, compare_path(out) if compare else None, label=label,
             masks_out=masks_path(out) if save_masks else None,
         ))
-    return RenderJob(runtime, tuple(items), keep_existing=not overwrite)
+    return RenderJob(runtime, tuple(items), keep_existing=not overwrite, replace_only_ours=True)
 
 
 def output_record(rt: "DeLeakerRuntime", request: GenerationRequest) -> dict[str, Any]:
@@ -408,6 +416,22 @@ def _existing_outputs(job: RenderJob, records: list[dict[str, Any]]) -> list[boo
     return done
 
 
+def _refuse_files_not_ours(job: RenderJob) -> None:
+    """Raise `OutputError` naming the regular files at the job's output paths that are not PNGs of ours."""
+    strangers = [
+        f"{path} ({item.label or 'this request'}) has no record of its settings"
+        for item in job.items
+        for path in item.outputs
+        if path.exists() and not carries_record(path)
+    ]
+    if strangers:
+        listed = "; ".join(strangers[:3]) + (f"; and {len(strangers) - 3} more" if len(strangers) > 3 else "")
+        raise OutputError(
+            f"existing files at output paths are not images deleaker-trt wrote: {listed}. Nothing was generated; "
+            "such a file is never replaced (not even with --overwrite): move it away, or choose another --out-dir"
+        )
+
+
 def run_job(
     job: RenderJob,
     *,
@@ -420,6 +444,8 @@ def run_job(
     and each item's files written together (`save_pngs_atomic`: all or none).
     """
     check_output_files(p for item in job.items for p in item.outputs)
+    if job.replace_only_ours:
+        _refuse_files_not_ours(job)
     if runtime is None and job.runtime.model is not None:
         for item in job.items:  # E_max is known before loading a model: say so before the load
             try:

@@ -12,7 +12,7 @@ Two kinds of entries, each a ``transformer.onnx`` (and its ``.data`` when large)
 
 Either way nothing runs in Python inside ONNX Runtime.
 
-Writers: an entry is made in a staging folder ``.<key>.XXXX`` beside it and renamed into place, so readers never
+Writers: an entry is made in a staging folder ``.<key>.deleaker-tmp-<pid>-<token>`` beside it and renamed into place, so readers never
 see half an entry. Whoever makes or repairs an entry holds an exclusive lock on ``.<key>.lock`` (``flock``: threads
 and processes alike), so N runtimes starting together with a cold cache export once and the others wait and reuse
 it; exports in one process are also serialised by the exporter (``torch.export`` is not thread-safe). A staging
@@ -30,8 +30,8 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -42,6 +42,7 @@ import torch
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError
 from deleaker.jsonio import loads_strict
+from deleaker.staging import make_staging_dir, staged_name
 from deleaker.filelock import exclusive_lock
 from deleaker.hashing import sha256_file
 from deleaker.export_lock import torch_work
@@ -56,6 +57,7 @@ CACHE_FORMAT = 2
 _CACHE_HINT = "choose another folder with --cache-dir or DELEAKER_CACHE"
 #: Characters of the key that name an entry's folder.
 _NAME_LEN = 32
+_ENTRY_NAME = re.compile(f"[0-9a-f]{{{_NAME_LEN}}}")
 
 #: Says when an export starts and why (the CLI shows ``deleaker.*`` INFO records on stderr).
 logger = logging.getLogger(__name__)
@@ -237,7 +239,7 @@ def cached_artifact(cache_dir: Path, key: str, make: Callable[[Path], None], des
         _remove(entry)  # damaged, another layout, or not a folder: made again
         remove_stale_staging(root, holding=name)
         try:
-            staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+            staging = make_staging_dir(entry)
         except OSError as exc:
             raise BackendError(f"cannot write the ONNX cache in {root}: {exc} ({_CACHE_HINT})") from exc
         try:
@@ -294,17 +296,19 @@ def is_valid_entry(entry: Path, key: str) -> bool:
 def remove_stale_staging(root: Path, *, holding: Optional[str] = None) -> list[Path]:
     """Remove the staging folders of writers that are gone; returns what was removed.
 
-    A staging folder ``.<name>.XXXX`` is stale when nobody holds ``.<name>.lock`` (writers hold it while they
-    write), or when ``holding`` is ``name`` (the caller holds that lock itself). Folders of live writers stay.
+    A staging folder (``.<name>.deleaker-tmp-<pid>-<token>``, `deleaker.staging`, for an entry ``name`` of
+    `_NAME_LEN` hex digits) is stale when nobody holds ``.<name>.lock`` (writers hold it while they write), or when
+    ``holding`` is ``name`` (the caller holds that lock itself). Folders of live writers, and anything not named
+    like ours, stay.
     """
     removed = []
     try:
-        candidates = [p for p in root.iterdir() if p.name.startswith(".") and p.is_dir() and not p.is_symlink()]
+        candidates = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
     except OSError:
         return removed
     for path in candidates:
-        name = path.name[1:].split(".", 1)[0]
-        if len(name) != _NAME_LEN:
+        name = staged_name(path.name)
+        if name is None or not _ENTRY_NAME.fullmatch(name):
             continue  # not ours
         if name == holding:
             _remove(path)

@@ -294,3 +294,73 @@ def test_the_entry_point_ends_an_interrupted_command_at_once(monkeypatch, code, 
         with pytest.raises(SystemExit) as exc:
             cli.entry_point()
         assert exc.value.code == code and ended == []
+
+
+def _one_line_batch(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat and a dog", "entities": ["cat", "dog"]}) + "\n")
+    return prompts
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("stranger", ["jpeg", "prompts-file", "png-without-record"])
+def test_batch_never_replaces_a_file_it_did_not_write(tmp_path, stranger, overwrite):
+    """A user's JPEG saved as 0000.png, or the prompts file itself stored as the first output, was replaced by the
+    first image with exit 0. Only a PNG carrying our record may be replaced; the rest is refused before the model
+    loads, naming it, with or without --overwrite."""
+    from PIL import Image
+
+    prompts = _one_line_batch(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "0000.png"
+    if stranger == "jpeg":
+        Image.new("RGB", (8, 8), "red").save(target, format="JPEG")
+    elif stranger == "prompts-file":
+        target.write_bytes(prompts.read_bytes())
+    else:
+        Image.new("RGB", (8, 8), "red").save(target, format="PNG")
+    before = target.read_bytes()
+    done, seconds = _cli("run", "--model", "tiny", "--prompts", target if stranger == "prompts-file" else prompts,
+                         "--out-dir", out, *(["--overwrite"] if overwrite else []))
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("TORCH_IMPORTED=")]
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert f"{target} (" in lines[0] and "has no record of its settings" in lines[0] and "never replaced" in lines[0]
+    assert "TORCH_IMPORTED=False" in done.stderr and seconds < BOUND_S
+    assert target.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["0000.png"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "symlink"])
+@pytest.mark.parametrize("mode", ["batch", "single"])
+def test_special_file_at_an_output_path_is_refused_unopened(tmp_path, kind, mode):
+    """A FIFO at an output path blocked forever in Image.open once the model had loaded. Whatever is there and is
+    not a regular file is refused before any work, never opened nor replaced."""
+    import os
+    import socket
+
+    prompts = _one_line_batch(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / ("0000.png" if mode == "batch" else "x.png")
+    sock = None
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(target))
+    else:
+        (tmp_path / "elsewhere.png").write_bytes(b"the user's")
+        target.symlink_to(tmp_path / "elsewhere.png")
+    try:
+        args = ["--prompts", prompts, "--out-dir", out] if mode == "batch" else [
+            "--prompt", "a cat and a dog", "--entities", "cat,dog", "--out", target]
+        done, seconds = _cli("run", "--model", "tiny", *args)
+    finally:
+        if sock is not None:
+            sock.close()
+    named = {"fifo": "a FIFO", "socket": "a socket", "symlink": "a symbolic link"}[kind]
+    assert done.returncode == 1 and f"output {target} is {named}, not a regular file" in done.stderr, done.stderr
+    assert "TORCH_IMPORTED=False" in done.stderr and seconds < BOUND_S
+    assert os.path.lexists(target) and not os.path.isfile(target) or kind == "symlink"
+    if kind == "symlink":
+        assert target.is_symlink() and (tmp_path / "elsewhere.png").read_bytes() == b"the user's"

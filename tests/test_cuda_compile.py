@@ -18,6 +18,7 @@ import pytest
 
 from deleaker.errors import DeLeakerError
 from deleaker.plugins import kernels, kernels_build as build
+from deleaker.staging import staged_name, staging_name
 
 HEADER = build.CSRC_DIR / "deleaker_params.h"
 MIB = 1 << 20
@@ -222,9 +223,9 @@ def test_a_killed_builds_staging_folder_is_cleared_by_the_next_build(tmp_path, m
     monkeypatch.setenv("DELEAKER_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("DELEAKER_NO_JIT", raising=False)
     entry = build.cache_root() / build.build_spec().key
-    stale = entry / f"{build.STAGING_PREFIX}killed"
+    stale = entry / staging_name(build.LIBRARY_NAME)
     stale.mkdir(parents=True)
     (stale / build.LIBRARY_NAME).write_bytes(b"half a library")
     library = build.build_library()
     assert library.read_bytes() == b"library built by the stand-in"
-    assert not list(entry.glob(f"{build.STAGING_PREFIX}*"))
+    assert not [p for p in entry.iterdir() if staged_name(p.name) is not None]

@@ -23,6 +23,7 @@ from deleaker.engines.manifest import EngineManifest, ManifestError, sha256_file
 from deleaker.errors import ConfigError
 from deleaker.runtime.images import psnr
 from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest
+from deleaker.staging import staging_name
 
 from hostile_use import (
     ENTITIES, KNOBS, MANIFEST_NAME, ONNX_NAME, PROMPT, TEXT_LEN, build_tiny_onnx, copy_built, edit_manifest,
@@ -234,15 +235,21 @@ def test_weights_in_a_file_the_manifest_does_not_name_are_refused(built, tmp_pat
 
 def test_a_killed_build_leaves_nothing_for_the_next_build(built, tmp_path):
     out = copy_built(built, tmp_path)
-    (out / f".{ONNX_NAME}.abc123.tmp").mkdir()
-    (out / f".{ONNX_NAME}.abc123.tmp" / ONNX_NAME).write_bytes(b"half an export")
-    (out / f".{MANIFEST_NAME}.xyz.tmp").write_bytes(b"{")
+    staged_onnx = out / staging_name(ONNX_NAME)
+    staged_onnx.mkdir()
+    (staged_onnx / ONNX_NAME).write_bytes(b"half an export")
+    (out / staging_name(MANIFEST_NAME)).write_bytes(b"{")
+    # A user's hidden files that start like our artifacts are not ours: the build once deleted them.
+    users = [f".{ONNX_NAME}.abc123.tmp", f".{MANIFEST_NAME}.xyz.tmp", ".transformer.notes", ".timing.cache.old"]
+    for name in users:
+        (out / name).write_bytes(b"the user's")
     request = build_lib.BuildRequest(
         model="tiny", precision="fp16", out_dir=out, height=64, width=64, text_len=TEXT_LEN, onnx_only=True,
         deleaker_config=KNOBS,
     )
     assert build_lib.build_engines(request).reused_onnx
-    assert sorted(p.name for p in out.iterdir()) == sorted([build_lib.BUILD_LOCK_NAME, ONNX_NAME, MANIFEST_NAME])
+    assert sorted(p.name for p in out.iterdir()) == sorted([build_lib.BUILD_LOCK_NAME, ONNX_NAME, MANIFEST_NAME, *users])
+    assert all((out / name).read_bytes() == b"the user's" for name in users)
 
 
 def test_engine_directory_onnx_runs_on_the_cpu_only(built, tmp_path):

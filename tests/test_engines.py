@@ -35,6 +35,7 @@ from deleaker.engines.manifest import (
 )
 from deleaker.plugins import trt_library
 from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
+from deleaker.staging import staging_name
 
 #: The tiny model's contract at 64x64, T = 16, E_max = 4, batch 1..4 (what its fp16 build declares).
 TINY_IO = FluxTransformerIO(
@@ -399,8 +400,15 @@ def test_the_plugin_library_is_installed_atomically_and_once(tmp_path):
     other = build_lib.install_plugin_library(_library_record(tmp_path / "other.so", b"library two"), out)
     assert other.path.read_bytes() == b"library two" and other.path.stat().st_ino != inode  # a new file, renamed in
     assert sorted(p.name for p in out.iterdir()) == [LIBRARY_NAME]
-    (out / f".{LIBRARY_NAME}.x1y2.tmp").write_bytes(b"half a library")  # what a killed copy leaves
-    assert [p.name for p in build_lib.remove_stale_staging(out)] == [f".{LIBRARY_NAME}.x1y2.tmp"]
+    stale = out / staging_name(LIBRARY_NAME)
+    stale.write_bytes(b"half a library")  # what a killed copy leaves
+    # Names that merely start like our staging names are a user's: the cleanup once removed them too.
+    for name in (f".{LIBRARY_NAME}.x1y2.tmp", ".transformer.notes", f".{build_lib.TIMING_CACHE_NAME}.bak",
+                 f".{LIBRARY_NAME}.deleaker-tmp-1-xyz", staging_name("notes.txt")):
+        (out / name).write_bytes(b"the user's")
+    assert build_lib.remove_stale_staging(out) == [stale]
+    assert sorted(p.name for p in out.iterdir() if p.read_bytes() == b"the user's") == sorted(
+        p.name for p in out.iterdir() if p.name != LIBRARY_NAME)
 
 
 def test_a_folder_keeps_the_plugin_library_its_engines_were_built_with(tmp_path):

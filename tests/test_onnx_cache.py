@@ -21,6 +21,7 @@ from deleaker.config import DeLeakerConfig
 from deleaker.engines.manifest import sha256_file
 from deleaker.errors import DeLeakerError
 from deleaker.runtime import onnx_cache
+from deleaker.staging import staged_name, staging_name
 from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest
 
 from hostile_use import ENTITIES, KNOBS, PROMPT, TEXT_LEN, assert_no_abort, entries
@@ -233,8 +234,14 @@ def test_staging_of_a_live_writer_stays(tmp_path):
     root = tmp_path / "onnx"
     root.mkdir()
     live, dead = "a" * 32, "b" * 32
-    (root / f".{live}.x1").mkdir()
-    (root / f".{dead}.x2").mkdir()
+    live_staging = root / staging_name(live)
+    live_staging.mkdir()
+    (root / staging_name(dead)).mkdir()
+    # Hidden folders that are not staging names of ours stay, whatever they start with (they were removed too).
+    (root / f".{'c' * 32}.x2").mkdir()
+    (root / f".{'d' * 32}").mkdir()
     with onnx_cache._lock(root, live):  # another writer is still exporting entry `live`
         removed = onnx_cache.remove_stale_staging(root)
-    assert removed == [root / f".{dead}.x2"] and (root / f".{live}.x1").is_dir()
+    assert [staged_name(p.name) for p in removed] == [dead]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(
+        [f".{'c' * 32}.x2", f".{'d' * 32}", live_staging.name])
