@@ -307,7 +307,7 @@ def _parse_line(raw: bytes, where: str, *, first: bool) -> Optional[dict[str, An
     if not text.strip():
         return None
     try:
-        record = loads_strict(text)
+        record = loads_strict(text, allow_nan=False)
     except json.JSONDecodeError as exc:
         raise BatchFileError(f"{where}: not JSON ({exc.msg})") from None
     except StrictJSONError as exc:
