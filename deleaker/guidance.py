@@ -5,8 +5,10 @@ transformer's dtype and multiplies it by 1000 there, so a float16 model (or engi
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -24,6 +26,23 @@ def check_finite_number(name: str, value: Any) -> None:
     """Raise `ConfigError` unless ``value`` is a finite int or float (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r:.40}")
+
+
+def real_scalar(name: str, value: Any) -> float:
+    """``value`` as a float, when it is a finite real number: every type ``FluxPipeline`` computes with (a Python
+    or NumPy int, float or bool, a 0-d real torch tensor) and any other ``numbers.Real``. `ConfigError` otherwise.
+
+    Bools pass because ``FluxPipeline`` takes them (``torch.full`` makes True 1.0): a drop-in may not refuse them."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex():
+            raise ConfigError(f"{name} must be a real number (a 0-d tensor at most), got a {tuple(value.shape)} "
+                              f"{str(value.dtype).removeprefix('torch.')} tensor")
+        value = value.item()
+    elif isinstance(value, np.bool_):
+        value = bool(value)
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r:.40}")
+    return float(value)
 
 
 def check_guidance(name: str, value: Any, dtype: torch.dtype) -> None:

@@ -8,6 +8,7 @@ passes a `DeLeakerState` through ``joint_attention_kwargs={"deleaker_state": sta
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -16,7 +17,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from .config import DeLeakerConfig, num_joint_blocks
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 from .library import call_attention
 
 Tensor = torch.Tensor
@@ -47,14 +48,41 @@ class DeLeakerState:
 
 
 class DeLeakerFluxAttnProcessor:
-    """Attention processor of one FLUX joint attention, at ``block_offset`` of ``num_blocks`` blocks per step."""
+    """Attention processor of one FLUX joint attention, at ``block_offset`` of ``num_blocks`` blocks per step.
 
-    def __init__(self, block_offset: int, num_blocks: int) -> None:
-        if not 0 <= block_offset < num_blocks:
+    Without a `DeLeakerState` it is diffusers' ``FluxAttnProcessor``: the stock processor it holds runs, and the
+    attention backend and parallel config that diffusers sets on processors (``set_attention_backend``,
+    ``enable_parallelism``) are that stock processor's. It constructs without arguments, as diffusers rebuilds
+    processors (``processor.__class__()`` in ``load_ip_adapter``/``unload_ip_adapter``); such a processor has no
+    place in the block order yet (`place_deleaker_processors` gives it one) and refuses a state until it has.
+    """
+
+    def __init__(self, block_offset: Optional[int] = None, num_blocks: Optional[int] = None) -> None:
+        if (block_offset is None) != (num_blocks is None):
+            raise ValueError("give both block_offset and num_blocks, or neither")
+        if num_blocks is not None and not 0 <= block_offset < num_blocks:
             raise ValueError(f"block_offset must be in [0, {num_blocks}), got {block_offset}")
         self.block_offset = block_offset
         self.num_blocks = num_blocks
         self._plain = FluxAttnProcessor()
+
+    # diffusers configures processors through these two attributes; they belong to the stock processor that runs
+    # without a state, so they are forwarded to it rather than kept on ours, where nothing would read them.
+    @property
+    def _attention_backend(self):
+        return self._plain._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self._plain._attention_backend = backend
+
+    @property
+    def _parallel_config(self):
+        return self._plain._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self._plain._parallel_config = config
 
     def __call__(
         self,
@@ -67,6 +95,16 @@ class DeLeakerFluxAttnProcessor:
     ):
         if deleaker_state is None:
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if self.num_blocks is None:
+            raise ConfigError(
+                "this DeLeaker processor has no place in the block order (it was built without arguments, as "
+                "diffusers rebuilds processors); call deleaker.processor.place_deleaker_processors(transformer)"
+            )
+        if self._parallel_config is not None:
+            raise ConfigError(
+                "DeLeaker attention cannot run under context parallelism: each rank would see only part of the image "
+                "tokens its entity masks and history are computed over; run without entities, or without parallelism"
+            )
         if attention_mask is not None:
             raise ShapeError("DeLeaker attention takes no attention_mask (FLUX passes none)")
         if getattr(attn, "fused_projections", False):
@@ -75,6 +113,11 @@ class DeLeakerFluxAttnProcessor:
         query, key, value = (
             proj(hidden_states).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
         )
+        if query.shape[2] != attn.heads:
+            raise ConfigError(
+                f"DeLeaker attention needs all {attn.heads} heads of the block but this rank holds {query.shape[2]} "
+                "(tensor parallelism): its entity affinities are means over every head; run without parallelism"
+            )
         query, key = attn.norm_q(query), attn.norm_k(key)
         if encoder_hidden_states is not None:  # double-stream block: text tokens come in separately
             text_query, text_key, text_value = (
@@ -126,15 +169,45 @@ class DeLeakerFluxAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
+def _joint_attention_blocks(transformer) -> list:
+    """The blocks of ``transformer`` that hold a joint attention, in execution order (double, then single)."""
+    num_blocks = num_joint_blocks(transformer.config)
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    if len(blocks) != num_blocks:
+        raise ShapeError(f"transformer has {len(blocks)} blocks but its config says {num_blocks}")
+    return blocks
+
+
 def install_deleaker_processors(transformer) -> int:
     """Give every joint attention of ``transformer`` a `DeLeakerFluxAttnProcessor`; returns ``num_blocks``.
 
     Double-stream blocks get offsets ``0 .. num_layers - 1``, single-stream blocks follow, in execution order.
     """
-    num_blocks = num_joint_blocks(transformer.config)
-    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-    if len(blocks) != num_blocks:
-        raise ShapeError(f"transformer has {len(blocks)} blocks but its config says {num_blocks}")
+    blocks = _joint_attention_blocks(transformer)
     for offset, block in enumerate(blocks):
-        block.attn.set_processor(DeLeakerFluxAttnProcessor(offset, num_blocks))
-    return num_blocks
+        block.attn.set_processor(DeLeakerFluxAttnProcessor(offset, len(blocks)))
+    return len(blocks)
+
+
+def place_deleaker_processors(transformer) -> int:
+    """Give each `DeLeakerFluxAttnProcessor` of ``transformer`` its block's place in execution order (in place,
+    keeping its attention backend and parallel config); returns ``num_blocks``. Processors of other classes are
+    left alone.
+
+    diffusers rebuilds processors without arguments (``processor.__class__()``), and ``set_attn_processor`` with
+    one processor shares that object between every block: such processors get their place here, a shared one as
+    a copy per block, so no block runs with another block's offset.
+    """
+    blocks = _joint_attention_blocks(transformer)
+    seen: set[int] = set()
+    for offset, block in enumerate(blocks):
+        processor = block.attn.processor
+        if not isinstance(processor, DeLeakerFluxAttnProcessor):
+            continue
+        if id(processor) in seen:
+            processor = copy.copy(processor)
+            processor._plain = copy.copy(processor._plain)
+            block.attn.set_processor(processor)
+        seen.add(id(processor))
+        processor.block_offset, processor.num_blocks = offset, len(blocks)
+    return len(blocks)

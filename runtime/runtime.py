@@ -27,7 +27,7 @@ from deleaker.geometry import latent_grid, vae_scale_factor
 from deleaker.guidance import check_guidance
 from deleaker.tiny import TINY_MODEL_NAME
 from deleaker.export_lock import torch_work
-from deleaker.errors import ConfigError, DeLeakerError, ShapeError
+from deleaker.errors import ConfigError, NonFiniteError, ShapeError
 from deleaker.jsonio import loads_strict
 
 from .backends import TorchBackend, TransformerBackend, resolve_device
@@ -61,18 +61,6 @@ Tensor = torch.Tensor
 
 #: Serialises builds of the tiny model (see `load_components`).
 _TINY_BUILD_LOCK = threading.Lock()
-
-
-class NonFiniteError(DeLeakerError, ArithmeticError):
-    """The latents after a denoising step, or the decoded image, hold NaN or inf: there is no image to give.
-
-    ``latents``: what ``generate(record_latents=True)`` had recorded, the finite steps before the failure (None
-    when it was not recording), so that a comparison can still report them.
-    """
-
-    def __init__(self, message: str, *, latents: Optional[list[Tensor]] = None) -> None:
-        super().__init__(message)
-        self.latents = latents
 
 
 @dataclass
