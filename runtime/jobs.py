@@ -639,7 +639,17 @@ def verify(
     reference: Optional["DeLeakerRuntime"] = None,
 ) -> VerifyReport:
     """Run ``job.request`` on the candidate backend and on PyTorch from the same seed; compare every step's
-    latents (relative L2 error) and the final images (PSNR)."""
+    latents (relative L2 error) and the final images (PSNR).
+
+    Without an explicit ``reference``, the reference is PyTorch on the candidate's model, device and knobs: a
+    candidate that is itself the torch backend would be compared with the same computation (a PASS that verifies
+    nothing), so it is refused with `ConfigError` before anything loads."""
+    backend = candidate.backend_name if candidate is not None else job.candidate.backend
+    if reference is None and backend == "torch":
+        raise ConfigError(
+            "verify compares a backend with PyTorch; --backend torch would compare PyTorch with itself. Choose "
+            "--backend onnxruntime, or --engines DIR"
+        )
     import numpy as np
     import torch
 

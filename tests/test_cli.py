@@ -591,7 +591,7 @@ def test_side_by_side_caption_is_bounded():
     assert side_by_side(image, image, "猫 and 🐱 " + "x" * 5000, ("FLUX", "DeLeaker")).height < long.height + 12
 
 
-def test_verify_json_reports_a_non_finite_result(monkeypatch):
+def test_verify_json_reports_a_non_finite_result(monkeypatch, tmp_path):
     """README: `--json` prints strict JSON also when a result is not finite (null, with `non_finite_steps`), and
     verify still exits 1. A tiny model whose output projection holds NaN goes non-finite at step 1."""
     import deleaker.tiny as tiny
@@ -604,11 +604,28 @@ def test_verify_json_reports_a_non_finite_result(monkeypatch):
         return components
 
     monkeypatch.setattr(tiny, "build_tiny_flux_components", poisoned)
-    args = ["verify", "--model", "tiny", "--backend", "torch", "--text-len", "32", "--steps", "2", "--prompt", PROMPT,
-            "--entities", "cat,cheetah", "--json", "--no-progress"]  # fmt: skip
+    # The candidate is ONNX Runtime: a torch candidate is refused (the reference is torch itself).
+    args = ["verify", "--model", "tiny", "--backend", "onnxruntime", "--cache-dir", tmp_path, "--text-len", "32",
+            "--steps", "2", "--prompt", PROMPT, "--entities", "cat,cheetah", "--json", "--no-progress"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "error: verify: FAIL" in result.stderr, result.stderr
     report = _strict_json(result.stdout)
     assert report["passed"] is False and report["failures"]
     assert report["non_finite_steps"] and report["non_finite_steps"][0] == 1
     assert report["step_rel_err"][0] is None
+
+
+def test_verify_refuses_to_compare_torch_with_itself(tiny_components):
+    """`verify --backend torch` compared PyTorch with PyTorch and said PASS with identical images."""
+    from deleaker.runtime import jobs
+    from deleaker.runtime.request import GenerationRequest
+
+    job = jobs.VerifyJob(jobs.RuntimeSpec(model="tiny", backend="torch"), GenerationRequest(PROMPT, ("cat", "cheetah"),
+                         steps=2))
+    with pytest.raises(ConfigError, match="would compare PyTorch with itself"):
+        jobs.verify(job)
+    with pytest.raises(ConfigError, match="would compare PyTorch with itself"):
+        jobs.verify(job, candidate=_torch_runtime(_components(tiny_components)))
+    result = invoke("verify", "--model", "tiny", "--backend", "torch", "--prompt", PROMPT, "--entities", "cat,cheetah")
+    assert result.exit_code == 1 and "PASS" not in result.output
+    assert result.stderr.startswith("error: verify compares a backend with PyTorch"), result.stderr

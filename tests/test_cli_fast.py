@@ -165,6 +165,8 @@ def _build(**changes: str | list[str]) -> list[str]:
         (_with(set="stop_intervention_at=1.5"), "must be an int (block steps) in [0, 2**31 - 1], got 1.5"),
         (["verify", *GOOD[1:], "--max-rel-err", "abc"], "max_rel_err must be a finite number > 0"),
         (["verify", *GOOD[1:], "--text-len", "513"], "text_len must be an int in [1, 512]"),
+        # The reference is PyTorch: this compared PyTorch with itself and said PASS with identical images.
+        (["verify", *GOOD[1:], "--backend", "torch"], "--backend torch would compare PyTorch with itself"),
         (_build(height="0"), "height must be an int in [1, 2048] pixels, got 0"),
         (_build(width="abc"), "width must be an int in [1, 2048] pixels, got 'abc'"),
         (_build(text_len="513"), "text_len must be an int in [1, 512] (T5 tokens), got 513"),
