@@ -1,8 +1,9 @@
 """Image helpers of the runtime and CLI: side-by-side comparison, the entity masks' overlay, atomic PNG writes
-with a provenance record, PNG validity, PSNR."""
+with a provenance record (or its bytes, for a server's reply), PNG validity, PSNR."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -139,6 +140,22 @@ def _probe_write(directory: Path, message: str) -> None:
 RECORD_KEY = "deleaker-trt"
 
 
+def _record_info(record: Optional[Mapping[str, Any]]) -> Optional[PngImagePlugin.PngInfo]:
+    """The PNG text chunk holding ``record`` (None without one)."""
+    if record is None:
+        return None
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(RECORD_KEY, json.dumps(record, sort_keys=True, allow_nan=False))
+    return info
+
+
+def png_bytes(image: Image.Image, record: Optional[Mapping[str, Any]] = None) -> bytes:
+    """``image`` as PNG bytes with ``record`` in its ``deleaker-trt`` chunk, as `save_pngs_atomic` writes it."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_record_info(record))
+    return buffer.getvalue()
+
+
 def save_pngs_atomic(images: Sequence[tuple[Image.Image, Path]], record: Optional[Mapping[str, Any]] = None) -> None:
     """Write every ``(image, path)`` as a PNG, all or none: each goes to a temporary file in its directory first
     (complete and fsynced), then all are renamed into place; a failure (a full disk, an interruption) removes the
@@ -147,10 +164,7 @@ def save_pngs_atomic(images: Sequence[tuple[Image.Image, Path]], record: Optiona
 
     Raises `OutputError` naming the path and the system's reason (e.g. "No space left on device").
     """
-    info = None
-    if record is not None:
-        info = PngImagePlugin.PngInfo()
-        info.add_itxt(RECORD_KEY, json.dumps(record, sort_keys=True, allow_nan=False))
+    info = _record_info(record)
     staged: list[tuple[Path, Path]] = []
     placed: list[Path] = []
     current = None

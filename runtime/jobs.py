@@ -286,7 +286,7 @@ def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         with path.open("rb") as handle:
             # A line of MAX_LINE_BYTES and its "\r\n" still reads whole; anything longer reads as too long.
             for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 2), b""), start=1):
-                record = _parse_line(raw, f"{path} line {number}", first=number == 1)
+                record = parse_prompts_line(raw, f"{path} line {number}", first=number == 1)
                 if record is not None:
                     records.append((number, record))
     except OSError as exc:
@@ -296,8 +296,11 @@ def read_prompts(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
-def _parse_line(raw: bytes, where: str, *, first: bool) -> Optional[dict[str, Any]]:
-    """The record of one line (None for a blank line); raises `BatchFileError` prefixed with ``where``."""
+def parse_prompts_line(
+    raw: bytes, where: str, *, first: bool, image_settings: tuple[str, ...] = ()
+) -> Optional[dict[str, Any]]:
+    """The record of one line (None for a blank line); raises `BatchFileError` prefixed with ``where``.
+    ``first``: a UTF-8 byte-order mark is allowed; ``image_settings`` as `check_prompt_record`."""
     if len(raw.removesuffix(b"\n").removesuffix(b"\r")) > MAX_LINE_BYTES:
         raise BatchFileError(f"{where}: longer than {MAX_LINE_BYTES} bytes; one JSON object per line, one prompt each")
     try:
@@ -316,6 +319,15 @@ def _parse_line(raw: bytes, where: str, *, first: bool) -> Optional[dict[str, An
         raise BatchFileError(f"{where}: unreadable JSON ({str(exc):.120})") from None
     except RecursionError:
         raise BatchFileError(f"{where}: JSON nested too deeply; expected a flat object") from None
+    check_prompt_record(record, where, image_settings=image_settings)
+    return record
+
+
+def check_prompt_record(record: Any, where: str, *, image_settings: tuple[str, ...] = ()) -> None:
+    """Raise `BatchFileError` prefixed with ``where`` unless ``record`` is a prompts line's object: ``prompt`` (str),
+    ``entities`` (list of str), optional ``seed`` (non-negative int), no key of `PER_RUN_SETTINGS` other than
+    ``image_settings`` (the keys a caller takes per image, e.g. the HTTP API's steps, guidance, height, width;
+    their values are checked by `ImageSettings`)."""
     if not isinstance(record, dict):
         raise BatchFileError(f"{where}: expected a JSON object {{\"prompt\": ..., \"entities\": [...]}}, "
                              f"got {type(record).__name__}")
@@ -329,13 +341,12 @@ def _parse_line(raw: bytes, where: str, *, first: bool) -> Optional[dict[str, An
         raise BatchFileError(f"{where}: 'seed' must be a non-negative int, got {seed!r:.40}")
     # What the options set for every line: a line that sets it would be ignored silently (other keys, such as the
     # SLIM examples' "subset", are not settings and are ignored).
-    per_run = sorted(record.keys() & PER_RUN_SETTINGS.keys())
+    per_run = sorted((record.keys() & PER_RUN_SETTINGS.keys()) - set(image_settings))
     if per_run:
         options = ", ".join(f"{key!r} by {PER_RUN_SETTINGS[key]}" for key in per_run)
         raise BatchFileError(
             f"{where}: set for the whole run, not per line: {options}; a line takes prompt, entities and seed"
         )
-    return record
 
 
 def batch_job(

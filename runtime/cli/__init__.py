@@ -402,6 +402,10 @@ from .plugin_command import plugin as _plugin_command  # noqa: E402
 
 main.add_command(_plugin_command)
 
+from .serve_command import serve as _serve_command  # noqa: E402
+
+main.add_command(_serve_command)
+
 
 def entry_point() -> None:
     """The ``deleaker-trt`` command (and ``python -m deleaker.runtime.cli``). After Ctrl-C or SIGTERM the command
