@@ -47,7 +47,7 @@ from deleaker.errors import ConfigError, DeLeakerError
 
 from deleaker.filelock import exclusive_lock
 from deleaker.staging import make_staging_dir, staged_name
-from deleaker.runtime.defaults import PRECISIONS  # noqa: F401 (API)
+from deleaker.export.limits import PRECISIONS  # noqa: F401 (API)
 from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
 from deleaker.plugins.trt_library import (
     PluginLibrary,
@@ -150,7 +150,7 @@ class _Stages:
 
 def load_model(model: str) -> Tuple[Dict[str, Any], str]:
     """``(FluxPipeline components, model id)`` of ``tiny`` or a diffusers folder; raises `ModelNotFoundError`."""
-    from deleaker.runtime.runtime import load_components
+    from deleaker.models import load_components
 
     try:
         return load_components(model)
@@ -454,7 +454,7 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
         DiskFullError: no space left (partial files removed).
     """
     from deleaker.export.contract import FluxTransformerIO, dtype_name
-    from deleaker.runtime.runtime import check_size
+    from deleaker.export.limits import check_size
 
     stage = _Stages(progress)
     out_dir = Path(request.out_dir)
@@ -479,7 +479,7 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
             dtype=dtype,
         )
         config = DeLeakerConfig.resolve(request.deleaker_config, io.num_blocks)
-        from deleaker.runtime.onnx_cache import transformer_sha256  # the hash the runtime's ONNX cache uses too
+        from deleaker.models import transformer_sha256  # the hash the runtime's ONNX cache uses too
 
         model_hash = transformer_sha256(transformer)
     try:

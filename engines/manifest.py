@@ -24,7 +24,7 @@ from deleaker.jsonio import loads_strict
 from deleaker.staging import staging_path
 from deleaker.hashing import sha256_file
 from deleaker.plugins.kernels import MAX_ENTITIES
-from deleaker.runtime.defaults import MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
+from deleaker.export.limits import MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
 
 #: Bumped when the manifest's fields change incompatibly.
 MANIFEST_FORMAT = 1

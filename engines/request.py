@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError
-from deleaker.runtime.defaults import PRECISIONS, check_max_entities, check_model_source, check_text_len
-from deleaker.runtime.request import check_side
+from deleaker.export.limits import PRECISIONS, check_max_entities, check_side, check_text_len
+from deleaker.models import check_model_source
 
 from .manifest import MAX_BATCH
 

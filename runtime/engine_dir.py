@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -39,12 +39,17 @@ from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.geometry import vae_scale_factor
 
+from deleaker.models import load_components, transformer_config, transformer_sha256
+
 from .backends import OnnxRuntimeBackend, TensorRTBackend, TransformerBackend, resolve_device
+from .memory import AttentionMemory
+from .onnx_cache import default_cache_dir
 from .schedule import ShiftConfig
+from .sources import PerResolution
 from .text import TextEncoders
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .runtime import DeLeakerRuntime
+#: The runtime class `load_engine_dir` makes (`DeLeakerRuntime`; passed in, so this module does not import it).
+RuntimeT = TypeVar("RuntimeT")
 
 #: Manifest kind -> backend that runs it.
 KIND_BACKENDS = {"engine": "tensorrt", "onnx": "onnxruntime"}
@@ -91,7 +96,7 @@ def current_environment(built_with: str) -> Any:
 
 
 def load_engine_dir(
-    cls: type,
+    cls: Callable[..., RuntimeT],
     engine_dir: str | Path,
     *,
     backend: Optional[str] = None,
@@ -100,14 +105,12 @@ def load_engine_dir(
     cuda_graph: bool = True,
     ort_providers: Optional[list[str]] = None,
     cache_dir: str | Path | None = None,
-) -> "DeLeakerRuntime":
+) -> RuntimeT:
     """``cls`` (a `DeLeakerRuntime`) for ``engine_dir``; ``backend`` picks the artifact kind when both exist
     (default: TensorRT engines if there are any, else ONNX files), ``precision`` (fp16, bf16, fp8) the artifacts
     when the directory has several precisions of one resolution. ``device``: the GPU of TensorRT engines
     (``cuda[:N]``); ONNX files run on the CPU. ``cache_dir``: where ONNX files are converted for ONNX Runtime
-    (default `deleaker.runtime.runtime.default_cache_dir`)."""
-    from .memory import AttentionMemory
-    from .runtime import PerResolution, default_cache_dir, load_components, transformer_config
+    (default `deleaker.runtime.onnx_cache.default_cache_dir`)."""
 
     start = time.perf_counter()
     engine_dir = Path(engine_dir)
@@ -197,8 +200,6 @@ def load_engine_dir(
     config_of_transformer = transformer_config(first.model_id, components)
     transformer = components.pop("transformer", None)
     if transformer is not None:  # in memory anyway (the tiny model): check the engines were built from it
-        from .onnx_cache import transformer_sha256
-
         if transformer_sha256(transformer) != first.model_sha256:
             raise EngineDirError(
                 f"{first.artifact} was built from other weights than the model {first.model_id!r} loads now; "

@@ -19,15 +19,10 @@ from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.jsonio import StrictJSONError, loads_strict
 
-from .defaults import (
-    BACKENDS,
-    DEFAULT_MAX_ENTITIES,
-    DEFAULT_MODEL_BACKEND,
-    DEFAULT_TEXT_LEN,
-    check_max_entities,
-    check_model_source,
-    check_text_len,
-)
+from deleaker.entities import DEFAULT_MAX_ENTITIES
+from deleaker.export.limits import check_max_entities, check_text_len
+from deleaker.models import check_model_source
+from .defaults import BACKENDS, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN
 from .images import (
     OutputError,
     carries_record,

@@ -45,7 +45,7 @@ from deleaker.jsonio import loads_strict
 from deleaker.staging import make_staging_dir, staged_name
 from deleaker.filelock import exclusive_lock
 from deleaker.hashing import sha256_file
-from deleaker.export_lock import torch_work
+from deleaker.models import transformer_sha256
 
 from .backends import BackendError, OnnxRuntimeBackend
 
@@ -63,15 +63,13 @@ _ENTRY_NAME = re.compile(f"[0-9a-f]{{{_NAME_LEN}}}")
 logger = logging.getLogger(__name__)
 
 
-def transformer_sha256(transformer: torch.nn.Module) -> str:
-    """Hex SHA-256 of a transformer's config and weights (names, dtypes, shapes and bytes, in state-dict order)."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
-    with torch_work():
-        for name, tensor in transformer.state_dict().items():
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def default_cache_dir() -> Path:
+    """``$DELEAKER_CACHE`` or ``$XDG_CACHE_HOME/deleaker-trt`` (``~/.cache/deleaker-trt``)."""
+    import os
+
+    if os.environ.get("DELEAKER_CACHE"):
+        return Path(os.environ["DELEAKER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deleaker-trt"
 
 
 def _versions() -> dict[str, str]:

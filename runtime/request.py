@@ -31,9 +31,10 @@ from typing import Any, Optional
 
 from deleaker.config import shown
 from deleaker.entities import check_entity_words, unicode_problem
-from deleaker.errors import ConfigError, DeLeakerError, EntityError, ShapeError
+from deleaker.errors import ConfigError, DeLeakerError, EntityError
 
-from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SIDE
+from deleaker.export.limits import check_side
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 #: Longest prompt in characters (far above what 512 T5 tokens spell; see the module docstring).
 MAX_PROMPT_CHARS = 20_000
@@ -88,13 +89,6 @@ def _checked_settings(seed: Any, steps: Any, guidance: Any, height: Any, width: 
         "height": None if height is None else int(height),
         "width": None if width is None else int(width),
     }
-
-
-def check_side(side: str, value: Any) -> None:
-    """Raise `ShapeError` unless ``value`` is an int in ``[1, MAX_SIDE]`` pixels (the model's multiple is checked
-    where the model is known)."""
-    if not _is_int(value) or not 1 <= value <= MAX_SIDE:
-        raise ShapeError(f"{side} must be an int in [1, {MAX_SIDE}] pixels, got {shown(value)}")
 
 
 def _set_fields(instance: Any, values: dict[str, Any]) -> None:

@@ -25,26 +25,17 @@ from PIL import Image
 from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.geometry import latent_grid, vae_scale_factor
 from deleaker.guidance import check_guidance
-from deleaker.tiny import TINY_MODEL_NAME
 from deleaker.export_lock import torch_work
 from deleaker.errors import ConfigError, NonFiniteError, ShapeError
-from deleaker.jsonio import loads_strict
 
 from .backends import TorchBackend, TransformerBackend, resolve_device
-from .defaults import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_MAX_ENTITIES,
-    DEFAULT_MODEL_BACKEND,
-    DEFAULT_STEPS,
-    DEFAULT_TEXT_LEN,
-    MAX_SIDE,
-    MODEL_BACKENDS,
-    check_max_entities,
-    check_model_source,
-    check_text_len,
-)
+from deleaker.entities import DEFAULT_MAX_ENTITIES
+from deleaker.export.limits import check_max_entities, check_text_len
+from deleaker.models import load_components
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_MODEL_BACKEND, DEFAULT_STEPS, DEFAULT_TEXT_LEN, MODEL_BACKENDS
 from .entity_masks import mask_step, masks_from_history
 from .memory import AttentionMemory
+from .onnx_cache import default_cache_dir
 from .schedule import (
     ShiftConfig,
     euler_step,
@@ -55,12 +46,11 @@ from .schedule import (
     unpack_latents,
 )
 from .request import GenerationRequest
+from .sources import AnyResolution, PerResolution, TransformerSource
 from .text import TextEncoders
 
 Tensor = torch.Tensor
 
-#: Serialises builds of the tiny model (see `load_components`).
-_TINY_BUILD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -78,99 +68,6 @@ class GenerationResult:
     request: GenerationRequest
     latents: Optional[list[Tensor]] = None
     entity_masks: Optional[Tensor] = None
-
-
-class TransformerSource:
-    """Where a runtime gets its backend for a resolution; subclasses say which resolutions they serve."""
-
-    name: str = "?"
-
-    def check_resolution(self, height: int, width: int) -> None:
-        raise NotImplementedError
-
-    def backend(self, height: int, width: int) -> TransformerBackend:
-        raise NotImplementedError
-
-
-class AnyResolution(TransformerSource):
-    """One backend for every resolution that is a multiple of ``2 * vae_scale_factor`` (PyTorch).
-
-    ``memory``: the attention's working memory, checked against what this machine has free (None: unchecked,
-    e.g. on a GPU, where an allocation failure is still a typed error).
-    """
-
-    def __init__(
-        self, backend: TransformerBackend, patch: int, max_pixels: int = MAX_SIDE,
-        memory: Optional[AttentionMemory] = None,
-    ) -> None:
-        self._backend, self._patch, self._max, self._memory = backend, patch, max_pixels, memory
-        self.name = backend.name
-
-    def check_resolution(self, height: int, width: int) -> None:
-        check_size(height, width, self._patch, self._max)
-        if self._memory is not None:
-            self._memory.check(height, width)
-
-    def backend(self, height: int, width: int) -> TransformerBackend:
-        return self._backend
-
-
-class PerResolution(TransformerSource):
-    """One backend per resolution: fixed ones (engines, ONNX files), or made on first use by ``factory``.
-
-    ``memory`` as `AnyResolution`'s (for backends that run on this machine's CPU).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        patch: int,
-        backends: Mapping[tuple[int, int], Callable[[], TransformerBackend]],
-        factory: Optional[Callable[[int, int], TransformerBackend]] = None,
-        max_pixels: int = MAX_SIDE,
-        memory: Optional[AttentionMemory] = None,
-    ) -> None:
-        self.name, self._patch, self._factory, self._max, self._memory = name, patch, factory, max_pixels, memory
-        self._loaders = dict(backends)
-        self._loaded: dict[tuple[int, int], TransformerBackend] = {}
-
-    @property
-    def resolutions(self) -> list[tuple[int, int]]:
-        return sorted(self._loaders)
-
-    def check_resolution(self, height: int, width: int) -> None:
-        check_size(height, width, self._patch, self._max)
-        if self._factory is None and (height, width) not in self._loaders:
-            allowed = ", ".join(f"{h}x{w}" for h, w in self.resolutions)
-            raise ShapeError(f"no {self.name} engine for {height}x{width}; this directory has: {allowed}")
-        if self._memory is not None:
-            self._memory.check(height, width)
-
-    def backend(self, height: int, width: int) -> TransformerBackend:
-        key = (height, width)
-        if key not in self._loaded:
-            if key in self._loaders:
-                self._loaded[key] = self._loaders[key]()
-            elif self._factory is not None:
-                self._loaded[key] = self._factory(height, width)
-            else:  # check_resolution runs first; this is a programming error
-                raise ShapeError(f"no backend for {height}x{width}")
-        return self._loaded[key]
-
-
-def check_size(height: Any, width: Any, patch: int, max_pixels: int = MAX_SIDE) -> None:
-    """Raise `ShapeError` unless both sides are ints, multiples of ``patch`` and within ``[patch, max_pixels]``.
-    The message names every side that is wrong (a CLI side left out copies the other one)."""
-    sides = (("height", height), ("width", width))
-    for side, value in sides:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ShapeError(f"{side} must be an int, got {value!r}")
-    bad = [f"{side} {value}" for side, value in sides if value % patch or not patch <= value <= max_pixels]
-    if bad:
-        raise ShapeError(
-            f"{' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} not allowed: each side must be a multiple of "
-            f"{patch} (2 x the VAE scale factor) between {patch} and {max_pixels}"
-        )
 
 
 class DeLeakerRuntime:
@@ -614,15 +511,6 @@ def model_device(backend: str, device: str | torch.device | None) -> torch.devic
     return torch.device("cpu")
 
 
-def default_cache_dir() -> Path:
-    """``$DELEAKER_CACHE`` or ``$XDG_CACHE_HOME/deleaker-trt`` (``~/.cache/deleaker-trt``)."""
-    import os
-
-    if os.environ.get("DELEAKER_CACHE"):
-        return Path(os.environ["DELEAKER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deleaker-trt"
-
-
 #: The dtypes a model can run in (``dtype`` of `DeLeakerRuntime.from_model`).
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -640,42 +528,3 @@ def check_model_options(backend: Any, *, text_len: Any, max_entities: Any, dtype
         raise ConfigError(f"dtype must be None or one of {MODEL_DTYPES}, got {dtype!r:.40}")
 
 
-def load_components(model: str | Path, *, with_transformer: bool = True) -> tuple[dict[str, Any], str]:
-    """FluxPipeline components of ``model`` (``"tiny"`` or a local diffusers folder) and a stable model id.
-
-    The id is ``"tiny"`` or the folder's resolved path; caches also hash the weights, so a changed folder never
-    reuses an old export. ``with_transformer=False`` skips loading a folder's transformer weights (engines
-    replace them): ``components["transformer"]`` is then None (see `transformer_config`).
-    """
-    if str(model) == TINY_MODEL_NAME:
-        from deleaker.tiny import build_tiny_flux_components
-
-        # The tiny model seeds torch's process-wide generator while it builds: two builds at once would interleave
-        # their draws and get different weights (and so different caches). One at a time.
-        with _TINY_BUILD_LOCK, torch_work():
-            return build_tiny_flux_components(0), TINY_MODEL_NAME
-    check_model_source(model)
-    path = Path(model)
-    if not (path / "model_index.json").is_file():
-        raise ConfigError(f"{path} is not a diffusers model folder (no model_index.json)")
-    from diffusers import FluxPipeline
-
-    try:
-        if with_transformer:
-            pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
-        else:
-            pipe = FluxPipeline.from_pretrained(path, transformer=None, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load the FLUX model in {path}: {exc}") from exc
-    return dict(pipe.components), str(path.resolve())
-
-
-def transformer_config(model: str | Path, components: Mapping[str, Any]) -> dict[str, Any]:
-    """The transformer's config: from the loaded module, else from ``<model>/transformer/config.json``."""
-    if components.get("transformer") is not None:
-        return dict(components["transformer"].config)
-    path = Path(model) / "transformer" / "config.json"
-    try:
-        return loads_strict(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise ConfigError(f"cannot read the transformer config {path}: {str(exc):.200}") from None

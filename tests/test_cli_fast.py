@@ -46,7 +46,7 @@ def test_help_is_fast_and_needs_no_torch(args):
 def test_build_help_shows_the_default_precision_and_one_entity_limit():
     from deleaker.engines.build import PRECISIONS as BUILD_PRECISIONS
     from deleaker.plugins.kernels import MAX_ENTITIES
-    from deleaker.runtime.defaults import DEFAULT_PRECISION, PRECISIONS
+    from deleaker.export.limits import DEFAULT_PRECISION, PRECISIONS
 
     assert PRECISIONS == BUILD_PRECISIONS and DEFAULT_PRECISION == "fp16"
     build_help, _ = _cli("build", "--help")

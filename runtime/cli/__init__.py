@@ -29,15 +29,9 @@ from .errors import (  # noqa: F401  (the exit codes, named where the commands a
     reported_errors,
 )
 from .knobs import knob_option, knob_overrides
-from deleaker.runtime.defaults import (
-    BACKENDS,
-    DEFAULT_GUIDANCE,
-    DEFAULT_MAX_ENTITIES,
-    DEFAULT_STEPS,
-    DEFAULT_TEXT_LEN,
-    MAX_TEXT_LEN,
-    PRECISIONS,
-)
+from deleaker.entities import DEFAULT_MAX_ENTITIES
+from deleaker.export.limits import MAX_TEXT_LEN, PRECISIONS
+from deleaker.runtime.defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_LEN
 
 def _echo_json(report: dict[str, Any]) -> None:
     # allow_nan=False: strict JSON only (the reports hold null plus a reason where a number is not finite).

@@ -14,7 +14,7 @@ import click
 from deleaker.plugins.kernels import MAX_ENTITIES
 from .errors import CHECKED_INT, reported_errors
 from .knobs import knob_option, knob_overrides
-from deleaker.runtime.defaults import DEFAULT_PRECISION, MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
+from deleaker.export.limits import DEFAULT_PRECISION, MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
 
 from deleaker.engines.manifest import MAX_BATCH
 

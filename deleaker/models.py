@@ -1,0 +1,84 @@
+"""The FLUX.1 model a runtime or an engine build starts from: its diffusers components, loaded once.
+
+``"tiny"`` is the built-in offline test model (`deleaker.tiny`); anything else is a local diffusers folder.
+A light module until a model loads (no torch at import), so the CLI checks a model source before torch loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .errors import ConfigError
+from .export_lock import torch_work
+from .jsonio import loads_strict
+
+if TYPE_CHECKING:  # pragma: no cover  (torch loads with the model, not with this module)
+    import torch
+
+def check_model_source(model: Any) -> None:
+    """Raise `ConfigError` unless ``model`` is ``"tiny"`` (the built-in model, `deleaker.tiny.TINY_MODEL_NAME`,
+    spelled out: that module imports torch) or names a directory."""
+    if str(model) != "tiny" and not Path(model).is_dir():
+        raise ConfigError(f"model {str(model)!r:.200} is neither 'tiny' nor a directory")
+
+
+#: Serialises builds of the tiny model (see `load_components`).
+_TINY_BUILD_LOCK = threading.Lock()
+
+
+def load_components(model: str | Path, *, with_transformer: bool = True) -> tuple[dict[str, Any], str]:
+    """FluxPipeline components of ``model`` (``"tiny"`` or a local diffusers folder) and a stable model id.
+
+    The id is ``"tiny"`` or the folder's resolved path; caches also hash the weights, so a changed folder never
+    reuses an old export. ``with_transformer=False`` skips loading a folder's transformer weights (engines
+    replace them): ``components["transformer"]`` is then None (see `transformer_config`).
+    """
+    from .tiny import TINY_MODEL_NAME, build_tiny_flux_components
+
+    if str(model) == TINY_MODEL_NAME:
+        # The tiny model seeds torch's process-wide generator while it builds: two builds at once would interleave
+        # their draws and get different weights (and so different caches). One at a time.
+        with _TINY_BUILD_LOCK, torch_work():
+            return build_tiny_flux_components(0), TINY_MODEL_NAME
+    check_model_source(model)
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(f"{path} is not a diffusers model folder (no model_index.json)")
+    from diffusers import FluxPipeline
+
+    try:
+        if with_transformer:
+            pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
+        else:
+            pipe = FluxPipeline.from_pretrained(path, transformer=None, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the FLUX model in {path}: {exc}") from exc
+    return dict(pipe.components), str(path.resolve())
+
+
+def transformer_config(model: str | Path, components: Mapping[str, Any]) -> dict[str, Any]:
+    """The transformer's config: from the loaded module, else from ``<model>/transformer/config.json``."""
+    if components.get("transformer") is not None:
+        return dict(components["transformer"].config)
+    path = Path(model) / "transformer" / "config.json"
+    try:
+        return loads_strict(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"cannot read the transformer config {path}: {str(exc):.200}") from None
+
+
+def transformer_sha256(transformer: "torch.nn.Module") -> str:
+    """Hex SHA-256 of a transformer's config and weights (names, dtypes, shapes and bytes, in state-dict order)."""
+    import torch
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
+    with torch_work():
+        for name, tensor in transformer.state_dict().items():
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
