@@ -105,7 +105,14 @@ def serve(
     try:
         click.echo("starting Ray Serve (the first start exports or loads the model: minutes on a CPU) ...", err=True)
         ray.init(include_dashboard=False, log_to_driver=False)
-        ray_serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s})
+        # Ray's core worker installs its own SIGTERM handler (it aborts the process): ours again, so that SIGTERM
+        # shuts the deployment down.
+        signal.signal(signal.SIGTERM, _raise_stop)
+        # One HTTP proxy, on the head node (this machine): HOST:PORT is where the command says it serves.
+        ray_serve.start(
+            proxy_location="HeadOnly",
+            http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s},
+        )
         ray_serve.run(app_for_spec(spec, settings), route_prefix="/", blocking=False)
         click.echo(f"serving on http://{host}:{port} (POST /generate, GET /healthz); Ctrl-C stops", err=True)
         while True:
