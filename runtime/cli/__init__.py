@@ -8,16 +8,12 @@ knobs, paths, prompts files, entities as words of the prompt) answer before torc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
-
-from deleaker.plugins.kernels import MAX_ENTITIES
 
 from .errors import (  # noqa: F401  (the exit codes, named where the commands are)
     CHECKED_FLOAT,
@@ -28,14 +24,7 @@ from .errors import (  # noqa: F401  (the exit codes, named where the commands a
     DeLeakerCliError,
     reported_errors,
 )
-from .knobs import knob_option, knob_overrides
-from deleaker.entities import DEFAULT_MAX_ENTITIES
-from deleaker.export.limits import MAX_TEXT_LEN, PRECISIONS
-from deleaker.runtime.defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_LEN
-
-def _echo_json(report: dict[str, Any]) -> None:
-    # allow_nan=False: strict JSON only (the reports hold null plus a reason where a number is not finite).
-    click.echo(json.dumps(report, indent=2, allow_nan=False))
+from .options import echo_json, entity_list, progress_factory, request_options, runtime_spec, source_options
 
 
 class _NoticeHandler(logging.Handler):
@@ -43,134 +32,6 @@ class _NoticeHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         click.echo(self.format(record), err=True)
-
-
-def _entities(value: str) -> tuple[str, ...]:
-    # Empty items ("cat,,dog", "cat,dog,") are kept: the entity checks refuse them, as the Python API does, rather
-    # than the command line guessing what a typo meant.
-    return tuple(e.strip() for e in value.split(","))
-
-
-def _progress_factory(enabled: bool):
-    """tqdm bars on stderr, one per generation (stdout stays clean for ``--json``)."""
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    class _Bar:
-        def __init__(self, total: int, description: str) -> None:
-            # leave=True: the finished bar stays, so its last state is drawn even when a run beats tqdm's refresh.
-            self._bar = tqdm(total=total, desc=description, file=sys.stderr, leave=True, unit="step")
-
-        def update(self, done: int, total: int) -> None:
-            self._bar.update(done - self._bar.n)
-
-        def close(self) -> None:
-            self._bar.close()
-
-    return _Bar
-
-
-def _source_options(func):
-    """The options that say where the model comes from (shared by ``run`` and ``verify``)."""
-    options = [
-        click.option(
-            "--engines",
-            "engines",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="Directory of built engines/ONNX files with manifests (see `deleaker-trt build`).",
-        ),
-        click.option(
-            "--model", "model", default=None, help="'tiny' (built-in test model) or a local diffusers FLUX folder."
-        ),
-        click.option(
-            "--backend",
-            type=click.Choice(BACKENDS),
-            default=None,
-            help="Transformer backend. Default: onnxruntime with --model; the artifacts' kind with --engines.",
-        ),
-        click.option(
-            "--text-len",
-            type=CHECKED_INT,
-            default=None,  # None: the default for a model; engines fix T and refuse a value (`RuntimeSpec`)
-            help=f"T5 tokens T, 1 to {MAX_TEXT_LEN} (--model only, default {DEFAULT_TEXT_LEN}; engines fix it).",
-        ),
-        click.option(
-            "--max-entities",
-            type=CHECKED_INT,
-            default=None,
-            help=f"E_max, 2 to {MAX_ENTITIES} (--model only, default {DEFAULT_MAX_ENTITIES}; engines fix it; the "
-            f"kernels take at most {MAX_ENTITIES}).",
-        ),
-        click.option(
-            "--cache-dir",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="Where --model exports ONNX and --engines keeps the portable form of an engine folder's ONNX for ONNX "
-            "Runtime (default $DELEAKER_CACHE or ~/.cache/deleaker-trt).",
-        ),
-        click.option("--device", default=None, help="torch device of the torch backend (default: cuda if available)."),
-        click.option(
-            "--precision",
-            type=click.Choice(PRECISIONS),
-            default=None,
-            help="Engines of this precision (--engines only; needed when a directory has several).",
-        ),
-        knob_option(
-            "Override a DeLeaker knob (--model only: engines are built with theirs, see `build --set`), e.g. "
-            "--set k_strength=1.5; repeatable, each knob once."
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _request_options(func):
-    options = [
-        click.option("--prompt", default=None, help="The prompt."),
-        click.option("--entities", default=None, help="Comma-separated entities of the prompt, e.g. 'cat,dog'."),
-        # Values are checked by the library (`ImageSettings`): one message and exit 1 for every bad value.
-        click.option(
-            "--seed", type=CHECKED_INT, default=0, show_default=True, help="Starting noise, an int in [0, 2**63)."
-        ),
-        click.option(
-            "--steps", type=CHECKED_INT, default=DEFAULT_STEPS, show_default=True, help="Denoising steps, 1 to 1000."
-        ),
-        click.option(
-            "--guidance",
-            type=CHECKED_FLOAT,
-            default=DEFAULT_GUIDANCE,
-            show_default=True,
-            help="Guidance, a finite number in [0, 100].",
-        ),
-        click.option(
-            "--height", type=CHECKED_INT, default=None, help="Pixels (default: the engine's, 64 for tiny, else 512)."
-        ),
-        click.option("--width", type=CHECKED_INT, default=None, help="Pixels (default: as --height, or the engine's)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
-    from deleaker.runtime import jobs
-
-    if (engines is None) == (model is None):
-        raise click.UsageError("give exactly one of --engines DIR or --model PATH|tiny")
-    return jobs.RuntimeSpec(
-        engines=engines,
-        model=model,
-        backend=backend,
-        text_len=text_len,
-        max_entities=max_entities,
-        cache_dir=cache_dir,
-        device=device,
-        deleaker_overrides=knob_overrides(overrides),
-        precision=precision,
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -214,8 +75,8 @@ def _quiet_libraries() -> None:
 
 
 @main.command()
-@_source_options
-@_request_options
+@source_options
+@request_options
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -285,7 +146,7 @@ def run(
     from deleaker.runtime.request import ImageSettings
 
     with reported_errors("the image in progress"):
-        spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
+        spec = runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompts_file is not None:
             if prompt is not None or entities is not None:
@@ -300,12 +161,12 @@ def run(
             if overwrite:
                 raise click.UsageError("--overwrite applies to --prompts batches (a single --out is always written)")
             job = jobs.single_job(
-                spec, settings.request(prompt, _entities(entities)), out, compare=compare, save_masks=save_masks
+                spec, settings.request(prompt, entity_list(entities)), out, compare=compare, save_masks=save_masks
             )
-        report = jobs.run_job(job, progress_factory=_progress_factory(not no_progress))
+        report = jobs.run_job(job, progress_factory=progress_factory(not no_progress))
 
     if as_json:
-        _echo_json(report.to_dict())
+        echo_json(report.to_dict())
         return
     for item in report.items:
         if item.skipped:
@@ -322,8 +183,8 @@ def run(
 
 
 @main.command()
-@_source_options
-@_request_options
+@source_options
+@request_options
 @click.option(
     "--max-rel-err",
     type=CHECKED_FLOAT,
@@ -367,14 +228,14 @@ def verify(
     from deleaker.runtime.request import ImageSettings
 
     with reported_errors("the image in progress"):
-        spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
+        spec = runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompt is None or entities is None:
             raise click.UsageError("give --prompt and --entities")
-        job = jobs.VerifyJob(spec, settings.request(prompt, _entities(entities)), max_rel_err, min_psnr)
-        report = jobs.verify(job, progress_factory=_progress_factory(not no_progress))
+        job = jobs.VerifyJob(spec, settings.request(prompt, entity_list(entities)), max_rel_err, min_psnr)
+        report = jobs.verify(job, progress_factory=progress_factory(not no_progress))
     if as_json:
-        _echo_json(report.to_dict())
+        echo_json(report.to_dict())
     else:
         steps_text = " ".join(f"{e:.2e}" for e in report.step_rel_err)
         psnr_text = "identical images" if report.psnr_db == float("inf") else f"{report.psnr_db:.2f} dB"

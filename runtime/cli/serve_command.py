@@ -18,7 +18,7 @@ import click
 
 from deleaker.errors import ConfigError, DeLeakerError
 
-from . import _runtime_spec, _source_options
+from .options import runtime_spec, source_options
 from .errors import CHECKED_INT, DeLeakerCliError, reported_errors
 
 
@@ -60,7 +60,7 @@ def _autoscale(value: Optional[str]) -> Optional[tuple[Any, Any]]:
 
 
 @click.command("serve")
-@_source_options
+@source_options
 @click.option("--replicas", type=CHECKED_INT, default=1, show_default=True, help="Replicas (Ray actors), 1 or more.")
 @click.option("--autoscale", default=None, metavar="MIN,MAX", help="Autoscale between MIN and MAX replicas instead.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on.")
@@ -81,7 +81,7 @@ def serve(
 ) -> None:
     """Serve DeLeaker over HTTP with Ray Serve (POST /generate, GET /healthz) until Ctrl-C or SIGTERM."""
     with reported_errors("the server"):
-        spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
+        spec = runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
         from deleaker.runtime.serving_settings import ServeSettings
 
         settings = ServeSettings(

@@ -1,0 +1,152 @@
+"""The options ``run``, ``verify`` and ``serve`` share (where the model comes from, what a request is) and what they
+do with them: a `RuntimeSpec` for the library, progress bars, JSON reports. Light: imported before torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deleaker.entities import DEFAULT_MAX_ENTITIES
+from deleaker.export.limits import MAX_TEXT_LEN, PRECISIONS
+from deleaker.plugins.kernels import MAX_ENTITIES
+from deleaker.runtime.defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_LEN
+
+from .errors import CHECKED_FLOAT, CHECKED_INT
+from .knobs import knob_option, knob_overrides
+
+
+def echo_json(report: dict[str, Any]) -> None:
+    # allow_nan=False: strict JSON only (the reports hold null plus a reason where a number is not finite).
+    click.echo(json.dumps(report, indent=2, allow_nan=False))
+
+
+def entity_list(value: str) -> tuple[str, ...]:
+    # Empty items ("cat,,dog", "cat,dog,") are kept: the entity checks refuse them, as the Python API does, rather
+    # than the command line guessing what a typo meant.
+    return tuple(e.strip() for e in value.split(","))
+
+
+def progress_factory(enabled: bool):
+    """tqdm bars on stderr, one per generation (stdout stays clean for ``--json``)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    class _Bar:
+        def __init__(self, total: int, description: str) -> None:
+            # leave=True: the finished bar stays, so its last state is drawn even when a run beats tqdm's refresh.
+            self._bar = tqdm(total=total, desc=description, file=sys.stderr, leave=True, unit="step")
+
+        def update(self, done: int, total: int) -> None:
+            self._bar.update(done - self._bar.n)
+
+        def close(self) -> None:
+            self._bar.close()
+
+    return _Bar
+
+
+def source_options(func):
+    """The options that say where the model comes from (shared by ``run`` and ``verify``)."""
+    options = [
+        click.option(
+            "--engines",
+            "engines",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Directory of built engines/ONNX files with manifests (see `deleaker-trt build`).",
+        ),
+        click.option(
+            "--model", "model", default=None, help="'tiny' (built-in test model) or a local diffusers FLUX folder."
+        ),
+        click.option(
+            "--backend",
+            type=click.Choice(BACKENDS),
+            default=None,
+            help="Transformer backend. Default: onnxruntime with --model; the artifacts' kind with --engines.",
+        ),
+        click.option(
+            "--text-len",
+            type=CHECKED_INT,
+            default=None,  # None: the default for a model; engines fix T and refuse a value (`RuntimeSpec`)
+            help=f"T5 tokens T, 1 to {MAX_TEXT_LEN} (--model only, default {DEFAULT_TEXT_LEN}; engines fix it).",
+        ),
+        click.option(
+            "--max-entities",
+            type=CHECKED_INT,
+            default=None,
+            help=f"E_max, 2 to {MAX_ENTITIES} (--model only, default {DEFAULT_MAX_ENTITIES}; engines fix it; the "
+            f"kernels take at most {MAX_ENTITIES}).",
+        ),
+        click.option(
+            "--cache-dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Where --model exports ONNX and --engines keeps the portable form of an engine folder's ONNX for ONNX "
+            "Runtime (default $DELEAKER_CACHE or ~/.cache/deleaker-trt).",
+        ),
+        click.option("--device", default=None, help="torch device of the torch backend (default: cuda if available)."),
+        click.option(
+            "--precision",
+            type=click.Choice(PRECISIONS),
+            default=None,
+            help="Engines of this precision (--engines only; needed when a directory has several).",
+        ),
+        knob_option(
+            "Override a DeLeaker knob (--model only: engines are built with theirs, see `build --set`), e.g. "
+            "--set k_strength=1.5; repeatable, each knob once."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def request_options(func):
+    options = [
+        click.option("--prompt", default=None, help="The prompt."),
+        click.option("--entities", default=None, help="Comma-separated entities of the prompt, e.g. 'cat,dog'."),
+        # Values are checked by the library (`ImageSettings`): one message and exit 1 for every bad value.
+        click.option(
+            "--seed", type=CHECKED_INT, default=0, show_default=True, help="Starting noise, an int in [0, 2**63)."
+        ),
+        click.option(
+            "--steps", type=CHECKED_INT, default=DEFAULT_STEPS, show_default=True, help="Denoising steps, 1 to 1000."
+        ),
+        click.option(
+            "--guidance",
+            type=CHECKED_FLOAT,
+            default=DEFAULT_GUIDANCE,
+            show_default=True,
+            help="Guidance, a finite number in [0, 100].",
+        ),
+        click.option(
+            "--height", type=CHECKED_INT, default=None, help="Pixels (default: the engine's, 64 for tiny, else 512)."
+        ),
+        click.option("--width", type=CHECKED_INT, default=None, help="Pixels (default: as --height, or the engine's)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
+    from deleaker.runtime import jobs
+
+    if (engines is None) == (model is None):
+        raise click.UsageError("give exactly one of --engines DIR or --model PATH|tiny")
+    return jobs.RuntimeSpec(
+        engines=engines,
+        model=model,
+        backend=backend,
+        text_len=text_len,
+        max_entities=max_entities,
+        cache_dir=cache_dir,
+        device=device,
+        deleaker_overrides=knob_overrides(overrides),
+        precision=precision,
+    )
