@@ -10,7 +10,8 @@ import pytest
 
 from deleaker import DeLeakerConfig
 from deleaker.errors import ConfigError, ShapeError
-from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest, TransformerSource
+from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest
+from deleaker.runtime.sources import TransformerSource
 
 TEXT_LEN = 32
 # As tests/test_runtime.py: windows and thresholds that give masks on the tiny model's random weights, so DeLeaker
