@@ -66,19 +66,57 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// Loads 64 rows of D elements into shared memory with 16-byte accesses. row_index[r] is the token of row r, or
-// -1 for a zero row (past the end).
+// One tile's rows (64 rows of D elements) on their way from global to shared memory, held in registers between
+// the two halves: issue() starts every 16-byte load of this thread's share before any of them is stored, so all of
+// them are in flight together (one memory round trip per tile, not one per load), and the caller can issue the
+// next tile's (or the next head's) loads before computing on the current one, storing them after its barrier.
+// row_index[r] is the token of row r, or -1 for a zero row (past the end). The block has kThreads threads.
+template <typename Elem, int D>
+struct TileLoads {
+  static constexpr int kVecs = D / 8;  // 8 elements of 2 bytes per uint4
+  static constexpr int kPerThread = kTile * kVecs / kThreads;
+  static_assert(kTile * kVecs % kThreads == 0, "a tile's 16-byte loads split evenly over the block");
+  uint4 value[kPerThread];
+
+  __device__ __forceinline__ void issue(const Elem* base, int64_t row_stride, const int* row_index) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int idx = (int)threadIdx.x + i * kThreads;
+      const int r = idx / kVecs, c = (idx % kVecs) * 8;
+      const int token = row_index[r];
+      value[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (token >= 0) value[i] = *reinterpret_cast<const uint4*>(base + (int64_t)token * row_stride + c);
+    }
+  }
+
+  __device__ __forceinline__ void store(Elem* smem) const {
+    constexpr int kLd = HeadDim<D>::kLd;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int idx = (int)threadIdx.x + i * kThreads;
+      const int r = idx / kVecs, c = (idx % kVecs) * 8;
+      *reinterpret_cast<uint4*>(smem + r * kLd + c) = value[i];
+    }
+  }
+};
+
+// Loads 64 rows of D elements into shared memory, every load issued before the first store (TileLoads).
 template <typename Elem, int D>
 __device__ __forceinline__ void load_rows(Elem* smem, const Elem* base, int64_t row_stride, const int* row_index) {
-  constexpr int kVecs = D / 8;  // 8 elements of 2 bytes per uint4
-  constexpr int kLd = HeadDim<D>::kLd;
-  for (int idx = threadIdx.x; idx < kTile * kVecs; idx += kThreads) {
-    const int r = idx / kVecs, c = (idx % kVecs) * 8;
-    const int token = row_index[r];
-    uint4 value = make_uint4(0u, 0u, 0u, 0u);
-    if (token >= 0) value = *reinterpret_cast<const uint4*>(base + (int64_t)token * row_stride + c);
-    *reinterpret_cast<uint4*>(smem + r * kLd + c) = value;
-  }
+  TileLoads<Elem, D> rows;
+  rows.issue(base, row_stride, row_index);
+  rows.store(smem);
+}
+
+// Two tiles (Q and K, or K and V) loaded together: both tiles' loads are in flight before either is stored.
+template <typename Elem, int D>
+__device__ __forceinline__ void load_rows2(Elem* smem_a, const Elem* base_a, int64_t stride_a, const int* index_a,
+                                           Elem* smem_b, const Elem* base_b, int64_t stride_b, const int* index_b) {
+  TileLoads<Elem, D> a, b;
+  a.issue(base_a, stride_a, index_a);
+  b.issue(base_b, stride_b, index_b);
+  a.store(smem_a);
+  b.store(smem_b);
 }
 
 // One warp: S[16 x 64] = Q[16 x D] K[64 x D]^T, stored row-major (ld kLdS) as float at s_out.
@@ -280,14 +318,25 @@ __device__ void tile_pbar(const DeLeakerParams& p, int b, const int* row_token, 
   float* s_w = s_all + warp * 16 * kLdS;
 #pragma unroll
   for (int i = 0; i < 32; ++i) pbar[i] = 0.0f;
-  for (int h = 0; h < p.heads; ++h) {
-    __syncthreads();  // the previous head's (or the caller's) Q, K and LSE are no longer read
+  // Head h + 1's Q, K and LSE are loaded into registers while head h's product and exps run (TileLoads): the
+  // loads of a head are all in flight together, and behind the previous head's work.
+  TileLoads<Elem, D> q_next, k_next;
+  float lse_next = 0.0f;
+  const auto issue_head = [&](int h) {
     const Elem* q = static_cast<const Elem*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-    load_rows<Elem, D>(q_s, q, p.q_row_stride, row_token);
-    load_rows<Elem, D>(k_s, k, p.k_row_stride, col_token);
-    if (threadIdx.x < kTile) lse_s[threadIdx.x] = row_token[threadIdx.x] >= 0 ? lse_of(p, b, h)[row_token[threadIdx.x]] : 0.0f;
+    q_next.issue(q, p.q_row_stride, row_token);
+    k_next.issue(k, p.k_row_stride, col_token);
+    if (threadIdx.x < kTile) lse_next = row_token[threadIdx.x] >= 0 ? lse_of(p, b, h)[row_token[threadIdx.x]] : 0.0f;
+  };
+  issue_head(0);
+  for (int h = 0; h < p.heads; ++h) {
+    __syncthreads();  // the previous head's (or the caller's) Q, K and LSE are no longer read
+    q_next.store(q_s);
+    k_next.store(k_s);
+    if (threadIdx.x < kTile) lse_s[threadIdx.x] = lse_next;
     __syncthreads();
+    if (h + 1 < p.heads) issue_head(h + 1);
     warp_qk<Elem, D>(q_s + warp * 16 * kLd, k_s, s_w);
     __syncwarp();
     const float row_lse = lse_s[me.row];

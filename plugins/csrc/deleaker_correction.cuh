@@ -117,6 +117,9 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
       __syncthreads();
       load_rows<Elem, D>(kv_s, k, p.k_row_stride, col_token);
       __syncthreads();
+      // V's loads go out now, in flight during the product and the exps; stored once no warp reads K.
+      TileLoads<Elem, D> v_rows;
+      v_rows.issue(v, p.v_row_stride, col_token);
       warp_qk<Elem, D>(q_s + warp * 16 * kLd, kv_s, s_w);
       __syncwarp();
       const uint64_t word = cut_words_of(ws, b, band_row)[ct];
@@ -128,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
         p_w[r * kLdP + c] = from_float<Elem>(w * kScale);
       }
       __syncthreads();  // every warp is done with K
-      load_rows<Elem, D>(kv_s, v, p.v_row_stride, col_token);
+      v_rows.store(kv_s);
       __syncthreads();  // V and every W are written
       warp_pv<Elem, D, kLdP>(acc, p_w, kv_s);
     }
@@ -146,6 +149,8 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
   const int token_count = weaken || strengthen ? *ws.entity_token_count : 0;
   for (int t0 = 0; t0 < token_count; t0 += kTile) {
     entity_token_tile_qk<Elem, D>(p, ws, k, t0, token_count, q_s, kv_s, s_w, col_token, col_bits);
+    TileLoads<Elem, D> v_rows;  // in flight during the weights; stored once no warp reads K
+    v_rows.issue(v, p.v_row_stride, col_token);
     for (int i = 0; i < 32; ++i) {
       const int c = me.col(i);
       const uint32_t tb = col_bits[c];  // 0 past the end of the list
@@ -160,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
       s_w[r * kLdS + c] = w;  // this thread's cells only
     }
     __syncthreads();  // every warp is done with K; W rows are complete
-    load_rows<Elem, D>(kv_s, v, p.v_row_stride, col_token);
+    v_rows.store(kv_s);
     __syncthreads();
     float* num_row = num_s + me.row * kLdO + me.half * (D / 2);
     for (int c = 0; c < kTile; ++c) {

@@ -110,8 +110,7 @@ __global__ void __launch_bounds__(kThreads) fallback_kernel(DeLeakerParams p, Wo
       }
     }
     __syncthreads();
-    load_rows<Elem, D>(k_s, k, p.k_row_stride, col_token);
-    load_rows<Elem, D>(v_s, v, p.v_row_stride, col_token);
+    load_rows2<Elem, D>(k_s, k, p.k_row_stride, col_token, v_s, v, p.v_row_stride, col_token);  // K, V together
     __syncthreads();
     warp_qk<Elem, D>(q_s + warp * 16 * kLd, k_s, s_w);
     __syncwarp();
