@@ -9,13 +9,15 @@ with its own time budget, each recorded (ok / failed / skipped / timeout) even w
   correctness    the fast path at the FLUX.1-dev shape (bf16, fp16), outputs poisoned first, against the
                  decomposed op: masks, relative error vs fp32, vs the reference in the input dtype
   timing         the op against default SDPA and the FlashAttention-2 backend, same run, same inputs, inside and
-                 outside the intervention window, masks' union ~10/25/50%; per-kernel times; fallback rows;
-                 extra peak memory per call; 1024x1024 and 2048x2048
+                 outside the intervention window, masks' union ~10/25/50% (two entities), 25/50% (four),
+                 25% (eight); per-kernel times for each of those; fallback rows; extra peak memory per call;
+                 1024x1024 and 2048x2048
   cuda_graph     capture and replay of the op with a device step: bit-equal to eager, replay time
+  gather         the L2 rate of gathered 64- and 128-row Q/K tiles (benchmarks/gather, prebuilt): the tile size
   gpu_tests      ``pytest -m gpu tests/test_cuda_kernels.py`` (FLUX.1-dev shape and 2048x2048 included)
   flux_step      ``bench_flux_step.py`` at 1024x1024, DeLeaker on and off
   plugin         the C++ TensorRT plugin's enqueue vs the PyTorch fast path, where its check script exists
-  ncu            one Nsight Compute summary of the slowest custom kernel
+  ncu            Nsight Compute on the two slowest custom kernels (L2 throughput, tensor pipe, occupancy)
   sanitizer      compute-sanitizer memcheck and racecheck on one small launch
 
 The order puts first what a short lease needs most. With ``--budget-s`` a stage that no longer fits is skipped, and a
@@ -64,7 +66,14 @@ from deleaker.decomposed import decomposed_intermediates  # noqa: E402
 CONFIG = DeLeakerConfig()  # FLUX.1-dev defaults
 INSIDE, OUTSIDE = 100, 5  # block steps inside and before the intervention window (history aggregating at 12+)
 FLUX_SHAPE = dict(batch=1, heads=24, text_len=512, grid=(64, 64), head_dim=128)
-COVERAGES = (0.10, 0.25, 0.50)
+COVERAGES = (0.10, 0.25, 0.50)  # two entities; 0.10 asked gives 9% at 64x64 (two stripes of 3 columns)
+#: Unions of the timing rows with more entities (issue 21: no cliff at E_max = 8).
+ENTITY_COVERAGES = {4: (0.25, 0.50), 8: (0.25,)}
+#: (union asked, entities) of the per-kernel profiles inside the window.
+KERNEL_TIME_CASES = ((0.10, 2), (0.25, 2), (0.50, 2), (0.25, 4), (0.50, 4), (0.25, 8))
+#: Smoke mode (CPU, the decomposed op): the code path of two of them, eight stripes on the smallest grid they fit.
+SMOKE_KERNEL_TIME_CASES = ((0.25, 2), (0.25, 8))
+SMOKE_GRID_E8 = (24, 24)
 TARGETS = {"op_vs_sdpa_25pct": 1.5, "op_vs_sdpa_stretch": 1.25, "outside_vs_sdpa": 1.05, "extra_mib_b1": 64.0,
            "flux_step_ratio": 1.15, "flux_step_stretch": 1.05}
 
@@ -324,6 +333,16 @@ def stage_correctness(ctx: Context) -> Dict[str, Any]:
     return report
 
 
+def timing_cases(ctx: Context) -> List[Tuple[Tuple[int, int], float, int]]:
+    """(grid, masks' union asked, entities) of the timing rows: 9-10/25/50% with two entities, 25/50% with four,
+    25% with eight (E_max = 8: the union's and thresholds' cost must not jump), then 2048x2048 at 25%. Smoke mode:
+    tiny grids (eight stripes of 3 columns need 24)."""
+    if ctx.smoke:  # one row per entity count beyond two: the code path, at the least CPU time
+        return [*(((16, 16), c, 2) for c in COVERAGES), ((16, 16), 0.25, 4), (SMOKE_GRID_E8, 0.25, 8)]
+    return [*(((64, 64), c, 2) for c in COVERAGES), *(((64, 64), c, 4) for c in ENTITY_COVERAGES[4]),
+            *(((64, 64), c, 8) for c in ENTITY_COVERAGES[8]), ((128, 128), 0.25, 2)]
+
+
 def stage_timing(ctx: Context) -> Dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -331,66 +350,85 @@ def stage_timing(ctx: Context) -> Dict[str, Any]:
     if ctx.cuda and not available:
         raise RuntimeError(f"the fast path is not available: {why}")
     rows: List[Dict[str, Any]] = []
-    sizes = [((64, 64), COVERAGES), ((128, 128), (0.25,))] if not ctx.smoke else [((16, 16), COVERAGES)]
-    for grid, coverages in sizes:
+    for grid, coverage, entities in timing_cases(ctx):
         shape = ctx.shape(grid=grid)
         tokens = shape["text_len"] + grid[0] * grid[1]
         flops = 4 * shape["batch"] * shape["heads"] * tokens * tokens * shape["head_dim"]
-        for coverage in coverages:
-            sets = [stripe_inputs(**shape, coverage=coverage, dtype=torch.bfloat16, device=ctx.device, seed=s)
-                    for s in range(2)]
-            calls = {
-                "sdpa_default": lambda i: F.scaled_dot_product_attention(*sets[i][0]),
-                "op_outside_window": lambda i: op_call(ctx, (sets[i][0], sets[i][1], grid), OUTSIDE),
-                "op_inside_window": lambda i: op_call(ctx, (sets[i][0], sets[i][1], grid), INSIDE),
-            }
-            if ctx.cuda:
-                def flash2(i):
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return F.scaled_dot_product_attention(*sets[i][0])
+        sets = [stripe_inputs(**shape, coverage=coverage, entities=entities, dtype=torch.bfloat16,
+                              device=ctx.device, seed=s)
+                for s in range(2)]
+        calls = {
+            "sdpa_default": lambda i: F.scaled_dot_product_attention(*sets[i][0]),
+            "op_outside_window": lambda i: op_call(ctx, (sets[i][0], sets[i][1], grid), OUTSIDE),
+            "op_inside_window": lambda i: op_call(ctx, (sets[i][0], sets[i][1], grid), INSIDE),
+        }
+        if ctx.cuda:
+            def flash2(i):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(*sets[i][0])
 
-                calls["sdpa_flash2"] = flash2
-            row: Dict[str, Any] = {"grid": list(grid), "text_len": shape["text_len"], "coverage_asked": coverage}
-            row.update(op_views(ctx, (sets[0][0], sets[0][1], grid), INSIDE))
-            for name, fn in calls.items():
-                ms = time_ms(fn, ctx, sets=2)
-                row[f"{name}_ms"] = round(ms, 4)
-                row[f"{name}_tflops"] = round(flops / ms / 1e9, 1)
-            base = row["sdpa_default_ms"]
-            for name in calls:
-                row[f"{name}_vs_sdpa"] = round(row[f"{name}_ms"] / base, 3)
-            row["extra_peak_mib_inside"] = extra_peak_mib(lambda: calls["op_inside_window"](0), ctx)
-            row["extra_peak_mib_sdpa"] = extra_peak_mib(lambda: calls["sdpa_default"](0), ctx)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            calls["sdpa_flash2"] = flash2
+        row: Dict[str, Any] = {"grid": list(grid), "text_len": shape["text_len"], "coverage_asked": coverage,
+                               "entities": entities}
+        row.update(op_views(ctx, (sets[0][0], sets[0][1], grid), INSIDE))
+        for name, fn in calls.items():
+            ms = time_ms(fn, ctx, sets=2)
+            row[f"{name}_ms"] = round(ms, 4)
+            row[f"{name}_tflops"] = round(flops / ms / 1e9, 1)
+        base = row["sdpa_default_ms"]
+        for name in calls:
+            row[f"{name}_vs_sdpa"] = round(row[f"{name}_ms"] / base, 3)
+        row["extra_peak_mib_inside"] = extra_peak_mib(lambda: calls["op_inside_window"](0), ctx)
+        row["extra_peak_mib_sdpa"] = extra_peak_mib(lambda: calls["sdpa_default"](0), ctx)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     report: Dict[str, Any] = {"rows": rows}
-    if ctx.cuda:
-        report["kernels_inside_25pct"] = kernel_times(ctx, grid=(64, 64), coverage=0.25, step=INSIDE)
-        report["kernels_outside"] = kernel_times(ctx, grid=(64, 64), coverage=0.25, step=OUTSIDE)
+    by_case = {(r["coverage_asked"], r["entities"]): r for r in rows}
+    e8, e4 = by_case.get((0.25, 8)), by_case.get((0.25, 4))
+    if e8 and e4:  # the issue's "no cliff at E_max = 8": E = 8 within 1.2x of E = 4 at the same union
+        report["e8_vs_e4_inside_25pct"] = round(e8["op_inside_window_ms"] / e4["op_inside_window_ms"], 3)
+    grid = ctx.shape()["grid"]
+    cases = []
+    for coverage, entities in KERNEL_TIME_CASES if ctx.cuda else SMOKE_KERNEL_TIME_CASES:
+        case_grid = SMOKE_GRID_E8 if ctx.smoke and entities == 8 else grid
+        cases.append({"coverage_asked": coverage, "entities": entities, "grid": list(case_grid),
+                      **kernel_times(ctx, grid=case_grid, coverage=coverage, entities=entities, step=INSIDE)})
+    report["kernels_inside"] = cases
+    report["kernels_inside_25pct"] = next(c["kernels"] for c in cases
+                                          if c["coverage_asked"] == 0.25 and c["entities"] == 2)
+    report["kernels_outside"] = kernel_times(ctx, grid=grid, coverage=0.25, entities=2, step=OUTSIDE)["kernels"]
     return report
 
 
-def kernel_times(ctx: Context, *, grid, coverage: float, step: int) -> List[Dict[str, Any]]:
-    """Per-kernel device time of one op call (torch.profiler, median of 10 calls per kernel name)."""
+def kernel_times(ctx: Context, *, grid, coverage: float, entities: int, step: int) -> Dict[str, Any]:
+    """Per-kernel device time of one op call (torch.profiler, median of 10 calls per kernel name), and the masks'
+    union of the call. Smoke mode: the decomposed op's CPU operators (the code path only; the numbers mean
+    nothing)."""
     from torch.profiler import ProfilerActivity, profile
 
     shape = ctx.shape(grid=grid)
-    inputs = stripe_inputs(**shape, coverage=coverage, dtype=torch.bfloat16, device=ctx.device)
+    inputs = stripe_inputs(**shape, coverage=coverage, entities=entities, dtype=torch.bfloat16, device=ctx.device)
     call = (inputs[0], inputs[1], grid)
-    for _ in range(3):
+    union = op_views(ctx, call, step)["union"] if step == INSIDE else None
+    for _ in range(3 if ctx.cuda else 1):
         op_call(ctx, call, step)
     synchronize(ctx.device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+    calls = 10 if ctx.cuda else 1
+    with profile(activities=[ProfilerActivity.CUDA if ctx.cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
             op_call(ctx, call, step)
         synchronize(ctx.device)
     per_name: Dict[str, List[float]] = {}
     for event in prof.events():
-        if event.device_type.name == "CUDA" and event.device_time > 0:
+        if ctx.cuda and event.device_type.name == "CUDA" and event.device_time > 0:
             per_name.setdefault(event.name, []).append(event.device_time / 1e3)
-    kernels = [{"kernel": name[:160], "calls_per_op": len(times) / 10, "median_ms": round(statistics.median(times), 4)}
+        elif not ctx.cuda and event.device_type.name == "CPU" and event.cpu_time > 0:
+            per_name.setdefault(event.name, []).append(event.cpu_time / 1e3)
+    kernels = [{"kernel": name[:160], "calls_per_op": len(times) / calls,
+                "median_ms": round(statistics.median(times), 4)}
                for name, times in per_name.items()]
-    return sorted(kernels, key=lambda k: -k["median_ms"] * k["calls_per_op"])
+    kernels.sort(key=lambda k: -k["median_ms"] * k["calls_per_op"])
+    return {"union": union, "kernels": kernels if ctx.cuda else kernels[:10]}
 
 
 def stage_cuda_graph(ctx: Context) -> Dict[str, Any]:
@@ -436,24 +474,127 @@ def require_tool(ctx: Context, name: str) -> str:
     return path
 
 
+#: Nsight Compute metrics beyond its sections: L2 throughput, the tensor pipe's share of active cycles, achieved
+#: occupancy (what decides between more loads in flight, mma.sync, or 128-row tiles).
+NCU_METRICS = ("lts__t_bytes.sum.per_second", "lts__throughput.avg.pct_of_peak_sustained_elapsed",
+               "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+               "sm__warps_active.avg.pct_of_peak_sustained_active")
+NCU_KEYS = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "L2 Cache Throughput", "DRAM Throughput",
+            "Achieved Occupancy", "Theoretical Occupancy", "Registers Per Thread", "Dynamic Shared Memory Per Block",
+            *NCU_METRICS)
+#: A kernel's header line in ncu's text output: "  name<...>(...) (16, 24, 1)x(128, 1, 1), Context 1, ...".
+NCU_KERNEL_HEADER = re.compile(r"^\s\s(\S.*?) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context", re.MULTILINE)
+
+
+def ncu_base_name(kernel: str) -> str:
+    """The function's base name ("correction_kernel"), which ncu's -k matches: no namespace, template, arguments."""
+    kernel = kernel.replace("(anonymous namespace)::", "")
+    return re.sub(r"\W", ".", kernel.split("(")[0].split("<")[0].split()[-1].split("::")[-1])
+
+
+def ncu_metrics(text: str) -> Dict[str, Dict[str, str]]:
+    """Per profiled kernel (by base name), the NCU_KEYS values found in ncu's text output."""
+    headers = list(NCU_KERNEL_HEADER.finditer(text))
+    found: Dict[str, Dict[str, str]] = {}
+    for i, header in enumerate(headers):
+        body = text[header.end(): headers[i + 1].start() if i + 1 < len(headers) else len(text)]
+        metrics = {}
+        for key in NCU_KEYS:
+            match = re.search(rf"{re.escape(key)}\s+(\S+)\s+([\d.,]+)", body)
+            if match:
+                metrics[key] = f"{match.group(2)} {match.group(1)}"
+        found.setdefault(ncu_base_name(header.group(1)), metrics)
+    return found
+
+
 def stage_ncu(ctx: Context) -> Dict[str, Any]:
+    """Nsight Compute on the two custom kernels that take the most time per call at 25% union (one launch each)."""
     ncu = require_tool(ctx, "ncu")
     kernels = ctx.results.get("stages", {}).get("timing", {}).get("data", {}).get("kernels_inside_25pct", [])
     custom = [k["kernel"] for k in kernels if "deleaker" in k["kernel"].lower()]
     if not custom:
         raise StageSkipped("no custom kernel timed by the timing stage")
-    # ncu matches the function's base name ("correction_kernel"), without namespace, template or arguments.
-    name = re.sub(r"\W", ".", custom[0].split("(")[0].split("<")[0].split()[-1].split("::")[-1])
-    command = [ncu, "--clock-control", "none", "-k", f"regex:{name}", "-c", "1", "--section", "SpeedOfLight",
-               "--section", "LaunchStats", "--section", "Occupancy", sys.executable, __file__, "--one-call"]
-    result = run_logged(command, ctx.out / "ncu.txt", timeout=ctx.time_limit(120))
-    metrics = {}
-    for key in ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput", "Achieved Occupancy",
-                "Registers Per Thread", "Dynamic Shared Memory Per Block"):
-        match = re.search(rf"{re.escape(key)}\s+(\S+)\s+([\d.,]+)", result["tail_full"])
-        if match:
-            metrics[key] = f"{match.group(2)} {match.group(1)}"
-    return {"kernel": custom[0], **{k: v for k, v in result.items() if k != "tail_full"}, "metrics": metrics}
+    names = list(dict.fromkeys(ncu_base_name(k) for k in custom))[:2]
+    base = [ncu, "--clock-control", "none", "-k", f"regex:{'|'.join(names)}", "-c", str(len(names)),
+            "--section", "SpeedOfLight", "--section", "LaunchStats", "--section", "Occupancy",
+            "--section", "MemoryWorkloadAnalysis"]
+    target = [sys.executable, __file__, "--one-call"]
+    result = run_logged([*base, "--metrics", ",".join(NCU_METRICS), *target], ctx.out / "ncu.txt",
+                        timeout=ctx.time_limit(150))
+    metrics = ncu_metrics(result["tail_full"])
+    if result["returncode"] != 0 and not metrics:  # a metric this ncu does not know: the sections alone
+        result = run_logged([*base, *target], ctx.out / "ncu_sections.txt", timeout=ctx.time_limit(120))
+        metrics = ncu_metrics(result["tail_full"])
+    return {"kernels": names, **{k: v for k, v in result.items() if k != "tail_full"}, "metrics": metrics}
+
+
+# ---- the gathered-tile L2 microbenchmark (benchmarks/gather) ------------------------------------------------
+
+GATHER_LIBRARY = ROOT / ".device" / "gather" / "libgather_bench.so"
+
+
+def load_gather_library(path: Path) -> "ctypes.CDLL":
+    """The microbenchmark's shared library (built with nvcc by prepare_device_check.sh, or for the emulator)."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(path))
+    lib.gather_bench_run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.gather_bench_run.restype = ctypes.c_int
+    return lib
+
+
+def gather_pairs(rows: int, tile_rows: int) -> int:
+    """(row tile, column tile) pairs, one block each, of a union of ``rows`` rows."""
+    return -(-rows // tile_rows) * -(-rows // 64)
+
+
+def run_gather(lib, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, tile_rows: int, sink: torch.Tensor,
+               stream: int = 0) -> None:
+    """One pass of the microbenchmark: q, k (H, N, 128), 2-byte elements, contiguous, on one device; index int32
+    tokens; sink int32, one per pair. Raises RuntimeError with the library's code on failure."""
+    if q.shape != k.shape or q.dim() != 3 or q.shape[-1] != 128 or q.element_size() != 2:
+        raise ValueError(f"q and k must be (H, N, 128) with 2-byte elements, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if not (q.is_contiguous() and k.is_contiguous() and index.dtype == torch.int32 and index.is_contiguous()):
+        raise ValueError("q, k and index must be contiguous and index int32")
+    if sink.numel() < gather_pairs(index.numel(), tile_rows) or sink.dtype != torch.int32:
+        raise ValueError(f"sink must be int32 with {gather_pairs(index.numel(), tile_rows)} entries at least")
+    code = lib.gather_bench_run(q.data_ptr(), k.data_ptr(), index.data_ptr(), index.numel(), tile_rows, q.shape[0],
+                                q.stride(0), sink.data_ptr(), stream)
+    if code != 0:
+        raise RuntimeError(f"gather_bench_run failed with code {code}")
+
+
+def stage_gather(ctx: Context) -> Dict[str, Any]:
+    """The L2 rate of gathered Q/K tiles of 64 and 128 rows at the FLUX.1-dev shape (Q and K fit the L2, as in the
+    region kernels), over the region tiles of a 25% and a 50% union: bytes gathered per second and tile cells
+    (row x column pairs) covered per second, per tile size."""
+    if not ctx.cuda:
+        raise StageSkipped("no CUDA device")
+    if not GATHER_LIBRARY.is_file():
+        raise StageSkipped(f"{GATHER_LIBRARY.relative_to(ROOT)} is not built (benchmarks/prepare_device_check.sh)")
+    lib = load_gather_library(GATHER_LIBRARY)
+    shape = ctx.shape()
+    report: Dict[str, Any] = {"rows": []}
+    for coverage in (0.25, 0.50):
+        (q, k, _), _, intended = stripe_inputs(**shape, coverage=coverage, dtype=torch.bfloat16, device=ctx.device)
+        q, k = q[0].contiguous(), k[0].contiguous()
+        # The union in the kernels' order (grouped by entity), as image tokens.
+        union = torch.cat([intended[0, e].nonzero().flatten() for e in range(intended.shape[1])])
+        index = (union + shape["text_len"]).to(torch.int32).contiguous()
+        for tile_rows in (64, 128):
+            pairs = gather_pairs(index.numel(), tile_rows)
+            sink = torch.zeros(pairs, dtype=torch.int32, device=ctx.device)
+            stream = torch.cuda.current_stream(ctx.device).cuda_stream
+            ms = time_ms(lambda i: run_gather(lib, q, k, index, tile_rows, sink, stream), ctx, sets=1)
+            gathered = pairs * q.shape[0] * (tile_rows + 64) * q.shape[-1] * q.element_size()
+            cells = pairs * q.shape[0] * tile_rows * 64
+            row = {"coverage_asked": coverage, "union_rows": index.numel(), "tile_rows": tile_rows, "blocks": pairs,
+                   "ms": round(ms, 4), "gathered_gb_per_s": round(gathered / ms / 1e6, 1),
+                   "tile_cells_per_us": round(cells / ms / 1e3, 1)}
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    return report
 
 
 def stage_sanitizer(ctx: Context) -> Dict[str, Any]:
@@ -525,6 +666,7 @@ STAGES: List[Stage] = [
     Stage("correctness", stage_correctness, 20, True),
     Stage("timing", stage_timing, 40, True),
     Stage("cuda_graph", stage_cuda_graph, 10, True),
+    Stage("gather", stage_gather, 10, True),
     Stage("gpu_tests", stage_gpu_tests, 30, False),
     Stage("flux_step", stage_flux_step, 60, False),
     Stage("plugin", stage_plugin, 30, False),
@@ -597,11 +739,13 @@ def markdown(results: Dict[str, Any]) -> str:
     timing = results.get("stages", {}).get("timing", {}).get("data", {}).get("rows", [])
     if timing:
         lines += ["", "## One attention call, bf16 (ms; ratio to default SDPA in the same run)", "",
-                  "| grid | T | union | SDPA | FA2 | op outside | op inside | inside/SDPA | outside/SDPA | fallback rows "
-                  "| extra MiB (op) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| grid | T | E | union | SDPA | FA2 | op outside | op inside | inside/SDPA | outside/SDPA "
+                  "| fallback rows | extra MiB (op) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in timing:
             lines.append(
-                f"| {r['grid'][0]}x{r['grid'][1]} | {r['text_len']} | {r['union']:.2f} | {r['sdpa_default_ms']} | "
+                f"| {r['grid'][0]}x{r['grid'][1]} | {r['text_len']} | {r.get('entities', 2)} | {r['union']:.2f} | "
+                f"{r['sdpa_default_ms']} | "
                 f"{r.get('sdpa_flash2_ms', '-')} | {r['op_outside_window_ms']} | {r['op_inside_window_ms']} | "
                 f"{r['op_inside_window_vs_sdpa']} | {r['op_outside_window_vs_sdpa']} | {r['fallback_rows']} | "
                 f"{r['extra_peak_mib_inside']} |")
@@ -644,6 +788,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--budget-s must be a positive number of seconds, not {args.budget_s}")
     if not args.smoke_cpu and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or pass --smoke-cpu to test the script")
+    if args.smoke_cpu:
+        # One intra-op thread: on a shared CPU, torch's thread pool contending with other processes made each
+        # decomposed call 30x slower (seconds instead of 0.2 s at the smoke shapes).
+        torch.set_num_threads(1)
     device = torch.device("cpu" if args.smoke_cpu else "cuda")
     ctx = Context(out=args.out, device=device, smoke=args.smoke_cpu,
                   results={"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -20,7 +20,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OU
 export DELEAKER_KERNEL_CACHE=$PWD/.device/kernels
 if [ -d .device/plugin ]; then export DELEAKER_TRT_PLUGIN_DIR=$PWD/.device/plugin; fi
 # The script's own budget ends 20 s before the hard limit: stages that no longer fit are recorded as skipped.
-limit=${DEVICE_CHECK_TIMEOUT:-360}
+limit=${DEVICE_CHECK_TIMEOUT:-450}  # one device call of at most 8 minutes (run timeout_s=480)
 timeout "$limit" python3 benchmarks/device_check.py --out "$OUT" --budget-s $((limit - 20)) "$@"
 status=$?
 echo "device_check.py exit status: $status"

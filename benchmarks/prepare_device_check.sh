@@ -2,7 +2,7 @@
 # Prepare the device check on this (CPU) machine, from the repository root: the kernel library prebuilt with nvcc
 # into .device/kernels, the C++ plugin and its driver into .device/plugin, and the pure-Python wheels the GPU
 # machine lacks (diffusers, ...) into .whl. Both folders are git-ignored; carry both (64 MiB in all):
-#   run(command="bash benchmarks/device_check.sh", carry=[".device", ".whl"], timeout_s=420)
+#   run(command="bash benchmarks/device_check.sh", carry=[".device", ".whl"], timeout_s=480)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .device
@@ -11,6 +11,10 @@ echo "kernel library: $built"
 # Only this build travels: the builds of older sources stay in the folder otherwise (21 MB each).
 keep=$(basename "$(dirname "$built")")
 find .device/kernels -mindepth 1 -maxdepth 1 ! -name "$keep" -exec rm -rf {} +
+# The gathered-tile L2 microbenchmark (device_check.py's gather stage) into .device/gather: sm_90a (H100, H200).
+mkdir -p .device/gather
+nvcc -std=c++17 -O3 -shared -Xcompiler -fPIC -gencode=arch=compute_90a,code=sm_90a \
+  -gencode=arch=compute_90,code=compute_90 -o .device/gather/libgather_bench.so benchmarks/gather/gather_bench.cu
 # The C++ TensorRT plugin (stand-in TensorRT headers, cuDNN's attention) and its driver into .device/plugin.
 python benchmarks/plugin_check.py --prepare
 if [ -x ../shared/tools/device-wheels.sh ] || [ -f ../shared/tools/device-wheels.sh ]; then

@@ -28,17 +28,26 @@ def test_device_check_smoke_run_writes_strict_json_and_table(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     report = json.loads(text)
     stages = report["stages"]
-    assert list(stages) == ["environment", "lse", "correctness", "timing", "cuda_graph", "gpu_tests", "flux_step",
-                            "plugin", "ncu", "sanitizer"]
+    assert list(stages) == ["environment", "lse", "correctness", "timing", "cuda_graph", "gather", "gpu_tests",
+                            "flux_step", "plugin", "ncu", "sanitizer"]
     for name in ("environment", "correctness", "timing"):
         assert stages[name]["status"] == "ok", stages[name]
-    for name in ("gpu_tests", "lse", "cuda_graph", "ncu", "sanitizer", "flux_step"):
+    for name in ("gpu_tests", "lse", "cuda_graph", "gather", "ncu", "sanitizer", "flux_step"):
         assert stages[name]["status"] == "skipped" and stages[name]["reason"], stages[name]
     for dtype in ("bf16", "fp16"):
         assert stages["correctness"]["data"][dtype]["passed"] is True
     rows = stages["timing"]["data"]["rows"]
-    assert [r["coverage_asked"] for r in rows] == [0.10, 0.25, 0.50]
+    # Two entities at three unions, then four and eight entities (E_max 8: the issue's "no cliff" case).
+    assert [(r["coverage_asked"], r["entities"]) for r in rows] == [(0.10, 2), (0.25, 2), (0.50, 2), (0.25, 4),
+                                                                    (0.25, 8)]
     assert all(r["sdpa_default_ms"] > 0 and r["op_inside_window_ms"] > 0 and 0 < r["union"] < 1 for r in rows)
+    assert all(abs(r["union"] - 0.25) < 0.1 for r in rows[3:]), [r["union"] for r in rows]
+    timing = stages["timing"]["data"]
+    assert timing["e8_vs_e4_inside_25pct"] > 0
+    profiled = timing["kernels_inside"]
+    assert [(c["coverage_asked"], c["entities"]) for c in profiled] == [(0.25, 2), (0.25, 8)]
+    assert all(c["kernels"] and 0 < c["union"] < 1 for c in profiled)
+    assert timing["kernels_inside_25pct"] == profiled[0]["kernels"] and timing["kernels_outside"]
     table = (tmp_path / "device_check.md").read_text()
     assert "| correctness | ok |" in table and "inside/SDPA" in table
 
@@ -109,3 +118,37 @@ def test_after_a_cuda_fault_only_child_process_stages_run():
     record = device_check.run_stage(failing, ctx, broken=None)
     assert record["status"] == "failed" and record["error"].startswith("ZeroDivisionError")
     assert device_check.cuda_context_error(ctx) is None  # no CUDA context to lose on the CPU
+
+
+#: ncu's text output for two kernels (the layout of Nsight Compute 2025's "--section" pages), trimmed.
+NCU_TEXT = """==PROF== Connected to process 123
+  void deleaker::(anonymous namespace)::correction_kernel<__nv_bfloat16, 128>(DeLeakerParams, deleaker::Workspace, int) (16, 24, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    ----------------------- ----------- ------------
+    Metric Name             Metric Unit Metric Value
+    ----------------------- ----------- ------------
+    Duration                         us       275.01
+    L2 Cache Throughput               %        31.20
+    Compute (SM) Throughput           %        15.02
+    Section: Occupancy
+    Achieved Occupancy                %        11.05
+    lts__throughput.avg.pct_of_peak_sustained_elapsed  %  31.2
+    sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active  %  4.1
+  void deleaker::region_stats_kernel<__nv_bfloat16, 128>(DeLeakerParams, deleaker::Workspace) (256, 1, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Duration                         us       165.40
+    Registers Per Thread    register/thread          255
+"""
+
+
+def test_ncu_output_is_read_per_kernel():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import device_check
+
+    metrics = device_check.ncu_metrics(NCU_TEXT)
+    assert list(metrics) == ["correction_kernel", "region_stats_kernel"]
+    assert metrics["correction_kernel"]["Duration"] == "275.01 us"
+    assert metrics["correction_kernel"]["L2 Cache Throughput"] == "31.20 %"
+    assert metrics["correction_kernel"]["sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"] \
+        == "4.1 %"
+    assert metrics["region_stats_kernel"] == {"Duration": "165.40 us", "Registers Per Thread": "255 register/thread"}
+    assert device_check.ncu_base_name("void deleaker::cut_kernel<__half, 64>(DeLeakerParams)") == "cut_kernel"
