@@ -8,8 +8,11 @@ takes the CLI's defaults (seed 0, its steps and guidance, the runtime's size; on
 ``deleaker-trt`` provenance record of `run`'s images).
 
 Triton's dynamic batcher hands `TritonPythonModel.execute` several requests at once; each is checked as the CLI
-checks its options (same messages) before any generation, and a bad one gets its own error response while the
-others are served. The runtime is opened and warmed up (the export or engine load of the default resolution) in
+checks its options (same messages) before any generation, and a bad one gets its own error response (HTTP 400)
+while the others are served: those of one resolution and step count in one denoising loop
+(`DeLeakerRuntime.generate_batch`; each image equals the request's alone within one grey level).
+
+The runtime is opened and warmed up (the export or engine load of the default resolution) in
 ``initialize``, so the model reports ready only when a request no longer waits for it.
 
 Imported only inside Triton's python backend stub (``triton_python_backend_utils`` exists only there).
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,13 +35,6 @@ OPTIONAL_INPUTS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE": "guidance", "HE
 
 class RequestError(DeLeakerError, ValueError):
     """A request's tensors are not what the model config says (a missing or empty input, undecodable text)."""
-
-
-def _generation_errors() -> tuple[type, ...]:
-    """`DeLeakerError`s that are not about the request: the model failed on valid input (HTTP 500, not 400)."""
-    from .runtime import NonFiniteError
-
-    return (NonFiniteError,)
 
 
 def _text(value: Any, name: str) -> str:
@@ -98,35 +93,46 @@ class TritonPythonModel:
         # Warm-up: the first use of a resolution exports the model or loads an engine; do it before "ready".
         height, width = warmup if warmup else self._runtime.default_size
         self._runtime.prepare(ImageSettings(height=height, width=width).request(*_warmup_prompt(self._runtime)))
-        self.batches: list[int] = []
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = self._pb
-        self.batches.append(len(requests))
-        responses = []
-        for request in requests:  # one at a time: one runtime instance runs one generation at a time
+        responses: list[Any] = [None] * len(requests)
+        groups: dict[tuple[int, int, int], list[tuple[int, Any]]] = {}
+        for index, request in enumerate(requests):
             try:
                 arrays = {name: _input(pb, request, name) for name in ("PROMPT", "ENTITIES", *OPTIONAL_INPUTS)}
-                generation = request_from_arrays(arrays, self._settings)
-                responses.append(self._generate(generation))
-            except DeLeakerError as exc:  # bad input (the CLI's message), or a typed generation error
-                responses.append(_error(pb, str(exc), invalid=not isinstance(exc, _generation_errors())))
-            except Exception as exc:  # an unexpected failure: this request fails with its type, the model lives on
-                responses.append(_error(pb, f"{type(exc).__name__}: {exc}", invalid=False))
+                generation = self._runtime.resolve(request_from_arrays(arrays, self._settings))
+            except DeLeakerError as exc:  # bad input: the CLI's message, before any generation
+                responses[index] = _error(pb, str(exc), invalid=True)
+                continue
+            # One denoising loop takes requests of one resolution and step count (`generate_batch`).
+            groups.setdefault((generation.height, generation.width, generation.steps), []).append((index, generation))
+        for members in groups.values():
+            for index, response in self._generate(members):
+                responses[index] = response
         return responses
 
-    def _generate(self, request: Any) -> Any:
+    def _generate(self, members: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """Responses for requests that share one denoising loop; when the batch fails, each request is run alone,
+        so that the error is the failing request's and the others are served."""
         from .jobs import output_record
 
         pb = self._pb
-        tick = time.perf_counter()
-        result = self._runtime.generate(request)
-        pixels = np.asarray(result.image.convert("RGB"), dtype=np.uint8)
-        png = png_bytes(result.image, output_record(self._runtime, result.request))
-        return pb.InferenceResponse(output_tensors=[
-            pb.Tensor("IMAGE", pixels[None]),
-            pb.Tensor("PNG", np.array([[png]], dtype=np.object_)),
-        ])
+        try:
+            results = self._runtime.generate_batch([generation for _, generation in members])
+        except Exception as exc:  # the model lives on: the request fails with the error's type
+            if len(members) > 1:
+                return [response for member in members for response in self._generate([member])]
+            return [(members[0][0], _error(pb, f"{type(exc).__name__}: {exc}", invalid=False))]
+        responses = []
+        for (index, _), result in zip(members, results):
+            pixels = np.asarray(result.image.convert("RGB"), dtype=np.uint8)
+            png = png_bytes(result.image, output_record(self._runtime, result.request))
+            responses.append((index, pb.InferenceResponse(output_tensors=[
+                pb.Tensor("IMAGE", pixels[None]),
+                pb.Tensor("PNG", np.array([[png]], dtype=np.object_)),
+            ])))
+        return responses
 
     def finalize(self) -> None:
         self._runtime = None

@@ -122,7 +122,8 @@ def test_served_image_equals_the_runtimes(served, runtime, entities, settings):
 
 def test_dynamic_batching_is_observed(served, runtime):
     """Six requests at once: Triton's dynamic batcher hands the model several per `execute` (its statistics count
-    executions of batch size > 1), and every image is still the runtime's for its own request."""
+    executions of batch size > 1), which runs them in one denoising loop (`generate_batch`), and every image is
+    still the runtime's for its own request."""
     before = served.get_json("/v2/models/deleaker/stats")["model_stats"][0]
     seeds = [20, 21, 22, 23, 24, 25]
     replies: dict[int, dict] = {}
@@ -143,10 +144,10 @@ def test_dynamic_batching_is_observed(served, runtime):
     assert inferences == len(seeds)
     assert executions < inferences, after  # some execute() calls got several requests
     assert any(int(b["batch_size"]) > 1 for b in after["batch_stats"]), after["batch_stats"]
-    for seed in seeds:
+    for seed in seeds:  # a batch runs in one denoising loop: the request's image alone within one grey level
         pixels, _ = _image(replies[seed])
         expected = runtime.generate(GenerationRequest(PROMPT, ["cat", "cheetah"], seed=seed, steps=1))
-        assert np.array_equal(pixels, np.asarray(expected.image))
+        assert np.abs(pixels.astype(int) - np.asarray(expected.image).astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("entities, settings, message", [
