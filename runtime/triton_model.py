@@ -20,7 +20,6 @@ Imported only inside Triton's python backend stub (``triton_python_backend_utils
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -115,6 +114,7 @@ class TritonPythonModel:
     def _generate(self, members: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
         """Responses for requests that share one denoising loop; when the batch fails, each request is run alone,
         so that the error is the failing request's and the others are served."""
+        from .images import png_bytes
         from .jobs import output_record
 
         pb = self._pb
@@ -153,16 +153,3 @@ def _input(pb: Any, request: Any, name: str) -> Optional[np.ndarray]:
 def _warmup_prompt(runtime: Any) -> tuple[str, tuple[str, str]]:
     """A request that every model takes (a few T5 tokens, two entities) for the warm-up's `prepare`."""
     return "a cat and a dog", ("cat", "dog")
-
-
-def png_bytes(image: Any, record: dict[str, Any]) -> bytes:
-    """``image`` as PNG bytes with ``record`` in its ``deleaker-trt`` text chunk (as `run` writes its images)."""
-    from PIL import PngImagePlugin
-
-    from .images import RECORD_KEY
-
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt(RECORD_KEY, json.dumps(record, sort_keys=True, allow_nan=False))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
