@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from deleaker.runtime.defaults import BACKENDS, PRECISIONS
+from deleaker.export.limits import PRECISIONS
+from deleaker.runtime.defaults import BACKENDS
 
 from .errors import CHECKED_INT, reported_errors
 from .knobs import knob_option, knob_overrides
