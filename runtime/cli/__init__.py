@@ -247,30 +247,6 @@ def verify(
     click.echo("verify: PASS", err=True)
 
 
-@main.command()
-@_source_options
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the page listens on (0.0.0.0 exposes it to the network).")
-@click.option("--port", type=CHECKED_INT, default=7860, show_default=True, help="Port, 0 for any free one.")
-def demo(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, host, port) -> None:
-    """A Gradio page: plain FLUX and DeLeaker side by side, with the entity masks DeLeaker used (needs gradio:
-    pip install "deleaker-trt[demo]")."""
-    from ..demo import build_demo, check_bind, warm_up
-
-    with reported_errors("the demo"):
-        check_bind(host, port)
-        try:
-            import gradio  # noqa: F401
-        except ImportError:
-            raise DeLeakerCliError('the demo needs gradio: pip install "deleaker-trt[demo]"') from None
-        spec = _runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
-        runtime = spec.open()
-        warm_up(runtime)
-        page = build_demo(runtime)
-    click.echo(f"demo: {runtime.model_source} on {runtime.backend_name}; Ctrl-C stops it", err=True)
-    page.launch(server_name=host, server_port=port or None, inbrowser=False, show_error=True)
-
-
 # The engine and plugin build commands each have a module here; the group only mounts them.
 # Model code is imported inside the commands, so `deleaker-trt --help` stays fast (tests/test_cli_fast.py).
 from .build_command import build as _build_command  # noqa: E402  (after the group it joins)
@@ -284,6 +260,10 @@ main.add_command(_plugin_command)
 from .serve_command import serve as _serve_command  # noqa: E402
 
 main.add_command(_serve_command)
+
+from .demo_command import demo as _demo_command  # noqa: E402
+
+main.add_command(_demo_command)
 
 from .triton_command import triton_repo as _triton_repo_command  # noqa: E402
 
