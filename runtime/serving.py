@@ -8,9 +8,10 @@ HTTP API (see `deleaker.runtime.serving_api` for the body):
   400 ``{"error": <the CLI's message>}`` for a bad request; 500 ``{"error": "<type>: <message>"}`` when generation
   fails; 503 when the replicas' queues are full (Ray Serve's back-pressure: ``max_ongoing_requests`` per replica,
   ``max_queued_requests`` waiting, then refused instead of an ever-growing queue).
-- ``GET /healthz``: 200 ``{"status": "ready"}`` from a warm replica. A replica is warm when its constructor has
-  returned: the runtime is loaded and one step at the default size has run (the ONNX export or engine load is
-  done), and only then does Ray route requests to it; before any replica is warm Ray's proxy answers 503 itself.
+- ``GET /healthz``: 200 ``{"status": "ready"}`` once the replica is warm (runtime loaded, one step run at the
+  default size: the ONNX export or engine load is done), 503 ``{"status": "warming up"}`` before, 500 when the
+  warm-up failed (Ray's health check then replaces the replica). A replica loads on a thread, so it answers at
+  once; a ``/generate`` that reaches it before it is warm waits for the warm-up.
 
 Concurrent requests are batched with ``@serve.batch`` and run by `DeLeakerRuntime.generate_batch`, one batch per
 resolution and step count; a batch that fails is retried one request at a time, so one request's failure is its
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from deleaker.errors import ConfigError, DeLeakerError
 
+from .images import png_bytes
 from .jobs import RuntimeSpec, output_record
 from .request import GenerationRequest
 from .serving_settings import ServeSettings, needs_gpu
@@ -45,6 +48,9 @@ try:
 except ImportError as exc:  # pragma: no cover - the [serve] extra is optional
     raise ImportError(f"serving needs the [serve] extra: pip install 'deleaker-trt[serve]' ({exc})") from exc
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .runtime import DeLeakerRuntime
+
 logger = logging.getLogger(__name__)
 
 #: The warm-up request: one step at the runtime's default size (loads the backend, exports once if needed).
@@ -56,19 +62,38 @@ class DeLeakerServer:
     """One replica: a warm `DeLeakerRuntime` behind the HTTP API (see the module docstring)."""
 
     def __init__(self, spec: RuntimeSpec, max_batch_size: int, batch_wait_s: float) -> None:
-        self.runtime = spec.open()
-        height, width = self.runtime.default_size
-        warm = GenerationRequest(WARMUP_PROMPT, WARMUP_ENTITIES, steps=1, height=height, width=width)
-        self.warmup_seconds = self.runtime.generate(warm).timings["total"]
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_s)
-        logger.info("replica warm: %s, warm-up %.1f s", self.runtime.backend_name, self.warmup_seconds)
+        self.runtime: Optional[DeLeakerRuntime] = None
+        self.warmup_error: Optional[str] = None
+        self._warm = threading.Event()
+        # Loading and warming take seconds to minutes (an ONNX export): on a thread, so that the replica answers
+        # /healthz with 503 meanwhile instead of the proxy holding every request until the constructor returns.
+        threading.Thread(target=self._warm_up, args=(spec,), name="deleaker-warm-up", daemon=True).start()
+
+    def _warm_up(self, spec: RuntimeSpec) -> None:
+        try:
+            runtime = spec.open()
+            height, width = runtime.default_size
+            warm = GenerationRequest(WARMUP_PROMPT, WARMUP_ENTITIES, steps=1, height=height, width=width)
+            seconds = runtime.generate(warm).timings["total"]
+        except BaseException as exc:  # noqa: BLE001 - reported by /healthz and check_health (Ray replaces us)
+            self.warmup_error = generation_error_message(exc)
+            logger.error("warm-up failed: %s", self.warmup_error)
+            return
+        self.runtime = runtime
+        self._warm.set()
+        logger.info("replica warm: %s, warm-up step %.1f s", runtime.backend_name, seconds)
 
     async def __call__(self, http: Request) -> Response:
         path = http.url.path.rstrip("/") or "/"
         if path.endswith("/healthz"):
             if http.method not in ("GET", "HEAD"):
                 return _error(405, f"{path} answers GET")
+            if self.warmup_error is not None:
+                return _error(500, f"warm-up failed: {self.warmup_error}")
+            if not self._warm.is_set():
+                return Response(b'{"status": "warming up"}', status_code=503, media_type="application/json")
             return Response(b'{"status": "ready"}', status_code=200, media_type="application/json")
         if not path.endswith("/generate"):
             return _error(404, f"no endpoint {path}; use POST /generate or GET /healthz")
@@ -78,6 +103,12 @@ class DeLeakerServer:
             request = parse_generate_body(await http.body())
         except DeLeakerError as exc:
             return _error(400, str(exc))
+        # A request that reaches a replica still warming up waits for it (bounded by the proxy's request timeout;
+        # the queue bounds still answer 503 under overload).
+        while not self._warm.is_set():
+            if self.warmup_error is not None:
+                return _error(503, f"this replica failed to warm up: {self.warmup_error}")
+            await asyncio.sleep(0.1)
         outcome = await self._batched(request)
         if isinstance(outcome, _Refused):
             return _error(400, outcome.message)
@@ -85,8 +116,6 @@ class DeLeakerServer:
             return _error(500, generation_error_message(outcome))
         result, batch_size = outcome
         record = output_record(self.runtime, result.request)
-        from .images import png_bytes
-
         png = png_bytes(result.image, record)
         headers = {BATCH_HEADER: str(batch_size)}
         if wants_json(http.headers.get("accept", "")):
@@ -95,7 +124,9 @@ class DeLeakerServer:
         return Response(png, media_type="image/png", headers=headers)
 
     def check_health(self) -> None:
-        """Ray's periodic health check: the replica is up (its constructor, the warm-up, has returned)."""
+        """Ray's periodic health check: a replica whose warm-up failed is unhealthy (Ray replaces it)."""
+        if self.warmup_error is not None:
+            raise RuntimeError(f"warm-up failed: {self.warmup_error}")
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _batched(self, requests: list[GenerationRequest]) -> list[Any]:

@@ -44,6 +44,24 @@ PROMPTS = (
 )
 
 
+#: What /healthz answered while the main app warmed up, in order (one entry per change).
+WARMING: list[int] = []
+
+
+def _wait_ready(url: str, limit_s: float = 300) -> list[int]:
+    """Poll ``url`` until 200 (at most ``limit_s``); the statuses seen, one per change."""
+    seen: list[int] = []
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        status = _get(url)[0]
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == 200:
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready in {limit_s} s: {seen}")
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -66,10 +84,13 @@ def server(cache_dir):
                                  max_queued_requests=64, num_cpus=1)
         serve.run(app(model="tiny", text_len=TEXT_LEN, cache_dir=cache_dir, settings=settings), name="default",
                   route_prefix="/")
+        # serve.run returns once the replicas are up; they warm up (export, load, one step) on a thread.
+        WARMING[:] = _wait_ready(f"http://127.0.0.1:{port}/healthz")
         small = ServeSettings(replicas=1, max_batch_size=1, batch_wait_s=0.0, max_ongoing_requests=1,
                               max_queued_requests=1, num_cpus=1)
         serve.run(app(model="tiny", text_len=TEXT_LEN, cache_dir=cache_dir, settings=small), name="small",
                   route_prefix="/small")
+        _wait_ready(f"http://127.0.0.1:{port}/small/healthz")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -103,6 +124,8 @@ def _get(url: str, timeout: float = 10):
             return reply.status, reply.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+    except OSError as exc:  # the proxy not listening yet, or a timeout
+        return type(exc).__name__, b""
 
 
 def _body(index: int) -> dict:
@@ -114,7 +137,9 @@ def _request(body: dict) -> GenerationRequest:
     return GenerationRequest(body["prompt"], body["entities"], body.get("seed", 0), body["steps"], body["guidance"])
 
 
-def test_healthz_answers_ready(server):
+def test_healthz_is_503_while_warming_up_then_200(server):
+    # The replicas answered at once (no proxy timeout) and said 503 until their warm-up was done.
+    assert WARMING[-2:] == [503, 200], WARMING
     status, body = _get(f"{server}/healthz")
     assert status == 200 and json.loads(body) == {"status": "ready"}
 

@@ -9,9 +9,12 @@ one ``error:`` line and exit 1 after Ray is shut down. With ``RAY_ADDRESS`` set,
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 from typing import Any, Optional
 
 import click
@@ -47,6 +50,28 @@ def check_listen_address(host: Any, port: Any) -> None:
             probe.bind(address)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _wait_until_warm(host: str, port: int) -> None:
+    """Poll ``/healthz`` until a replica answers 200; raise `ConfigError` with its message when the warm-up failed
+    (a model that cannot load). Ctrl-C and SIGTERM interrupt the wait."""
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{probe}:{port}/healthz" if ":" not in probe else f"http://[{probe}]:{port}/healthz"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                if reply.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 500:
+                try:
+                    message = json.loads(exc.read()).get("error", "")
+                except ValueError:
+                    message = ""
+                raise ConfigError(f"the deployment cannot start: {message or 'its warm-up failed'}") from None
+        except OSError:  # not listening yet, or the proxy still routing: ask again
+            pass
+        time.sleep(1.0)
 
 
 def _autoscale(value: Optional[str]) -> Optional[tuple[Any, Any]]:
@@ -114,7 +139,9 @@ def serve(
             http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s},
         )
         ray_serve.run(app_for_spec(spec, settings), route_prefix="/", blocking=False)
-        click.echo(f"serving on http://{host}:{port} (POST /generate, GET /healthz); Ctrl-C stops", err=True)
+        click.echo(f"listening on http://{host}:{port} (POST /generate, GET /healthz); warming up ...", err=True)
+        _wait_until_warm(host, port)
+        click.echo(f"ready: serving on http://{host}:{port}; Ctrl-C stops", err=True)
         while True:
             time.sleep(3600)
     except (KeyboardInterrupt, _Stop):
