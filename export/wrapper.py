@@ -18,7 +18,12 @@ from torch import nn
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ShapeError
-from deleaker.processor import DeLeakerFluxAttnProcessor, DeLeakerState, install_deleaker_processors
+from deleaker.processor import (
+    DeLeakerFluxAttnProcessor,
+    DeLeakerState,
+    install_deleaker_processors,
+    place_deleaker_processors,
+)
 
 from .contract import FluxTransformerIO
 
@@ -78,6 +83,8 @@ class FluxDeLeakerWrapper(nn.Module):
             raise TypeError(f"config must be a DeLeakerConfig, got {type(config).__name__}")
         if not has_deleaker_processors(transformer):
             install_deleaker_processors(transformer)
+        # Processors diffusers rebuilt without arguments (load/unload_ip_adapter) need their block offsets back.
+        place_deleaker_processors(transformer)
         self.transformer = transformer
         self.io = io
         self.config = config

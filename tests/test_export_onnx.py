@@ -400,3 +400,19 @@ def test_unreadable_vae_config_is_a_config_error(tmp_path, text):
     (tmp_path / "vae" / "config.json").write_text(text)
     with pytest.raises(ConfigError, match="VAE config"):
         exporter._vae_scale_factor(tmp_path)
+
+
+def test_the_wrapper_places_processors_that_diffusers_rebuilt_without_arguments(tiny_components):
+    """``unload_ip_adapter`` leaves ``DeLeakerFluxAttnProcessor()`` (no block offset) on blocks: the export wrapper
+    gives each its place in execution order, as the pipeline does, instead of failing in the first attention."""
+    from deleaker.processor import DeLeakerFluxAttnProcessor
+
+    transformer = copy.deepcopy(tiny_components["transformer"])
+    transformer.set_attn_processor(DeLeakerFluxAttnProcessor())  # one shared, unplaced processor on every block
+    io = FluxTransformerIO.from_transformer(
+        transformer, height=64, width=64, text_len=TEXT_LEN, max_entities=4, vae_scale_factor=4, batch=(1, 1, 1)
+    )
+    make_wrapper(transformer, io, CONFIG)
+    processors = list(transformer.attn_processors.values())
+    assert [p.block_offset for p in processors] == list(range(NUM_BLOCKS))
+    assert {p.num_blocks for p in processors} == {NUM_BLOCKS}
