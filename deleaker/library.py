@@ -63,8 +63,9 @@ def reference_kernel(
     grid_w: int,
     *knobs,
 ) -> Tuple[Tensor, Tensor]:
-    """The op in PyTorch on any device (its default kernel; the CUDA kernel's fallback). Arguments as `attention`."""
-    return deleaker_attention_reference(
+    """The op in PyTorch on any device (its default kernel; the CUDA kernel's fallback). Arguments as `attention`;
+    the outputs are contiguous, as `_fake` says."""
+    out, new_history = deleaker_attention_reference(
         q,
         k,
         v,
@@ -74,6 +75,7 @@ def reference_kernel(
         history=history,
         config=config_from_knobs(*knobs),
     )
+    return out.contiguous(), new_history.contiguous()
 
 
 @torch.library.custom_op("deleaker::attention", mutates_args=())
@@ -129,9 +131,10 @@ def attention(
 
 @attention.register_fake
 def _fake(q, k, v, entity_mask, history, step, block_offset, num_blocks, grid_h, grid_w, *knobs):
-    # Shapes only (no data is read): the output is like q, the history (B, E_max, gh * gw) float32 on q's device.
+    # Shapes only (no data is read): the output is q's shape and dtype, the history (B, E_max, gh * gw) float32,
+    # both contiguous on q's device whatever q's strides (the compiler relies on the strides said here).
     batch = q.shape[0]
-    return torch.empty_like(q), q.new_empty((batch, entity_mask.shape[0], grid_h * grid_w), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((batch, entity_mask.shape[0], grid_h * grid_w), dtype=torch.float32)
 
 
 def config_kwargs(config: DeLeakerConfig) -> dict:

@@ -522,7 +522,7 @@ def cuda_kernel(
     mask = entity_mask.to(torch.bool)
     if not (is_available() and supports(q, mask)):
         return reference_kernel(q, k, v, mask, history, step, block_offset, num_blocks, grid_h, grid_w, *knobs)
-    return deleaker_attention_cuda(
+    out, new_history = deleaker_attention_cuda(
         q,
         k,
         v,
@@ -532,3 +532,6 @@ def cuda_kernel(
         history=history,
         config=config_from_knobs(*knobs),
     )
+    # The op's outputs are contiguous (its fake implementation says so to the compiler); the fused attention may
+    # give q's layout.
+    return out.contiguous(), new_history

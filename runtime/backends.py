@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol, runtime_checkable
 
@@ -122,11 +123,29 @@ class TorchBackend:
     On CUDA the op dispatches to the fused kernels when they are built (``deleaker.plugins.torch_op``, imported
     here so that it registers them onto the op), else to the PyTorch reference. An all-zero entity mask runs
     diffusers' stock attention: exactly plain FLUX.
+
+    ``compile=True`` runs the transformer step through ``torch.compile`` (inductor, ``fullgraph``: the DeLeaker op
+    is traced through its fake implementation, no graph break) with static shapes, so each resolution, batch size
+    and DeLeaker on/off is compiled once, on its first call; on CUDA inductor also captures the whole step as a
+    CUDA graph per shape (``mode="reduce-overhead"``) that later calls replay, the DeLeaker step and history
+    being device tensors read by the graph (no host synchronisation). The seconds of each first call (compile and
+    warm-up included) accumulate in `first_call_seconds`.
+
+    The entity mask and image ids of a call are read on the host once per tensor given (the runtime passes the
+    same ones every step), not on every step.
     """
 
     name = "torch"
 
-    def __init__(self, transformer: torch.nn.Module, config: DeLeakerConfig | None = None) -> None:
+    #: Shapes (resolution x batch x DeLeaker on/off) one compiled backend keeps compiled; dynamo's default of 8
+    #: would make a server that sees many sizes fall back to eager silently.
+    RECOMPILE_LIMIT = 64
+
+    def __init__(
+        self, transformer: torch.nn.Module, config: DeLeakerConfig | None = None, *, compile: bool = False
+    ) -> None:
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile must be True or False, got {compile!r:.40}")
         self.transformer = transformer.eval()
         self.num_blocks = install_deleaker_processors(self.transformer)
         self.config = DeLeakerConfig.resolve(config, self.num_blocks)
@@ -135,37 +154,108 @@ class TorchBackend:
         self.dtype = param.dtype
         if self.device.type == "cuda":
             importlib.import_module("deleaker.plugins.torch_op")  # registers the op's CUDA kernel
+        self.compiled = compile
+        #: CUDA graphs per shape (compiled on a CUDA device only).
+        self.cuda_graphs = compile and self.device.type == "cuda"
+        self.first_call_seconds = 0.0
+        self._shapes_seen: set[tuple] = set()
+        self._geometry: Optional[tuple[Tensor, Tensor, tuple[int, int], bool]] = None
+        self._step = self._transformer_step
+        if compile:
+            limit = getattr(torch._dynamo.config, "recompile_limit", None)
+            if limit is not None and limit < self.RECOMPILE_LIMIT:
+                torch._dynamo.config.recompile_limit = self.RECOMPILE_LIMIT
+            self._step = torch.compile(
+                self._transformer_step,
+                fullgraph=True,
+                dynamic=False,
+                mode="reduce-overhead" if self.cuda_graphs else None,
+            )
+
+    @property
+    def execution(self) -> dict[str, Any]:
+        """How the transformer runs, for an image's provenance: ``{"compile": bool, "cuda_graphs": bool}``."""
+        return {"compile": self.compiled, "cuda_graphs": self.cuda_graphs}
+
+    def _transformer_step(
+        self,
+        hidden: Tensor,
+        encoder_hidden: Tensor,
+        pooled: Tensor,
+        timestep: Tensor,
+        img_ids: Tensor,
+        txt_ids: Tensor,
+        guidance: Optional[Tensor],
+        entity_mask: Tensor,
+        history: Tensor,
+        step: Tensor,
+        grid: tuple[int, int],
+        deleaker_on: bool,
+    ) -> tuple[Tensor, Tensor]:
+        state = None
+        if deleaker_on:
+            # The processors replace state.history block by block; the step is read, never written.
+            state = DeLeakerState(
+                entity_mask=entity_mask, grid=grid, config=self.config, step=step, history=history
+            )
+        noise_pred = self.transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=encoder_hidden,
+            pooled_projections=pooled,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            joint_attention_kwargs=None if state is None else {"deleaker_state": state},
+            return_dict=False,
+        )[0]
+        return noise_pred, (history if state is None else state.history)
+
+    def _read_geometry(self, img_ids: Tensor, entity_mask: Tensor) -> tuple[tuple[int, int], bool]:
+        """The latent grid and whether any entity is marked, read on the host once per pair of tensors given."""
+        last = self._geometry
+        if last is not None and last[0] is img_ids and last[1] is entity_mask:
+            return last[2], last[3]
+        gh_gw = img_ids[:, 1:].max(dim=0).values.to(torch.int64) + 1
+        grid = (int(gh_gw[0]), int(gh_gw[1]))
+        on = bool(entity_mask.any())
+        # The tensors are kept (small): their identity is the cache key, and a kept tensor's id cannot be reused.
+        self._geometry = (img_ids, entity_mask, grid, on)
+        return grid, on
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         hidden = inputs["hidden_states"]
-        entity_mask = inputs["entity_mask"].to(torch.bool)
+        grid, on = self._read_geometry(inputs["img_ids"], inputs["entity_mask"])
         history = inputs["history"]
-        state = None
-        if bool(entity_mask.any()):
-            gh_gw = inputs["img_ids"][:, 1:].max(dim=0).values.to(torch.int64) + 1
-            state = DeLeakerState(
-                entity_mask=entity_mask,
-                grid=(int(gh_gw[0]), int(gh_gw[1])),
-                config=self.config,
-                # The processors read the step in place; a copy keeps the caller's tensor untouched.
-                step=inputs["step"].to(torch.int64).reshape(()).clone(),
-                history=history.to(torch.float32).clone(),
-            )
         guidance = inputs.get("guidance") if self.transformer.config.guidance_embeds else None
+        args = (
+            hidden.to(self.dtype),
+            inputs["encoder_hidden_states"].to(self.dtype),
+            inputs["pooled_projections"].to(self.dtype),
+            inputs["timestep"].to(self.dtype),
+            inputs["img_ids"],
+            inputs["txt_ids"],
+            guidance,
+            inputs["entity_mask"].to(torch.bool),
+            # Copies: the caller's tensors stay untouched whatever the step does with its inputs.
+            history.to(torch.float32).clone(),
+            inputs["step"].to(torch.int64).reshape(()).clone(),
+        )
+        key = (on, grid, tuple(hidden.shape), tuple(args[1].shape))
+        first = self.compiled and key not in self._shapes_seen
+        tick = time.perf_counter()
         with allocation_errors_as(BackendError, f"the torch backend on {self.device}"):
-            noise_pred = self.transformer(
-                hidden_states=hidden.to(self.dtype),
-                encoder_hidden_states=inputs["encoder_hidden_states"].to(self.dtype),
-                pooled_projections=inputs["pooled_projections"].to(self.dtype),
-                timestep=inputs["timestep"].to(self.dtype),
-                img_ids=inputs["img_ids"],
-                txt_ids=inputs["txt_ids"],
-                guidance=guidance,
-                joint_attention_kwargs=None if state is None else {"deleaker_state": state},
-                return_dict=False,
-            )[0]
-        return noise_pred, (history if state is None else state.history)
+            noise_pred, new_history = self._step(*args, grid=grid, deleaker_on=on)
+        if self.compiled:
+            # A CUDA graph's outputs live in its memory pool and are overwritten by its next replay.
+            noise_pred, new_history = noise_pred.clone(), new_history.clone()
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # once per shape: the first call's time includes its compile
+            self.first_call_seconds += time.perf_counter() - tick
+            self._shapes_seen.add(key)
+        return noise_pred, (history if not on else new_history)
 
 
 class OnnxRuntimeBackend:

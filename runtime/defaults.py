@@ -13,3 +13,5 @@ DEFAULT_MODEL_BACKEND = "onnxruntime"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_TEXT_LEN = 256
+#: FP8 scales of the torch backend's linears (``--fp8``; `deleaker.fp8_linear.GRANULARITIES`, which needs torch).
+FP8_SCALES = ("row", "tensor")

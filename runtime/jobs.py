@@ -22,7 +22,7 @@ from deleaker.jsonio import StrictJSONError, loads_strict
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import check_max_entities, check_text_len
 from deleaker.models import check_model_source
-from .defaults import BACKENDS, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN
+from .defaults import BACKENDS, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN, FP8_SCALES
 from .images import (
     OutputError,
     carries_record,
@@ -68,6 +68,10 @@ class RuntimeSpec:
     deleaker_overrides: tuple[tuple[str, Any], ...] = ()
     #: Engines only: which precision to load when a directory holds several per resolution.
     precision: Optional[str] = None
+    #: The torch backend only: run the transformer through ``torch.compile`` (`TorchBackend`).
+    compile: bool = False
+    #: The torch backend only: FP8 linears with ``"row"`` or ``"tensor"`` scales (``deleaker.fp8_linear``).
+    fp8: Optional[str] = None
 
     def __post_init__(self) -> None:
         if (self.engines is None) == (self.model is None):
@@ -88,6 +92,22 @@ class RuntimeSpec:
             raise ConfigError(f"unknown backend {self.backend!r}; allowed: {BACKENDS}")
         if self.model is not None and self.precision is not None:
             raise ConfigError("--precision selects engines (--engines DIR); a --model runs in its own dtype")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False, got {self.compile!r:.40}")
+        if self.compile and (self.engines is not None or self.backend != "torch"):
+            used = "an engine directory" if self.engines is not None else f"the {self.backend or 'onnxruntime'} backend"
+            raise ConfigError(
+                f"--compile applies to the torch backend of a model (--model ... --backend torch), not to {used}"
+            )
+        if self.fp8 is not None:
+            if self.fp8 not in FP8_SCALES:
+                raise ConfigError(f"fp8 scales must be one of {FP8_SCALES}, got {self.fp8!r:.40}")
+            if self.engines is not None or self.backend != "torch":
+                used = "an engine directory" if self.engines is not None else f"the {self.backend or 'onnxruntime'} backend"
+                raise ConfigError(
+                    f"--fp8 applies to the torch backend of a model (--model ... --backend torch), not to {used} "
+                    "(FP8 engines: build --precision fp8)"
+                )
         if self.model is not None and self.backend == "tensorrt":
             raise ConfigError("the tensorrt backend runs built engines: pass --engines DIR (see `deleaker-trt build`)")
         if self.text_len is not None:
@@ -138,6 +158,8 @@ class RuntimeSpec:
             cache_dir=self.cache_dir,
             device=self.device,
             deleaker_config=dict(self.deleaker_overrides) or None,
+            compile=self.compile,
+            fp8=self.fp8,
         )
 
 
@@ -376,8 +398,9 @@ def batch_job(
 
 def output_record(rt: "DeLeakerRuntime", request: GenerationRequest) -> dict[str, Any]:
     """What produced an image (stored in its PNG; a resumed batch compares it): the resolved request and the
-    runtime's identity (model, backend, T, E_max, every DeLeaker knob). JSON-able and finite."""
-    return {
+    runtime's identity (model, backend, T, E_max, every DeLeaker knob, compiled execution). JSON-able and
+    finite."""
+    record = {
         "prompt": request.prompt,
         "entities": list(request.entities),
         "seed": request.seed,
@@ -391,6 +414,12 @@ def output_record(rt: "DeLeakerRuntime", request: GenerationRequest) -> dict[str
         "max_entities": rt.max_entities,
         "deleaker_config": dict(rt.deleaker_config),
     }
+    if getattr(rt, "compiled", False):
+        # Only when compiled: records of eager images stay as they were, so resumed batches still match them.
+        record["compiled"] = {"compiler": "inductor", "cuda_graphs": rt.device.type == "cuda"}
+    if getattr(rt, "fp8", None) is not None:
+        record["fp8"] = rt.fp8
+    return record
 
 
 def _labelled(item: JobItem, exc: DeLeakerError) -> DeLeakerError:
@@ -637,6 +666,13 @@ def _generate_compared(rt: "DeLeakerRuntime", request: GenerationRequest, progre
     return _ComparedRun(result.latents, result.image, None)
 
 
+def execution_label(rt: "DeLeakerRuntime") -> str:
+    """The backend's name, and how it runs where that differs from the eager reference (``torch compiled``,
+    ``torch fp8-row``)."""
+    label = f"{rt.backend_name} compiled" if getattr(rt, "compiled", False) else rt.backend_name
+    return label if getattr(rt, "fp8", None) is None else f"{label} fp8-{rt.fp8}"
+
+
 def verify(
     job: VerifyJob,
     *,
@@ -649,12 +685,18 @@ def verify(
 
     Without an explicit ``reference``, the reference is PyTorch on the candidate's model, device and knobs: a
     candidate that is itself the torch backend would be compared with the same computation (a PASS that verifies
-    nothing), so it is refused with `ConfigError` before anything loads."""
+    nothing), so it is refused with `ConfigError` before anything loads -- unless it runs differently from the
+    eager reference: compiled (``--compile``) or with FP8 linears (``--fp8``)."""
     backend = candidate.backend_name if candidate is not None else job.candidate.backend
-    if reference is None and backend == "torch":
+    if candidate is not None:
+        differs = bool(getattr(candidate, "compiled", False) or getattr(candidate, "fp8", None))
+    else:
+        differs = bool(job.candidate.compile or job.candidate.fp8)
+    if reference is None and backend == "torch" and not differs:
         raise ConfigError(
             "verify compares a backend with PyTorch; --backend torch would compare PyTorch with itself. Choose "
-            "--backend onnxruntime, or --engines DIR"
+            "--backend onnxruntime, --engines DIR, or --backend torch with --compile or --fp8 (compared with eager "
+            "unquantized PyTorch)"
         )
     import numpy as np
     import torch
@@ -663,7 +705,8 @@ def verify(
     request = cand.resolve(job.request)
     ref = reference if reference is not None else reference_spec(cand, job.candidate).open()
     ref.resolve(request)
-    got = _generate_compared(cand, request, progress_factory, f"the candidate ({cand.backend_name})")
+    label = execution_label(cand)
+    got = _generate_compared(cand, request, progress_factory, f"the candidate ({label})")
     want = _generate_compared(ref, request, progress_factory, "the PyTorch reference")
     errors = [
         float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
@@ -672,9 +715,9 @@ def verify(
     failure = got.failure or want.failure
     if failure is not None:  # the steps from the first non-finite one have no error to give
         errors += [math.nan] * (request.steps - len(errors))
-        return VerifyReport(cand.backend_name, errors, math.nan, job.max_rel_err, job.min_psnr,
+        return VerifyReport(label, errors, math.nan, job.max_rel_err, job.min_psnr,
                             non_finite_result=failure)
     uniform = all(np.ptp(np.asarray(image.convert("RGB"))) == 0 for image in (got.image, want.image))
     return VerifyReport(
-        cand.backend_name, errors, psnr(got.image, want.image), job.max_rel_err, job.min_psnr, uniform_images=uniform
+        label, errors, psnr(got.image, want.image), job.max_rel_err, job.min_psnr, uniform_images=uniform
     )

@@ -27,6 +27,7 @@ from deleaker.geometry import latent_grid, vae_scale_factor
 from deleaker.guidance import check_guidance
 from deleaker.export_lock import torch_work
 from deleaker.errors import ConfigError, NonFiniteError, ShapeError
+from deleaker.fp8_linear import check_granularity, quantize_transformer_fp8
 
 from .backends import TorchBackend, TransformerBackend, resolve_device
 from deleaker.entities import DEFAULT_MAX_ENTITIES
@@ -92,6 +93,8 @@ class DeLeakerRuntime:
         load_seconds: float = 0.0,
         model_source: Optional[str] = None,
         deleaker_config: Optional[Mapping[str, Any]] = None,
+        compiled: bool = False,
+        fp8: Optional[str] = None,
     ) -> None:
         self.text = text
         self.vae = vae.eval()
@@ -109,6 +112,10 @@ class DeLeakerRuntime:
         self.model_source = model_source
         #: The DeLeaker knobs the backend runs with (every field of `DeLeakerConfig`, scaled to the model).
         self.deleaker_config = dict(deleaker_config or {})
+        #: The transformer runs through ``torch.compile`` (torch backend, ``compile=True``).
+        self.compiled = compiled
+        #: FP8 scales of the transformer's linears (``"row"``, ``"tensor"``), None when they keep ``dtype``.
+        self.fp8 = fp8
         self._lock = threading.Lock()
 
     # --- construction -----------------------------------------------------------------------------------------
@@ -126,6 +133,8 @@ class DeLeakerRuntime:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         ort_providers: Optional[list[str]] = None,
+        compile: bool = False,
+        fp8: Optional[str] = None,
     ) -> "DeLeakerRuntime":
         """A runtime for a diffusers FLUX folder (``model`` = path) or the built-in tiny model (``"tiny"``).
 
@@ -134,11 +143,17 @@ class DeLeakerRuntime:
         checked against its manifest on reuse; ``"torch"`` runs the diffusers transformer with DeLeaker
         processors (CUDA kernels on GPU when built). ``device`` defaults to CUDA when available (torch backend
         only; ONNX export and text encoders stay on the CPU for the onnxruntime backend), ``dtype`` to bfloat16
-        on CUDA and float32 on the CPU.
+        on CUDA and float32 on the CPU. ``compile=True`` (torch backend only) runs the transformer through
+        ``torch.compile`` (inductor; CUDA graphs per shape on CUDA; see `TorchBackend`), compiled on the first
+        image of each resolution, batch size and DeLeaker on/off. ``fp8`` (torch backend only): ``"row"`` or
+        ``"tensor"`` runs the transformer blocks' linear layers in FP8 E4M3 with row-wise or per-tensor scales
+        (`deleaker.fp8_linear`); embedders, norms, the output projection and DeLeaker's attention keep ``dtype``.
         """
         if not isinstance(model, (str, Path)):
             raise ConfigError(f"model must be 'tiny' or a diffusers folder (str or Path), got {type(model).__name__}")
-        check_model_options(backend, text_len=text_len, max_entities=max_entities, dtype=dtype)
+        check_model_options(
+            backend, text_len=text_len, max_entities=max_entities, dtype=dtype, compile=compile, fp8=fp8
+        )
         start = time.perf_counter()
         model_device(backend, device)  # a device this backend cannot use is refused before the model loads
         components, model_id = load_components(model)
@@ -155,6 +170,8 @@ class DeLeakerRuntime:
             ort_providers=ort_providers,
             default_size=(64, 64) if model_id == "tiny" else (512, 512),
             started_at=start,
+            compile=compile,
+            fp8=fp8,
         )
 
     @classmethod
@@ -173,6 +190,8 @@ class DeLeakerRuntime:
         ort_providers: Optional[list[str]] = None,
         default_size: tuple[int, int] = (512, 512),
         started_at: Optional[float] = None,
+        compile: bool = False,
+        fp8: Optional[str] = None,
     ) -> "DeLeakerRuntime":
         """A runtime around ``FluxPipeline`` components already in memory (``pipe.components``).
 
@@ -181,7 +200,9 @@ class DeLeakerRuntime:
         Other arguments as `from_model`.
         """
         start = time.perf_counter() if started_at is None else started_at
-        check_model_options(backend, text_len=text_len, max_entities=max_entities, dtype=dtype)
+        check_model_options(
+            backend, text_len=text_len, max_entities=max_entities, dtype=dtype, compile=compile, fp8=fp8
+        )
         device = model_device(backend, device)
         components = dict(components)
         transformer = components["transformer"]
@@ -197,9 +218,11 @@ class DeLeakerRuntime:
         scale = vae_scale_factor(components["vae"].config)
         patch = 2 * scale
         memory = AttentionMemory.of(transformer.config, text_len=text_len, max_entities=max_entities, patch=patch)
+        if fp8 is not None:
+            quantize_transformer_fp8(transformer, fp8)  # after the cast: FP8 weights from the model's dtype
         if backend == "torch":
             source: TransformerSource = AnyResolution(
-                TorchBackend(transformer, config), patch, memory=memory if device.type == "cpu" else None
+                TorchBackend(transformer, config, compile=compile), patch, memory=memory if device.type == "cpu" else None
             )
         else:
             from .onnx_cache import model_backend  # onnx/onnxscript are optional: import on use
@@ -238,6 +261,8 @@ class DeLeakerRuntime:
             load_seconds=time.perf_counter() - start,
             model_source=model_id,
             deleaker_config=dataclasses.asdict(config),
+            compiled=compile,
+            fp8=fp8,
         )
 
     @classmethod
@@ -412,6 +437,10 @@ class DeLeakerRuntime:
         num_blocks = num_joint_blocks(self.transformer_config)
         masks_at = None if config is None else mask_step(config, num_blocks, requests[0].steps)
         masks_history: Optional[Tensor] = None
+        first_calls_before = getattr(backend, "first_call_seconds", 0.0)
+        # On a GPU the finiteness of each step is kept on the device and read once after the loop (unless the
+        # latents are recorded, which reads them anyway): no host synchronisation per step.
+        deferred_finite: Optional[list[Tensor]] = [] if device.type == "cuda" and not record_latents else None
         for i in range(schedule.num_steps):
             noise_pred = torch.empty_like(latents)
             step = torch.tensor(i, dtype=torch.int64, device=device)
@@ -434,24 +463,28 @@ class DeLeakerRuntime:
             if i == masks_at:
                 masks_history = history.detach().clone()  # a backend may reuse its output buffer
             latents = euler_step(latents, noise_pred, schedule, i)
-            # One reduction and a host sync per step: cheap next to a transformer call, and a NaN caught here
-            # names its step instead of surfacing as a black image.
+            # One reduction per step (read at once on the CPU, after the loop on a GPU): a NaN caught here names
+            # its step instead of surfacing as a black image.
             finite = torch.isfinite(latents).flatten(1).all(dim=1)
-            if not bool(finite.all()):
-                which = "" if len(requests) == 1 else f" (batch rows {torch.nonzero(~finite).flatten().tolist()})"
-                raise NonFiniteError(
-                    f"the latents hold NaN or inf after step {i + 1} of {schedule.num_steps} ({self.backend_name}, "
-                    f"{height}x{width}, guidance {requests[0].guidance}){which}: the model overflowed; no image "
-                    "was made",
-                    latents=recorded if record_latents else None,
-                )
+            if deferred_finite is not None:
+                deferred_finite.append(finite)
+            elif not bool(finite.all()):
+                self._raise_non_finite(i, schedule.num_steps, finite, requests, recorded if record_latents else None)
             if record_latents:
                 recorded.append(latents.detach().to("cpu", torch.float32).clone())
             if progress is not None:
                 progress(i + 1, schedule.num_steps)
+        if deferred_finite:
+            finite_per_step = torch.stack(deferred_finite).cpu()  # the one synchronisation of the loop
+            for i, finite in enumerate(finite_per_step):
+                if not bool(finite.all()):
+                    self._raise_non_finite(i, schedule.num_steps, finite, requests, None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings["denoise"] = time.perf_counter() - tick
+        if getattr(backend, "compiled", False):
+            # First calls at a new shape (resolution, batch, DeLeaker on/off) compile: part of ``denoise``.
+            timings["compile"] = backend.first_call_seconds - first_calls_before
 
         # 4. VAE decode, one image at a time (as alone).
         tick = time.perf_counter()
@@ -473,6 +506,16 @@ class DeLeakerRuntime:
                 entity_masks=found,
             ))
         return results
+
+    def _raise_non_finite(self, i, num_steps, finite, requests, latents) -> None:
+        height, width = requests[0].height, requests[0].width
+        which = "" if len(requests) == 1 else f" (batch rows {torch.nonzero(~finite).flatten().tolist()})"
+        raise NonFiniteError(
+            f"the latents hold NaN or inf after step {i + 1} of {num_steps} ({self.backend_name}, "
+            f"{height}x{width}, guidance {requests[0].guidance}){which}: the model overflowed; no image "
+            "was made",
+            latents=latents,
+        )
 
     @torch.no_grad()
     def decode(self, latents: Tensor, grid: tuple[int, int]) -> Image.Image:
@@ -515,13 +558,29 @@ def model_device(backend: str, device: str | torch.device | None) -> torch.devic
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_model_options(backend: Any, *, text_len: Any, max_entities: Any, dtype: Any) -> None:
+def check_model_options(
+    backend: Any, *, text_len: Any, max_entities: Any, dtype: Any, compile: Any = False, fp8: Any = None
+) -> None:
     """Raise `ConfigError` for options of `DeLeakerRuntime.from_model` out of range (before any work)."""
     if backend not in MODEL_BACKENDS:
         raise ConfigError(
             f"backend {backend!r:.40} cannot load a model; allowed: {MODEL_BACKENDS} "
             "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
         )
+    if not isinstance(compile, bool):
+        raise ConfigError(f"compile must be True or False, got {compile!r:.40}")
+    if compile and backend != "torch":
+        raise ConfigError(
+            f"compile applies to the torch backend only (torch.compile of the transformer), not {backend}; "
+            "use backend='torch' (--backend torch)"
+        )
+    if fp8 is not None:
+        check_granularity(fp8)
+        if backend != "torch":
+            raise ConfigError(
+                f"fp8 applies to the torch backend only (FP8 linears in PyTorch), not {backend}; use backend='torch' "
+                "(--backend torch), or FP8 engines (build --precision fp8)"
+            )
     check_text_len(text_len)
     check_max_entities(max_entities)
     if dtype is not None and dtype not in MODEL_DTYPES:

@@ -629,3 +629,32 @@ def test_verify_refuses_to_compare_torch_with_itself(tiny_components):
     result = invoke("verify", "--model", "tiny", "--backend", "torch", "--prompt", PROMPT, "--entities", "cat,cheetah")
     assert result.exit_code == 1 and "PASS" not in result.output
     assert result.stderr.startswith("error: verify compares a backend with PyTorch"), result.stderr
+
+
+def test_compile_with_another_backend_fails_before_any_work(tiny, tmp_path):
+    out = tmp_path / "x.png"
+    result = invoke("run", *tiny, "--compile", "--prompt", PROMPT, "--entities", "cat,cheetah", "--out", out)
+    assert result.exit_code == 1, result.output
+    assert "error: --compile applies to the torch backend of a model" in result.stderr
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_run_and_verify_compiled_torch_backend(tiny, tmp_path):
+    """``--backend torch --compile``: the image records that it was compiled, the first call's compile time is in
+    the JSON timings, and verify compares the compiled backend with eager PyTorch (and passes)."""
+    out = tmp_path / "img.png"
+    torch_tiny = [*tiny, "--backend", "torch", "--device", "cpu", "--compile"]
+    result = invoke("run", *torch_tiny, "--prompt", PROMPT, "--entities", "cat,cheetah", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    image = json.loads(result.stdout)["images"][0]
+    assert image["timings"]["compile"] > 0
+    from deleaker.runtime.images import read_png_record
+
+    _, record = read_png_record(out)
+    assert record["backend"] == "torch" and record["compiled"] == {"compiler": "inductor", "cuda_graphs": False}
+
+    result = invoke("verify", *torch_tiny, "--prompt", PROMPT, "--entities", "cat,cheetah", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["backend"] == "torch compiled" and report["passed"]
+    assert len(report["step_rel_err"]) == 2 and max(report["step_rel_err"]) < 1e-5

@@ -24,7 +24,15 @@ from .errors import (  # noqa: F401  (the exit codes, named where the commands a
     DeLeakerCliError,
     reported_errors,
 )
-from .options import echo_json, entity_list, progress_factory, request_options, runtime_spec, source_options
+from .options import (
+    echo_json,
+    entity_list,
+    progress_factory,
+    request_options,
+    runtime_spec,
+    source_options,
+    torch_execution_options,
+)
 
 
 class _NoticeHandler(logging.Handler):
@@ -115,6 +123,7 @@ def _quiet_libraries() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@torch_execution_options
 def run(
     engines,
     model,
@@ -140,13 +149,17 @@ def run(
     save_masks,
     as_json,
     no_progress,
+    compile_model,
+    fp8,
 ) -> None:
     """Generate images with DeLeaker (one --prompt, or a --prompts batch)."""
     from deleaker.runtime import jobs
     from deleaker.runtime.request import ImageSettings
 
     with reported_errors("the image in progress"):
-        spec = runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
+        spec = runtime_spec(
+            engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8
+        )
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompts_file is not None:
             if prompt is not None or entities is not None:
@@ -201,6 +214,7 @@ def run(
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@torch_execution_options
 def verify(
     engines,
     model,
@@ -222,13 +236,17 @@ def verify(
     min_psnr,
     as_json,
     no_progress,
+    compile_model,
+    fp8,
 ) -> None:
     """Run one prompt on a backend and on PyTorch; fail beyond tolerance (latent rel. error per step, PSNR)."""
     from deleaker.runtime import jobs
     from deleaker.runtime.request import ImageSettings
 
     with reported_errors("the image in progress"):
-        spec = runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
+        spec = runtime_spec(
+            engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8
+        )
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompt is None or entities is None:
             raise click.UsageError("give --prompt and --entities")

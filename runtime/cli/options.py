@@ -13,7 +13,7 @@ import click
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import MAX_TEXT_LEN, PRECISIONS
 from deleaker.plugins.kernels import MAX_ENTITIES
-from deleaker.runtime.defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_LEN
+from deleaker.runtime.defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_LEN, FP8_SCALES
 
 from .errors import CHECKED_FLOAT, CHECKED_INT
 from .knobs import knob_option, knob_overrides
@@ -134,7 +134,29 @@ def request_options(func):
     return func
 
 
-def runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides):
+def torch_execution_options(func):
+    """How the torch backend runs the transformer: ``--compile`` and ``--fp8`` (other backends refuse them)."""
+    func = click.option(
+        "--fp8",
+        type=click.Choice(FP8_SCALES),
+        default=None,
+        help="--backend torch only: the transformer blocks' linear layers in FP8 E4M3 with row-wise or per-tensor "
+        "scales (embedders, norms, output projection and DeLeaker's attention keep the model's dtype).",
+    )(func)
+    return click.option(
+        "--compile",
+        "compile_model",
+        is_flag=True,
+        help="--backend torch only: run the transformer through torch.compile (inductor; CUDA graphs per resolution "
+        "and batch on a GPU). Each new resolution compiles on its first image (its seconds are the 'compile' "
+        "timing).",
+    )(func)
+
+
+def runtime_spec(
+    engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model=False,
+    fp8=None,
+):
     from deleaker.runtime import jobs
 
     if (engines is None) == (model is None):
@@ -149,4 +171,6 @@ def runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, dev
         device=device,
         deleaker_overrides=knob_overrides(overrides),
         precision=precision,
+        compile=compile_model,
+        fp8=fp8,
     )
