@@ -46,6 +46,7 @@ from deleaker.geometry import vae_scale_factor
 from deleaker.errors import ConfigError, DeLeakerError
 
 from deleaker.filelock import exclusive_lock
+from deleaker.folders import make_output_folder
 from deleaker.staging import make_staging_dir, staged_name
 from deleaker.export.limits import PRECISIONS  # noqa: F401 (API)
 from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
@@ -482,10 +483,7 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
         from deleaker.models import transformer_sha256  # the hash the runtime's ONNX cache uses too
 
         model_hash = transformer_sha256(transformer)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create the output folder {out_dir}: {err}") from err
+    make_output_folder(out_dir, "the output folder (--out)")
 
     # One build at a time per folder: a second one waits, then reuses what the first wrote. Holding the lock
     # also means every staging file or folder of ours in it is stale (a build that was killed): removed here.

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError
+from deleaker.folders import check_output_folder
 from deleaker.export.limits import PRECISIONS, check_max_entities, check_side, check_text_len
 from deleaker.models import check_model_source
 
@@ -72,6 +73,7 @@ class BuildRequest:
         check_text_len(self.text_len)
         check_max_entities(self.max_entities)
         check_batch(self.batch)
+        check_output_folder(self.out_dir, "the output folder (--out)")
         if isinstance(self.deleaker_config, Mapping):
             DeLeakerConfig.check_overrides(self.deleaker_config)
         elif self.deleaker_config is not None and not isinstance(self.deleaker_config, DeLeakerConfig):

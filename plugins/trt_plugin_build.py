@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 from deleaker.errors import DeLeakerError
 from deleaker.filelock import exclusive_lock
+from deleaker.folders import check_output_folder, make_output_folder
 from deleaker.staging import staging_path
 
 from . import kernels_build as kernel_build
@@ -159,8 +160,10 @@ def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], N
         PluginToolMissingError: cmake, nvcc, TensorRT's headers, cuDNN's, cudnn-frontend's or NVRTC's are missing
             (every missing piece is named, with how to provide it).
         PluginBuildError: the compilation failed (the compiler's output is in the message).
+        ConfigError: ``out_dir`` is a file or cannot be created (checked first).
     """
     say = progress or (lambda line: None)
+    out_dir = check_output_folder(config.out_dir, "the output folder (--out)")  # before any tool is looked for
     cmake = shutil.which("cmake")
     missing = [] if cmake else ["cmake (3.18 or newer): pip install cmake, or your system's package"]
     if config.stand_in_headers and not (STAND_IN_HEADERS_DIR / "NvInferRuntime.h").is_file():
@@ -171,8 +174,7 @@ def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], N
     root_problem = _tensorrt_root_problem(config)
     if missing:
         raise PluginToolMissingError(missing + ([root_problem] if root_problem else []))
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir, "the output folder (--out)")
     # One CMake build tree per source checkout: CMake refuses a tree configured from another source folder.
     build_dir = out_dir / f"build-{hashlib.sha256(str(SOURCE_DIR).encode()).hexdigest()[:12]}"
     env = _environment()

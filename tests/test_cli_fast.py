@@ -366,3 +366,20 @@ def test_special_file_at_an_output_path_is_refused_unopened(tmp_path, kind, mode
     assert os.path.lexists(target) and not os.path.isfile(target) or kind == "symlink"
     if kind == "symlink":
         assert target.is_symlink() and (tmp_path / "elsewhere.png").read_bytes() == b"the user's"
+
+
+@pytest.mark.parametrize("command", ["plugin", "build"])
+@pytest.mark.parametrize("where", ["a-file", "through-a-file", "proc"])
+def test_an_impossible_out_folder_is_one_error_line(tmp_path, command, where):
+    """`plugin --out /proc/x` or through a file printed FileNotFoundError/NotADirectoryError tracebacks; `--out FILE`
+    exited 2 with click's usage text. A bad folder is a bad value: one `error:` line, exit 1, before any work."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("the user's")
+    out = {"a-file": a_file, "through-a-file": a_file / "sub", "proc": "/proc/deleaker-x"}[where]
+    args = ["plugin", "--out", out, "--stand-in-headers"] if command == "plugin" else _build(out=str(out))
+    done, seconds = _cli(*args, cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("TORCH_IMPORTED=")]
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "the output folder (--out)" in lines[0] and "Traceback" not in done.stderr
+    assert "TORCH_IMPORTED=False" in done.stderr and seconds < BOUND_S
+    assert a_file.read_text() == "the user's" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

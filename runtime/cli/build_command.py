@@ -59,7 +59,8 @@ from deleaker.engines.manifest import MAX_BATCH
 @click.option(
     "--out",
     "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    # Checked by BuildRequest (one error line, exit 1, as every bad path), not by click (usage text, exit 2).
+    type=click.Path(path_type=Path),
     required=True,
     help="Output folder (ONNX, engine, manifests, timing cache).",
 )

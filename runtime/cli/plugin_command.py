@@ -20,7 +20,8 @@ from deleaker.plugins.trt_plugin_build import PluginBuildConfig, build_plugin, l
 @click.option(
     "--out",
     "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    # Checked by the build (one error line, exit 1, as every bad path), not by click (usage text, exit 2).
+    type=click.Path(path_type=Path),
     required=True,
     help="Output folder: receives libdeleaker_trt_plugin.so (and CMake's build folder, build-<hash of the source "
     "folder>/, kept for faster rebuilds).",
