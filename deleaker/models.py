@@ -1,6 +1,8 @@
 """The FLUX.1 model a runtime or an engine build starts from: its diffusers components, loaded once.
 
-``"tiny"`` is the built-in offline test model (`deleaker.tiny`); anything else is a local diffusers folder.
+Only the string ``"tiny"`` names the built-in offline test model (`deleaker.tiny`, random weights); anything else,
+a `Path("tiny")` or ``"./tiny"`` included, is a local diffusers folder. The string ``"tiny"`` where ``./tiny`` is a
+model folder is ambiguous, and refused: random weights must never silently stand in for a model the user meant.
 A light module until a model loads (no torch at import), so the CLI checks a model source before torch loads.
 """
 
@@ -19,10 +21,30 @@ from .jsonio import loads_strict
 if TYPE_CHECKING:  # pragma: no cover  (torch loads with the model, not with this module)
     import torch
 
+#: The name of the built-in model: `deleaker.tiny.TINY_MODEL_NAME`, spelled out (that module imports torch).
+TINY_MODEL_NAME = "tiny"
+
+
+def names_builtin_tiny(model: Any) -> bool:
+    """True when ``model`` is the string ``"tiny"`` (not a `Path`, not ``"./tiny"``).
+
+    Raises `ConfigError` when it is, but ``./tiny`` holds a diffusers model (``model_index.json``) or a transformer
+    (``config.json``): say which is meant."""
+    if not (isinstance(model, str) and model == TINY_MODEL_NAME):
+        return False
+    folder = Path(TINY_MODEL_NAME)
+    if (folder / "model_index.json").exists() or (folder / "config.json").exists():
+        raise ConfigError(
+            f"model 'tiny' names the built-in model (random weights), but ./tiny here is a model folder: pass "
+            f"./tiny (or {folder.resolve()}) to load the folder, or run from another folder for the built-in model"
+        )
+    return True
+
+
 def check_model_source(model: Any) -> None:
-    """Raise `ConfigError` unless ``model`` is ``"tiny"`` (the built-in model, `deleaker.tiny.TINY_MODEL_NAME`,
-    spelled out: that module imports torch) or names a directory."""
-    if str(model) != "tiny" and not Path(model).is_dir():
+    """Raise `ConfigError` unless ``model`` is the string ``"tiny"`` (the built-in model, `names_builtin_tiny`) or
+    names a directory (a `Path("tiny")` is a folder)."""
+    if not names_builtin_tiny(model) and not Path(model).is_dir():
         raise ConfigError(f"model {str(model)!r:.200} is neither 'tiny' nor a directory")
 
 
@@ -37,9 +59,9 @@ def load_components(model: str | Path, *, with_transformer: bool = True) -> tupl
     reuses an old export. ``with_transformer=False`` skips loading a folder's transformer weights (engines
     replace them): ``components["transformer"]`` is then None (see `transformer_config`).
     """
-    from .tiny import TINY_MODEL_NAME, build_tiny_flux_components
+    from .tiny import build_tiny_flux_components
 
-    if str(model) == TINY_MODEL_NAME:
+    if names_builtin_tiny(model):  # the string "tiny" only: Path("tiny") is a folder
         # The tiny model seeds torch's process-wide generator while it builds: two builds at once would interleave
         # their draws and get different weights (and so different caches). One at a time.
         with _TINY_BUILD_LOCK, torch_work():

@@ -378,7 +378,8 @@ def load_transformer(
     """
     from diffusers import FluxTransformer2DModel
 
-    from deleaker.tiny import TINY_MODEL_NAME, build_tiny_flux_components
+    from deleaker.models import TINY_MODEL_NAME, names_builtin_tiny
+    from deleaker.tiny import build_tiny_flux_components
 
     try:
         dtype = dtype_name(precision)
@@ -387,7 +388,7 @@ def load_transformer(
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"precision must be float32, float16 or bfloat16 (fp32/fp16/bf16), got {precision!r}")
     torch_dtype = getattr(torch, dtype)
-    if str(model_path_or_tiny) == TINY_MODEL_NAME:
+    if names_builtin_tiny(model_path_or_tiny):  # the string "tiny" only: Path("tiny") is a folder
         components = build_tiny_flux_components(seed)
         transformer = components["transformer"]
         scale = vae_scale_factor(components["vae"].config)
