@@ -36,6 +36,7 @@ from .config import DeLeakerConfig
 from .errors import ShapeError
 from .ops import (
     BlockStep,
+    as_int64_block_step,
     check_attention_inputs,
     entity_affinity,
     entity_image_masks,
@@ -135,6 +136,7 @@ def decomposed_intermediates(
     """`deleaker_attention_decomposed` with every intermediate (see `DecomposedIntermediates`)."""
     check_attention_inputs(q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config)
     check_fallback_threshold(fallback_threshold)
+    block_step = as_int64_block_step(block_step)
     batch, heads, tokens, head_dim = q.shape
     num_entities, text_len = entity_mask.shape
     n_img = tokens - text_len

@@ -104,8 +104,10 @@ def check_attention_inputs(
         if block_step.numel() != 1 or block_step.dtype.is_floating_point or block_step.dtype == torch.bool:
             raise ShapeError(f"block_step must be an int or a one-element integer tensor, got {block_step!r}")
         # A tensor on the host is read here; on a GPU it is read by the kernels only (no synchronisation).
-        if block_step.device.type == "cpu" and int(block_step.reshape(())) < 0:
-            raise ShapeError(f"block_step must be >= 0, got {int(block_step.reshape(()))}")
+        if block_step.device.type == "cpu":
+            value = block_step.reshape(()).item()  # a Python int: a uint64 beyond int64 is read as it is
+            if not 0 <= value <= _INT64_MAX:
+                raise ShapeError(f"block_step must be >= 0 and at most 2**63 - 1 (int64), got {value}")
     elif isinstance(block_step, bool) or not isinstance(block_step, int) or not 0 <= block_step <= _INT64_MAX:
         raise ShapeError(f"block_step must be an int >= 0 and at most 2**63 - 1 (int64), got {block_step!r:.40}")
     if history is not None:
@@ -256,6 +258,15 @@ def image_image_suppression(probs_image_image: Tensor, masks: Tensor, config: De
     return cut
 
 
+def as_int64_block_step(block_step: BlockStep) -> BlockStep:
+    """A checked ``block_step`` (`check_attention_inputs`) as the op computes with it: an int stays an int, an
+    integer tensor becomes a 0-d int64 tensor on its device. Compared or subtracted in its own width, an int8 or
+    int16 step would meet the window knobs (up to 2**31 - 1) cast to that width, wrapped."""
+    if isinstance(block_step, torch.Tensor):
+        return block_step.reshape(()).to(torch.int64)
+    return block_step
+
+
 def _reference(
     q: Tensor,
     k: Tensor,
@@ -267,6 +278,7 @@ def _reference(
     history: Tensor | None,
     config: DeLeakerConfig,
 ) -> Tuple[Tensor, Tensor]:
+    block_step = as_int64_block_step(block_step)
     batch, heads, tokens, head_dim = q.shape
     num_entities, text_len = entity_mask.shape
     qf, kf, vf = (x.to(torch.float32) for x in (q, k, v))

@@ -143,7 +143,9 @@ def check_recorded_contract(
 def session_feeds(io: FluxTransformerIO, inputs: Mapping[str, Union[torch.Tensor, np.ndarray]]) -> Dict[str, np.ndarray]:
     """Numpy feeds for an ORT session from ``inputs`` keyed by contract name, cast to the contract's dtypes.
 
-    Raises `ShapeError` on a missing/unknown name or a shape that the contract does not allow.
+    Raises `ShapeError` on a missing/unknown name or a shape that the contract does not allow, and on an integer
+    input (``step``, ``entity_mask``) whose values the cast would change: a float, a ``step`` given as a bool, a
+    value outside int32 (an int64 step of 2**31 would wrap). Integer dtypes of any width are taken exactly.
     """
     names = set(io.input_names)
     unknown = sorted(set(inputs) - names)
@@ -160,5 +162,23 @@ def session_feeds(io: FluxTransformerIO, inputs: Mapping[str, Union[torch.Tensor
         expected = spec.concrete(batch if batch is not None else io.batch_opt)
         if tuple(array.shape) != expected:
             raise ShapeError(f"input {spec.name} must have shape {expected} (contract {spec.shape}), got {array.shape}")
+        if np.issubdtype(spec.numpy_dtype, np.integer):
+            _check_exact_integers(spec.name, array, spec.numpy_dtype)
         feeds[spec.name] = array.astype(spec.numpy_dtype, copy=False)
     return feeds
+
+
+def _check_exact_integers(name: str, array: np.ndarray, dtype: np.dtype) -> None:
+    """Raise `ShapeError` unless casting ``array`` to the integer ``dtype`` keeps every value."""
+    if array.dtype == np.bool_:
+        if name == "entity_mask":  # a 0/1 mask: bool is what it means
+            return
+        raise ShapeError(f"input {name} must be an integer, got a bool")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ShapeError(f"input {name} must be an integer ({np.dtype(dtype).name}), got {array.dtype}")
+    info = np.iinfo(dtype)
+    if array.size and (int(array.min()) < info.min or int(array.max()) > info.max):
+        raise ShapeError(
+            f"input {name} must fit {np.dtype(dtype).name} ([{info.min}, {info.max}]), got values in "
+            f"[{int(array.min())}, {int(array.max())}]"
+        )
