@@ -3,7 +3,9 @@
 For each deployment -- 1 replica with batching, 2 replicas with batching, 1 replica without batching
 (``max_batch_size=1``, the baseline of the batching gain) -- and 1, 4 and 16 concurrent clients, every client
 sends requests back to back (each its own prompt and seed) until the level has sent ``--requests`` in all;
-requests/s is completed requests over the level's wall time, p50/p95 the per-request latency. Bounded: a fixed
+requests/s is completed requests over the level's wall time, p50/p95 the per-request latency. Each 1-replica
+deployment also runs 16 clients on one prompt (seeds differ): a batch then shares one entity mask, which is one
+transformer call (requests with different entities run as separate calls in the same loop). Bounded: a fixed
 request count per level, a timeout per request, one Ray instance on 127.0.0.1.
 
     python benchmarks/bench_serving.py [--steps 4] [--requests 48] [--json out.json]
@@ -50,8 +52,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _one(url: str, index: int, steps: int) -> tuple[float, int]:
-    prompt, entities = PROMPTS[index % len(PROMPTS)]
+def _one(url: str, index: int, steps: int, shared: bool) -> tuple[float, int]:
+    prompt, entities = PROMPTS[0 if shared else index % len(PROMPTS)]
     body = json.dumps({"prompt": prompt, "entities": entities, "seed": index, "steps": steps}).encode()
     started = time.perf_counter()
     with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=TIMEOUT_S) as reply:
@@ -60,14 +62,14 @@ def _one(url: str, index: int, steps: int) -> tuple[float, int]:
     return time.perf_counter() - started, batch
 
 
-def _level(url: str, clients: int, requests: int, steps: int) -> dict:
+def _level(url: str, clients: int, requests: int, steps: int, shared: bool = False) -> dict:
     latencies: list[float] = []
     batches: list[int] = []
     counter = iter(range(requests))
 
     def client() -> None:
         for index in counter:  # a shared iterator: the level sends exactly `requests`
-            seconds, batch = _one(url, index, steps)
+            seconds, batch = _one(url, index, steps, shared)
             latencies.append(seconds)
             batches.append(batch)
 
@@ -79,6 +81,7 @@ def _level(url: str, clients: int, requests: int, steps: int) -> dict:
     ordered = sorted(latencies)
     return {
         "clients": clients,
+        "prompts": "one prompt (shared entity mask)" if shared else "4 prompts",
         "requests": len(latencies),
         "requests_per_s": len(latencies) / wall,
         "p50_s": statistics.median(ordered),
@@ -111,6 +114,11 @@ def main() -> int:
                        **_level(url, clients, max(args.requests, clients), args.steps)}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+            if replicas == 1:  # the batching gain where the batch shares one entity mask (one transformer call)
+                row = {"deployment": label, "replicas": replicas, "max_batch_size": batch,
+                       **_level(url, CLIENTS[-1], max(args.requests, CLIENTS[-1]), args.steps, shared=True)}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
             serve.delete("bench")
     finally:
         serve.shutdown()
@@ -118,16 +126,16 @@ def main() -> int:
     machine = f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
     print(f"tiny model, 64x64, {args.steps} steps, T = 32, ONNX Runtime on the CPU; {machine}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    print("| deployment | clients | requests/s | p50 latency | p95 latency | mean batch |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| deployment | prompts | clients | requests/s | p50 latency | p95 latency | mean batch |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['deployment']} | {row['clients']} | {row['requests_per_s']:.2f} | {row['p50_s'] * 1000:.0f} ms "
-              f"| {row['p95_s'] * 1000:.0f} ms | {row['mean_batch']:.2f} |")
-    by = {(r["deployment"], r["clients"]): r["requests_per_s"] for r in rows}
-    for clients in CLIENTS:
-        gain = by[(DEPLOYMENTS[0][0], clients)] / by[(DEPLOYMENTS[2][0], clients)]
-        print(f"\nbatching gain at {clients} clients (1 replica, batch <= 4 vs no batching): {gain:.2f}x", end="")
+        print(f"| {row['deployment']} | {row['prompts']} | {row['clients']} | {row['requests_per_s']:.2f} "
+              f"| {row['p50_s'] * 1000:.0f} ms | {row['p95_s'] * 1000:.0f} ms | {row['mean_batch']:.2f} |")
+    by = {(r["deployment"], r["prompts"], r["clients"]): r["requests_per_s"] for r in rows}
     print()
+    for prompts, clients in [(p, c) for p in ("4 prompts",) for c in CLIENTS] + [(rows[-1]["prompts"], CLIENTS[-1])]:
+        gain = by[(DEPLOYMENTS[0][0], prompts, clients)] / by[(DEPLOYMENTS[2][0], prompts, clients)]
+        print(f"batching gain, {prompts}, {clients} clients (1 replica, batch <= 4 vs no batching): {gain:.2f}x")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
