@@ -20,13 +20,13 @@ Imported only inside Triton's python backend stub (``triton_python_backend_utils
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from deleaker.errors import DeLeakerError
+from deleaker.jsonio import loads_strict
 
 #: The optional inputs and the `ImageSettings` field each sets.
 OPTIONAL_INPUTS = {"SEED": "seed", "STEPS": "steps", "GUIDANCE": "guidance", "HEIGHT": "height", "WIDTH": "width"}
@@ -80,7 +80,7 @@ class TritonPythonModel:
 
         self._pb = pb_utils
         folder = Path(args["model_repository"]) / str(args["model_version"])
-        record = json.loads((folder / "runtime.json").read_text())
+        record = loads_strict((folder / "runtime.json").read_text())  # a key given twice is refused, not guessed
         warmup = record.pop("warmup_size")
         record.pop("python_path", None)  # used by model.py before this module was imported
         overrides = tuple(tuple(pair) for pair in record.pop("deleaker_overrides"))

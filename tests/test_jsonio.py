@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from deleaker.errors import DeLeakerError
 from deleaker.jsonio import StrictJSONError, loads_strict
 
 
@@ -34,3 +35,19 @@ def test_errors_stay_value_errors():
     assert issubclass(StrictJSONError, ValueError)
     with pytest.raises(json.JSONDecodeError):
         loads_strict("{")
+
+
+def test_every_user_json_reader_refuses_a_duplicate_key():
+    """The readers of what users hand us go through the strict loader: a prompts line, an HTTP request body, an
+    engine manifest (each once kept the last value silently)."""
+    from deleaker.engines.manifest import EngineManifest, ManifestError
+    from deleaker.runtime.jobs import BatchFileError, parse_prompts_line
+    from deleaker.runtime.serving_api import parse_generate_body
+
+    line = b'{"prompt": "a cat and a dog", "entities": ["cat", "dog"], "seed": 1, "seed": 2}'
+    with pytest.raises(BatchFileError, match="duplicate key 'seed'"):
+        parse_prompts_line(line, "line 1", first=True)
+    with pytest.raises(DeLeakerError, match="duplicate key 'seed'"):
+        parse_generate_body(line)
+    with pytest.raises(ManifestError, match="duplicate key 'format'"):
+        EngineManifest.from_json('{"format": 1, "format": 1}')
