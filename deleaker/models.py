@@ -12,7 +12,7 @@ import hashlib
 import json
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from .errors import ConfigError
 from .export_lock import torch_work
@@ -104,3 +104,24 @@ def transformer_sha256(transformer: "torch.nn.Module") -> str:
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def folder_fingerprint(model: str | Path) -> Optional[str]:
+    """What identifies a diffusers folder's transformer weights without reading them: hex SHA-256 of every file under
+    ``<model>/transformer/`` (its config and weight files) by relative name, size and modification time. None for
+    ``"tiny"`` or a folder without a ``transformer/`` subfolder (their weights are hashed, `transformer_sha256`).
+
+    Replacing or editing a file changes its size or time, so a changed folder never reuses an export made from the
+    old weights; only ``stat`` is called (no weight byte is read: FLUX.1-dev's transformer is 24-48 GB).
+    """
+    folder = Path(model) / "transformer"
+    if (isinstance(model, str) and model == TINY_MODEL_NAME) or not folder.is_dir():
+        return None
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            files.append([path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
+    if not files:
+        return None
+    return hashlib.sha256(json.dumps({"transformer_files": files}, sort_keys=True).encode()).hexdigest()

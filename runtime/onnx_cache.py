@@ -93,6 +93,7 @@ def _key(payload: Mapping[str, Any]) -> str:
 def model_backend(
     transformer: torch.nn.Module,
     *,
+    model_key: Optional[str] = None,
     model_id: str,
     height: int,
     width: int,
@@ -104,7 +105,8 @@ def model_backend(
     providers: Optional[list[str]] = None,
 ) -> OnnxRuntimeBackend:
     """An ONNX Runtime backend for ``transformer`` at ``height x width``, exported into ``cache_dir`` unless a
-    valid entry is there (float32, DeLeaker decomposed into standard ONNX operators)."""
+    valid entry is there (float32, DeLeaker decomposed into standard ONNX operators). ``model_key`` identifies the
+    weights (a runtime computes it once); None hashes them here (`deleaker.models.transformer_sha256`)."""
     from deleaker.export.contract import FluxTransformerIO
 
     io = FluxTransformerIO.from_transformer(
@@ -119,7 +121,8 @@ def model_backend(
     # The key of one export: weights, contract, knobs, graph form (and, in `_key`, tool versions).
     payload = {
         "kind": "export",
-        "model_sha256": transformer_sha256(transformer),
+        # Recorded under its first name (the cache's format): the weights' key, a hash of them or of their files.
+        "model_sha256": model_key if model_key is not None else transformer_sha256(transformer),
         "io": io.to_dict(),
         "deleaker_config": dataclasses.asdict(config),
         "decomposed": True,

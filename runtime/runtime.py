@@ -12,6 +12,7 @@ is no global state: two instances are independent.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ from deleaker.fp8_linear import check_granularity, quantize_transformer_fp8
 from .backends import TorchBackend, TransformerBackend, resolve_device
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import check_max_entities, check_text_len
-from deleaker.models import load_components
+from deleaker.models import folder_fingerprint, load_components, transformer_sha256
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_MODEL_BACKEND, DEFAULT_STEPS, DEFAULT_TEXT_LEN, MODEL_BACKENDS
 from .entity_masks import mask_step, masks_from_history
 from .memory import AttentionMemory
@@ -160,6 +161,7 @@ class DeLeakerRuntime:
         return cls.from_components(
             components,
             model_id=model_id,
+            weights_key=folder_fingerprint(model_id),
             backend=backend,
             text_len=text_len,
             max_entities=max_entities,
@@ -192,11 +194,14 @@ class DeLeakerRuntime:
         started_at: Optional[float] = None,
         compile: bool = False,
         fp8: Optional[str] = None,
+        weights_key: Optional[str] = None,
     ) -> "DeLeakerRuntime":
         """A runtime around ``FluxPipeline`` components already in memory (``pipe.components``).
 
         The modules are used in place (moved to ``device``/``dtype``; the transformer gets DeLeaker processors,
         which act as stock FLUX without a DeLeaker state). ``model_id`` names the model in caches and reports.
+        ``weights_key`` identifies the transformer's weights as loaded, without reading them (`from_model` gives
+        `deleaker.models.folder_fingerprint`); None: the ONNX cache's key hashes the weights, once per runtime.
         Other arguments as `from_model`.
         """
         start = time.perf_counter() if started_at is None else started_at
@@ -227,9 +232,12 @@ class DeLeakerRuntime:
         else:
             from .onnx_cache import model_backend  # onnx/onnxscript are optional: import on use
 
+            model_key = _model_key(transformer, weights_key, dtype)
+
             def export_for(height: int, width: int) -> TransformerBackend:
                 return model_backend(
                     transformer,
+                    model_key=model_key(),
                     model_id=model_id,
                     height=height,
                     width=width,
@@ -542,6 +550,22 @@ def backend_max_batch(backend: TransformerBackend) -> int:
     unbounded (PyTorch)."""
     io = getattr(backend, "io", None)
     return int(io.batch_max) if io is not None and getattr(io, "batch_max", None) else sys.maxsize
+
+
+def _model_key(transformer: torch.nn.Module, weights_key: Optional[str], dtype: torch.dtype) -> Callable[[], str]:
+    """The ONNX cache's key of the weights, computed once per runtime on first use: ``weights_key`` (what the
+    folder's files say) with the dtype the weights were cast to, else the hash of every weight."""
+    key: list[str] = []
+
+    def once() -> str:
+        if not key:
+            if weights_key is None:
+                key.append(transformer_sha256(transformer))
+            else:
+                key.append(hashlib.sha256(f"{weights_key}:{dtype}".encode()).hexdigest())
+        return key[0]
+
+    return once
 
 
 def model_device(backend: str, device: str | torch.device | None) -> torch.device:
