@@ -6,7 +6,18 @@ Importing this package needs neither a GPU, TensorRT nor compiled kernels. Names
 
 from __future__ import annotations
 
+import os
+
 from .lazy import lazy_exports
+
+# From a source checkout's root (``python -c ...`` run there puts the checkout first on sys.path) this folder is found
+# before an installed deleaker-trt, but the subpackages live beside it (pyproject's package-dir maps plugins/,
+# export/, engines/, runtime/): look there too, so `deleaker.runtime` is this checkout's, never another install's.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_CHECKOUT, "pyproject.toml")) and os.path.isfile(
+    os.path.join(_CHECKOUT, "runtime", "__init__.py")
+):
+    __path__.append(_CHECKOUT)  # noqa: F821  (a package's own __path__)
 
 _EXPORTS = {
     "REFERENCE_NUM_BLOCKS": "config",
