@@ -78,9 +78,6 @@ from .manifest import (
 TIMING_CACHE_NAME = "timing.cache"
 #: Held by a build while it writes into its output folder.
 BUILD_LOCK_NAME = ".build.lock"
-#: Protobuf's limit is 2 GiB; larger models store their weights beside the ONNX.
-_EXTERNAL_DATA_BYTES = 1 << 30
-
 
 class ModelNotFoundError(ConfigError):
     """``--model`` is neither ``tiny`` nor a loadable diffusers FLUX folder."""
@@ -194,9 +191,11 @@ def save_onnx(model: Any, path: Path) -> None:
     """Write ``model`` at ``path`` atomically; weights go to ``<name>.data`` beside it when the model is large."""
     import onnx
 
+    from deleaker.export.exporter import EXTERNAL_DATA_THRESHOLD
+
     tmp_dir = make_staging_dir(path)
     with disk_guard(tmp_dir):
-        large = model.ByteSize() > _EXTERNAL_DATA_BYTES
+        large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD  # the exporter's: one protobuf limit, one threshold
         data_name = path.name + ".data"
         onnx.save_model(model, str(tmp_dir / path.name), save_as_external_data=large, location=data_name)
         if large:
