@@ -48,12 +48,15 @@ def entity_token_positions(
     *,
     max_sequence_length: int,
     max_entities: int | None = None,
+    encoding: Any = None,
 ) -> list[list[int]]:
     """T5 token positions of each entity in ``prompt``, in entity order (each list ascending, non-empty).
 
     ``tokenizer`` is FLUX's ``tokenizer_2`` (a fast tokenizer: offsets are needed). Positions are in
     ``[0, max_sequence_length - 1)`` (the last kept position is at least ``</s>``). ``max_entities`` (optional)
-    bounds the count. Raises `EntityError` when the entities do not fit the prompt (see the module docstring).
+    bounds the count. ``encoding``: the prompt's untruncated encoding with offsets when the caller has it
+    (``tokenizer(prompt, truncation=False, return_offsets_mapping=True)``), so the prompt is not tokenized again.
+    Raises `EntityError` when the entities do not fit the prompt (see the module docstring).
     """
     names = _check_entities(entities, max_entities)
     _check_prompt(prompt)
@@ -68,12 +71,18 @@ def entity_token_positions(
 
     # Exactly FluxPipeline's call, so positions line up with the T5 embeddings; the untruncated encoding tells
     # whether truncation cut into an entity.
-    kept = tokenizer(
-        prompt, padding="max_length", max_length=max_sequence_length, truncation=True, return_offsets_mapping=True
+    full = encoding if encoding is not None else tokenizer(
+        prompt, truncation=False, return_offsets_mapping=True, verbose=False
     )
-    full = tokenizer(prompt, truncation=False, return_offsets_mapping=True, verbose=False)
-    kept_offsets = [tuple(o) for o in kept["offset_mapping"]]
     full_offsets = [tuple(o) for o in full["offset_mapping"]]
+    if len(full_offsets) <= max_sequence_length:
+        kept_offsets = full_offsets  # nothing to truncate; padding has zero-width offsets, which match no entity
+    else:
+        kept = tokenizer(
+            prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+            return_offsets_mapping=True,
+        )
+        kept_offsets = [tuple(o) for o in kept["offset_mapping"]]
 
     positions: list[list[int]] = []
     cut: list[str] = []
@@ -117,13 +126,16 @@ def entity_token_mask(
     *,
     max_sequence_length: int,
     max_entities: int = DEFAULT_MAX_ENTITIES,
+    encoding: Any = None,
 ) -> torch.Tensor:
     """The ``(max_entities, max_sequence_length)`` bool mask of entity tokens: row ``e`` marks entity ``e``'s
-    T5 tokens (see `entity_token_positions`); rows past ``len(entities)`` are all False (absent entities).
+    T5 tokens (see `entity_token_positions`, also for ``encoding``); rows past ``len(entities)`` are all False
+    (absent entities).
     """
     check_entity_rows(max_entities)
     positions = entity_token_positions(
-        tokenizer, prompt, entities, max_sequence_length=max_sequence_length, max_entities=max_entities
+        tokenizer, prompt, entities, max_sequence_length=max_sequence_length, max_entities=max_entities,
+        encoding=encoding,
     )
     import torch
 

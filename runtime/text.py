@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
@@ -26,10 +26,26 @@ class TextEncoders:
     text_encoder: torch.nn.Module
     tokenizer_2: object
     text_encoder_2: torch.nn.Module
+    #: The last prompts' T5 encodings (`t5_encoding`), oldest first.
+    _t5_encodings: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    #: How many prompts' T5 encodings are kept (a batch's prompts, each checked, masked and embedded).
+    KEPT_ENCODINGS = 64
+
+    def t5_encoding(self, prompt: str) -> Any:
+        """``prompt``'s one T5 tokenization (untruncated, with character offsets): the length check, the entity
+        mask and the embedding all read it, so a prompt is tokenized once however often a request is checked."""
+        encoding = self._t5_encodings.get(prompt)
+        if encoding is None:
+            encoding = self.tokenizer_2(prompt, truncation=False, return_offsets_mapping=True, verbose=False)
+            while len(self._t5_encodings) >= self.KEPT_ENCODINGS:
+                self._t5_encodings.pop(next(iter(self._t5_encodings)), None)
+            self._t5_encodings[prompt] = encoding
+        return encoding
 
     def t5_token_count(self, prompt: str) -> int:
         """Tokens T5 sees for ``prompt``, end-of-sequence included (what must fit in ``T``)."""
-        return len(self.tokenizer_2(prompt, padding=False, truncation=False).input_ids)
+        return len(self.t5_encoding(prompt).input_ids)
 
     def check_prompt(self, prompt: str, text_len: int) -> None:
         """Raise `PromptError` when ``prompt`` has more T5 tokens than ``text_len`` (FluxPipeline would truncate)."""
@@ -45,7 +61,8 @@ class TextEncoders:
     def entity_mask(self, prompt: str, entities: Sequence[str], *, text_len: int, max_entities: int) -> Tensor:
         """``(max_entities, text_len)`` bool: each entity's T5 tokens (raises `EntityError` naming the entity)."""
         return entity_token_mask(
-            self.tokenizer_2, prompt, list(entities), max_sequence_length=text_len, max_entities=max_entities
+            self.tokenizer_2, prompt, list(entities), max_sequence_length=text_len, max_entities=max_entities,
+            encoding=self.t5_encoding(prompt),
         )
 
     @torch.no_grad()
@@ -60,9 +77,15 @@ class TextEncoders:
         ).input_ids
         clip_device = next(self.text_encoder.parameters()).device
         pooled = self.text_encoder(clip_ids.to(clip_device), output_hidden_states=False).pooler_output
-        t5_ids = self.tokenizer_2(
-            [prompt], padding="max_length", max_length=text_len, truncation=True, return_tensors="pt"
-        ).input_ids
+        ids = self.t5_encoding(prompt).input_ids
+        if len(ids) <= text_len:  # FluxPipeline's padded ids, from the prompt's one tokenization
+            t5_ids = self.tokenizer_2.pad(
+                {"input_ids": [ids]}, padding="max_length", max_length=text_len, return_tensors="pt"
+            ).input_ids
+        else:  # longer than T (the runtime refuses such prompts first): FluxPipeline truncates
+            t5_ids = self.tokenizer_2(
+                [prompt], padding="max_length", max_length=text_len, truncation=True, return_tensors="pt"
+            ).input_ids
         t5_device = next(self.text_encoder_2.parameters()).device
         embeds = self.text_encoder_2(t5_ids.to(t5_device), output_hidden_states=False)[0]
         # FluxPipeline casts the pooled output to CLIP's dtype and the sequence to T5's; the backend then takes
