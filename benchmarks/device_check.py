@@ -638,6 +638,24 @@ def stage_flux_step(ctx: Context) -> Dict[str, Any]:
     return result
 
 
+def stage_pipeline(ctx: Context) -> Dict[str, Any]:
+    """The whole generation, diffusers against our runtime (``bench_pipeline.py``), in one child process; it needs
+    most of five minutes (two compiles of the FLUX.1-dev transformer), so run it alone:
+    ``DEVICE_CHECK_TIMEOUT=330 bash benchmarks/device_check.sh --only pipeline``."""
+    if not ctx.cuda:
+        raise StageSkipped("no CUDA device")
+    table = ctx.out / "pipeline.md"
+    limit = ctx.time_limit(300)
+    # The script skips the rows that no longer fit its budget, which ends before this stage's limit.
+    command = [sys.executable, str(HERE / "bench_pipeline.py"), "--out", str(table), "--budget-s",
+               str(max(limit - 20, 1))]
+    result = run_logged(command, ctx.out / "pipeline.log", timeout=limit)
+    result.pop("tail_full", None)
+    if table.is_file():
+        result["table"] = table.read_text()
+    return result
+
+
 def stage_plugin(ctx: Context) -> Dict[str, Any]:
     script = HERE / "plugin_check.py"
     if not script.is_file():
@@ -672,6 +690,7 @@ STAGES: List[Stage] = [
     Stage("plugin", stage_plugin, 30, False),
     Stage("ncu", stage_ncu, 30, False),
     Stage("sanitizer", stage_sanitizer, 30, False),
+    Stage("pipeline", stage_pipeline, 120, False),
 ]
 
 

@@ -29,10 +29,10 @@ def test_device_check_smoke_run_writes_strict_json_and_table(tmp_path):
     report = json.loads(text)
     stages = report["stages"]
     assert list(stages) == ["environment", "lse", "correctness", "timing", "cuda_graph", "gather", "gpu_tests",
-                            "flux_step", "plugin", "ncu", "sanitizer"]
+                            "flux_step", "plugin", "ncu", "sanitizer", "pipeline"]
     for name in ("environment", "correctness", "timing"):
         assert stages[name]["status"] == "ok", stages[name]
-    for name in ("gpu_tests", "lse", "cuda_graph", "gather", "ncu", "sanitizer", "flux_step"):
+    for name in ("gpu_tests", "lse", "cuda_graph", "gather", "ncu", "sanitizer", "flux_step", "pipeline"):
         assert stages[name]["status"] == "skipped" and stages[name]["reason"], stages[name]
     for dtype in ("bf16", "fp16"):
         assert stages["correctness"]["data"][dtype]["passed"] is True
