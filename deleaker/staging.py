@@ -39,6 +39,21 @@ def staged_name(name: str) -> Optional[str]:
     return match.group("final") if match else None
 
 
+def writer_is_gone(name: str) -> bool:
+    """True when ``name`` is a staging name of ours whose writing process no longer exists (killed before it could
+    remove it). False for a live writer, for a process id now used by another process, and for other names."""
+    match = _STAGING.fullmatch(name)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match.group("pid")), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):  # alive under another user, or no valid process id
+        return False
+    return False
+
+
 def make_staging_dir(final: Path) -> Path:
     """Create (exclusively) and return a new staging folder beside ``final``; its parent must exist."""
     path = staging_path(final)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from deleaker.config import DeLeakerConfig, shown
 from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.jsonio import StrictJSONError, loads_strict
+from deleaker.staging import staged_name, writer_is_gone
 
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import check_max_entities, check_text_len
@@ -451,6 +453,27 @@ def _existing_outputs(job: RenderJob, records: list[dict[str, Any]]) -> list[boo
     return done
 
 
+def _remove_stale_staging(job: RenderJob) -> None:
+    """Remove the staging files of the job's outputs left by a writer that was killed (SIGKILL, power loss) before
+    it could remove them: names of ours (`deleaker.staging`) for one of the job's output names, whose process is
+    gone. Anything else in the folder, and the staging files of a live writer, stay."""
+    finals: dict[Path, set[str]] = {}
+    for item in job.items:
+        for path in item.outputs:
+            finals.setdefault(path.parent, set()).add(path.name)
+    for folder, names in finals.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not created yet
+            continue
+        for entry in entries:
+            if staged_name(entry.name) in names and entry.is_file(follow_symlinks=False) and writer_is_gone(entry.name):
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+
+
 def _refuse_files_not_ours(job: RenderJob) -> None:
     """Raise `OutputError` naming the regular files at the job's output paths that are not PNGs of ours."""
     strangers = [
@@ -481,6 +504,7 @@ def run_job(
     check_output_files(p for item in job.items for p in item.outputs)
     if job.replace_only_ours:
         _refuse_files_not_ours(job)
+        _remove_stale_staging(job)
     if runtime is None and job.runtime.model is not None:
         for item in job.items:  # E_max is known before loading a model: say so before the load
             try:
