@@ -1,12 +1,12 @@
 """FLUX.1's sampling schedule and latent layout, as small pure functions.
 
-Everything here reproduces diffusers' ``FluxPipeline`` + ``FlowMatchEulerDiscreteScheduler`` (dynamic shifting,
-exponential time shift) bit for bit, without instantiating either: the runtime needs the numbers, not the classes.
+The schedule is diffusers' own: ``FlowMatchEulerDiscreteScheduler`` set as ``FluxPipeline`` sets it (dynamic
+shifting, exponential time shift, ``calculate_shift``); the runtime keeps its numbers (`FlowMatchSchedule`) and
+steps with them (`euler_step`, the scheduler's arithmetic). The latent layout matches ``FluxPipeline``'s helpers.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -56,10 +56,13 @@ class ShiftConfig:
 
 
 def calculate_shift(image_seq_len: int, shift: ShiftConfig = ShiftConfig()) -> float:
-    """``mu``: linear in the number of image tokens, from ``base_shift`` at 256 tokens to ``max_shift`` at 4096."""
-    m = (shift.max_shift - shift.base_shift) / (shift.max_image_seq_len - shift.base_image_seq_len)
-    b = shift.base_shift - m * shift.base_image_seq_len
-    return image_seq_len * m + b
+    """``mu``: linear in the number of image tokens, from ``base_shift`` at 256 tokens to ``max_shift`` at 4096
+    (FluxPipeline's own `diffusers.pipelines.flux.pipeline_flux.calculate_shift`)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift as flux_calculate_shift
+
+    return flux_calculate_shift(
+        image_seq_len, shift.base_image_seq_len, shift.max_image_seq_len, shift.base_shift, shift.max_shift
+    )
 
 
 @dataclass(frozen=True)
@@ -80,19 +83,27 @@ class FlowMatchSchedule:
 
 
 def flux_schedule(num_steps: int, image_seq_len: int, shift: ShiftConfig = ShiftConfig()) -> FlowMatchSchedule:
-    """FLUX's schedule: ``sigmas = linspace(1, 1/steps, steps)``, shifted by ``exp(mu) / (exp(mu) + (1/s - 1))``.
-
-    The arithmetic follows the scheduler's own (float64 linspace cast to float32, shift in float32), so the
-    values are identical to ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=..., mu=...)``.
-    """
+    """FLUX's schedule, from ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/steps, steps),
+    mu=calculate_shift(...))`` as ``FluxPipeline`` calls it: ``(steps + 1)`` sigmas ending at 0 and ``steps``
+    timesteps, float32."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ConfigError(f"steps must be a positive int, got {num_steps!r}")
-    mu = calculate_shift(image_seq_len, shift)
-    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
-    sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
-    sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
-    timesteps = sigmas * shift.num_train_timesteps
-    sigmas = torch.cat([sigmas, torch.zeros(1)])
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # The scheduler FluxPipeline uses, set as FluxPipeline sets it (float64 linspace of sigmas, mu from the size).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=shift.num_train_timesteps,
+        use_dynamic_shifting=True,
+        base_shift=shift.base_shift,
+        max_shift=shift.max_shift,
+        base_image_seq_len=shift.base_image_seq_len,
+        max_image_seq_len=shift.max_image_seq_len,
+        time_shift_type="exponential",
+    )
+    scheduler.set_timesteps(
+        sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=calculate_shift(image_seq_len, shift), device="cpu"
+    )
+    sigmas, timesteps = scheduler.sigmas.to(torch.float32), scheduler.timesteps.to(torch.float32)
     return FlowMatchSchedule(sigmas=sigmas.numpy(), timesteps=timesteps.numpy())
 
 
