@@ -118,12 +118,11 @@ def euler_step(latents: Tensor, noise_pred: Tensor, schedule: FlowMatchSchedule,
 
 
 def image_ids(grid: tuple[int, int]) -> Tensor:
-    """``(gh * gw, 3)`` float32 position ids of the image tokens: ``(0, row, col)``, row-major."""
+    """``(gh * gw, 3)`` float32 position ids of the image tokens: ``(0, row, col)``, row-major (FluxPipeline's)."""
+    from diffusers import FluxPipeline
+
     gh, gw = grid
-    ids = torch.zeros(gh, gw, 3)
-    ids[..., 1] = ids[..., 1] + torch.arange(gh)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(gw)[None, :]
-    return ids.reshape(gh * gw, 3)
+    return FluxPipeline._prepare_latent_image_ids(1, gh, gw, torch.device("cpu"), torch.float32)
 
 
 def text_ids(text_len: int) -> Tensor:
@@ -132,18 +131,20 @@ def text_ids(text_len: int) -> Tensor:
 
 
 def pack_latents(latents: Tensor) -> Tensor:
-    """``(B, C, 2*gh, 2*gw)`` VAE latents -> ``(B, gh*gw, 4*C)`` tokens of 2x2 patches."""
+    """``(B, C, 2*gh, 2*gw)`` VAE latents -> ``(B, gh*gw, 4*C)`` tokens of 2x2 patches (FluxPipeline's packing)."""
+    from diffusers import FluxPipeline
+
     b, c, h, w = latents.shape
-    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
 
 
 def unpack_latents(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-    """``(B, gh*gw, 4*C)`` tokens -> ``(B, C, 2*gh, 2*gw)`` VAE latents (inverse of `pack_latents`)."""
-    b, _, channels = tokens.shape
+    """``(B, gh*gw, 4*C)`` tokens -> ``(B, C, 2*gh, 2*gw)`` VAE latents (inverse of `pack_latents`; FluxPipeline's
+    unpacking, given the latent size with a scale factor of 1)."""
+    from diffusers import FluxPipeline
+
     gh, gw = grid
-    latents = tokens.view(b, gh, gw, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return latents.reshape(b, channels // 4, gh * 2, gw * 2)
+    return FluxPipeline._unpack_latents(tokens, 2 * gh, 2 * gw, 1)
 
 
 def initial_latents(
