@@ -38,7 +38,7 @@
 // H times the work of each recomputed row tile.
 //
 // Deterministic: every floating-point reduction runs in a fixed order (per-slot partial sums of the image-image
-// statistics, summed in slot order; no floating-point atomics), so a CUDA-graph replay equals an eager run bit
+// statistics, reduced over the slots in one fixed tree; no floating-point atomics), so a CUDA-graph replay equals an eager run bit
 // for bit. Errors: each launch's own return code (cudaLaunchKernelEx), never cudaGetLastError.
 #include <cuda_runtime.h>
 
@@ -237,7 +237,7 @@ cudaError_t run(const DeLeakerParams& p, const Workspace& ws, int sms, cudaStrea
     const unsigned slot_blocks = (unsigned)(2 * sms < DELEAKER_REGION_SLOTS ? 2 * sms : DELEAKER_REGION_SLOTS);
     DELEAKER_TRY(launch(region_stats_kernel<Elem, D>, dim3(slot_blocks, B), kThreads, RegionSmem<Elem, D>::kBytes,
                         stream, p, ws));
-    DELEAKER_TRY(launch(threshold_kernel, dim3(B), kThresholdThreads, 0, stream, p, ws));
+    DELEAKER_TRY(launch(threshold_kernel, dim3(E * E, B), kThresholdThreads, 0, stream, p, ws));
   }
   for (int band = 0; band < ws.bands; ++band) {
     if (image_image)

@@ -4,7 +4,8 @@
 // consecutive tiles; a block takes slots (striding when the grid is smaller) and, per tile with any cell in a
 // region pair, recomputes pbar = head mean of exp(s - lse) from q, k and the caller's LSE (tile_pbar), then adds
 // each pair's sum and sum of squares (double) into per-warp accumulators and keeps its least and largest value. Each slot's partial is written once, and
-// threshold_kernel sums the slots in order: a fixed-order reduction, no floating-point atomics, so a CUDA-graph
+// threshold_kernel reduces the slots in one fixed tree (a block per pair, a thread per slot): a fixed-order
+// reduction, no floating-point atomics, so a CUDA-graph
 // replay equals an eager run bit for bit and the grid size does not change the result. Then, per pair,
 // threshold = mean + std_mul_image_image * std (unbiased; exactly 0 when the least and largest values are equal,
 // where the one-pass sums may leave a rounding residue that a negative std_mul would turn into cuts: a constant
@@ -187,32 +188,40 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
   }
 }
 
-constexpr int kThresholdThreads = 64;  // one thread per pair (E_max^2 <= 64)
+constexpr int kThresholdThreads = DELEAKER_REGION_SLOTS;  // one thread per slot
 
-// Block b: the threshold of every ordered pair from the slots' partial sums, summed in slot order.
+// Block (pair, b): the threshold of one ordered pair from the slots' partial sums, reduced over the slots as one
+// fixed binary tree (slot s takes slot s + stride, strides 128, 64, ..., 1): a parallel reduction whose order is
+// the same on every run, for every grid, so a CUDA-graph replay still equals an eager run bit for bit.
 __global__ void __launch_bounds__(kThresholdThreads) threshold_kernel(DeLeakerParams p, Workspace ws) {
+  __shared__ double reduced[DELEAKER_PAIR_STATS][kThresholdThreads];
   if (!window_of(p).intervene) return;
-  const int b = blockIdx.x, E = p.num_entities, pairs = E * E;
-  const int pair = threadIdx.x;
-  if (pair >= pairs) return;
-  const int e = pair / E, f = pair % E;
+  const int b = blockIdx.y, E = p.num_entities, pairs = E * E;
+  const int pair = blockIdx.x, e = pair / E, f = pair % E;
   double cells;
-  float threshold = nanf("");
-  if (is_region_pair(ws, b, E, e, f, &cells)) {
-    double sum = 0.0, sq = 0.0, least = INFINITY, largest = -INFINITY;
-    for (int slot = 0; slot < DELEAKER_REGION_SLOTS; ++slot) {
-      const double* partial =
-          ws.pair_partials + (((int64_t)b * DELEAKER_REGION_SLOTS + slot) * pairs + pair) * DELEAKER_PAIR_STATS;
-      sum += partial[0];
-      sq += partial[1];
-      least = fmin(least, partial[2]);
-      largest = fmax(largest, partial[3]);
-    }
-    const double mean = sum / cells;  // exact for a constant region: its sums of float values are exact in double
-    const double var = least == largest ? 0.0 : fmax(sq - cells * mean * mean, 0.0) / (cells - 1.0);
-    threshold = (float)(mean + (double)p.std_mul_image_image * sqrt(var));
+  if (!is_region_pair(ws, b, E, e, f, &cells)) {  // the same for the whole block
+    if (threadIdx.x == 0) ws.thresholds[(int64_t)b * pairs + pair] = nanf("");
+    return;
   }
-  ws.thresholds[(int64_t)b * pairs + pair] = threshold;
+  const int slot = threadIdx.x;
+  const double* partial =
+      ws.pair_partials + (((int64_t)b * DELEAKER_REGION_SLOTS + slot) * pairs + pair) * DELEAKER_PAIR_STATS;
+#pragma unroll
+  for (int stat = 0; stat < DELEAKER_PAIR_STATS; ++stat) reduced[stat][slot] = partial[stat];
+  for (int stride = kThresholdThreads / 2; stride > 0; stride >>= 1) {
+    __syncthreads();  // the previous level is complete
+    if (slot < stride) {
+      reduced[0][slot] += reduced[0][slot + stride];
+      reduced[1][slot] += reduced[1][slot + stride];
+      reduced[2][slot] = fmin(reduced[2][slot], reduced[2][slot + stride]);
+      reduced[3][slot] = fmax(reduced[3][slot], reduced[3][slot + stride]);
+    }
+  }
+  if (slot != 0) return;  // slot 0 wrote the last level itself
+  const double sum = reduced[0][0], sq = reduced[1][0], least = reduced[2][0], largest = reduced[3][0];
+  const double mean = sum / cells;  // exact for a constant region: its sums of float values are exact in double
+  const double var = least == largest ? 0.0 : fmax(sq - cells * mean * mean, 0.0) / (cells - 1.0);
+  ws.thresholds[(int64_t)b * pairs + pair] = (float)(mean + (double)p.std_mul_image_image * sqrt(var));
 }
 
 template <typename Elem, int D>
