@@ -26,7 +26,7 @@ MAX_KERNEL_BATCH = 65535
 MAX_HEADS = 65535
 MAX_IMAGE_TOKENS = 65535 * 64
 MAX_TOKENS = 2**31 - 1
-ABI_VERSION = 3
+ABI_VERSION = 4
 #: The library's own error codes (negative; CUDA's are not).
 ERROR_INVALID_ARGUMENT = -1
 ERROR_NOT_INITIALIZED = -2
@@ -87,7 +87,7 @@ PARAMS_FIELDS: tuple[tuple[str, type], ...] = (
     ("reserved", _I32),
 )
 
-#: ``DeLeakerWorkspaceLayout`` in header order (byte offsets into the workspace, three counts, the size).
+#: ``DeLeakerWorkspaceLayout`` in header order (byte offsets into the workspace, four counts, the size).
 LAYOUT_FIELDS: tuple[tuple[str, type], ...] = tuple(
     (name, _U64)
     for name in (
@@ -108,6 +108,7 @@ LAYOUT_FIELDS: tuple[tuple[str, type], ...] = tuple(
         "thresholds",
         "cut_bits",
         "cut_tiles",
+        "pbar_tiles",
         "z",
         "fallback_rows",
         "fallback_counts",
@@ -115,6 +116,7 @@ LAYOUT_FIELDS: tuple[tuple[str, type], ...] = tuple(
         "band_rows",
         "bands",
         "tiles",
+        "stored_tiles",
         "total_bytes",
     )
 )

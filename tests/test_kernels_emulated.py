@@ -31,9 +31,14 @@ from deleaker.export import onnx_node
 from deleaker.plugins import kernels, torch_op
 from deleaker import deleaker_attention_reference
 from deleaker.errors import ShapeError
+from deleaker.ops import smooth_masks
 from kernel_checks import (
     CONFIG,
     INSIDE,
+    assert_correction_matches,
+    assert_masks_match,
+    assert_statistics_match,
+    check_union,
     check_constant_statistics,
     check_corrections_beyond_fp16_fall_back,
     check_fallback,
@@ -59,8 +64,9 @@ SHAPES = [
 ]
 
 
-#: The band size of the banded variant: several bands on the test shapes.
-BANDED = ("DELEAKER_BAND_ROWS=64",)
+#: The banded variant: bands of 64 rows (several bands on the test shapes), and only 2 stored pbar tiles per sample
+#: (the cut bits of every later tile recompute pbar instead of reading what the statistics stored).
+BANDED = ("DELEAKER_BAND_ROWS=64", "DELEAKER_PBAR_TILES=2")
 
 
 @functools.cache
@@ -185,6 +191,66 @@ def test_every_row_through_the_fallback_matches_decomposed(library):
     assert int(views["fallback_count"]) > 100 and views["cut"].any()
 
 
+def _stripe_inputs(*args, **kwargs):
+    """The device check's stripe inputs (benchmarks/attention_inputs.py): masks known in advance."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from attention_inputs import stripe_inputs
+
+    return stripe_inputs(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_eight_entities_all_present_match_decomposed(library, dtype):
+    """E_max = 8 with every entity present (256 entity-bit groups possible; the union's counting sort and the
+    thresholds' 64 pairs all in use): every intermediate against the decomposed op."""
+    grid = (32, 32)
+    (q, k, v), entity_mask, intended = _stripe_inputs(1, 2, 77, grid, 64, coverage=0.25, entities=8, dtype=dtype,
+                                                      device="cpu", seed=4)
+    assert entity_mask.shape[0] == 8 and bool(entity_mask.any(-1).all())
+    out, history, views = runner(library)(q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None,
+                                          config=CONFIG)
+    ref = decomposed_intermediates(q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None, config=CONFIG)
+    assert not out.isnan().any() and not history.isnan().any()
+    assert_statistics_match(views, history, ref)
+    assert_masks_match(views, ref, grid, CONFIG)
+    assert torch.equal(views["masks"], intended) and bool(views["masks"].any(-1).all()), "all 8 masks present"
+    assert int(torch.isfinite(views["thresholds"]).sum()) == 8 * 7, "every ordered pair of distinct entities cuts"
+    assert_correction_matches(q, k, v, entity_mask, out, views, ref, CONFIG, 0.5)
+
+
+def test_a_128x128_grid_forms_the_masks_and_union_exactly(library):
+    """A 128x128 grid (16,384 image tokens: the largest whose morphology runs in shared memory, and 16 chunks of
+    the union's counting sort): affinities against plain math, the threshold and the morphology exact, U grouped
+    and complete, rows outside U untouched. (The decomposed op's image x image matrices are too large for the
+    CPU here; the region and correction kernels are checked against it on the smaller grids above.)"""
+    grid = (128, 128)
+    (q, k, v), entity_mask, intended = _stripe_inputs(1, 1, 16, grid, 64, coverage=0.05, entities=2,
+                                                      dtype=torch.bfloat16, device="cpu", seed=6)
+    out, history, views = runner(library)(q, k, v, entity_mask, grid=grid, block_step=INSIDE, history=None,
+                                          config=CONFIG)
+    assert not out.isnan().any() and not history.isnan().any()
+    # Affinities from the image rows and the entity columns only: c_e[i] = mean over T_e of exp(s - lse).
+    _, lse = plain_attention_with_lse(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    s = (q[0, 0, 16:].float() @ k[0, 0, :16].float().T) / math.sqrt(q.shape[-1])
+    p = torch.exp(s - lse[0, 0, 16:, None])
+    tokens = entity_mask.float()
+    want = (p @ tokens.T / tokens.sum(-1).clamp(min=1)).T  # (E_max, Nimg); absent rows: 0
+    torch.testing.assert_close(views["affinity"][0], want, rtol=1e-4, atol=1e-7)
+    source = views["source"][0].double()
+    threshold = source.mean(-1, keepdim=True) + CONFIG.std_mul_text * source.std(-1, keepdim=True)
+    present = entity_mask.any(-1)[:, None]
+    assert torch.equal(views["raw_masks"][0], (source > threshold) & present)
+    assert torch.equal(views["masks"], smooth_masks(views["raw_masks"], grid))
+    assert torch.equal(views["masks"], intended)
+    in_union = check_union(views, grid[0] * grid[1])
+    assert 700 < int(in_union.sum()) < 800
+    outside = torch.cat([torch.ones(16, dtype=torch.bool), ~in_union[0]])
+    assert torch.equal(out[:, :, outside], views["plain"][:, :, outside]), "rows outside U must stay o, bit for bit"
+
+
 # ---- invariances the emulator can show ------------------------------------------------------------------------
 
 
@@ -252,8 +318,9 @@ def test_statistics_striding_over_slots_gives_the_same_results(library):
 
 
 def test_bands_give_the_same_results(library):
-    """The union corrected in bands of 64 rows (several cut, correction and fallback launches) equals one band,
-    bit for bit, with many rows through the fallback in every band."""
+    """The union corrected in bands of 64 rows (several cut, correction and fallback launches), with the cut bits of
+    all but 2 tiles from a recomputed pbar, equals one band with every tile's pbar as the statistics stored it, bit
+    for bit, with many rows through the fallback in every band."""
     banded = emulated_library(defines=BANDED)
     (q, k, v), entity_mask = structured_inputs(1, 2, 77, (20, 24), 64, 4, 4, torch.bfloat16, 7, device="cpu")
     results = [
@@ -447,6 +514,18 @@ MUTANTS = {
         "values[x] = from_float<Elem>((to_float(values[x]) - num_row[d0 + x]) / z);",
         "values[x] = from_float<Elem>((to_float(values[x]) + num_row[d0 + x]) / z);",
     ),
+    # The union's counting sort ranks a token after itself among its warp's peers (every place one too far).
+    "union_rank_off_by_one": (
+        "deleaker_masks.cuh",
+        "const int rank_in_warp = __popc(peers & ((1u << lane) - 1u));",
+        "const int rank_in_warp = __popc(peers & ((2u << lane) - 1u));",
+    ),
+    # The thresholds' tree reduction reads a level before every thread has written it.
+    "threshold_tree_without_barrier": (
+        "deleaker_regions.cuh",
+        "    __syncthreads();  // the previous level is complete\n",
+        "",
+    ),
     # Every correction stands, however small its Z: the fallback is never taken.
     "fallback_never_taken": (
         "deleaker_correction.cuh",
@@ -491,6 +570,26 @@ def test_mutant_with_a_divergent_barrier_fails_its_launch(library):
     with pytest.raises(kernels.KernelLaunchError, match="wait at __syncthreads after 1 threads of their block exited"):
         _call(mutant)
     _call(library)  # the error does not stick to the (emulated) device
+
+
+def test_mutant_in_the_union_sort_is_caught(library):
+    mutant = _mutant("union_rank_off_by_one")
+    with pytest.raises(AssertionError, match="not a permutation"):
+        check_matches_decomposed(runner(mutant), SHAPES[1], torch.bfloat16, 11, "cpu")
+
+
+def test_mutant_threshold_reduction_without_its_barrier_is_caught(library):
+    """Without the barrier between levels of the thresholds' tree, the result depends on the thread order."""
+    mutant = _mutant("threshold_tree_without_barrier")
+    results = []
+    for schedule_seed in (0, 1):
+        mutant.configure(schedule_seed=schedule_seed)
+        try:
+            results.append(_call(mutant, structured=True))
+        finally:
+            mutant.configure()
+    with pytest.raises(AssertionError, match="differ"):
+        _assert_identical(results[0], results[1], "ascending vs descending order")
 
 
 @pytest.mark.parametrize("name", ["wrong_correction_sign", "fallback_never_taken"])

@@ -8,7 +8,8 @@
 //       union_kernel                             entity bits per image token, U grouped by bits
 //   (c) region_stats_kernel, threshold_kernel    pbar sums per region pair in fixed slots; thresholds
 //   per band of at most DELEAKER_BAND_ROWS rows of U:
-//       cut_kernel                               pbar again, tile by tile: the band's cut bits (U x U columns)
+//       cut_kernel                               the band's cut bits (U x U columns) from the pbar the
+//                                                statistics stored (recomputed beyond DELEAKER_PBAR_TILES)
 //   (d) correction_kernel                        Z and o' = (o - sum W v) / Z of the band's rows, per head
 //   (e) fallback_list_kernel, fallback_kernel    rows whose Z < fallback_threshold (or not finite): exact edited
 //                                                attention of those rows only
@@ -19,12 +20,14 @@
 // Why this shape, and what it costs (FLUX.1-dev 1024x1024: B = 1, H = 24, D = 128, T = 512, Nimg = 4096):
 // - Memory is O(tokens): per-head affinities B H E Nimg floats (1.5 MiB at E = 4), Z and the fallback lists
 //   2 B H Nimg ints (0.75 MiB), and the cut bits of one band, band_rows x ceil(Nimg / 64) 64-bit words per
-//   sample: 2 MiB at Nimg = 4096, 8 MiB at 2048x2048 (Nimg = 16384, 4 bands). 4.5 MiB per call in all at the
-//   FLUX shape (6.4 MiB at E = 8), 18 MiB at 2048x2048 (the header's arithmetic); never an Nimg x Nimg buffer
-//   beyond one band of rows.
+//   sample: 2 MiB at Nimg = 4096, 8 MiB at 2048x2048 (Nimg = 16384, 4 bands); and the pbar of at most
+//   DELEAKER_PBAR_TILES region tiles per sample, 16 MiB, so that the cut bits need no Q K^T of their own. About
+//   21 MiB per call in all at the FLUX shape, 34 MiB at 2048x2048 (the header's arithmetic); never an Nimg x Nimg
+//   buffer beyond one band of rows.
 // - Work (an estimate, not a measurement), for region cells R = sum over pairs of |M_e| |M_f|, counted in whole
 //   64 x 64 tiles of U x U (grouping U by entity bits keeps the tiles of a mask with itself out): the statistics
-//   and the cut bits each recompute pbar, 2 H D FLOPs per cell on tensor cores plus H exp; the correction
+//   compute pbar, 2 H D FLOPs per cell on tensor cores plus H exp, and store it (the cut bits read 4 bytes per
+//   cell back, recomputing only beyond DELEAKER_PBAR_TILES tiles); the correction
 //   4 H D FLOPs per cell of the tiles that hold a cut (Q K^T again, then W V) plus 4 H D |T_entities| per U row
 //   on CUDA cores; the fallback 4 D N per recomputed row and head. Against 4 H D N^2 for the attention itself:
 //   with two entities' masks over 25% of the image, R ~ 0.025 N^2, so about 0.05x an attention's FLOPs, plus
@@ -129,6 +132,7 @@ Workspace workspace_views(void* base, const DeLeakerWorkspaceLayout& w) {
   ws.thresholds = reinterpret_cast<float*>(at + w.thresholds);
   ws.cut_bits = reinterpret_cast<uint64_t*>(at + w.cut_bits);
   ws.cut_tiles = reinterpret_cast<int32_t*>(at + w.cut_tiles);
+  ws.pbar_tiles = reinterpret_cast<float*>(at + w.pbar_tiles);
   ws.z = reinterpret_cast<float*>(at + w.z);
   ws.fallback_rows = reinterpret_cast<int32_t*>(at + w.fallback_rows);
   ws.fallback_counts = reinterpret_cast<int32_t*>(at + w.fallback_counts);
@@ -136,6 +140,7 @@ Workspace workspace_views(void* base, const DeLeakerWorkspaceLayout& w) {
   ws.band_rows = (int)w.band_rows;
   ws.bands = (int)w.bands;
   ws.tiles = (int)w.tiles;
+  ws.stored_tiles = (int)w.stored_tiles;
   return ws;
 }
 

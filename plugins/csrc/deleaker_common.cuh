@@ -212,12 +212,19 @@ struct Workspace {
   float* thresholds;
   uint64_t* cut_bits;
   int32_t* cut_tiles;
+  float* pbar_tiles;
   float* z;
   int32_t* fallback_rows;
   int32_t* fallback_counts;
   int32_t* fallback_count;
-  int band_rows, bands, tiles;
+  int band_rows, bands, tiles, stored_tiles;
 };
+
+// The stored pbar of U x U tile `tile` of sample b (see DeLeakerWorkspaceLayout::pbar_tiles), or NULL when the
+// tile is beyond the stored ones. Cell i of thread x at [i * kThreads + x]: coalesced writes and reads.
+__device__ __forceinline__ float* stored_pbar_of(const Workspace& ws, int b, int64_t tile) {
+  return tile < ws.stored_tiles ? ws.pbar_tiles + ((int64_t)b * ws.stored_tiles + tile) * (kTile * kTile) : nullptr;
+}
 
 // The cut-bit words of band row `band_row` of sample b (one per 64-column tile of U), and the any-cut flags of
 // the band's row tile `row_tile`: the one layout cut_kernel writes and the correction and the fallback read.

@@ -3,7 +3,8 @@
 // Plain C: usable from C++ (and ctypes) without CUDA headers. The Python mirror of these structs lives in
 // plugins/kernels.py (one field list), and tests/test_cuda_compile.py checks both layouts against this header.
 //
-// ABI version 3 (3: the workspace keeps four statistics per region pair, DELEAKER_PAIR_STATS; 2: the plain
+// ABI version 4 (4: the workspace keeps the region tiles' pbar, DELEAKER_PBAR_TILES; 3: the workspace keeps four
+// statistics per region pair, DELEAKER_PAIR_STATS; 2: the plain
 // attention and its LSE come from the caller). The caller computes the plain attention first (any fused attention that returns the row
 // log-sum-exp): `out` holds o = softmax(s) v of every row, `lse` the natural-log LSE of s = softmax_scale q k^T.
 // The library then does only what DeLeaker adds and edits `out` in place, on the rows of the entity masks.
@@ -17,7 +18,7 @@
 extern "C" {
 #endif
 
-enum { DELEAKER_ABI_VERSION = 3 };
+enum { DELEAKER_ABI_VERSION = 4 };
 
 enum { DELEAKER_DTYPE_FLOAT16 = 0, DELEAKER_DTYPE_BFLOAT16 = 1 };
 
@@ -48,6 +49,15 @@ enum { DELEAKER_PAIR_STATS = 4 };
 //! host code must agree on it, so host code should ask the library (deleaker_attention_workspace_layout).
 #ifndef DELEAKER_BAND_ROWS
 #define DELEAKER_BAND_ROWS 4096
+#endif
+
+//! The statistics pass keeps the pbar values (float) of at most this many 64 x 64 tiles of U x U per sample (the
+//! first ones in tile order: 16 MiB per sample at 1024), and the cut bits read them back instead of computing Q K^T
+//! again; a tile beyond them is recomputed (the same function, so the same bits). 1024 tiles hold every region tile
+//! of a union up to 2048 rows (50% of a 1024x1024 image). A compile-time knob like DELEAKER_BAND_ROWS (the tests
+//! build the emulated library with a small one to exercise the recompute); host code should ask the library.
+#ifndef DELEAKER_PBAR_TILES
+#define DELEAKER_PBAR_TILES 1024
 #endif
 
 typedef struct DeLeakerParams {
@@ -87,7 +97,7 @@ typedef struct DeLeakerParams {
 } DeLeakerParams;
 
 //! Byte offsets of the workspace's parts (the tests' debug views read them; every offset is 256-aligned), and
-//! three counts. Nimg = grid_h * grid_w, E = num_entities (E_max), tiles = ceil(Nimg / 64).
+//! four counts. Nimg = grid_h * grid_w, E = num_entities (E_max), tiles = ceil(Nimg / 64).
 typedef struct DeLeakerWorkspaceLayout {
   uint64_t entity_tokens;       // int32 (T): the text tokens of any entity, ascending
   uint64_t entity_token_bits;   // uint8 (T): bit e set iff that token is in T_e
@@ -109,6 +119,9 @@ typedef struct DeLeakerWorkspaceLayout {
   uint64_t cut_bits;            // uint64 (B, band_rows, tiles): bit c of word (u, w) set iff logit (U[u],
                                 //   U[64 w + c]) is cut, for the rows of the last band (u - band start)
   uint64_t cut_tiles;           // int32 (B, band_rows / 64, tiles): 1 iff that 64x64 tile of cut_bits has a cut
+  uint64_t pbar_tiles;          // float (B, stored_tiles, 32, 128): pbar of U x U tile t (t = row tile * ceil(|U| /
+                                //   64) + column tile, t < stored_tiles) as the statistics saw it, in the order its
+                                //   threads hold it (cell i of thread x at [i][x], CellOwner); only region tiles
   uint64_t z;                   // float (B, H, Nimg): Z of the rows in U (NaN where the corrected row is not
                                 //   finite); other rows are not written
   uint64_t fallback_rows;       // int32 (B, H, Nimg): per (b, h) and band, the U positions u of the rows
@@ -118,6 +131,7 @@ typedef struct DeLeakerWorkspaceLayout {
   uint64_t band_rows;           // rows of U per band: min(DELEAKER_BAND_ROWS, 64 * tiles)
   uint64_t bands;               // ceil(Nimg / band_rows)
   uint64_t tiles;               // ceil(Nimg / 64)
+  uint64_t stored_tiles;        // min(tiles^2, DELEAKER_PBAR_TILES): pbar tiles kept per sample
   uint64_t total_bytes;         // workspace size
 } DeLeakerWorkspaceLayout;
 
@@ -134,6 +148,7 @@ static inline DeLeakerWorkspaceLayout deleaker_workspace_layout(const DeLeakerPa
   w.tiles = (n + 63) / 64;
   w.band_rows = 64 * w.tiles < (uint64_t)DELEAKER_BAND_ROWS ? 64 * w.tiles : (uint64_t)DELEAKER_BAND_ROWS;
   w.bands = w.band_rows > 0 ? (n + w.band_rows - 1) / w.band_rows : 0;
+  w.stored_tiles = w.tiles * w.tiles < (uint64_t)DELEAKER_PBAR_TILES ? w.tiles * w.tiles : (uint64_t)DELEAKER_PBAR_TILES;
   uint64_t at = 0;
   w.entity_tokens = at;      at = deleaker_align256(at + t * 4);
   w.entity_token_bits = at;  at = deleaker_align256(at + t);
@@ -152,6 +167,7 @@ static inline DeLeakerWorkspaceLayout deleaker_workspace_layout(const DeLeakerPa
   w.thresholds = at;         at = deleaker_align256(at + b * e * e * 4);
   w.cut_bits = at;           at = deleaker_align256(at + b * w.band_rows * w.tiles * 8);
   w.cut_tiles = at;          at = deleaker_align256(at + b * (w.band_rows / 64) * w.tiles * 4);
+  w.pbar_tiles = at;         at = deleaker_align256(at + b * w.stored_tiles * 64 * 64 * 4);
   w.z = at;                  at = deleaker_align256(at + b * h * n * 4);
   w.fallback_rows = at;      at = deleaker_align256(at + b * h * n * 4);
   w.fallback_counts = at;    at = deleaker_align256(at + b * h * w.bands * 4);

@@ -2,7 +2,8 @@
 //
 // The U x U tiles (64 x 64, in union_index's grouped order) are split into DELEAKER_REGION_SLOTS fixed slots of
 // consecutive tiles; a block takes slots (striding when the grid is smaller) and, per tile with any cell in a
-// region pair, recomputes pbar = head mean of exp(s - lse) from q, k and the caller's LSE (tile_pbar), then adds
+// region pair, recomputes pbar = head mean of exp(s - lse) from q, k and the caller's LSE (tile_pbar), keeps it
+// for the cut bits (the first DELEAKER_PBAR_TILES tiles of U x U), then adds
 // each pair's sum and sum of squares (double) into per-warp accumulators and keeps its least and largest value. Each slot's partial is written once, and
 // threshold_kernel reduces the slots in one fixed tree (a block per pair, a thread per slot): a fixed-order
 // reduction, no floating-point atomics, so a CUDA-graph
@@ -10,7 +11,8 @@
 // threshold = mean + std_mul_image_image * std (unbiased; exactly 0 when the least and largest values are equal,
 // where the one-pass sums may leave a rounding residue that a negative std_mul would turn into cuts: a constant
 // region cuts nothing), NaN where the pair cuts nothing; and per band of U
-// rows, cut_kernel recomputes pbar tile by tile and writes the cut bits the correction reads.
+// rows, cut_kernel reads the stored pbar tile by tile (recomputing a tile beyond the stored ones) and writes the
+// cut bits the correction reads: the cut decisions see exactly the values the statistics summed.
 #pragma once
 
 #include "deleaker_common.cuh"
@@ -141,6 +143,11 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
       if (!__syncthreads_or(owns_region_cell(me, my_partners, col_bits))) continue;  // no region cell in the tile
       float pbar[32];
       tile_pbar<Elem, D>(p, b, row_token, col_token, q_s, k_s, s_all, lse_s, me, pbar);
+      // Kept for the cut bits, which then read the very values summed here instead of a third Q K^T.
+      if (float* stored = stored_pbar_of(ws, b, tile)) {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) stored[i * kThreads + threadIdx.x] = pbar[i];
+      }
       for (int pair = 0; pair < pairs; ++pair) {
         const int e = pair / E, f = pair % E;
         if (!((partners[e] >> f) & 1u)) continue;  // the same for the whole block
@@ -253,8 +260,16 @@ __global__ void __launch_bounds__(kThreads) cut_kernel(DeLeakerParams p, Workspa
   const bool any_region = __syncthreads_or(owns_region_cell(me, row_partners(my_row_bits, partners, E), col_bits));
   uint64_t word = 0;
   if (any_region) {
+    // Every tile with a cut candidate had a region cell for the statistics too (a pair with a threshold is a
+    // region pair), so region_stats_kernel stored its pbar if it is among the stored tiles.
     float pbar[32];
-    tile_pbar<Elem, D>(p, b, row_token, col_token, q_s, k_s, s_all, lse_s, me, pbar);
+    const float* stored = stored_pbar_of(ws, b, (int64_t)row_tile * ceil_div(U, kTile) + col_tile);
+    if (stored != nullptr) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) pbar[i] = stored[i * kThreads + threadIdx.x];
+    } else {
+      tile_pbar<Elem, D>(p, b, row_token, col_token, q_s, k_s, s_all, lse_s, me, pbar);
+    }
     word = tile_cut_word(me, pbar, my_row_bits, col_bits, thresholds, E);
   }
   const int64_t band_row = (int64_t)blockIdx.x * kTile + me.row;
