@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProc
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
 from .config import REFERENCE_NUM_BLOCKS, DeLeakerConfig
-from .entities import check_entity_rows, entity_token_mask
+from .entities import DEFAULT_MAX_ENTITIES, check_entity_rows, entity_token_mask
 from .errors import ConfigError, NonFiniteError
 from .geometry import latent_grid
 from .guidance import check_guidance, real_scalar
@@ -22,10 +22,6 @@ from .processor import (
     install_deleaker_processors,
     place_deleaker_processors,
 )
-
-#: Entity rows of the mask (the spec's E_max); prompts may name fewer entities.
-DEFAULT_MAX_ENTITIES = 4
-
 
 class DeLeakerFluxPipeline(FluxPipeline):
     """``FluxPipeline`` that mitigates leakage between the ``entities`` named in the prompt.

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from deleaker.config import DeLeakerConfig
+from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.errors import ConfigError
 from deleaker.folders import check_output_folder
 from deleaker.export.limits import PRECISIONS, check_max_entities, check_side, check_text_len
@@ -55,7 +56,7 @@ class BuildRequest:
     height: int = 512
     width: int = 512
     text_len: int = 256
-    max_entities: int = 4
+    max_entities: int = DEFAULT_MAX_ENTITIES
     batch: Tuple[int, int, int] = (1, 1, 4)
     onnx_only: bool = False
     plugin_library: Optional[Path] = None

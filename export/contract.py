@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from deleaker.config import num_joint_blocks
+from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.errors import ConfigError, ShapeError
 
 #: Name of the dynamic batch axis in shapes and in the ONNX graph.
@@ -184,7 +185,7 @@ class FluxTransformerIO:
         height: int,
         width: int,
         text_len: int,
-        max_entities: int = 4,
+        max_entities: int = DEFAULT_MAX_ENTITIES,
         vae_scale_factor: int = 8,
         batch: Tuple[int, int, int] = (1, 1, 4),
         dtype: Union[str, torch.dtype] = "float32",
