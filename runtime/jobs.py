@@ -74,6 +74,8 @@ class RuntimeSpec:
     compile: bool = False
     #: The torch backend only: FP8 linears with ``"row"`` or ``"tensor"`` scales (``deleaker.fp8_linear``).
     fp8: Optional[str] = None
+    #: The torch backend on a GPU only: the text encoders stay in CPU memory between prompts.
+    offload_encoders: bool = False
 
     def __post_init__(self) -> None:
         if (self.engines is None) == (self.model is None):
@@ -110,6 +112,15 @@ class RuntimeSpec:
                     f"--fp8 applies to the torch backend of a model (--model ... --backend torch), not to {used} "
                     "(FP8 engines: build --precision fp8)"
                 )
+        if not isinstance(self.offload_encoders, bool):
+            raise ConfigError(f"offload_encoders must be True or False, got {self.offload_encoders!r:.40}")
+        if self.offload_encoders and (self.engines is not None or self.backend != "torch"):
+            raise ConfigError("--offload-encoders applies to the torch backend of a model (--model ... --backend torch)")
+        if self.offload_encoders and self.device is not None and not self.device.startswith("cuda"):
+            raise ConfigError(
+                f"--offload-encoders keeps the text encoders in CPU memory for a GPU run; --device {self.device} runs "
+                "them there already"
+            )
         if self.model is not None and self.backend == "tensorrt":
             raise ConfigError("the tensorrt backend runs built engines: pass --engines DIR (see `deleaker-trt build`)")
         if self.text_len is not None:
@@ -162,6 +173,7 @@ class RuntimeSpec:
             deleaker_config=dict(self.deleaker_overrides) or None,
             compile=self.compile,
             fp8=self.fp8,
+            offload_encoders=self.offload_encoders,
         )
 
 
@@ -226,6 +238,8 @@ class ItemReport:
     skipped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     masks_out: Optional[str] = None
+    #: Peak GPU memory of the image's generation (GiB, the larger of a --compare pair); None off a GPU.
+    peak_gpu_gib: Optional[float] = None
 
 
 @dataclass
@@ -542,10 +556,14 @@ def run_job(
             continue
         result = _generate(rt, request, progress_factory, "DeLeaker")
         report.timings = dict(result.timings)
+        report.peak_gpu_gib = result.peak_gpu_gib
         images = [(result.image, item.out)]
         if item.compare_out is not None:
+            # The same prompt: the text encoders' outputs are reused (`TextEncoders.encode`), not recomputed.
             plain = _generate(rt, replace(request, deleaker=False), progress_factory, "FLUX")
             report.timings["plain_total"] = plain.timings["total"]
+            if plain.peak_gpu_gib is not None:
+                report.peak_gpu_gib = max(report.peak_gpu_gib or 0.0, plain.peak_gpu_gib)
             pair = side_by_side(plain.image, result.image, request.prompt, ("FLUX", "DeLeaker"))
             images.append((pair, item.compare_out))
         if item.masks_out is not None:

@@ -70,6 +70,9 @@ class GenerationResult:
     request: GenerationRequest
     latents: Optional[list[Tensor]] = None
     entity_masks: Optional[Tensor] = None
+    #: The most GPU memory torch allocated during the generation (GiB; every tensor of this process, the weights
+    #: included); None off a GPU.
+    peak_gpu_gib: Optional[float] = None
 
 
 class DeLeakerRuntime:
@@ -136,6 +139,7 @@ class DeLeakerRuntime:
         ort_providers: Optional[list[str]] = None,
         compile: bool = False,
         fp8: Optional[str] = None,
+        offload_encoders: bool = False,
     ) -> "DeLeakerRuntime":
         """A runtime for a diffusers FLUX folder (``model`` = path) or the built-in tiny model (``"tiny"``).
 
@@ -149,14 +153,18 @@ class DeLeakerRuntime:
         image of each resolution, batch size and DeLeaker on/off. ``fp8`` (torch backend only): ``"row"`` or
         ``"tensor"`` runs the transformer blocks' linear layers in FP8 E4M3 with row-wise or per-tensor scales
         (`deleaker.fp8_linear`); embedders, norms, the output projection and DeLeaker's attention keep ``dtype``.
+        ``offload_encoders`` (torch backend on CUDA only): the text encoders stay in CPU memory and visit the GPU
+        only to encode a new prompt (T5-XXL is 9.5 GB in bf16), for GPUs too small for the whole pipeline.
         """
         if not isinstance(model, (str, Path)):
             raise ConfigError(f"model must be 'tiny' or a diffusers folder (str or Path), got {type(model).__name__}")
         check_model_options(
-            backend, text_len=text_len, max_entities=max_entities, dtype=dtype, compile=compile, fp8=fp8
+            backend, text_len=text_len, max_entities=max_entities, dtype=dtype, compile=compile, fp8=fp8,
+            offload_encoders=offload_encoders,
         )
         start = time.perf_counter()
-        model_device(backend, device)  # a device this backend cannot use is refused before the model loads
+        # A device this backend cannot use is refused before the model loads.
+        check_offload(offload_encoders, model_device(backend, device))
         components, model_id = load_components(model)
         return cls.from_components(
             components,
@@ -174,6 +182,7 @@ class DeLeakerRuntime:
             started_at=start,
             compile=compile,
             fp8=fp8,
+            offload_encoders=offload_encoders,
         )
 
     @classmethod
@@ -195,6 +204,7 @@ class DeLeakerRuntime:
         compile: bool = False,
         fp8: Optional[str] = None,
         weights_key: Optional[str] = None,
+        offload_encoders: bool = False,
     ) -> "DeLeakerRuntime":
         """A runtime around ``FluxPipeline`` components already in memory (``pipe.components``).
 
@@ -206,9 +216,11 @@ class DeLeakerRuntime:
         """
         start = time.perf_counter() if started_at is None else started_at
         check_model_options(
-            backend, text_len=text_len, max_entities=max_entities, dtype=dtype, compile=compile, fp8=fp8
+            backend, text_len=text_len, max_entities=max_entities, dtype=dtype, compile=compile, fp8=fp8,
+            offload_encoders=offload_encoders,
         )
         device = model_device(backend, device)
+        check_offload(offload_encoders, device)
         components = dict(components)
         transformer = components["transformer"]
         num_blocks = num_joint_blocks(transformer.config)
@@ -219,7 +231,10 @@ class DeLeakerRuntime:
             # Casting only when needed: diffusers warns on every dtype cast of a loaded model.
             if next(module.parameters()).dtype != dtype:
                 module.to(dtype=dtype)
-            module.to(device)
+            if offload_encoders and name in ("text_encoder", "text_encoder_2"):
+                module.to("cpu")  # moved to the GPU for each new prompt only (`TextEncoders.offload_to`)
+            else:
+                module.to(device)
         scale = vae_scale_factor(components["vae"].config)
         patch = 2 * scale
         memory = AttentionMemory.of(transformer.config, text_len=text_len, max_entities=max_entities, patch=patch)
@@ -256,6 +271,7 @@ class DeLeakerRuntime:
                 components["text_encoder"],
                 components["tokenizer_2"],
                 components["text_encoder_2"],
+                offload_to=device if offload_encoders else None,
             ),
             vae=components["vae"],
             transformer_config=transformer.config,
@@ -388,6 +404,9 @@ class DeLeakerRuntime:
         """Encode, denoise and decode ``requests`` (one resolution and step count) with a loaded backend (torch
         work: never while this process exports). ``record_latents``: every step's latents ``(B, Nimg, C)``."""
         height, width = requests[0].height, requests[0].width
+        gpu = backend.device if backend.device.type == "cuda" else None
+        if gpu is not None:
+            torch.cuda.reset_peak_memory_stats(gpu)  # this generation's peak, reported with its results
         if self.transformer_config.get("guidance_embeds", False):
             # The transformer embeds guidance x 1000 in its dtype: float16 (a model, an fp16/fp8 engine) overflows
             # above 65.5, and every latent would be NaN. Refused before the work, not after it.
@@ -512,6 +531,7 @@ class DeLeakerRuntime:
             results.append(GenerationResult(
                 image=image, timings=dict(timings), request=request, latents=recorded if record_latents else None,
                 entity_masks=found,
+                peak_gpu_gib=None if gpu is None else torch.cuda.max_memory_allocated(gpu) / 2**30,
             ))
         return results
 
@@ -582,8 +602,18 @@ def model_device(backend: str, device: str | torch.device | None) -> torch.devic
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_offload(offload_encoders: bool, device: torch.device) -> None:
+    """Raise `ConfigError` when the text encoders are to be offloaded but the model does not run on a GPU."""
+    if offload_encoders and device.type != "cuda":
+        raise ConfigError(
+            f"offload_encoders (--offload-encoders) keeps the text encoders in CPU memory between prompts for a GPU "
+            f"run; the model runs on {device}, where they already are"
+        )
+
+
 def check_model_options(
-    backend: Any, *, text_len: Any, max_entities: Any, dtype: Any, compile: Any = False, fp8: Any = None
+    backend: Any, *, text_len: Any, max_entities: Any, dtype: Any, compile: Any = False, fp8: Any = None,
+    offload_encoders: Any = False,
 ) -> None:
     """Raise `ConfigError` for options of `DeLeakerRuntime.from_model` out of range (before any work)."""
     if backend not in MODEL_BACKENDS:
@@ -598,6 +628,10 @@ def check_model_options(
             f"compile applies to the torch backend only (torch.compile of the transformer), not {backend}; "
             "use backend='torch' (--backend torch)"
         )
+    if not isinstance(offload_encoders, bool):
+        raise ConfigError(f"offload_encoders must be True or False, got {offload_encoders!r:.40}")
+    if offload_encoders and backend != "torch":
+        raise ConfigError(f"offload_encoders applies to the torch backend on a GPU, not {backend}")
     if fp8 is not None:
         check_granularity(fp8)
         if backend != "torch":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -19,18 +19,29 @@ class TextEncoders:
     """CLIP (pooled embedding) and T5 (token embeddings) with their tokenizers; modules stay where the caller put them.
 
     ``encode`` returns what ``FluxPipeline.encode_prompt`` returns for one prompt: ``prompt_embeds (1, T, joint_dim)``
-    and ``pooled_projections (1, pooled_dim)``.
+    and ``pooled_projections (1, pooled_dim)``. The encoders run once per prompt: the last `KEPT_EMBEDDINGS`
+    prompts' outputs are kept, so a ``--compare`` pair (DeLeaker on, then plain FLUX) and repeated prompts share
+    them.
+
+    ``offload_to``: a device (a GPU) the encoders are moved to for each encoding and moved back from afterwards
+    (they live where the caller put them, e.g. the CPU), so the GPU holds them only while a prompt is encoded;
+    None keeps them in place.
     """
 
     tokenizer: object
     text_encoder: torch.nn.Module
     tokenizer_2: object
     text_encoder_2: torch.nn.Module
+    offload_to: Optional[torch.device] = None
     #: The last prompts' T5 encodings (`t5_encoding`), oldest first.
     _t5_encodings: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: The last prompts' encoder outputs, by (prompt, T, dtype), oldest first.
+    _embeddings: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     #: How many prompts' T5 encodings are kept (a batch's prompts, each checked, masked and embedded).
     KEPT_ENCODINGS = 64
+    #: How many prompts' encoder outputs are kept (T5-XXL at T = 512 in bf16: 4 MiB each).
+    KEPT_EMBEDDINGS = 16
 
     def t5_encoding(self, prompt: str) -> Any:
         """``prompt``'s one T5 tokenization (untruncated, with character offsets): the length check, the entity
@@ -65,9 +76,30 @@ class TextEncoders:
             encoding=self.t5_encoding(prompt),
         )
 
-    @torch.no_grad()
     def encode(self, prompt: str, *, text_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(prompt_embeds (1, T, joint_dim), pooled (1, pooled_dim))`` for one prompt, cast to ``dtype``."""
+        """``(prompt_embeds (1, T, joint_dim), pooled (1, pooled_dim))`` for one prompt, cast to ``dtype``; the
+        encoders run only for a prompt not among the last `KEPT_EMBEDDINGS` (callers must not modify the result)."""
+        key = (prompt, text_len, dtype)
+        kept = self._embeddings.get(key)
+        if kept is None:
+            if self.offload_to is None:
+                kept = self._run_encoders(prompt, text_len=text_len, dtype=dtype)
+            else:
+                homes = [next(m.parameters()).device for m in (self.text_encoder, self.text_encoder_2)]
+                try:
+                    for module in (self.text_encoder, self.text_encoder_2):
+                        module.to(self.offload_to)
+                    kept = self._run_encoders(prompt, text_len=text_len, dtype=dtype)
+                finally:
+                    for module, home in zip((self.text_encoder, self.text_encoder_2), homes):
+                        module.to(home)
+            while len(self._embeddings) >= self.KEPT_EMBEDDINGS:
+                self._embeddings.pop(next(iter(self._embeddings)), None)
+            self._embeddings[key] = kept
+        return kept
+
+    @torch.no_grad()
+    def _run_encoders(self, prompt: str, *, text_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         clip_ids = self.tokenizer(
             [prompt],
             padding="max_length",

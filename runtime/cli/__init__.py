@@ -151,6 +151,7 @@ def run(
     no_progress,
     compile_model,
     fp8,
+    offload_encoders,
 ) -> None:
     """Generate images with DeLeaker (one --prompt, or a --prompts batch)."""
     from deleaker.runtime import jobs
@@ -158,7 +159,8 @@ def run(
 
     with reported_errors("the image in progress"):
         spec = runtime_spec(
-            engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8
+            engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8,
+            offload_encoders,
         )
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompts_file is not None:
@@ -238,6 +240,7 @@ def verify(
     no_progress,
     compile_model,
     fp8,
+    offload_encoders,
 ) -> None:
     """Run one prompt on a backend and on PyTorch; fail beyond tolerance (latent rel. error per step, PSNR)."""
     from deleaker.runtime import jobs
@@ -245,7 +248,8 @@ def verify(
 
     with reported_errors("the image in progress"):
         spec = runtime_spec(
-            engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8
+            engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8,
+            offload_encoders,
         )
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompt is None or entities is None:

@@ -135,7 +135,13 @@ def request_options(func):
 
 
 def torch_execution_options(func):
-    """How the torch backend runs the transformer: ``--compile`` and ``--fp8`` (other backends refuse them)."""
+    """How the torch backend runs: ``--compile``, ``--fp8`` and ``--offload-encoders`` (other backends refuse them)."""
+    func = click.option(
+        "--offload-encoders",
+        is_flag=True,
+        help="--backend torch on a GPU only: keep the text encoders in CPU memory and move them to the GPU only to "
+        "encode a new prompt (for GPUs too small for the whole pipeline).",
+    )(func)
     func = click.option(
         "--fp8",
         type=click.Choice(FP8_SCALES),
@@ -155,7 +161,7 @@ def torch_execution_options(func):
 
 def runtime_spec(
     engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model=False,
-    fp8=None,
+    fp8=None, offload_encoders=False,
 ):
     from deleaker.runtime import jobs
 
@@ -173,4 +179,5 @@ def runtime_spec(
         precision=precision,
         compile=compile_model,
         fp8=fp8,
+        offload_encoders=offload_encoders,
     )
