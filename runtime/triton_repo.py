@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from deleaker.errors import ConfigError, DeLeakerError
+from deleaker.staging import staging_path
 
 #: The python-backend model's name, inputs and outputs (the client's side of the contract).
 PYTHON_MODEL = "deleaker"
@@ -267,7 +267,7 @@ def write_repository(spec: TritonRepoSpec) -> TritonRepository:
         raise TritonRepoError(f"{runtime.engines} has several engines of one resolution and precision: {names}")
 
     out = Path(spec.out)
-    staging = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    staging = staging_path(out)  # the one form of our staging names (deleaker.staging)
     try:
         staging.mkdir(parents=True)
         model_dir = staging / PYTHON_MODEL
