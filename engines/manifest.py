@@ -12,7 +12,6 @@ names or times.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -76,15 +75,6 @@ class Environment:
     width: Optional[int] = None
     text_len: Optional[int] = None
     max_entities: Optional[int] = None
-
-
-def sha256_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike) -> str:
-    """One hex SHA-256 over several files: each file's path relative to ``root`` and its bytes, in sorted order."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(bytes.fromhex(sha256_file(path)))
-    return digest.hexdigest()
 
 
 def cuda_environment() -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
