@@ -48,10 +48,11 @@ from deleaker.config import DeLeakerConfig  # noqa: E402
 from deleaker.runtime.jobs import RuntimeSpec, output_record  # noqa: E402
 from deleaker.runtime.request import GenerationRequest  # noqa: E402
 
-# Knobs that make DeLeaker act on the tiny model's random weights (as tests/test_runtime.py's CONFIG).
+# Knobs that make DeLeaker act on the tiny model's random weights (tests/test_runtime.py's CONFIG, test_cli.py's
+# KNOBS): the same knobs, T and size give the same compiled graph, so inductor's cache serves the CLI's test.
 ACTING = DeLeakerConfig(
-    do_smoothing=False, start_aggregating_from=1, stop_aggregating_at=9, start_intervention_from=2,
-    stop_intervention_at=40, std_mul_text=0.5, std_mul_image_image=0.5,
+    start_aggregating_from=1, stop_aggregating_at=9, start_intervention_from=2, stop_intervention_at=40,
+    std_mul_text=0.5, std_mul_image_image=0.5,
 )
 #: Compiled vs eager on the CPU in float32: inductor fuses and reorders float32 arithmetic, nothing more (measured
 #: about 4e-7 per step on the tiny model); the images are 8-bit and may differ by one level where a value rounds
