@@ -97,9 +97,15 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scales={self.granularity}"
 
 
+def in_high_precision_module(name: str) -> bool:
+    """Whether module path ``name`` (relative to the transformer) is, or is under, one of `HIGH_PRECISION_MODULES`
+    (the recipe's part shared with the FP8 engines, ``deleaker.engines.fp8``)."""
+    return any(name == root or name.startswith(root + ".") for root in HIGH_PRECISION_MODULES)
+
+
 def keeps_precision(name: str) -> bool:
     """Whether the linear at module path ``name`` (relative to the transformer) stays in the model's dtype."""
-    if any(name == root or name.startswith(root + ".") for root in HIGH_PRECISION_MODULES):
+    if in_high_precision_module(name):
         return True
     # The norms' modulation linears: ``norm1.linear``, ``norm1_context.linear``, ``norm.linear``.
     return any(part.startswith("norm") for part in name.split(".")[:-1])

@@ -33,11 +33,10 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from deleaker.errors import ConfigError, DeLeakerError
+# The recipe's constants are shared with the PyTorch FP8 path (E4M3's largest value, the modules kept in high
+# precision); re-exported here, where the engine build and its tests read them.
+from deleaker.fp8_linear import E4M3_MAX, HIGH_PRECISION_MODULES, in_high_precision_module  # noqa: F401
 
-#: Largest finite float8_e4m3fn value.
-E4M3_MAX = 448.0
-#: Module paths (relative to the transformer) kept in high precision, with everything under them.
-HIGH_PRECISION_MODULES = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
 #: Default-domain opset the Q/DQ graph needs (FLOAT8E4M3FN QuantizeLinear/DequantizeLinear).
 QDQ_OPSET = 19
 
@@ -58,7 +57,7 @@ class LinearScales:
 
 def is_high_precision(name: str) -> bool:
     """Whether the linear at module path ``name`` (relative to the transformer) stays unquantized."""
-    return any(name == root or name.startswith(root + ".") for root in HIGH_PRECISION_MODULES)
+    return in_high_precision_module(name)
 
 
 def quantizable_linears(transformer: nn.Module) -> Dict[str, nn.Linear]:
