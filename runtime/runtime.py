@@ -468,9 +468,11 @@ class DeLeakerRuntime:
         # On a GPU the finiteness of each step is kept on the device and read once after the loop (unless the
         # latents are recorded, which reads them anyway): no host synchronisation per step.
         deferred_finite: Optional[list[Tensor]] = [] if device.type == "cuda" and not record_latents else None
+        # Every step index on the device at once: a step reads its own, with no copy from the host per step.
+        step_indices = torch.arange(schedule.num_steps, dtype=torch.int64, device=device)
         for i in range(schedule.num_steps):
             noise_pred = torch.empty_like(latents)
-            step = torch.tensor(i, dtype=torch.int64, device=device)
+            step = step_indices[i]
             for call_rows, mask in calls:
                 index = torch.tensor(call_rows, device=device)
                 whole = len(call_rows) == len(requests)  # one call for all rows: no gather
