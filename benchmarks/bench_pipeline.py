@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import sys
@@ -251,6 +252,13 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - one row failing must not lose the others
             return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:1500],
                     "traceback": traceback.format_exc()[-3000:]}
+        finally:
+            if compiled:
+                # The compiled code, its CUDA graphs and their memory pools go before the next row measures its peak.
+                torch._dynamo.reset()
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
         return {"status": "ok", "compiled": compiled, **data}
 
 
