@@ -8,8 +8,10 @@ Kernels, by device (chosen by PyTorch's dispatcher, not by Python code here):
 
 - every device: the PyTorch reference (`reference_kernel`, ``deleaker.ops``), the op's default implementation;
 - ``cuda``: the fused kernels, registered onto this op by ``deleaker.plugins.torch_op`` when that module is
-  imported (the core never imports the plugins package); it falls back to the reference for inputs the kernels
-  do not take;
+  imported; it falls back to the reference for inputs the kernels do not take. The core never imports the plugins
+  package: the first call with inputs off the CPU loads the kernel providers that installed packages name in the
+  ``deleaker.kernels`` entry-point group (deleaker-trt's own names ``deleaker.plugins.torch_op``), so a
+  `DeLeakerFluxPipeline` on a GPU gets the fused kernels without importing them itself;
 - fake (meta) tensors: `_fake`, shapes only, so ``torch.compile`` traces the op without running it and without a
   graph break.
 
@@ -21,6 +23,9 @@ outside the intervention window.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import threading
+import warnings
 from typing import Tuple, Union
 
 import torch
@@ -78,6 +83,32 @@ def reference_kernel(
     return out.contiguous(), new_history.contiguous()
 
 
+#: The entry-point group whose entries are modules that register device kernels on this op when imported.
+KERNEL_PROVIDERS_GROUP = "deleaker.kernels"
+
+_providers_lock = threading.Lock()
+_providers_loaded = False
+
+
+def load_kernel_providers() -> bool:
+    """Imports the modules named in the ``deleaker.kernels`` entry-point group, once per process.
+
+    Returns True for the call that loaded them (a kernel it registered serves from the next dispatch on), False
+    once they are loaded. A provider that fails to import is reported as a warning and leaves the reference.
+    """
+    global _providers_loaded
+    with _providers_lock:
+        if _providers_loaded:
+            return False
+        _providers_loaded = True
+        for entry in importlib.metadata.entry_points(group=KERNEL_PROVIDERS_GROUP):
+            try:
+                entry.load()
+            except Exception as error:  # noqa: BLE001  (any failure of an optional provider keeps the reference)
+                warnings.warn(f"deleaker: kernel provider {entry.value!r} did not load ({error}); using the reference")
+        return True
+
+
 @torch.library.custom_op("deleaker::attention", mutates_args=())
 def attention(
     q: Tensor,
@@ -103,7 +134,7 @@ def attention(
     do_image_text_strengthening: bool,
     do_image_text_weakening: bool,
 ) -> Tuple[Tensor, Tensor]:
-    return reference_kernel(
+    args = (
         q,
         k,
         v,
@@ -127,6 +158,10 @@ def attention(
         do_image_text_strengthening,
         do_image_text_weakening,
     )
+    if q.device.type != "cpu" and load_kernel_providers():
+        # A provider registered its kernel just now: this call goes through the dispatcher as the next ones do.
+        return torch.ops.deleaker.attention(*args)
+    return reference_kernel(*args)
 
 
 @attention.register_fake
@@ -196,7 +231,7 @@ def deleaker_attention(
     Returns:
         ``out`` like ``q`` (same dtype) and the updated history ``(B, E_max, gh * gw)`` float32.
 
-    CUDA tensors run the fused kernels once ``deleaker.plugins.torch_op`` is imported and the kernels are built;
+    CUDA tensors run the fused kernels where they are built (their provider loads on the first call off the CPU);
     everything else runs the PyTorch reference (`deleaker.deleaker_attention_reference`).
     """
     check_attention_inputs(q, k, v, entity_mask, grid=grid, block_step=block_step, history=history, config=config)

@@ -159,3 +159,55 @@ def test_cuda_kernel_runs_the_reference_for_inputs_the_kernels_cannot_take():
     want = deleaker_attention_reference(q, k, v, mask, grid=GRID, block_step=5, history=history, config=CONFIG)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_kernel_providers_come_from_the_entry_point_group_and_load_only_off_the_cpu():
+    """The core finds the CUDA kernel through the ``deleaker.kernels`` entry points (pyproject.toml), so a pipeline
+    on a GPU gets it without importing the plugins; a CPU call never loads a provider."""
+    from importlib.metadata import entry_points
+
+    from deleaker.library import KERNEL_PROVIDERS_GROUP
+
+    assert {entry.value for entry in entry_points(group=KERNEL_PROVIDERS_GROUP)} == {"deleaker.plugins.torch_op"}
+    script = (
+        "import sys, torch\n"
+        "from deleaker import DeLeakerConfig, deleaker_attention\n"
+        "from deleaker.library import load_kernel_providers\n"
+        "q = k = v = torch.randn(1, 1, 4 + 4, 8)\n"
+        "mask = torch.zeros(2, 4, dtype=torch.bool); mask[0, 1] = mask[1, 2] = True\n"
+        "deleaker_attention(q, k, v, mask, grid=(2, 2), block_step=3, history=None, config=DeLeakerConfig())\n"
+        "assert 'deleaker.plugins.torch_op' not in sys.modules\n"
+        "has = torch._C._dispatch_has_kernel_for_dispatch_key\n"
+        "assert load_kernel_providers() is True and load_kernel_providers() is False\n"
+        "assert 'deleaker.plugins.torch_op' in sys.modules and has('deleaker::attention', 'CUDA')\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_first_cuda_call_loads_the_fused_kernels_and_takes_them():
+    """On a GPU, the first call of the core's `deleaker_attention` (as `DeLeakerFluxPipeline` makes it) loads the
+    provider and is served by the CUDA kernel, which gives what the plugins' fast path gives."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    script = (
+        "import sys, torch\n"
+        "from deleaker import DeLeakerConfig, deleaker_attention\n"
+        "g = torch.Generator(device='cuda').manual_seed(0)\n"
+        "shape = (1, 2, 8 + 64, 64)\n"
+        "q, k, v = (torch.randn(shape, device='cuda', dtype=torch.bfloat16, generator=g) for _ in range(3))\n"
+        "mask = torch.zeros(2, 8, dtype=torch.bool, device='cuda'); mask[0, 1] = mask[1, 3] = True\n"
+        "cfg = DeLeakerConfig(do_smoothing=False)\n"
+        "got = deleaker_attention(q, k, v, mask, grid=(8, 8), block_step=40, history=None, config=cfg)\n"
+        "assert 'deleaker.plugins.torch_op' in sys.modules\n"
+        "from deleaker.library import config_kwargs\n"
+        "from deleaker.plugins import torch_op\n"
+        "want = torch_op.cuda_kernel(q, k, v, mask, torch.zeros(1, 2, 64, device='cuda'),\n"
+        "    torch.tensor(40), 0, 1, 8, 8, *config_kwargs(cfg).values())\n"
+        "assert all(torch.equal(a, b) for a, b in zip(got, want))\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
