@@ -403,7 +403,6 @@ class DeLeakerRuntime:
     def _generate_loaded(self, requests, backend, grid, timings, start, record_latents, progress):
         """Encode, denoise and decode ``requests`` (one resolution and step count) with a loaded backend (torch
         work: never while this process exports). ``record_latents``: every step's latents ``(B, Nimg, C)``."""
-        height, width = requests[0].height, requests[0].width
         gpu = backend.device if backend.device.type == "cuda" else None
         if gpu is not None:
             torch.cuda.reset_peak_memory_stats(gpu)  # this generation's peak, reported with its results
