@@ -201,6 +201,11 @@ class JobItem:
         """Every file this item writes (all or none of them, see `save_pngs_atomic`)."""
         return tuple(p for p in (self.out, self.compare_out, self.masks_out) if p is not None)
 
+    @property
+    def derived_outputs(self) -> tuple[Path, ...]:
+        """The files whose names we derive from ``out`` (``<stem>_compare.png``, ``<stem>_masks.png``)."""
+        return self.outputs[1:]
+
 
 @dataclass(frozen=True)
 class RenderJob:
@@ -214,8 +219,9 @@ class RenderJob:
     ``replace_only_ours`` (a batch, with or without ``--overwrite``): a file already at an output path is replaced
     only when it is a PNG of ours (its ``deleaker-trt`` record, `images.carries_record`); anything else (a user's
     JPEG saved as ``0000.png``, a prompts file) is refused, naming it, before the model loads. A single ``--out``
-    names its file explicitly and is always written. Whatever the job, something that is not a regular file at an
-    output path (a FIFO, a device, a socket, a link) is refused unopened.
+    names its file explicitly and is always written; the names derived from it (``<stem>_compare.png``,
+    ``<stem>_masks.png``) follow the batch's rule, since the user never named them. Whatever the job, something
+    that is not a regular file at an output path (a FIFO, a device, a socket, a link) is refused unopened.
     """
 
     runtime: RuntimeSpec
@@ -489,18 +495,23 @@ def _remove_stale_staging(job: RenderJob) -> None:
 
 
 def _refuse_files_not_ours(job: RenderJob) -> None:
-    """Raise `OutputError` naming the regular files at the job's output paths that are not PNGs of ours."""
+    """Raise `OutputError` naming the regular files at the job's output paths that are not PNGs of ours (a batch:
+    every output; a single ``--out``: the names derived from it, the one it names being always written)."""
     strangers = [
         f"{path} ({item.label or 'this request'}) has no record of its settings"
         for item in job.items
-        for path in item.outputs
+        for path in (item.outputs if job.replace_only_ours else item.derived_outputs)
         if path.exists() and not carries_record(path)
     ]
     if strangers:
         listed = "; ".join(strangers[:3]) + (f"; and {len(strangers) - 3} more" if len(strangers) > 3 else "")
         raise OutputError(
             f"existing files at output paths are not images deleaker-trt wrote: {listed}. Nothing was generated; "
-            "such a file is never replaced (not even with --overwrite): move it away, or choose another --out-dir"
+            + (
+                "such a file is never replaced (not even with --overwrite): move it away, or choose another --out-dir"
+                if job.replace_only_ours
+                else "such a file is never replaced: move it away, or choose another --out"
+            )
         )
 
 
@@ -516,8 +527,8 @@ def run_job(
     and each item's files written together (`save_pngs_atomic`: all or none).
     """
     check_output_files(p for item in job.items for p in item.outputs)
+    _refuse_files_not_ours(job)
     if job.replace_only_ours:
-        _refuse_files_not_ours(job)
         _remove_stale_staging(job)
     if runtime is None and job.runtime.model is not None:
         for item in job.items:  # E_max is known before loading a model: say so before the load

@@ -383,3 +383,24 @@ def test_an_impossible_out_folder_is_one_error_line(tmp_path, command, where):
     assert "the output folder (--out)" in lines[0] and "Traceback" not in done.stderr
     assert "TORCH_IMPORTED=False" in done.stderr and seconds < BOUND_S
     assert a_file.read_text() == "the user's" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("derived", ["compare", "masks"])
+def test_single_out_never_replaces_a_file_of_a_derived_name_it_did_not_write(tmp_path, derived):
+    """`run --out x.png --compare` wrote x_compare.png over whatever was there (likewise --save-masks' x_masks.png):
+    the user named x.png, never the derived names. A file there that is not a PNG of ours is refused before the
+    model loads, naming it, and nothing is written."""
+    from PIL import Image
+
+    out = tmp_path / "x.png"
+    target = tmp_path / f"x_{derived}.png"
+    Image.new("RGB", (8, 8), "red").save(target, format="JPEG")
+    before = target.read_bytes()
+    flag = "--compare" if derived == "compare" else "--save-masks"
+    done, seconds = _cli("run", "--model", "tiny", "--prompt", "a cat and a dog", "--entities", "cat,dog",
+                         "--out", out, flag)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("TORCH_IMPORTED=")]
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert f"{target} (" in lines[0] and "has no record of its settings" in lines[0] and "--out" in lines[0]
+    assert "TORCH_IMPORTED=False" in done.stderr and seconds < BOUND_S
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
