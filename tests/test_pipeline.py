@@ -16,24 +16,12 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 from diffusers.models.embeddings import ImageProjection
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 
-from deleaker import DeLeakerConfig
 from deleaker.errors import ConfigError, NonFiniteError
 from deleaker.pipeline import DeLeakerFluxPipeline
 from deleaker.processor import DeLeakerFluxAttnProcessor, install_deleaker_processors
+# The processor tests' prompt and knobs: windows inside the first steps of the 4-block tiny model, no smoothing.
+from test_processor_pipeline import CONFIG, ENTITIES, PROMPT, TEXT_LEN
 
-PROMPT = "A cat and a cheetah are splashing each other with water in a shallow river"
-ENTITIES = ["cat", "cheetah"]
-TEXT_LEN = 32
-# As tests/test_processor_pipeline.py: windows inside the first steps of the 4-block tiny model, no smoothing.
-CONFIG = DeLeakerConfig(
-    do_smoothing=False,
-    start_aggregating_from=1,
-    stop_aggregating_at=9,
-    start_intervention_from=2,
-    stop_intervention_at=40,
-    std_mul_text=0.5,
-    std_mul_image_image=0.5,
-)
 # The parameters DeLeakerFluxPipeline.__call__ adds to FluxPipeline's, keyword-only, after FluxPipeline's own.
 DELEAKER_PARAMETERS = ("entities", "deleaker_config", "max_entities")
 
