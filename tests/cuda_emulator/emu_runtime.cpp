@@ -55,6 +55,7 @@ std::string g_failure;      // the first failure of the block in flight
 cudaError_t g_message_code = cudaSuccess;  // the code of the last failed call, which g_last_message explains
 std::string g_last_message;
 unsigned char* g_smem = nullptr;
+size_t g_smem_size = 0;  // bytes of g_smem the launch asked for
 std::map<const void*, int> g_max_smem;
 uint64_t g_schedule_seed = 0;
 // Emulated devices: 0 has an H100 SXM's 132 SMs; 1 has a single SM, so that grids sized from the SM count
@@ -284,6 +285,10 @@ void fail_now(const char* message) {
 }
 
 unsigned char* dynamic_smem() { return g_smem; }
+bool in_dynamic_smem(const void* address, size_t bytes) {
+  const unsigned char* at = static_cast<const unsigned char*>(address);
+  return g_smem != nullptr && at >= g_smem && at + bytes <= g_smem + g_smem_size;
+}
 const AccumulatorLayout& accumulator_layout() { return g_layout; }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
@@ -321,6 +326,7 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block_dim, size_t smem_
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         g_smem = static_cast<unsigned char*>(std::aligned_alloc(128, smem_alloc));
+        g_smem_size = smem_bytes;
         memset(g_smem, 0xFF, smem_alloc);  // NaN as floats: a read before any write shows
         g_failure.clear();
         run_block(block, dim3(x, y, z), block_dim, grid);

@@ -139,6 +139,8 @@ unsigned warp_ballot(int predicate);
 [[noreturn]] void fail_now(const char* message);
 
 unsigned char* dynamic_smem();
+//! Whether [address, address + bytes) lies in the running block's dynamic shared memory.
+bool in_dynamic_smem(const void* address, size_t bytes);
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 //! Runs a whole grid, block after block; the launch's own error code (and cudaGetErrorString's message).
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
@@ -216,6 +218,97 @@ inline int atomicAdd(int* address, int value) {
   *address = old + value;
   return old;
 }
+
+// ---- PTX tensor-core instructions (plugins/csrc/deleaker_mma.cuh) ------------------------------------------
+//
+// Implemented from NVIDIA's PTX ISA, sections "Warp-level matrix load instruction: ldmatrix" and "Matrix
+// Fragments for mma.m16n8k16 with floating point type" (the layouts are quoted in deleaker_mma.cuh). Each is a
+// warp collective: all 32 lanes must reach it (as .sync.aligned requires), or the launch fails naming it.
+
+#define DELEAKER_CUDA_EMULATOR 1
+
+namespace emu {
+namespace ptx {
+
+template <typename Elem>
+inline float element_value(uint16_t bits) {
+  Elem e;
+  memcpy(&e, &bits, 2);
+  return emu::to_float(e);
+}
+
+//! Every lane's row address, after one collective (each checked: 16 bytes of shared memory, 16-byte aligned).
+inline void ldmatrix_rows(const void* row, const unsigned char* rows[32], const char* what) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail_now("ldmatrix: a row address is not 16-byte aligned");
+  if (!in_dynamic_smem(row, 16)) fail_now("ldmatrix: a row address is not in the block's dynamic shared memory");
+  warp_collective(&row, sizeof(row), what);
+  const void* slots[32];
+  peer_slots(slots);
+  for (int l = 0; l < 32; ++l) memcpy(&rows[l], slots[l], sizeof(rows[l]));
+}
+
+inline uint16_t bits_at(const unsigned char* row, int column) {
+  uint16_t out;
+  memcpy(&out, row + 2 * column, 2);
+  return out;
+}
+
+//! ldmatrix.sync.aligned.m8n8.x4.shared.b16: register m of lane l = matrix m's row l / 4, columns 2 (l % 4) and
+//! 2 (l % 4) + 1, the lower column in the low half; matrix m's row j is at the address lane 8 m + j gave.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const unsigned char* rows[32];
+  ldmatrix_rows(row, rows, "ldmatrix.x4");
+  const int l = lane(), g = l / 4, t = l % 4;
+  for (int m = 0; m < 4; ++m)
+    r[m] = (uint32_t)bits_at(rows[8 * m + g], 2 * t) | ((uint32_t)bits_at(rows[8 * m + g], 2 * t + 1) << 16);
+}
+
+//! The same with .trans: register m of lane l = matrix m's column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1.
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  const unsigned char* rows[32];
+  ldmatrix_rows(row, rows, "ldmatrix.x4.trans");
+  const int l = lane(), g = l / 4, t = l % 4;
+  for (int m = 0; m < 4; ++m)
+    r[m] = (uint32_t)bits_at(rows[8 * m + 2 * t], g) | ((uint32_t)bits_at(rows[8 * m + 2 * t + 1], g) << 16);
+}
+
+//! mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d = a b + d over the warp's fragments. Each product is
+//! exact in double and the 16 of an element are summed with C in double, rounded to float once (real tensor
+//! cores round differently: the tests compare against the specification within its tolerances).
+template <typename Elem>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  struct Operands {
+    uint32_t a[4], b[2];
+    float c[4];
+  } mine;
+  memcpy(mine.a, a, sizeof(mine.a));
+  memcpy(mine.b, b, sizeof(mine.b));
+  memcpy(mine.c, d, sizeof(mine.c));
+  warp_collective(&mine, sizeof(mine), "mma.sync.m16n8k16");
+  const void* slots[32];
+  peer_slots(slots);
+  Operands all[32];
+  for (int l = 0; l < 32; ++l) memcpy(&all[l], slots[l], sizeof(Operands));
+  // Element (row, k) of A: lane 4 (row % 8) + (k % 8) / 2, element i = (k % 2) + 2 (row / 8) + 4 (k / 8), which
+  // is half i % 2 of register i / 2. Element (k, n) of B: lane 4 n + (k % 8) / 2, half k % 2 of register k / 8.
+  const auto a_at = [&](int row, int k) {
+    const int i = (k % 2) + 2 * (row / 8) + 4 * (k / 8);
+    return element_value<Elem>((uint16_t)(all[4 * (row % 8) + (k % 8) / 2].a[i / 2] >> (16 * (i % 2))));
+  };
+  const auto b_at = [&](int k, int n) {
+    return element_value<Elem>((uint16_t)(all[4 * n + (k % 8) / 2].b[k / 8] >> (16 * (k % 2))));
+  };
+  const int l = lane(), g = l / 4, t = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+    double sum = (double)mine.c[i];
+    for (int k = 0; k < 16; ++k) sum += (double)a_at(row, k) * (double)b_at(k, col);
+    d[i] = (float)sum;
+  }
+}
+
+}  // namespace ptx
+}  // namespace emu
 
 // ---- nvcuda::wmma (16x16x16, fp16/bf16 inputs, fp32 accumulator) -------------------------------------------
 
