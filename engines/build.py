@@ -45,7 +45,7 @@ from deleaker.config import DeLeakerConfig
 from deleaker.geometry import vae_scale_factor
 from deleaker.errors import ConfigError, DeLeakerError
 
-from deleaker.filelock import exclusive_lock
+from deleaker.locks import exclusive_lock
 from deleaker.folders import make_output_folder
 from deleaker.staging import make_staging_dir, staged_name
 from deleaker.export.limits import PRECISIONS  # noqa: F401 (API)

@@ -25,7 +25,7 @@ from typing import Sequence
 from deleaker.errors import DeLeakerError
 from deleaker.jsonio import loads_strict
 from deleaker.staging import make_staging_dir, staged_name, staging_path
-from deleaker.filelock import exclusive_lock
+from deleaker.locks import exclusive_lock
 
 #: Targets compiled into the library: Ampere (A100, consumer Ampere), Ada, Hopper, and Hopper's arch-specific
 #: sm_90a (wgmma / TMA code needs it; its machine code runs on sm_90 devices only, so sm_90 stays beside it).

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from deleaker.errors import DeLeakerError
-from deleaker.filelock import exclusive_lock
+from deleaker.locks import exclusive_lock
 from deleaker.folders import check_output_folder, make_output_folder
 from deleaker.staging import staging_path
 

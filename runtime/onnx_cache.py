@@ -43,7 +43,7 @@ from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError
 from deleaker.jsonio import loads_strict
 from deleaker.staging import make_staging_dir, staged_name
-from deleaker.filelock import exclusive_lock
+from deleaker.locks import exclusive_lock
 from deleaker.hashing import sha256_file
 from deleaker.models import transformer_sha256
 
@@ -336,7 +336,7 @@ def _cache_root(cache_dir: Path) -> Path:
 
 
 def _lock(root: Path, name: str, *, blocking: bool = True) -> ContextManager[bool]:
-    """The lock of entry ``name``: ``root/.<name>.lock`` (`deleaker.filelock.exclusive_lock`)."""
+    """The lock of entry ``name``: ``root/.<name>.lock`` (`deleaker.locks.exclusive_lock`)."""
     return exclusive_lock(root / f".{name}.lock", blocking=blocking)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence, Tuple
 
 from deleaker.errors import DeLeakerError
-from deleaker.filelock import exclusive_lock
+from deleaker.locks import exclusive_lock
 from deleaker.plugins import kernels, kernels_build as build
 
 HERE = Path(__file__).resolve().parent
