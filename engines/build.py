@@ -11,7 +11,7 @@
 4. write the ONNX and its manifest (temp file, then rename);
 5. unless ``onnx_only``: TensorRT (``tensorrt``, else ``tensorrt_rtx``), with the plugin library
    (``plugin_library``, built by ``deleaker-trt plugin``) copied into the output folder and loaded into TensorRT's
-   plugin registry from there. The loaders are small callables in the Polygraphy style, composed as
+   plugin registry from there. Polygraphy's loaders build it (`deleaker.engines.loaders`), composed as
    ``save_engine(build_serialized_engine(network_from_onnx(path, trt, plugin), io, ...), path)``; the network is
    strongly typed (precision comes from the ONNX's dtypes and Q/DQ nodes), with one optimization profile (the
    contract's batch min/opt/max) and a timing cache kept in the output folder. TensorRT proper builds on the GPU
@@ -36,7 +36,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -52,16 +51,14 @@ from deleaker.export.limits import PRECISIONS  # noqa: F401 (API)
 from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
 from deleaker.plugins.trt_library import (
     PluginLibrary,
-    check_plugin_layers_loadable,
     check_tensorrt_can_host,
     import_tensorrt,
     inspect_plugin_library,
-    load_plugin_library,
-    tensorrt_logger,
     tensorrt_release,
 )
 
 from . import fp8 as fp8_lib
+from .loaders import BuildError, Network, build_serialized_engine, network_from_onnx, polygraphy_backend  # noqa: F401
 from .request import DEFAULT_CALIBRATION_PROMPTS, DEFAULT_CALIBRATION_SIGMAS, BuildRequest  # noqa: F401 (API)
 from .manifest import (
     MANIFEST_SUFFIX,
@@ -81,10 +78,6 @@ BUILD_LOCK_NAME = ".build.lock"
 
 class ModelNotFoundError(ConfigError):
     """``--model`` is neither ``tiny`` nor a loadable diffusers FLUX folder."""
-
-
-class BuildError(DeLeakerError):
-    """TensorRT failed to parse the ONNX or to build the engine, or the GPU cannot build this precision."""
 
 
 class DiskFullError(DeLeakerError, OSError):
@@ -259,67 +252,8 @@ def quantization_record(scales: Mapping[str, "fp8_lib.LinearScales"], model: Any
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# TensorRT loaders (each a small function of the previous one's output)
+# Writing the engine, the folder's plugin library
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Network:
-    """A parsed TensorRT network with the objects that must outlive it (builder, parser)."""
-
-    trt: ModuleType
-    builder: Any
-    network: Any
-    parser: Any
-    logger: Any
-
-
-def network_from_onnx(onnx_path: Path, trt: ModuleType, plugin: Optional[PluginLibrary] = None) -> Network:
-    """Parse ``onnx_path`` into a strongly typed network. ``plugin``: the DeLeaker plugin library, loaded into
-    TensorRT's registry first (None: for graphs without ``DeLeakerAttention`` nodes)."""
-    logger = tensorrt_logger(trt)
-    builder = trt.Builder(logger)  # alive before the library loads: TensorRT-RTX hands it this builder's logger
-    if plugin is not None:
-        check_plugin_layers_loadable(trt)
-        load_plugin_library(trt, plugin)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise BuildError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors))
-    return Network(trt, builder, network, parser, logger)
-
-
-def build_serialized_engine(
-    net: Network,
-    profiles: Mapping[str, Tuple[Sequence[int], Sequence[int], Sequence[int]]],
-    *,
-    timing_cache: Optional[Path] = None,
-    workspace_bytes: Optional[int] = None,
-) -> bytes:
-    """Build the engine with one optimization profile and a timing cache (read if present, written back).
-
-    ``profiles``: ``{input name: (min, opt, max) shape}`` (`FluxTransformerIO.profiles`); inputs whose min and max
-    agree are static and left out of the profile.
-    """
-    trt = net.trt
-    config = net.builder.create_builder_config()
-    if workspace_bytes:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    profile = net.builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profiles.items():
-        if lo != hi:  # only the dynamic (batch) inputs need a range
-            profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = net.builder.build_serialized_network(net.network, config)
-    if serialized is None:
-        raise BuildError("TensorRT failed to build the engine (see its log above)")
-    if timing_cache is not None:
-        atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    return bytes(memoryview(serialized))
 
 
 def save_engine(data: bytes, path: Path) -> Path:
@@ -428,6 +362,7 @@ def _build_target(request: BuildRequest, library: Any) -> Tuple[Any, Optional[st
     `PluginLibraryError` (this TensorRT cannot host ``library``) or `BuildError` (no GPU, or no FP8 on it)."""
     trt = import_tensorrt()
     check_tensorrt_can_host(library, trt)
+    polygraphy_backend(trt)  # Polygraphy's loaders build it: installed, and driving this TensorRT
     gpu_name, capability = None, None
     if trt.__name__ == "tensorrt":  # TensorRT proper builds for the GPU it runs on
         gpu_name, capability = cuda_environment()

@@ -6,6 +6,11 @@ import copy
 import dataclasses
 import json
 import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -249,6 +254,30 @@ def test_decomposed_graph_is_standard_onnx(exports, io):
     assert {"MaxPool", "Where", "Softmax"} <= op_types and not op_types & {"Loop", "If", "Scan"}
     assert [i.name for i in model.graph.input] == list(io.input_names)
     assert read_export_metadata(result.onnx_path) == (io, CONFIG, True)
+
+
+def polygraphy_cli(*args: str) -> subprocess.CompletedProcess:
+    """``polygraphy ARGS``: the console script installed beside this Python (the one a user runs)."""
+    pytest.importorskip("polygraphy")
+    script = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
+    assert script, "polygraphy is importable but its console script is not installed"
+    return subprocess.run([script, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_polygraphy_inspect_and_run_read_our_exports(exports, io):
+    """`polygraphy inspect model` reads the custom-node export (external weights) as exported: its inputs and outputs
+    with the contract's dtypes, and one ``DeLeakerAttention`` node per block; `polygraphy run --onnxrt` runs the
+    decomposed export (README's commands)."""
+    custom = polygraphy_cli("inspect", "model", str(exports["custom"].onnx_path), "--show", "layers")
+    assert custom.returncode == 0, custom.stdout[-3000:] + custom.stderr[-3000:]
+    assert f"Other Opsets: {{'{DOMAIN}': 1}}" in custom.stdout
+    for spec in io.inputs + io.outputs:
+        assert f"{spec.name} [dtype={spec.dtype}, shape=" in custom.stdout, spec.name
+    assert len(re.findall(rf"Node \d+\s+\|.*\[Op: {OP_TYPE}\]", custom.stdout)) == NUM_BLOCKS
+    shapes = [f"{spec.name}:[{','.join(map(str, spec.concrete(io.batch_min)))}]" for spec in io.inputs if spec.dynamic_axes]
+    run = polygraphy_cli("run", str(exports["decomposed"].onnx_path), "--onnxrt", "--input-shapes", *shapes)
+    assert run.returncode == 0 and "PASSED" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"noise_pred [dtype=float32, shape=({io.batch_min}, " in run.stdout
 
 
 # --- ONNX Runtime == PyTorch ----------------------------------------------------------------------------------
