@@ -1,6 +1,8 @@
-"""DeLeaker in diffusers' ``FluxTransformer2DModel``: a thin attention processor and the per-call state it reads.
+"""DeLeaker in diffusers' FLUX transformers: the processor machinery every model shares (`DeLeakerProcessorBase`),
+FLUX.1's ``FluxTransformer2DModel`` processor, and the per-call state they read (FLUX.2's processors live in
+`deleaker.processor_flux2`).
 
-The processor does what diffusers' ``FluxAttnProcessor`` does (projections, QK-norm, text-first concatenation,
+FLUX.1's processor does what diffusers' ``FluxAttnProcessor`` does (projections, QK-norm, text-first concatenation,
 RoPE) and replaces only the attention by ``torch.ops.deleaker.attention``. It holds no per-call state: the pipeline
 passes a `DeLeakerState` through ``joint_attention_kwargs={"deleaker_state": state}``; without one, the stock
 ``FluxAttnProcessor`` runs, so the model is exactly diffusers' FLUX.
@@ -47,15 +49,18 @@ class DeLeakerState:
         self.step.add_(1)
 
 
-class DeLeakerFluxAttnProcessor:
-    """Attention processor of one FLUX joint attention, at ``block_offset`` of ``num_blocks`` blocks per step.
+class DeLeakerProcessorBase:
+    """What every DeLeaker attention processor shares, whatever the model (FLUX.1, FLUX.2): its place in the block
+    order, the stock processor it runs without a state (``_plain``, made from `stock_processor_class`), and the
+    attention itself on text-first ``(B, N, H, D)`` projections (`_deleaker_attention`).
 
-    Without a `DeLeakerState` it is diffusers' ``FluxAttnProcessor``: the stock processor it holds runs, and the
-    attention backend and parallel config that diffusers sets on processors (``set_attention_backend``,
-    ``enable_parallelism``) are that stock processor's. It constructs without arguments, as diffusers rebuilds
-    processors (``processor.__class__()`` in ``load_ip_adapter``/``unload_ip_adapter``); such a processor has no
-    place in the block order yet (`place_deleaker_processors` gives it one) and refuses a state until it has.
+    It constructs without arguments, as diffusers rebuilds processors (``processor.__class__()`` in
+    ``load_ip_adapter``/``unload_ip_adapter``); such a processor has no place in the block order yet
+    (`place_deleaker_processors` gives it one) and refuses a state until it has.
     """
+
+    #: The diffusers processor this one is without a `DeLeakerState`; set by each subclass.
+    stock_processor_class: type = FluxAttnProcessor
 
     def __init__(self, block_offset: Optional[int] = None, num_blocks: Optional[int] = None) -> None:
         if (block_offset is None) != (num_blocks is None):
@@ -64,7 +69,7 @@ class DeLeakerFluxAttnProcessor:
             raise ValueError(f"block_offset must be in [0, {num_blocks}), got {block_offset}")
         self.block_offset = block_offset
         self.num_blocks = num_blocks
-        self._plain = FluxAttnProcessor()
+        self._plain = self.stock_processor_class()
 
     # diffusers configures processors through these two attributes; they belong to the stock processor that runs
     # without a state, so they are forwarded to it rather than kept on ours, where nothing would read them.
@@ -84,17 +89,8 @@ class DeLeakerFluxAttnProcessor:
     def _parallel_config(self, config) -> None:
         self._plain._parallel_config = config
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: Tensor,
-        encoder_hidden_states: Optional[Tensor] = None,
-        attention_mask: Optional[Tensor] = None,
-        image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None,
-        deleaker_state: Optional[DeLeakerState] = None,
-    ):
-        if deleaker_state is None:
-            return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+    def _check_state_allowed(self, attn, attention_mask: Optional[Tensor]) -> None:
+        """Raise unless DeLeaker can run here: a place in the block order, no parallelism, no mask, unfused."""
         if self.num_blocks is None:
             raise ConfigError(
                 "this DeLeaker processor has no place in the block order (it was built without arguments, as "
@@ -110,37 +106,17 @@ class DeLeakerFluxAttnProcessor:
         if getattr(attn, "fused_projections", False):
             raise ShapeError("DeLeaker attention needs unfused projections; call transformer.unfuse_qkv_projections()")
 
-        query, key, value = (
-            proj(hidden_states).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
+    def _deleaker_attention(self, attn, query: Tensor, key: Tensor, value: Tensor, state: DeLeakerState) -> Tensor:
+        """DeLeaker attention of text-first ``(B, N, H, D)`` projections (after QK-norm and RoPE), as
+        ``(B, N, H * D)`` in the query's dtype; replaces ``state.history`` with the block's updated history."""
         if query.shape[2] != attn.heads:
             raise ConfigError(
                 f"DeLeaker attention needs all {attn.heads} heads of the block but this rank holds {query.shape[2]} "
                 "(tensor parallelism): its entity affinities are means over every head; run without parallelism"
             )
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if encoder_hidden_states is not None:  # double-stream block: text tokens come in separately
-            text_query, text_key, text_value = (
-                proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
-                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-            )
-            text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
-            query = torch.cat([text_query, query], dim=1)
-            key = torch.cat([text_key, key], dim=1)
-            value = torch.cat([text_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
         # (B, N, H, D) -> (B, H, N, D), the op's layout.
         query, key, value = (x.transpose(1, 2) for x in (query, key, value))
-        state = deleaker_state
         text_len = state.entity_mask.shape[1]
-        if encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text_len:
-            raise ShapeError(
-                f"the entity mask covers T = {text_len} text tokens but the prompt embedding has "
-                f"{encoder_hidden_states.shape[1]}; build the mask with the pipeline's max_sequence_length"
-            )
         if state.history is None:
             state.history = query.new_zeros(
                 query.shape[0], state.entity_mask.shape[0], query.shape[2] - text_len, dtype=torch.float32
@@ -157,7 +133,57 @@ class DeLeakerFluxAttnProcessor:
             grid=state.grid,
             config=state.config,
         )
-        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        return out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+
+class DeLeakerFluxAttnProcessor(DeLeakerProcessorBase):
+    """Attention processor of one FLUX joint attention, at ``block_offset`` of ``num_blocks`` blocks per step.
+
+    Without a `DeLeakerState` it is diffusers' ``FluxAttnProcessor``: the stock processor it holds runs, and the
+    attention backend and parallel config that diffusers sets on processors (``set_attention_backend``,
+    ``enable_parallelism``) are that stock processor's. Constructs without arguments (see `DeLeakerProcessorBase`).
+    """
+
+    stock_processor_class = FluxAttnProcessor
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None,
+        deleaker_state: Optional[DeLeakerState] = None,
+    ):
+        if deleaker_state is None:
+            return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self._check_state_allowed(attn, attention_mask)
+
+        query, key, value = (
+            proj(hidden_states).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if encoder_hidden_states is not None:  # double-stream block: text tokens come in separately
+            text_query, text_key, text_value = (
+                proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+            query = torch.cat([text_query, query], dim=1)
+            key = torch.cat([text_key, key], dim=1)
+            value = torch.cat([text_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        state = deleaker_state
+        text_len = state.entity_mask.shape[1]
+        if encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text_len:
+            raise ShapeError(
+                f"the entity mask covers T = {text_len} text tokens but the prompt embedding has "
+                f"{encoder_hidden_states.shape[1]}; build the mask with the pipeline's max_sequence_length"
+            )
+        hidden_states = self._deleaker_attention(attn, query, key, value, state)
 
         if encoder_hidden_states is None:
             return hidden_states
@@ -190,7 +216,7 @@ def install_deleaker_processors(transformer) -> int:
 
 
 def place_deleaker_processors(transformer) -> int:
-    """Give each `DeLeakerFluxAttnProcessor` of ``transformer`` its block's place in execution order (in place,
+    """Give each DeLeaker processor (`DeLeakerProcessorBase`: FLUX.1's and FLUX.2's) of ``transformer`` its block's place in execution order (in place,
     keeping its attention backend and parallel config); returns ``num_blocks``. Processors of other classes are
     left alone.
 
@@ -202,7 +228,7 @@ def place_deleaker_processors(transformer) -> int:
     seen: set[int] = set()
     for offset, block in enumerate(blocks):
         processor = block.attn.processor
-        if not isinstance(processor, DeLeakerFluxAttnProcessor):
+        if not isinstance(processor, DeLeakerProcessorBase):
             continue
         if id(processor) in seen:
             processor = copy.copy(processor)

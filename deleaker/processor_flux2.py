@@ -1,0 +1,135 @@
+"""DeLeaker in diffusers' ``Flux2Transformer2DModel`` (FLUX.2 [dev] and [klein]): its two attention processors.
+
+FLUX.2's joint attention puts the text tokens first, as FLUX.1's: the double-stream blocks (``Flux2Attention``)
+concatenate ``[text, image]`` projections, and the parallel single-stream blocks (``Flux2ParallelSelfAttention``)
+see the concatenated ``[text, image]`` sequence, with the QKV projection fused to the MLP's input projection and
+the attention output fused to the MLP's output. Each processor here does what diffusers' processor does and
+replaces only the attention by ``torch.ops.deleaker.attention``, through `DeLeakerProcessorBase` (shared with
+FLUX.1). Without a `DeLeakerState` the stock processor runs, so the model is exactly diffusers' FLUX.2.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2AttnProcessor,
+    Flux2ParallelSelfAttnProcessor,
+    Flux2Transformer2DModel,
+)
+
+from .errors import ShapeError
+from .processor import DeLeakerProcessorBase, DeLeakerState, _joint_attention_blocks
+
+Tensor = torch.Tensor
+
+
+def _check_text_len(state: DeLeakerState, text_len: int) -> None:
+    if text_len != state.entity_mask.shape[1]:
+        raise ShapeError(
+            f"the entity mask covers T = {state.entity_mask.shape[1]} text tokens but the prompt embedding has "
+            f"{text_len}; build the mask with the pipeline's max_sequence_length"
+        )
+
+
+class DeLeakerFlux2AttnProcessor(DeLeakerProcessorBase):
+    """Processor of one FLUX.2 double-stream attention (``Flux2Attention``); without a state, diffusers'
+    ``Flux2AttnProcessor``."""
+
+    stock_processor_class = Flux2AttnProcessor
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None,
+        deleaker_state: Optional[DeLeakerState] = None,
+    ):
+        if deleaker_state is None:
+            return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self._check_state_allowed(attn, attention_mask)
+        if encoder_hidden_states is None or attn.added_kv_proj_dim is None:
+            raise ShapeError("a FLUX.2 double-stream attention needs the text tokens (encoder_hidden_states)")
+        _check_text_len(deleaker_state, encoder_hidden_states.shape[1])
+
+        query, key, value = (
+            proj(hidden_states).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        text_query, text_key, text_value = (
+            proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+        query = torch.cat([text_query, query], dim=1)
+        key = torch.cat([text_key, key], dim=1)
+        value = torch.cat([text_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        hidden_states = self._deleaker_attention(attn, query, key, value, deleaker_state)
+        text_len = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [text_len, hidden_states.shape[1] - text_len], dim=1
+        )
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return hidden_states, encoder_hidden_states
+
+
+class DeLeakerFlux2ParallelAttnProcessor(DeLeakerProcessorBase):
+    """Processor of one FLUX.2 parallel single-stream attention (``Flux2ParallelSelfAttention``, text tokens
+    first in ``hidden_states``); without a state, diffusers' ``Flux2ParallelSelfAttnProcessor``."""
+
+    stock_processor_class = Flux2ParallelSelfAttnProcessor
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None,
+        deleaker_state: Optional[DeLeakerState] = None,
+    ) -> Tensor:
+        if deleaker_state is None:
+            return self._plain(attn, hidden_states, attention_mask, image_rotary_emb)
+        self._check_state_allowed(attn, attention_mask)
+
+        projected = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_dim = 3 * attn.inner_dim
+        if projected.shape[-1] != qkv_dim + attn.mlp_hidden_dim * attn.mlp_mult_factor:
+            # A column-sharded projection (tensor parallelism) holds a part of the heads; the entity affinities are
+            # means over all of them.
+            raise ShapeError(
+                f"DeLeaker attention needs the whole fused projection ({qkv_dim} QKV columns) but this rank holds "
+                f"{projected.shape[-1]} columns (tensor parallelism); run without parallelism"
+            )
+        qkv, mlp_hidden_states = projected.split([qkv_dim, projected.shape[-1] - qkv_dim], dim=-1)
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in qkv.chunk(3, dim=-1))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        attn_output = self._deleaker_attention(attn, query, key, value, deleaker_state)
+        mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
+        return attn.to_out(torch.cat([attn_output, mlp_hidden_states], dim=-1))
+
+
+def install_deleaker_flux2_processors(transformer: Flux2Transformer2DModel) -> int:
+    """Give every joint attention of a ``Flux2Transformer2DModel`` its DeLeaker processor; returns ``num_blocks``.
+
+    Double-stream blocks get `DeLeakerFlux2AttnProcessor` at offsets ``0 .. num_layers - 1``, the single-stream
+    blocks `DeLeakerFlux2ParallelAttnProcessor` after them, in execution order (as for FLUX.1).
+    """
+    blocks = _joint_attention_blocks(transformer)
+    num_double = len(transformer.transformer_blocks)
+    for offset, block in enumerate(blocks):
+        kind = DeLeakerFlux2AttnProcessor if offset < num_double else DeLeakerFlux2ParallelAttnProcessor
+        block.attn.set_processor(kind(offset, len(blocks)))
+    return len(blocks)
