@@ -20,15 +20,19 @@ a temporary name beside ``out`` and renamed into place at the end (a failure rem
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.staging import staging_path
+
+if TYPE_CHECKING:
+    from .jobs import RuntimeSpec
 
 #: The python-backend model's name, inputs and outputs (the client's side of the contract).
 PYTHON_MODEL = "deleaker"
@@ -54,18 +58,12 @@ class TritonRepoError(DeLeakerError, ValueError):
 
 @dataclass(frozen=True)
 class TritonRepoSpec:
-    """What to write: ``out`` (a folder that does not exist yet), and the source of the generation model: an
-    ``engines`` folder xor a ``model`` (``tiny`` or a diffusers folder) with the runtime's options."""
+    """What to write: ``out`` (a folder that does not exist yet) and ``runtime``, where the generation model comes
+    from (an engine folder xor a model, with the runtime's options, checked as ``run`` checks them); its paths are
+    made absolute here (the server's working folder is not the user's)."""
 
     out: Path
-    engines: Optional[Path] = None
-    model: Optional[str] = None
-    backend: Optional[str] = None
-    text_len: Optional[int] = None
-    max_entities: Optional[int] = None
-    cache_dir: Optional[Path] = None
-    deleaker_overrides: tuple[tuple[str, Any], ...] = ()
-    precision: Optional[str] = None
+    runtime: "RuntimeSpec"
     max_batch: int = DEFAULT_MAX_BATCH
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     #: Resolution loaded before the model reports ready (None: the runtime's default size).
@@ -83,28 +81,19 @@ class TritonRepoSpec:
             if not Path(folder).is_dir():
                 raise TritonRepoError(f"--python-path {folder} is not a folder")
         check_new_folder(self.out)
-        self.runtime_spec()  # the model/engine options, checked as `run` checks them
-
-    def runtime_spec(self):
-        from .jobs import RuntimeSpec
-
-        return RuntimeSpec(
-            engines=None if self.engines is None else Path(self.engines).resolve(),
-            model=None if self.model is None else _model_reference(self.model),
-            backend=self.backend,
-            text_len=self.text_len,
-            max_entities=self.max_entities,
-            cache_dir=None if self.cache_dir is None else Path(self.cache_dir).resolve(),
-            deleaker_overrides=self.deleaker_overrides,
-            precision=self.precision,
-        )
+        object.__setattr__(self, "runtime", _absolute(self.runtime))
 
 
-def _model_reference(model: str) -> str:
-    """``tiny`` as is; a folder as an absolute path (the server's working folder is not the user's)."""
+def _absolute(runtime: "RuntimeSpec") -> "RuntimeSpec":
+    """``runtime`` with its engine folder, model folder (``tiny`` stays) and cache folder as absolute paths."""
     from deleaker.tiny import TINY_MODEL_NAME
 
-    return model if model == TINY_MODEL_NAME else str(Path(model).resolve())
+    return dataclasses.replace(
+        runtime,
+        engines=None if runtime.engines is None else Path(runtime.engines).resolve(),
+        model=runtime.model if runtime.model in (None, TINY_MODEL_NAME) else str(Path(runtime.model).resolve()),
+        cache_dir=None if runtime.cache_dir is None else Path(runtime.cache_dir).resolve(),
+    )
 
 
 def check_new_folder(out: Path) -> None:
@@ -254,7 +243,7 @@ def write_repository(spec: TritonRepoSpec) -> TritonRepository:
     matches its manifest, and all its engines share one plugin library (TensorRT's registry takes one creator per
     plugin name and process, and one server loads them all).
     """
-    runtime = spec.runtime_spec()
+    runtime = spec.runtime
     plans = engine_models(runtime.engines) if runtime.engines is not None else []
     libraries = {manifest.plugin["sha256"] for _, manifest in plans}
     if len(libraries) > 1:
@@ -298,7 +287,7 @@ def write_repository(spec: TritonRepoSpec) -> TritonRepository:
 
 def runtime_record(spec: TritonRepoSpec) -> dict[str, Any]:
     """``runtime.json``: the `RuntimeSpec` fields the python model opens its runtime with, paths made absolute."""
-    runtime = spec.runtime_spec()
+    runtime = spec.runtime
     return {
         "engines": None if runtime.engines is None else str(runtime.engines),
         "model": runtime.model,

@@ -15,7 +15,8 @@ from deleaker.export.limits import PRECISIONS
 from deleaker.runtime.defaults import BACKENDS
 
 from .errors import CHECKED_INT, reported_errors
-from .knobs import knob_option, knob_overrides
+from .knobs import knob_option
+from .options import runtime_spec
 
 
 @click.command("triton-repo")
@@ -47,12 +48,9 @@ def triton_repo(engines, model, backend, text_len, max_entities, cache_dir, prec
     from ..triton_repo import TritonRepoSpec, write_repository
 
     with reported_errors("the repository"):
-        if (engines is None) == (model is None):
-            raise click.UsageError("give exactly one of --engines DIR or --model PATH|tiny")
-        spec = TritonRepoSpec(out=out, engines=engines, model=model, backend=backend, text_len=text_len,
-                              max_entities=max_entities, cache_dir=cache_dir,
-                              deleaker_overrides=knob_overrides(overrides), precision=precision,
-                              max_batch=max_batch, queue_delay_us=queue_delay_us, python_path=tuple(python_path))
+        runtime = runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, None, precision, overrides)
+        spec = TritonRepoSpec(out=out, runtime=runtime, max_batch=max_batch, queue_delay_us=queue_delay_us,
+                              python_path=tuple(python_path))
         repository = write_repository(spec)
     for name in repository.models:
         click.echo(f"model: {repository.path / name}")
