@@ -39,11 +39,13 @@ BlockStep = Union[int, Tensor]
 
 #: The op's knob arguments, after ``grid_w``, in order: the fields of `DeLeakerConfig`.
 KNOB_NAMES = tuple(field.name for field in dataclasses.fields(DeLeakerConfig))
+_KNOB_TYPES = {field.name: type(field.default) for field in dataclasses.fields(DeLeakerConfig)}
 
 
 def config_from_knobs(*knobs) -> DeLeakerConfig:
-    """The `DeLeakerConfig` of the op's knob arguments, given in order (the dispatcher passes them positionally)."""
-    return DeLeakerConfig(**dict(zip(KNOB_NAMES, knobs, strict=True)))
+    """The `DeLeakerConfig` of the op's knob arguments, given in order (the dispatcher passes them positionally),
+    each cast to its field's type (the ONNX translations get them as the exporter's scalars)."""
+    return DeLeakerConfig(**{name: _KNOB_TYPES[name](value) for name, value in zip(KNOB_NAMES, knobs, strict=True)})
 
 
 def block_step_of(step: Tensor, block_offset: int, num_blocks: int) -> BlockStep:

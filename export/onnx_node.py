@@ -32,6 +32,7 @@ from onnxscript import values as osv
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, ShapeError
+from deleaker.library import config_from_knobs
 
 from .node_names import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
@@ -196,19 +197,10 @@ def custom_node_translation(
     do_image_text_weakening: bool,
 ):
     """``torch.ops.deleaker.attention`` -> one ``deleaker::DeLeakerAttention`` node (two outputs)."""
-    config = DeLeakerConfig(
-        std_mul_text=float(std_mul_text),
-        std_mul_image_image=float(std_mul_image_image),
-        k_strength=float(k_strength),
-        start_aggregating_from=int(start_aggregating_from),
-        stop_aggregating_at=int(stop_aggregating_at),
-        start_intervention_from=int(start_intervention_from),
-        stop_intervention_at=int(stop_intervention_at),
-        use_history=bool(use_history),
-        do_smoothing=bool(do_smoothing),
-        do_image_image=bool(do_image_image),
-        do_image_text_strengthening=bool(do_image_text_strengthening),
-        do_image_text_weakening=bool(do_image_text_weakening),
+    config = config_from_knobs(
+        std_mul_text, std_mul_image_image, k_strength, start_aggregating_from, stop_aggregating_at,
+        start_intervention_from, stop_intervention_at, use_history, do_smoothing, do_image_image,
+        do_image_text_strengthening, do_image_text_weakening,
     )
     attrs = node_attributes(block_offset=block_offset, num_blocks=num_blocks, grid=(grid_h, grid_w), config=config)
     out, history_out = _custom_op()(q, k, v, entity_mask, history, step, **attrs)
@@ -280,19 +272,10 @@ def decomposed_translation(
 
     Mirrors ``deleaker.ops._reference`` with a tensor ``block_step``; shapes as in the module docstring.
     """
-    config = DeLeakerConfig(
-        std_mul_text=float(std_mul_text),
-        std_mul_image_image=float(std_mul_image_image),
-        k_strength=float(k_strength),
-        start_aggregating_from=int(start_aggregating_from),
-        stop_aggregating_at=int(stop_aggregating_at),
-        start_intervention_from=int(start_intervention_from),
-        stop_intervention_at=int(stop_intervention_at),
-        use_history=bool(use_history),
-        do_smoothing=bool(do_smoothing),
-        do_image_image=bool(do_image_image),
-        do_image_text_strengthening=bool(do_image_text_strengthening),
-        do_image_text_weakening=bool(do_image_text_weakening),
+    config = config_from_knobs(
+        std_mul_text, std_mul_image_image, k_strength, start_aggregating_from, stop_aggregating_at,
+        start_intervention_from, stop_intervention_at, use_history, do_smoothing, do_image_image,
+        do_image_text_strengthening, do_image_text_weakening,
     )
     n_img = grid_h * grid_w
     num_entities = _static_dim(entity_mask, 0, "E_max (entity_mask rows)")
