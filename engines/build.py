@@ -46,6 +46,7 @@ from deleaker.errors import ConfigError, DeLeakerError
 
 from deleaker.locks import exclusive_lock
 from deleaker.folders import make_output_folder
+from deleaker.lora import lora_records
 from deleaker.staging import make_staging_dir, staged_name
 from deleaker.export.limits import PRECISIONS  # noqa: F401 (API)
 from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
@@ -336,7 +337,7 @@ def _reusable_onnx(onnx_path: Path, expected: Mapping[str, Any]) -> bool:
 
 
 #: What every artifact of one folder must share for `run --engines` to serve them together.
-FOLDER_INVARIANTS = ("model_id", "model_sha256", "text_len", "max_entities", "deleaker_config")
+FOLDER_INVARIANTS = ("model_id", "model_sha256", "text_len", "max_entities", "deleaker_config", "loras")
 
 
 def check_folder_agrees(out_dir: Path, artifact_stem: str, wanted: Mapping[str, Any]) -> None:
@@ -416,7 +417,13 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
         config = DeLeakerConfig.resolve(request.deleaker_config, io.num_blocks)
         from deleaker.models import transformer_sha256  # the hash the runtime's ONNX cache uses too
 
-        model_hash = transformer_sha256(transformer)
+        model_hash = transformer_sha256(transformer)  # the model's own weights; the adapters are recorded apart
+    if request.loras:
+        with stage("lora", f"fusing {len(request.loras)} LoRA adapter(s) into the transformer"):
+            from deleaker.lora_fusion import fuse_loras
+
+            # The transformer only: the text encoders run outside the engine, from the model folder.
+            fuse_loras(components, request.loras, targets=("transformer",))
     make_output_folder(out_dir, "the output folder (--out)")
 
     # One build at a time per folder: a second one waits, then reuses what the first wrote. Holding the lock
@@ -433,6 +440,7 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
             "io": io.to_dict(),
             "deleaker_config": dataclasses.asdict(config),
             "plugin": plugin_node(),
+            "loras": lora_records(request.loras),
         }
         check_folder_agrees(
             out_dir,

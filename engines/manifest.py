@@ -22,11 +22,14 @@ from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.jsonio import loads_strict
 from deleaker.staging import staging_path
 from deleaker.hashing import sha256_file
+from deleaker.lora import check_lora_records
 from deleaker.plugins.kernels import MAX_ENTITIES
 from deleaker.export.limits import MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
 
-#: Bumped when the manifest's fields change incompatibly.
-MANIFEST_FORMAT = 1
+#: Bumped when the manifest's fields change incompatibly. 2: ``loras`` (the LoRA adapters fused into the weights).
+MANIFEST_FORMAT = 2
+#: Formats this version reads; an older one is migrated on reading (`migrate_manifest`).
+READABLE_FORMATS = (1, 2)
 #: ``<artifact file name><MANIFEST_SUFFIX>``, e.g. ``transformer.fp16.plan.manifest.json``.
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -102,7 +105,8 @@ class EngineManifest:
         tensorrt_version: the TensorRT release that built the engine (``tensorrt==10.13.0.35``,
         ``tensorrt_rtx==1.7.1.116``); gpu_name, compute_capability: the GPU it was built for (None for TensorRT-RTX,
         whose engines are portable, and for an ONNX manifest).
-        quantization: the FP8 record (scales, recipe) or None. data_files: ``{file name: sha256}`` of files the
+        quantization: the FP8 record (scales, recipe) or None. loras: the LoRA adapters fused into the weights
+        before the export, in order (``{name, sha256, scale}`` each, `deleaker.lora.LoraAdapter.record`). data_files: ``{file name: sha256}`` of files the
         artifact needs beside it (an ONNX's external weights). timings_s: seconds per build stage.
     """
 
@@ -120,6 +124,7 @@ class EngineManifest:
     gpu_name: Optional[str] = None
     compute_capability: Optional[Tuple[int, int]] = None
     quantization: Optional[Dict[str, Any]] = None
+    loras: list = field(default_factory=list)
     data_files: Dict[str, str] = field(default_factory=dict)
     timings_s: Dict[str, float] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
@@ -153,6 +158,10 @@ class EngineManifest:
         if self.quantization is not None and not isinstance(self.quantization, dict):
             kind = type(self.quantization).__name__
             raise ManifestError(f"manifest quantization must be an object or null, got {kind}")
+        try:
+            check_lora_records(self.loras, "manifest loras")
+        except ConfigError as err:
+            raise ManifestError(str(err)) from err
         if not isinstance(self.timings_s, dict):
             raise ManifestError(f"manifest timings_s must be an object, got {type(self.timings_s).__name__}")
         self._check_io()
@@ -318,10 +327,7 @@ class EngineManifest:
             raise ManifestError(f"manifest is not valid JSON: {str(err):.200}") from None
         if not isinstance(data, dict):
             raise ManifestError("manifest must be a JSON object")
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ManifestError(
-                f"manifest format {data.get('format')!r} is not {MANIFEST_FORMAT}; rebuild the artifact"
-            )
+        data = migrate_manifest(data)
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(
             f.name
@@ -436,6 +442,21 @@ class EngineManifest:
                 "engine with this one (deleaker-trt build --plugin)",
             )
         return path
+
+
+def migrate_manifest(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A manifest's JSON object in the current format: format 1 (before LoRA adapters) gains ``loras: []``, its
+    artifact having been built from the model's own weights. Raises `ManifestError` for a format this version does
+    not read."""
+    found = data.get("format")
+    if isinstance(found, bool) or found not in READABLE_FORMATS:
+        readable = " or ".join(str(f) for f in READABLE_FORMATS)
+        raise ManifestError(f"manifest format {found!r} is not {readable}; rebuild the artifact")
+    if found == 1:
+        if "loras" in data:
+            raise ManifestError("manifest fields: format 1 has no loras; rebuild the artifact")
+        data = {**data, "loras": [], "format": MANIFEST_FORMAT}
+    return data
 
 
 def _is_int(value: Any) -> bool:

@@ -16,6 +16,7 @@ from deleaker.config import DeLeakerConfig
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.errors import ConfigError
 from deleaker.folders import check_output_folder
+from deleaker.lora import LoraAdapter, check_loras
 from deleaker.export.limits import PRECISIONS, check_max_entities, check_side, check_text_len
 from deleaker.models import check_model_source
 
@@ -48,7 +49,8 @@ class BuildRequest:
     ``batch`` = (min, opt, max) of the engine's profile; ``deleaker_config``: overrides of the knobs (a mapping,
     checked here), a full `DeLeakerConfig` (used as is), or None (the defaults scaled to the model).
     ``plugin_library``: ``libdeleaker_trt_plugin.so`` (``deleaker-trt plugin``), needed for an engine;
-    ``onnx_only`` builds none and takes no library."""
+    ``onnx_only`` builds none and takes no library. ``loras``: LoRA adapters (`deleaker.lora.LoraAdapter`, a path, or
+    ``(path, scale)``) fused into the transformer before the export, recorded in the manifests."""
 
     model: str
     precision: str
@@ -64,8 +66,10 @@ class BuildRequest:
     calibration_prompts: Tuple[str, ...] = DEFAULT_CALIBRATION_PROMPTS
     calibration_sigmas: Tuple[float, ...] = DEFAULT_CALIBRATION_SIGMAS
     workspace_bytes: Optional[int] = None
+    loras: Tuple[LoraAdapter, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", check_loras(self.loras))
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         check_model_source(self.model)  # a mistyped folder is answered here, not after torch loaded to read it

@@ -31,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.geometry import vae_scale_factor
+from deleaker.lora import check_loras, describe_records, lora_records, same_adapters
 
 from deleaker.models import load_components, transformer_config, transformer_sha256
 
@@ -105,13 +106,17 @@ def load_engine_dir(
     cuda_graph: bool = True,
     ort_providers: Optional[list[str]] = None,
     cache_dir: str | Path | None = None,
+    loras: Optional[Sequence[Any]] = None,
 ) -> RuntimeT:
     """``cls`` (a `DeLeakerRuntime`) for ``engine_dir``; ``backend`` picks the artifact kind when both exist
     (default: TensorRT engines if there are any, else ONNX files), ``precision`` (fp16, bf16, fp8) the artifacts
     when the directory has several precisions of one resolution. ``device``: the GPU of TensorRT engines
     (``cuda[:N]``); ONNX files run on the CPU. ``cache_dir``: where ONNX files are converted for ONNX Runtime
-    (default `deleaker.runtime.onnx_cache.default_cache_dir`)."""
+    (default `deleaker.runtime.onnx_cache.default_cache_dir`). ``loras``: None runs the engines as built (with the
+    LoRA adapters their manifests record, fused in); a list (`deleaker.lora.check_loras`) must be those adapters, in
+    order, with their scales (content hashes compared), else `EngineDirError`: engines bake their adapters in."""
 
+    adapters = None if loras is None else check_loras(loras)
     start = time.perf_counter()
     engine_dir = Path(engine_dir)
     manifests = read_manifests(engine_dir)
@@ -151,13 +156,21 @@ def load_engine_dir(
     for m in chosen[1:]:
         for what in (
             "model_id", "model_sha256", "text_len", "max_entities", "deleaker_config", "precision", "plugin",
-            "tensorrt_version",
+            "tensorrt_version", "loras",
         ):
             if getattr(m, what) != getattr(first, what):
                 raise EngineDirError(
                     f"manifests in {engine_dir} disagree on {what}: {m.artifact} has {getattr(m, what)!r}, "
                     f"{first.artifact} has {getattr(first, what)!r}; keep one model's artifacts per directory"
                 )
+
+    if adapters is not None and not same_adapters(first.loras, adapters):
+        raise EngineDirError(
+            f"the engines in {engine_dir} were built with {describe_records(first.loras)}; --lora gave "
+            f"{describe_records(lora_records(adapters))}. Adapters are fused into an engine's weights when it is "
+            "built: run it without --lora (as built) or with the same adapters and scales, or build engines with "
+            "these (`deleaker-trt build --lora`)"
+        )
 
     from deleaker.export.contract import FluxTransformerIO
 
@@ -263,6 +276,7 @@ def load_engine_dir(
         load_seconds=time.perf_counter() - start,
         model_source=first.model_id,
         deleaker_config=first.deleaker_config,
+        lora_records=first.loras,
     )
     return runtime
 

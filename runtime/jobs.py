@@ -19,6 +19,7 @@ from deleaker.config import DeLeakerConfig, shown
 from deleaker.entities import check_entity_words
 from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.jsonio import StrictJSONError, loads_strict
+from deleaker.lora import check_loras, describe_records
 from deleaker.staging import staged_name, writer_is_gone
 
 from deleaker.entities import DEFAULT_MAX_ENTITIES
@@ -76,8 +77,12 @@ class RuntimeSpec:
     fp8: Optional[str] = None
     #: The torch backend on a GPU only: the text encoders stay in CPU memory between prompts.
     offload_encoders: bool = False
+    #: LoRA adapters (`deleaker.lora.check_loras`): fused into a model's weights; for engines, the ones they were
+    #: built with (checked against their manifests; none given: the engines as built).
+    loras: tuple = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", check_loras(self.loras))
         if (self.engines is None) == (self.model is None):
             raise ConfigError("give exactly one of an engine directory (--engines) or a model (--model)")
         if self.engines is not None and self.deleaker_overrides:
@@ -162,6 +167,7 @@ class RuntimeSpec:
                 device=self.device,
                 precision=self.precision,
                 cache_dir=self.cache_dir,
+                loras=self.loras or None,
             )
         return DeLeakerRuntime.from_model(
             self.model,
@@ -174,6 +180,7 @@ class RuntimeSpec:
             compile=self.compile,
             fp8=self.fp8,
             offload_encoders=self.offload_encoders,
+            loras=self.loras,
         )
 
 
@@ -441,6 +448,9 @@ def output_record(rt: "DeLeakerRuntime", request: GenerationRequest) -> dict[str
         record["compiled"] = {"compiler": "inductor", "cuda_graphs": rt.device.type == "cuda"}
     if getattr(rt, "fp8", None) is not None:
         record["fp8"] = rt.fp8
+    if getattr(rt, "lora_records", None):
+        # Only with adapters, as above: records of images made without any stay as they were.
+        record["loras"] = [dict(adapter) for adapter in rt.lora_records]
     return record
 
 
@@ -689,6 +699,12 @@ def reference_spec(candidate: "DeLeakerRuntime", spec: RuntimeSpec) -> RuntimeSp
     model = spec.model if spec.model is not None else getattr(candidate, "model_source", None)
     if model is None:
         raise ConfigError(f"the engine directory {spec.engines} does not name the model it was built from")
+    built_with = getattr(candidate, "lora_records", None) or []
+    if built_with and not spec.loras:
+        raise ConfigError(
+            f"the engines in {spec.engines} were built with LoRA adapters ({describe_records(built_with)}); the "
+            "PyTorch reference needs their files: pass the same --lora PATH:SCALE options"
+        )
     return RuntimeSpec(
         model=str(model),
         backend="torch",
@@ -696,6 +712,7 @@ def reference_spec(candidate: "DeLeakerRuntime", spec: RuntimeSpec) -> RuntimeSp
         max_entities=candidate.max_entities,
         device=spec.device,
         deleaker_overrides=tuple(sorted(candidate.deleaker_config.items())),
+        loras=spec.loras,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import sys
 import threading
 import time
@@ -29,6 +30,8 @@ from deleaker.guidance import check_guidance
 from deleaker.export_lock import torch_work
 from deleaker.errors import ConfigError, NonFiniteError, ShapeError
 from deleaker.fp8_linear import check_granularity, quantize_transformer_fp8
+from deleaker.lora import LoraAdapter, check_loras, lora_records
+from deleaker.lora_fusion import fuse_loras
 
 from .backends import TorchBackend, TransformerBackend, resolve_device
 from deleaker.entities import DEFAULT_MAX_ENTITIES
@@ -99,6 +102,7 @@ class DeLeakerRuntime:
         deleaker_config: Optional[Mapping[str, Any]] = None,
         compiled: bool = False,
         fp8: Optional[str] = None,
+        lora_records: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         self.text = text
         self.vae = vae.eval()
@@ -120,6 +124,8 @@ class DeLeakerRuntime:
         self.compiled = compiled
         #: FP8 scales of the transformer's linears (``"row"``, ``"tensor"``), None when they keep ``dtype``.
         self.fp8 = fp8
+        #: The LoRA adapters fused into the transformer (``{name, sha256, scale}`` each, in order; `deleaker.lora`).
+        self.lora_records = [dict(record) for record in lora_records]
         self._lock = threading.Lock()
 
     # --- construction -----------------------------------------------------------------------------------------
@@ -140,6 +146,7 @@ class DeLeakerRuntime:
         compile: bool = False,
         fp8: Optional[str] = None,
         offload_encoders: bool = False,
+        loras: Optional[Sequence[LoraAdapter | str | Path | tuple]] = None,
     ) -> "DeLeakerRuntime":
         """A runtime for a diffusers FLUX folder (``model`` = path) or the built-in tiny model (``"tiny"``).
 
@@ -155,6 +162,9 @@ class DeLeakerRuntime:
         (`deleaker.fp8_linear`); embedders, norms, the output projection and DeLeaker's attention keep ``dtype``.
         ``offload_encoders`` (torch backend on CUDA only): the text encoders stay in CPU memory and visit the GPU
         only to encode a new prompt (T5-XXL is 9.5 GB in bf16), for GPUs too small for the whole pipeline.
+        ``loras``: LoRA adapters (`deleaker.lora.LoraAdapter`, a path, or ``(path, scale)``) fused into the weights
+        as diffusers applies them (`deleaker.lora_fusion.fuse_loras`), for every backend; a bad adapter is refused
+        before any generation.
         """
         if not isinstance(model, (str, Path)):
             raise ConfigError(f"model must be 'tiny' or a diffusers folder (str or Path), got {type(model).__name__}")
@@ -162,6 +172,7 @@ class DeLeakerRuntime:
             backend, text_len=text_len, max_entities=max_entities, dtype=dtype, compile=compile, fp8=fp8,
             offload_encoders=offload_encoders,
         )
+        adapters = check_loras(loras)  # paths and scales, before the model loads
         start = time.perf_counter()
         # A device this backend cannot use is refused before the model loads.
         check_offload(offload_encoders, model_device(backend, device))
@@ -183,6 +194,7 @@ class DeLeakerRuntime:
             compile=compile,
             fp8=fp8,
             offload_encoders=offload_encoders,
+            loras=adapters,
         )
 
     @classmethod
@@ -205,6 +217,7 @@ class DeLeakerRuntime:
         fp8: Optional[str] = None,
         weights_key: Optional[str] = None,
         offload_encoders: bool = False,
+        loras: Optional[Sequence[LoraAdapter | str | Path | tuple]] = None,
     ) -> "DeLeakerRuntime":
         """A runtime around ``FluxPipeline`` components already in memory (``pipe.components``).
 
@@ -212,17 +225,22 @@ class DeLeakerRuntime:
         which act as stock FLUX without a DeLeaker state). ``model_id`` names the model in caches and reports.
         ``weights_key`` identifies the transformer's weights as loaded, without reading them (`from_model` gives
         `deleaker.models.folder_fingerprint`); None: the ONNX cache's key hashes the weights, once per runtime.
-        Other arguments as `from_model`.
+        ``loras`` are fused into these modules' weights (in place). Other arguments as `from_model`.
         """
         start = time.perf_counter() if started_at is None else started_at
         check_model_options(
             backend, text_len=text_len, max_entities=max_entities, dtype=dtype, compile=compile, fp8=fp8,
             offload_encoders=offload_encoders,
         )
+        adapters = check_loras(loras)
         device = model_device(backend, device)
         check_offload(offload_encoders, device)
         components = dict(components)
         transformer = components["transformer"]
+        # Fused before the cast to ``dtype`` (in the weights' loaded precision) and before any backend sees them;
+        # a bad adapter is refused here, before any generation.
+        fuse_loras(components, adapters)
+        records = lora_records(adapters)
         num_blocks = num_joint_blocks(transformer.config)
         config = DeLeakerConfig.resolve(deleaker_config, num_blocks)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -247,7 +265,7 @@ class DeLeakerRuntime:
         else:
             from .onnx_cache import model_backend  # onnx/onnxscript are optional: import on use
 
-            model_key = _model_key(transformer, weights_key, dtype)
+            model_key = _model_key(transformer, weights_key, dtype, records)
 
             def export_for(height: int, width: int) -> TransformerBackend:
                 return model_backend(
@@ -287,6 +305,7 @@ class DeLeakerRuntime:
             deleaker_config=dataclasses.asdict(config),
             compiled=compile,
             fp8=fp8,
+            lora_records=records,
         )
 
     @classmethod
@@ -573,17 +592,27 @@ def backend_max_batch(backend: TransformerBackend) -> int:
     return int(io.batch_max) if io is not None and getattr(io, "batch_max", None) else sys.maxsize
 
 
-def _model_key(transformer: torch.nn.Module, weights_key: Optional[str], dtype: torch.dtype) -> Callable[[], str]:
+def _model_key(
+    transformer: torch.nn.Module,
+    weights_key: Optional[str],
+    dtype: torch.dtype,
+    loras: Sequence[Mapping[str, Any]] = (),
+) -> Callable[[], str]:
     """The ONNX cache's key of the weights, computed once per runtime on first use: ``weights_key`` (what the
-    folder's files say) with the dtype the weights were cast to, else the hash of every weight."""
+    folder's files say) with the dtype the weights were cast to, else the hash of every weight; with each fused LoRA
+    adapter's content hash and scale, in order (so an export made with other adapters is never served)."""
     key: list[str] = []
 
     def once() -> str:
         if not key:
             if weights_key is None:
-                key.append(transformer_sha256(transformer))
+                base = transformer_sha256(transformer)
             else:
-                key.append(hashlib.sha256(f"{weights_key}:{dtype}".encode()).hexdigest())
+                base = hashlib.sha256(f"{weights_key}:{dtype}".encode()).hexdigest()
+            if loras:
+                adapters = json.dumps([[record["sha256"], float(record["scale"])] for record in loras])
+                base = hashlib.sha256(f"{base}:loras:{adapters}".encode()).hexdigest()
+            key.append(base)
         return key[0]
 
     return once

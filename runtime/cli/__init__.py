@@ -133,6 +133,7 @@ def run(
     cache_dir,
     device,
     precision,
+    loras,
     overrides,
     prompt,
     entities,
@@ -160,7 +161,7 @@ def run(
     with reported_errors("the image in progress"):
         spec = runtime_spec(
             engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8,
-            offload_encoders,
+            offload_encoders, loras,
         )
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompts_file is not None:
@@ -226,6 +227,7 @@ def verify(
     cache_dir,
     device,
     precision,
+    loras,
     overrides,
     prompt,
     entities,
@@ -249,7 +251,7 @@ def verify(
     with reported_errors("the image in progress"):
         spec = runtime_spec(
             engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8,
-            offload_encoders,
+            offload_encoders, loras,
         )
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompt is None or entities is None:

@@ -14,6 +14,7 @@ import click
 from deleaker.plugins.kernels import MAX_ENTITIES
 from .errors import CHECKED_INT, reported_errors
 from .knobs import knob_option, knob_overrides
+from .options import lora_adapters, lora_option
 from deleaker.export.limits import DEFAULT_PRECISION, MAX_SIDE, MAX_TEXT_LEN, PRECISIONS
 
 from deleaker.engines.manifest import MAX_BATCH
@@ -77,12 +78,17 @@ from deleaker.engines.manifest import MAX_BATCH
 @click.option(
     "--onnx-only", is_flag=True, help="Stop after the ONNX and its manifest (no TensorRT, no plugin library needed)."
 )
+@lora_option(
+    "Baked into the engine's weights and recorded in its manifest (adapters for the transformer only: the text "
+    "encoders run outside the engine)."
+)
 @knob_option(
     "A DeLeaker knob built into the engine's nodes, e.g. --set k_strength=1.5 (default: the spec's, windows scaled "
     "to the model); repeatable, each knob once."
 )
 def build(
-    model, precision, height, width, max_entities, text_len, batch, out_dir, plugin_library, onnx_only, overrides
+    model, precision, height, width, max_entities, text_len, batch, out_dir, plugin_library, onnx_only, loras,
+    overrides,
 ) -> None:
     """Export the DeLeaker FLUX transformer to ONNX and build a TensorRT engine with a manifest."""
     from deleaker.engines.request import BuildRequest
@@ -101,6 +107,7 @@ def build(
             onnx_only=onnx_only,
             plugin_library=plugin_library,
             deleaker_config=dict(knob_overrides(overrides)) or None,
+            loras=lora_adapters(loras),
         )
         # Imported here: the build pulls in torch and onnx, which `--help` and bad input do not need.
         from deleaker.engines.build import build_engines

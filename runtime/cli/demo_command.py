@@ -18,7 +18,9 @@ from .options import runtime_spec, source_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the page listens on (0.0.0.0 exposes it to the network).")
 @click.option("--port", type=CHECKED_INT, default=7860, show_default=True, help="Port, 0 for any free one.")
-def demo(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, host, port) -> None:
+def demo(
+    engines, model, backend, text_len, max_entities, cache_dir, device, precision, loras, overrides, host, port
+) -> None:
     """A Gradio page: plain FLUX and DeLeaker side by side, with the entity masks DeLeaker used (needs gradio:
     pip install "deleaker-trt[demo]")."""
     from ..demo import build_demo, check_bind, warm_up
@@ -29,7 +31,9 @@ def demo(engines, model, backend, text_len, max_entities, cache_dir, device, pre
             import gradio  # noqa: F401
         except ImportError:
             raise DeLeakerCliError('the demo needs gradio: pip install "deleaker-trt[demo]"') from None
-        spec = runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
+        spec = runtime_spec(
+            engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, loras=loras
+        )
         runtime = spec.open()
         warm_up(runtime)
         page = build_demo(runtime)

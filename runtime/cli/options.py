@@ -50,6 +50,19 @@ def progress_factory(enabled: bool):
     return _Bar
 
 
+def lora_option(more: str = ""):
+    """``--lora PATH[:SCALE]`` (repeatable; `lora_adapters` turns the values into adapters)."""
+    return click.option(
+        "--lora",
+        "loras",
+        multiple=True,
+        metavar="PATH[:SCALE]",
+        help="A LoRA adapter (.safetensors, as diffusers' load_lora_weights reads it) fused into the model's weights "
+        "with the weight SCALE (a finite number, default 1.0); repeatable, composed as diffusers' set_adapters. "
+        + more,
+    )
+
+
 def source_options(func):
     """The options that say where the model comes from (shared by ``run`` and ``verify``)."""
     options = [
@@ -95,6 +108,10 @@ def source_options(func):
             type=click.Choice(PRECISIONS),
             default=None,
             help="Engines of this precision (--engines only; needed when a directory has several).",
+        ),
+        lora_option(
+            "With --engines: only the adapters and scales the engines were built with (`build --lora`); none runs "
+            "them as built."
         ),
         knob_option(
             "Override a DeLeaker knob (--model only: engines are built with theirs, see `build --set`), e.g. "
@@ -159,9 +176,17 @@ def torch_execution_options(func):
     )(func)
 
 
+def lora_adapters(options: tuple[str, ...]) -> tuple:
+    """``--lora PATH[:SCALE]`` options as `deleaker.lora.LoraAdapter` values: the library's own checks (path is a
+    file, scale finite), before torch is imported."""
+    from deleaker.lora import parse_lora_option
+
+    return tuple(parse_lora_option(text) for text in options)
+
+
 def runtime_spec(
     engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model=False,
-    fp8=None, offload_encoders=False,
+    fp8=None, offload_encoders=False, loras=(),
 ):
     from deleaker.runtime import jobs
 
@@ -180,4 +205,5 @@ def runtime_spec(
         compile=compile_model,
         fp8=fp8,
         offload_encoders=offload_encoders,
+        loras=lora_adapters(loras),
     )

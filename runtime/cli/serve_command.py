@@ -101,12 +101,14 @@ def _autoscale(value: Optional[str]) -> Optional[tuple[Any, Any]]:
     help="Requests waiting for a replica; more are answered 503.",
 )
 def serve(
-    engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides,
+    engines, model, backend, text_len, max_entities, cache_dir, device, precision, loras, overrides,
     replicas, autoscale, host, port, max_batch_size, max_queued_requests,
 ) -> None:
     """Serve DeLeaker over HTTP with Ray Serve (POST /generate, GET /healthz) until Ctrl-C or SIGTERM."""
     with reported_errors("the server"):
-        spec = runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides)
+        spec = runtime_spec(
+            engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, loras=loras
+        )
         from deleaker.runtime.serving_settings import ServeSettings
 
         settings = ServeSettings(
