@@ -93,6 +93,15 @@ def transformer_config(model: str | Path, components: Mapping[str, Any]) -> dict
         raise ConfigError(f"cannot read the transformer config {path}: {str(exc):.200}") from None
 
 
+def embeds_guidance(model: str | Path) -> bool:
+    """Whether ``model``'s transformer takes a guidance value (FLUX.1-dev: True; FLUX.1-schnell, distilled without
+    a guidance embedding: False), from its ``transformer/config.json``, without loading weights or torch. The
+    built-in ``"tiny"`` is FLUX.1-dev-shaped. Raises `ConfigError` where the config cannot be read."""
+    if names_builtin_tiny(model):
+        return True
+    return bool(transformer_config(model, {}).get("guidance_embeds", False))
+
+
 def transformer_sha256(transformer: "torch.nn.Module") -> str:
     """Hex SHA-256 of a transformer's config and weights (names, dtypes, shapes and bytes, in state-dict order)."""
     import torch

@@ -11,6 +11,10 @@ Every part is the real diffusers/transformers class FLUX.1-dev uses, only small:
 - transformer: ``FluxTransformer2DModel`` with 2 double-stream and 2 single-stream blocks, 2 heads x 16 dims,
   guidance embedding (as FLUX.1-dev).
 
+``schnell=True`` gives the FLUX.1-schnell shape instead: the same parts and sizes, a transformer without guidance
+embedding (``guidance_embeds=False``) and schnell's scheduler (no dynamic shifting, ``shift = 1``), so a 4-step
+schedule is 1, 0.75, 0.5, 0.25 at every resolution.
+
 Weights depend only on ``seed``; the tokenizers do not depend on it (they are trained on the embedded corpus,
 deterministically, once per process). ``save_tiny_flux`` writes the ordinary diffusers folder that
 ``FluxPipeline.from_pretrained(path)`` (and ``--model PATH``) reads offline.
@@ -64,6 +68,8 @@ _SCHEDULER_CONFIG: dict[str, Any] = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
 }
+# FLUX.1-schnell's scheduler_config.json: a fixed shift of 1 (no shift), whatever the resolution.
+_SCHNELL_SCHEDULER_CONFIG: dict[str, Any] = {**_SCHEDULER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}
 
 # The tokenizers' training text: every prompt of the reference examples (slim_examples.jsonl) plus plain English
 # about animals, fruit and vegetables, colours, scenes and styles. Words outside it still tokenize (CLIP: byte-level
@@ -259,14 +265,17 @@ def build_tiny_tokenizers() -> tuple[CLIPTokenizerFast, T5TokenizerFast]:
     return clip, t5
 
 
-def build_tiny_flux_components(seed: int = 0) -> dict[str, Any]:
+def build_tiny_flux_components(seed: int = 0, *, schnell: bool = False) -> dict[str, Any]:
     """Everything ``diffusers.FluxPipeline(**components)`` takes, small and random, deterministic in ``seed``.
 
-    Returns new modules each call (callers may move or modify them); the tokenizers are trained once per process.
+    ``schnell=True``: FLUX.1-schnell's shape (no guidance embedding, schnell's scheduler). Returns new modules each
+    call (callers may move or modify them); the tokenizers are trained once per process.
     The global torch RNG is left as it was.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(schnell, bool):
+        raise ValueError(f"schnell must be True or False, got {schnell!r}")
     tokenizer, tokenizer_2 = build_tiny_tokenizers()
 
     def seeded(name: str) -> None:
@@ -342,14 +351,16 @@ def build_tiny_flux_components(seed: int = 0) -> dict[str, Any]:
             num_attention_heads=_HEADS,
             joint_attention_dim=_T5_D_MODEL,
             pooled_projection_dim=_CLIP_HIDDEN,
-            guidance_embeds=True,
+            guidance_embeds=not schnell,
             axes_dims_rope=_AXES_DIMS_ROPE,
         )
 
     for module in (vae, text_encoder, text_encoder_2, transformer):
         module.eval()
     return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG),
+        "scheduler": FlowMatchEulerDiscreteScheduler(
+            **(_SCHNELL_SCHEDULER_CONFIG if schnell else _SCHEDULER_CONFIG)
+        ),
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
@@ -361,11 +372,12 @@ def build_tiny_flux_components(seed: int = 0) -> dict[str, Any]:
     }
 
 
-def save_tiny_flux(path: str | Path, seed: int = 0) -> Path:
+def save_tiny_flux(path: str | Path, seed: int = 0, *, schnell: bool = False) -> Path:
     """Write the tiny FLUX as a diffusers folder (``model_index.json`` + one subfolder per part); returns ``path``.
 
-    ``FluxPipeline.from_pretrained(path)`` reloads it without network access.
+    ``FluxPipeline.from_pretrained(path)`` reloads it without network access. ``schnell=True`` writes the
+    FLUX.1-schnell-shaped model (see `build_tiny_flux_components`), as a user's FLUX.1-schnell folder is laid out.
     """
     path = Path(path)
-    FluxPipeline(**build_tiny_flux_components(seed)).save_pretrained(path)
+    FluxPipeline(**build_tiny_flux_components(seed, schnell=schnell)).save_pretrained(path)
     return path

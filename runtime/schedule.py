@@ -1,8 +1,8 @@
 """FLUX.1's sampling schedule and latent layout, as small pure functions.
 
-The schedule is diffusers' own: ``FlowMatchEulerDiscreteScheduler`` set as ``FluxPipeline`` sets it (dynamic
-shifting, exponential time shift, ``calculate_shift``); the runtime keeps its numbers (`FlowMatchSchedule`) and
-steps with them (`euler_step`, the scheduler's arithmetic). The latent layout matches ``FluxPipeline``'s helpers.
+The schedule is diffusers' own: ``FlowMatchEulerDiscreteScheduler`` set as ``FluxPipeline`` sets it (FLUX.1-dev:
+dynamic shifting, exponential time shift, ``calculate_shift``; FLUX.1-schnell: a fixed shift); the runtime keeps
+its numbers (`FlowMatchSchedule`) and steps with them (`euler_step`, the scheduler's arithmetic). The latent layout matches ``FluxPipeline``'s helpers.
 """
 
 from __future__ import annotations
@@ -20,20 +20,23 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class ShiftConfig:
-    """The resolution-dependent shift of FLUX.1-dev's ``scheduler_config.json``."""
+    """The timestep shift of a FLUX scheduler config: FLUX.1-dev's resolution-dependent (dynamic) shift by default;
+    ``use_dynamic_shifting=False`` is a fixed ``shift`` at every resolution (FLUX.1-schnell: ``shift = 1``, none)."""
 
     base_shift: float = 0.5
     max_shift: float = 1.15
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     num_train_timesteps: int = 1000
+    use_dynamic_shifting: bool = True
+    #: The fixed shift, used only without dynamic shifting (FLUX.1-dev's config says 3.0 and never uses it).
+    shift: float = 3.0
 
     @classmethod
     def from_scheduler_config(cls, config: Mapping[str, Any]) -> "ShiftConfig":
         """Read the fields from a diffusers scheduler config (missing keys keep FLUX.1-dev's values)."""
-        if not config.get("use_dynamic_shifting", True):
-            raise ConfigError("the runtime implements FLUX's dynamic shifting only (use_dynamic_shifting=True)")
-        if config.get("time_shift_type", "exponential") != "exponential":
+        dynamic = bool(config.get("use_dynamic_shifting", True))
+        if dynamic and config.get("time_shift_type", "exponential") != "exponential":
             raise ConfigError(f"unsupported time_shift_type {config.get('time_shift_type')!r}; allowed: 'exponential'")
         for flag in (
             "use_karras_sigmas",
@@ -46,12 +49,21 @@ class ShiftConfig:
             if config.get(flag):
                 raise ConfigError(f"unsupported scheduler option {flag}={config[flag]!r}")
         defaults = cls()
+        shift = config.get("shift", defaults.shift)
+        # Used without dynamic shifting only; there a NaN, infinite or non-positive shift makes the sigmas NaN or
+        # out of [0, 1]. (abs() < inf before the sign: NaN fails it.)
+        if not dynamic and (
+            isinstance(shift, bool) or not isinstance(shift, (int, float)) or not abs(shift) < float("inf") or shift <= 0
+        ):
+            raise ConfigError(f"the scheduler's shift must be a finite number > 0, got {shift!r:.40}")
         return cls(
             base_shift=float(config.get("base_shift", defaults.base_shift)),
             max_shift=float(config.get("max_shift", defaults.max_shift)),
             base_image_seq_len=int(config.get("base_image_seq_len", defaults.base_image_seq_len)),
             max_image_seq_len=int(config.get("max_image_seq_len", defaults.max_image_seq_len)),
             num_train_timesteps=int(config.get("num_train_timesteps", defaults.num_train_timesteps)),
+            use_dynamic_shifting=dynamic,
+            shift=float(shift) if not dynamic else defaults.shift,
         )
 
 
@@ -85,7 +97,8 @@ class FlowMatchSchedule:
 def flux_schedule(num_steps: int, image_seq_len: int, shift: ShiftConfig = ShiftConfig()) -> FlowMatchSchedule:
     """FLUX's schedule, from ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/steps, steps),
     mu=calculate_shift(...))`` as ``FluxPipeline`` calls it: ``(steps + 1)`` sigmas ending at 0 and ``steps``
-    timesteps, float32."""
+    timesteps, float32. Without dynamic shifting (FLUX.1-schnell) the scheduler applies its fixed ``shift`` and
+    ignores ``mu``, as in ``FluxPipeline``."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ConfigError(f"steps must be a positive int, got {num_steps!r}")
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -93,7 +106,8 @@ def flux_schedule(num_steps: int, image_seq_len: int, shift: ShiftConfig = Shift
     # The scheduler FluxPipeline uses, set as FluxPipeline sets it (float64 linspace of sigmas, mu from the size).
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=shift.num_train_timesteps,
-        use_dynamic_shifting=True,
+        use_dynamic_shifting=shift.use_dynamic_shifting,
+        shift=shift.shift,
         base_shift=shift.base_shift,
         max_shift=shift.max_shift,
         base_image_seq_len=shift.base_image_seq_len,

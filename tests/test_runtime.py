@@ -88,9 +88,12 @@ def test_euler_step_equals_scheduler_step():
         torch.testing.assert_close(x, ref, rtol=0, atol=0)
 
 
-def test_scheduler_config_without_dynamic_shifting_is_refused():
-    with pytest.raises(DeLeakerError, match="dynamic shifting"):
-        sched.ShiftConfig.from_scheduler_config({"use_dynamic_shifting": False})
+def test_scheduler_config_without_dynamic_shifting_is_a_fixed_shift():
+    """FLUX.1-schnell's scheduler (tests/test_schnell.py runs it end to end); a shift it cannot use is refused."""
+    shift = sched.ShiftConfig.from_scheduler_config({"use_dynamic_shifting": False, "shift": 1.0})
+    assert not shift.use_dynamic_shifting and shift.shift == 1.0
+    with pytest.raises(DeLeakerError, match="shift must be a finite number > 0"):
+        sched.ShiftConfig.from_scheduler_config({"use_dynamic_shifting": False, "shift": 0.0})
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (3, 5), (8, 6)])

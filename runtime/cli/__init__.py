@@ -28,6 +28,7 @@ from .options import (
     echo_json,
     entity_list,
     progress_factory,
+    refuse_unused_guidance,
     request_options,
     runtime_spec,
     source_options,
@@ -163,6 +164,7 @@ def run(
             engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8,
             offload_encoders, loras,
         )
+        refuse_unused_guidance(spec)
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompts_file is not None:
             if prompt is not None or entities is not None:
@@ -253,6 +255,7 @@ def verify(
             engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model, fp8,
             offload_encoders, loras,
         )
+        refuse_unused_guidance(spec)
         settings = ImageSettings(seed, steps, guidance, height, width).square()
         if prompt is None or entities is None:
             raise click.UsageError("give --prompt and --entities")

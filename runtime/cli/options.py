@@ -184,6 +184,36 @@ def lora_adapters(options: tuple[str, ...]) -> tuple:
     return tuple(parse_lora_option(text) for text in options)
 
 
+def refuse_unused_guidance(spec: Any) -> None:
+    """Refuse ``--guidance`` given on the command line for a model without a guidance embedding (FLUX.1-schnell):
+    its images do not depend on guidance (diffusers ignores it), and an option that would be ignored silently is an
+    error here, as ``--text-len`` with engines is. The model's config or the engines' manifests are read, not the
+    weights. A source that cannot be read is left to the load that follows, which names the problem."""
+    source = click.get_current_context().get_parameter_source("guidance")
+    if source in (None, click.core.ParameterSource.DEFAULT):
+        return
+    from deleaker.errors import ConfigError, DeLeakerError
+
+    try:
+        if spec.model is not None:
+            from deleaker.models import embeds_guidance
+
+            guided, name = embeds_guidance(spec.model), f"the model {spec.model}"
+        else:
+            from deleaker.engines.manifest import MANIFEST_SUFFIX, EngineManifest
+
+            manifests = [EngineManifest.read(p) for p in sorted(Path(spec.engines).glob("*" + MANIFEST_SUFFIX))]
+            guided = any(bool(m.io.get("guidance_embeds", True)) for m in manifests) or not manifests
+            name = f"the engines in {spec.engines}"
+    except (DeLeakerError, OSError):
+        return
+    if not guided:
+        raise ConfigError(
+            f"--guidance: {name} has no guidance embedding (FLUX.1-schnell is distilled without one), so guidance "
+            "does not change its images; leave --guidance out"
+        )
+
+
 def runtime_spec(
     engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, compile_model=False,
     fp8=None, offload_encoders=False, loras=(),
