@@ -18,6 +18,20 @@ def num_joint_blocks(transformer_config: Mapping[str, Any]) -> int:
     return int(transformer_config["num_layers"]) + int(transformer_config["num_single_layers"])
 
 
+#: Model families the transformer configs name: FLUX.1 (``FluxTransformer2DModel``) and FLUX.2 [dev]/[klein]
+#: (``Flux2Transformer2DModel``: no pooled CLIP projection, 4 RoPE axes, fused single-stream projections).
+MODEL_FAMILIES = ("flux1", "flux2")
+
+
+def model_family(transformer_config: Mapping[str, Any]) -> str:
+    """``"flux2"`` for a ``Flux2Transformer2DModel`` config (``transformer.config`` or its config.json dict), else
+    ``"flux1"``. Told apart by their keys: FLUX.2 has ``timestep_guidance_channels`` and no
+    ``pooled_projection_dim``."""
+    if "pooled_projection_dim" not in transformer_config and "timestep_guidance_channels" in transformer_config:
+        return "flux2"
+    return "flux1"
+
+
 #: Window knobs are block steps below 2**31: the graph stores them as int64 and every kernel takes them as int64,
 #: and a FLUX.1 run of 1000 steps counts only 57,000 block steps.
 MAX_BLOCK_STEP = 2**31 - 1

@@ -12,11 +12,11 @@ Graph inputs, in the order of `FluxTransformerIO.input_names` (also the position
 ``FluxDeLeakerWrapper.forward``)::
 
     hidden_states          (B, Nimg, C_in)        model dtype   packed latents, Nimg = gh * gw
-    encoder_hidden_states  (B, T, joint_dim)      model dtype   T5 prompt embedding
-    pooled_projections     (B, pooled_dim)        model dtype   CLIP pooled embedding
+    encoder_hidden_states  (B, T, joint_dim)      model dtype   T5 prompt embedding (FLUX.2: the text encoder's)
+    pooled_projections     (B, pooled_dim)        model dtype   CLIP pooled embedding (FLUX.1 only)
     timestep               (B,)                   float32       sigma in [0, 1] (the model multiplies by 1000)
-    img_ids                (Nimg, 3)              float32
-    txt_ids                (T, 3)                 float32
+    img_ids                (Nimg, A)              float32       A = 3 RoPE axes for FLUX.1, 4 for FLUX.2
+    txt_ids                (T, A)                 float32
     guidance               (B,)                   float32       only when the model has guidance_embeds
     entity_mask            (E_max, T)             int32         0/1, row e marks entity e's text tokens
     history                (B, E_max, Nimg)       float32       DeLeaker running mean (zeros at step 0)
@@ -39,7 +39,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from deleaker.config import num_joint_blocks
+from deleaker.config import MODEL_FAMILIES, model_family, num_joint_blocks
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.errors import ConfigError, ShapeError
 
@@ -123,6 +123,9 @@ class FluxTransformerIO:
         text_len: ``T`` (``max_sequence_length``: 256/512 for FLUX.1). max_entities: ``E_max``.
         batch_min, batch_opt, batch_max: the batch profile of the engine (and the export's sample batch is opt).
         dtype: the model's float dtype name (``float32``, ``float16`` or ``bfloat16``).
+        family: ``"flux1"`` (``FluxTransformer2DModel``) or ``"flux2"`` (``Flux2Transformer2DModel``: no
+            ``pooled_projections`` input, ``pooled_projection_dim`` 0, ids of 4 RoPE axes). Contracts stored before
+            FLUX.2 have no such field and read as ``"flux1"``.
     """
 
     in_channels: int
@@ -140,13 +143,21 @@ class FluxTransformerIO:
     batch_opt: int = 1
     batch_max: int = 4
     dtype: str = "float32"
+    family: str = "flux1"
 
     def __post_init__(self) -> None:
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError(f"FluxTransformerIO.family must be one of {MODEL_FAMILIES}, got {self.family!r:.40}")
+        if self.family == "flux2" and self.pooled_projection_dim != 0:
+            raise ConfigError(
+                f"FluxTransformerIO.pooled_projection_dim must be 0 for FLUX.2 (it has no pooled projection), got "
+                f"{self.pooled_projection_dim!r:.40}"
+            )
         ints = {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "joint_attention_dim": self.joint_attention_dim,
-            "pooled_projection_dim": self.pooled_projection_dim,
+            **({"pooled_projection_dim": self.pooled_projection_dim} if self.family == "flux1" else {}),
             "num_blocks": self.num_blocks,
             "height": self.height,
             "width": self.width,
@@ -190,16 +201,18 @@ class FluxTransformerIO:
         batch: Tuple[int, int, int] = (1, 1, 4),
         dtype: Union[str, torch.dtype] = "float32",
     ) -> "FluxTransformerIO":
-        """The contract from a ``FluxTransformer2DModel`` config (``transformer.config`` or its config.json dict).
+        """The contract from a ``FluxTransformer2DModel`` or ``Flux2Transformer2DModel`` config
+        (``transformer.config`` or its config.json dict; the family is read from it, `deleaker.config.model_family`).
 
         ``batch`` is ``(min, opt, max)``.
         """
+        family = model_family(config)
         try:
             in_channels = int(config["in_channels"])
             out_channels = int(config.get("out_channels") or in_channels)
             num_blocks = num_joint_blocks(config)
             joint_dim = int(config["joint_attention_dim"])
-            pooled_dim = int(config["pooled_projection_dim"])
+            pooled_dim = int(config["pooled_projection_dim"]) if family == "flux1" else 0
             guidance = bool(config.get("guidance_embeds", False))
         except KeyError as exc:
             raise ConfigError(f"transformer config lacks {exc.args[0]!r}; is it a FluxTransformer2DModel?") from None
@@ -221,6 +234,7 @@ class FluxTransformerIO:
             batch_opt=batch[1],
             batch_max=batch[2],
             dtype=dtype_name(dtype),
+            family=family,
         )
 
     @classmethod
@@ -243,6 +257,11 @@ class FluxTransformerIO:
         """``Nimg = gh * gw``."""
         return self.grid[0] * self.grid[1]
 
+    @property
+    def rope_axes(self) -> int:
+        """Columns of ``img_ids``/``txt_ids``: 3 RoPE axes for FLUX.1, 4 (t, h, w, l) for FLUX.2."""
+        return 4 if self.family == "flux2" else 3
+
     # --- the tensors ------------------------------------------------------------------------------------------
 
     @property
@@ -252,10 +271,13 @@ class FluxTransformerIO:
         specs = [
             TensorSpec("hidden_states", self.dtype, (b, n, self.in_channels)),
             TensorSpec("encoder_hidden_states", self.dtype, (b, t, self.joint_attention_dim)),
-            TensorSpec("pooled_projections", self.dtype, (b, self.pooled_projection_dim)),
+        ]
+        if self.family == "flux1":
+            specs.append(TensorSpec("pooled_projections", self.dtype, (b, self.pooled_projection_dim)))
+        specs += [
             TensorSpec("timestep", "float32", (b,)),
-            TensorSpec("img_ids", "float32", (n, 3)),
-            TensorSpec("txt_ids", "float32", (t, 3)),
+            TensorSpec("img_ids", "float32", (n, self.rope_axes)),
+            TensorSpec("txt_ids", "float32", (t, self.rope_axes)),
         ]
         if self.guidance_embeds:
             specs.append(TensorSpec("guidance", "float32", (b,)))
@@ -344,9 +366,14 @@ class FluxTransformerIO:
         gh, gw = self.grid
         t, e, n = self.text_len, self.max_entities, self.image_tokens
 
-        img_ids = torch.zeros(gh, gw, 3)
+        # FLUX.1 and FLUX.2 both put the token's row and column in axes 1 and 2; FLUX.2's text tokens count along
+        # axis 3 (Flux2Pipeline._prepare_text_ids), FLUX.1's are all 0.
+        img_ids = torch.zeros(gh, gw, self.rope_axes)
         img_ids[..., 1] = torch.arange(gh)[:, None]
         img_ids[..., 2] = torch.arange(gw)[None, :]
+        txt_ids = torch.zeros(t, self.rope_axes)
+        if self.family == "flux2":
+            txt_ids[:, 3] = torch.arange(t)
         if entity_mask is None:
             entity_mask = torch.zeros(e, t, dtype=torch.int32)
             for row, token in enumerate((1, 3)[: min(e, 2)]):
@@ -358,8 +385,8 @@ class FluxTransformerIO:
             "encoder_hidden_states": torch.randn(batch, t, self.joint_attention_dim, generator=gen).to(fdt),
             "pooled_projections": torch.randn(batch, self.pooled_projection_dim, generator=gen).to(fdt),
             "timestep": torch.full((batch,), 0.75),
-            "img_ids": img_ids.reshape(n, 3),
-            "txt_ids": torch.zeros(t, 3),
+            "img_ids": img_ids.reshape(n, self.rope_axes),
+            "txt_ids": txt_ids,
             "guidance": torch.full((batch,), 3.5),
             "entity_mask": entity_mask.to(torch.int32),
             "history": torch.zeros(batch, e, n),
@@ -372,6 +399,9 @@ class FluxTransformerIO:
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready form: the fields plus the derived tensor lists (for manifests and non-Python readers)."""
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        if self.family == "flux1":
+            # Stored FLUX.1 contracts (manifests, ONNX metadata, cache keys) stay as they were before FLUX.2.
+            del fields["family"]
         return {
             **fields,
             "grid": list(self.grid),
