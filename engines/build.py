@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import errno
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.locks import exclusive_lock
 from deleaker.folders import make_output_folder
 from deleaker.lora import lora_records
-from deleaker.staging import make_staging_dir, staged_name
+from deleaker.staging import make_staging_dir, publish_staged, staged_name, write_atomically
 from deleaker.export.limits import PRECISIONS  # noqa: F401 (API)
 from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
 from deleaker.plugins.trt_library import (
@@ -66,7 +65,6 @@ from .manifest import (
     ONNX_DTYPES,
     EngineManifest,
     ManifestError,
-    atomic_write_bytes,
     cuda_environment,
     plugin_node,
     sha256_file,
@@ -191,11 +189,11 @@ def save_onnx(model: Any, path: Path) -> None:
     with disk_guard(tmp_dir):
         large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD  # the exporter's: one protobuf limit, one threshold
         data_name = path.name + ".data"
-        onnx.save_model(model, str(tmp_dir / path.name), save_as_external_data=large, location=data_name)
-        if large:
-            os.replace(tmp_dir / data_name, path.parent / data_name)
-        os.replace(tmp_dir / path.name, path)
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        try:
+            onnx.save_model(model, str(tmp_dir / path.name), save_as_external_data=large, location=data_name)
+            publish_staged(tmp_dir, path)  # the data file first, the model last
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def calibration_batches(
@@ -260,7 +258,7 @@ def quantization_record(scales: Mapping[str, "fp8_lib.LinearScales"], model: Any
 def save_engine(data: bytes, path: Path) -> Path:
     """Write the serialized engine atomically (temp file in the same folder, then rename)."""
     with disk_guard():
-        atomic_write_bytes(path, data)
+        write_atomically({path: data})
     return path
 
 
@@ -289,13 +287,18 @@ def check_plugin_slot(out_dir: Path, library: PluginLibrary, engine_name: str) -
         )
 
 
+def _copy_into(source: Path, handle: Any) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, handle)
+
+
 def install_plugin_library(library: PluginLibrary, out_dir: Path) -> PluginLibrary:
     """``library`` copied into ``out_dir`` as `LIBRARY_NAME` (atomically, unless the same bytes are there already);
     returns the copy. A process that loaded the file it replaces keeps its own (a new file, not a rewrite)."""
     target = out_dir / LIBRARY_NAME
     if not (target.is_file() and sha256_file(target) == library.sha256):
         with disk_guard():
-            atomic_write_bytes(target, library.path.read_bytes())
+            write_atomically({target: lambda handle: _copy_into(library.path, handle)})
         if sha256_file(target) != library.sha256:
             raise BuildError(f"{library.path} changed while it was copied to {target}; build again")
     return dataclasses.replace(library, path=target)

@@ -37,6 +37,7 @@ from types import ModuleType
 from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from deleaker.errors import DeLeakerError
+from deleaker.staging import write_atomically
 from deleaker.plugins.trt_library import (
     PluginLibrary,
     check_plugin_layers_loadable,
@@ -44,7 +45,6 @@ from deleaker.plugins.trt_library import (
     tensorrt_logger,
 )
 
-from .manifest import atomic_write_bytes
 
 
 class BuildError(DeLeakerError):
@@ -183,6 +183,6 @@ def build_serialized_engine(
         )()
         if cache_out is not None:
             cache_out.seek(0)
-            atomic_write_bytes(timing_cache, cache_out.read())
+            write_atomically({timing_cache: cache_out.read()})
     return bytes(memoryview(serialized))
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.jsonio import loads_strict
-from deleaker.staging import staging_path
+from deleaker.staging import write_atomically
 from deleaker.hashing import sha256_file
 from deleaker.lora import check_lora_records
 from deleaker.plugins.kernels import MAX_ENTITIES
@@ -348,7 +348,7 @@ class EngineManifest:
     def write(self, directory: str | os.PathLike) -> Path:
         """Write ``<artifact>.manifest.json`` in ``directory`` atomically (temp file, then rename)."""
         target = self.path_for(Path(directory) / self.artifact)
-        atomic_write_bytes(target, self.to_json().encode())
+        write_atomically({target: self.to_json().encode()})
         return target
 
     @classmethod
@@ -477,26 +477,6 @@ def _check_sha256(field_name: str, digest: Any) -> None:
 
 def _cc(cc: Optional[Iterable[int]]) -> str:
     return "unknown" if cc is None else ".".join(str(x) for x in cc)
-
-
-def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``target`` through a temp file in the same folder and a rename: no half-written file.
-
-    On any error (ENOSPC included) the temp file is removed and the error re-raised; ``target`` is untouched.
-    """
-    target = Path(target)
-    tmp = staging_path(target)  # a name of ours (`deleaker.staging`): stale-staging cleanup may remove it
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        os.fchmod(fd, 0o644)  # artifacts are ordinary readable files
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plugin_node() -> Dict[str, str]:

@@ -31,7 +31,7 @@ import torch
 from deleaker.config import DeLeakerConfig, num_joint_blocks
 from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.jsonio import loads_strict
-from deleaker.staging import make_staging_dir
+from deleaker.staging import make_staging_dir, publish_staged
 from deleaker.hashing import sha256_file
 from deleaker.geometry import vae_scale_factor
 from deleaker.export_lock import tracing
@@ -227,23 +227,19 @@ def _staging_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _move_into_place(staged: Path, staged_data: Optional[Path], out_path: Path, final_data: Path) -> None:
-    """Rename the staged files to their destination: the data file first, the ``.onnx`` last.
+def _move_into_place(staged: Path, out_path: Path, *, has_data: bool) -> None:
+    """Rename the staged files to their destination (`deleaker.staging.publish_staged`): the data file first, the
+    ``.onnx`` last.
 
     An earlier ``.onnx`` of the same name is removed before its data file is replaced, so the destination never
     holds an ``.onnx`` whose data does not match it; if the last rename fails, the moved data file is removed too.
     """
     try:
-        if staged_data is not None:
-            if out_path.is_file():
-                out_path.unlink()
-            os.replace(staged_data, final_data)
-        os.replace(staged, out_path)
+        publish_staged(staged.parent, out_path)
     except OSError as exc:
-        if staged_data is not None:
-            final_data.unlink(missing_ok=True)
         raise ExportError(f"cannot move the exported model into place at {out_path}: {exc}") from exc
-    if staged_data is None and final_data.is_file():
+    final_data = out_path.with_name(out_path.name + ".data")
+    if not has_data and final_data.is_file():
         final_data.unlink()  # the data file of an earlier export of the same name
 
 
@@ -322,7 +318,7 @@ def export_transformer_onnx(
         sha = sha256_file(staged)
         data_sha = sha256_file(staged_data) if has_data else None
         final_data = out_path.parent / data_name
-        _move_into_place(staged, staged_data if has_data else None, out_path, final_data)
+        _move_into_place(staged, out_path, has_data=has_data)
     seconds["total"] = time.perf_counter() - start
     # The name only: callers export into staging folders that are renamed into place afterwards.
     how = "decomposed into standard ONNX operators" if decompose else f"as {num_custom} {OP_TYPE} nodes"
@@ -519,5 +515,5 @@ def export_attention_onnx(
         staged = tmp / out_path.name
         program.save(staged, external_data=False)
         check_onnx_model(staged)
-        os.replace(staged, out_path)
+        publish_staged(tmp, out_path)
     return out_path

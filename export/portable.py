@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ShapeError
 from deleaker.jsonio import loads_strict
+from deleaker.staging import make_staging_dir, publish_staged
 
 from .contract import FluxTransformerIO
 from .exporter import EXTERNAL_DATA_THRESHOLD, META_DECOMPOSED, META_IO, ExportError, export_attention_onnx
@@ -87,11 +89,17 @@ def make_portable(src: str | Path, dst: str | Path, *, work_dir: Optional[str | 
         _replace_custom_nodes(model, Path(tmp))
     _mark_metadata(model)
     large = sum(init.ByteSize() for init in model.graph.initializer) >= EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(model, str(dst), save_as_external_data=large, location=dst.name + ".data")
+    staging = make_staging_dir(dst)  # written and checked there, then moved into place: no half-written dst
     try:
-        onnx.checker.check_model(str(dst))  # by path: works above the protobuf limit too
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the portable form of {src.name} fails the ONNX checks: {exc}") from exc
+        staged = staging / dst.name
+        onnx.save_model(model, str(staged), save_as_external_data=large, location=dst.name + ".data")
+        try:
+            onnx.checker.check_model(str(staged))  # by path: works above the protobuf limit too
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"the portable form of {src.name} fails the ONNX checks: {exc}") from exc
+        publish_staged(staging, dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return dst
 
 

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from deleaker.errors import DeLeakerError
 from deleaker.jsonio import loads_strict
-from deleaker.staging import make_staging_dir, staged_name, staging_path
+from deleaker.staging import make_staging_dir, publish_staged, staged_name, write_atomically
 from deleaker.locks import exclusive_lock
 
 #: Targets compiled into the library: Ampere (A100, consumer Ampere), Ada, Hopper, and Hopper's arch-specific
@@ -229,7 +229,7 @@ def build_library(archs: Sequence[str] = ARCHS, *, force: bool = False) -> Path:
         try:
             staged = tmp / LIBRARY_NAME
             run_nvcc(compile_command(spec, staged))
-            os.replace(staged, directory / LIBRARY_NAME)
+            publish_staged(tmp, directory / LIBRARY_NAME)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         manifest = {
@@ -237,12 +237,7 @@ def build_library(archs: Sequence[str] = ARCHS, *, force: bool = False) -> Path:
             "nvcc_flags": compile_flags(spec.archs),
             "library_sha256": hashlib.sha256((directory / LIBRARY_NAME).read_bytes()).hexdigest(),
         }
-        staged_manifest = staging_path(directory / MANIFEST_NAME)
-        try:
-            staged_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            os.replace(staged_manifest, directory / MANIFEST_NAME)
-        finally:
-            staged_manifest.unlink(missing_ok=True)
+        write_atomically({directory / MANIFEST_NAME: json.dumps(manifest, indent=2, sort_keys=True).encode()})
     return directory / LIBRARY_NAME
 
 

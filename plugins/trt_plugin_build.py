@@ -12,6 +12,7 @@ Nothing here imports torch or TensorRT or needs a GPU; no plugin library is load
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -28,7 +29,7 @@ from typing import Callable, Optional, Sequence
 from deleaker.errors import DeLeakerError
 from deleaker.locks import exclusive_lock
 from deleaker.folders import check_output_folder, make_output_folder
-from deleaker.staging import staging_path
+from deleaker.staging import write_atomically
 
 from . import kernels_build as kernel_build
 
@@ -193,12 +194,8 @@ def build_plugin(config: PluginBuildConfig, progress: Optional[Callable[[str], N
         built = _run([cmake, "--build", str(build_dir), "--parallel", jobs], env, "cmake --build")
         if built.returncode != 0:
             raise PluginBuildError(f"building the plugin library failed:\n{(built.stdout + built.stderr)[-6000:]}")
-        staged = staging_path(out_dir / LIBRARY_NAME)  # a name of ours: a user's "<library>.tmp" is not touched
-        try:
-            shutil.copyfile(build_dir / LIBRARY_NAME, staged)
-            os.replace(staged, out_dir / LIBRARY_NAME)
-        finally:
-            staged.unlink(missing_ok=True)  # an interrupted copy leaves no partial library
+        with open(build_dir / LIBRARY_NAME, "rb") as built_library:  # an interrupted copy leaves no partial library
+            write_atomically({out_dir / LIBRARY_NAME: functools.partial(shutil.copyfileobj, built_library)})
     return out_dir / LIBRARY_NAME
 
 

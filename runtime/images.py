@@ -3,6 +3,7 @@ with a provenance record (or its bytes, for a server's reply), PNG validity, PSN
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -15,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from deleaker.errors import DeLeakerError
 from deleaker.jsonio import loads_strict
-from deleaker.staging import STAGING_EXTRA, staging_name, staging_path
+from deleaker.staging import STAGING_EXTRA, staged_name, staging_name, write_atomically
 
 
 class OutputError(DeLeakerError, OSError):
@@ -156,6 +157,13 @@ def png_bytes(image: Image.Image, record: Optional[Mapping[str, Any]] = None) ->
     return buffer.getvalue()
 
 
+def _final_of(path: str | os.PathLike) -> Path:
+    """The file a path names for a user: a staging name of ours stands for its final name."""
+    path = Path(path)
+    final = staged_name(path.name)
+    return path if final is None else path.with_name(final)
+
+
 def save_pngs_atomic(images: Sequence[tuple[Image.Image, Path]], record: Optional[Mapping[str, Any]] = None) -> None:
     """Write every ``(image, path)`` as a PNG, all or none: each goes to a temporary file in its directory first
     (complete and fsynced), then all are renamed into place; a failure (a full disk, an interruption) removes the
@@ -165,32 +173,16 @@ def save_pngs_atomic(images: Sequence[tuple[Image.Image, Path]], record: Optiona
     Raises `OutputError` naming the path and the system's reason (e.g. "No space left on device").
     """
     info = _record_info(record)
-    staged: list[tuple[Path, Path]] = []
-    placed: list[Path] = []
-    current = None
+    files = {}
     try:
         for image, path in images:
-            current = path = Path(path)
+            path = Path(path)
+            files[path] = functools.partial(image.save, format="PNG", pnginfo=info)
             path.parent.mkdir(parents=True, exist_ok=True)
-            # A unique name opened exclusively (mode "xb" honours the umask, unlike mkstemp's 0600).
-            tmp = staging_path(path)
-            with open(tmp, "xb") as handle:
-                staged.append((tmp, path))
-                image.save(handle, format="PNG", pnginfo=info)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for tmp, path in staged:
-            current = path
-            os.replace(tmp, path)
-            placed.append(path)
-    except BaseException as exc:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        for path in placed:
-            path.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {current}: {exc.strerror or exc}; nothing was written") from None
-        raise
+        write_atomically(files)  # all or none: staged, fsynced, renamed; a failure removes what it wrote
+    except OSError as exc:
+        where = _final_of(exc.filename) if exc.filename is not None else list(files)[-1]
+        raise OutputError(f"cannot write {where}: {exc.strerror or exc}; nothing was written") from None
 
 
 def read_png_record(path: str | Path) -> tuple[bool, Optional[dict[str, Any]]]:

@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -42,7 +41,7 @@ import torch
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import DeLeakerError
 from deleaker.jsonio import loads_strict
-from deleaker.staging import make_staging_dir, staged_name
+from deleaker.staging import make_staging_dir, publish_staged, staged_name
 from deleaker.locks import exclusive_lock
 from deleaker.hashing import sha256_file
 from deleaker.models import transformer_sha256
@@ -257,7 +256,7 @@ def cached_artifact(cache_dir: Path, key: str, make: Callable[[Path], None], des
                     "seconds": time.perf_counter() - start,
                 }
                 (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-                os.rename(staging, entry)
+                publish_staged(staging, entry, whole=True)
             except OSError as exc:  # a full disk, a read-only folder: nothing half-written stays
                 raise BackendError(f"cannot write the ONNX cache entry {entry}: {exc}") from exc
         except BaseException:

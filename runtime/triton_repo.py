@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from deleaker.errors import ConfigError, DeLeakerError
-from deleaker.staging import staging_path
+from deleaker.staging import publish_staged, staging_path
 
 if TYPE_CHECKING:
     from .jobs import RuntimeSpec
@@ -275,7 +274,7 @@ def write_repository(spec: TritonRepoSpec) -> TritonRepository:
                             "height": manifest.height, "width": manifest.width})
         if out.exists() or out.is_symlink():  # appeared while we wrote: leave it alone
             raise TritonRepoError(f"--out {out} appeared while the repository was written; nothing was replaced")
-        os.rename(staging, out)
+        publish_staged(staging, out, whole=True)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError):

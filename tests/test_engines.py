@@ -29,13 +29,12 @@ from deleaker.engines.manifest import (
     EngineManifest,
     Environment,
     ManifestError,
-    atomic_write_bytes,
     plugin_node,
     sha256_file,
 )
 from deleaker.plugins import trt_library
 from deleaker.plugins.trt_plugin_build import LIBRARY_NAME
-from deleaker.staging import staging_name
+from deleaker.staging import staging_name, write_atomically
 
 #: The tiny model's contract at 64x64, T = 16, E_max = 4, batch 1..4 (what its fp16 build declares).
 TINY_IO = FluxTransformerIO(
@@ -281,9 +280,9 @@ def test_disk_full_is_a_typed_error_and_partial_files_are_removed(tmp_path):
 
 def test_atomic_write_leaves_no_temp_file_and_keeps_the_old_file_on_error(tmp_path):
     target = tmp_path / "a.json"
-    atomic_write_bytes(target, b"one")
+    write_atomically({target: b"one"})
     with pytest.raises(TypeError):
-        atomic_write_bytes(target, "not bytes")  # fails inside the write
+        write_atomically({target: "not bytes"})  # fails inside the write
     assert target.read_bytes() == b"one"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
