@@ -18,6 +18,7 @@ from deleaker.lazy import lazy_exports
 _EXPORTS = {
     "DeLeakerRuntime": "runtime",
     "GenerationRequest": "request",
+    "ResolvedRequest": "request",
     "GenerationResult": "runtime",
     "NonFiniteError": "runtime",
     "TransformerBackend": "backends",

@@ -25,7 +25,8 @@ from deleaker.staging import staged_name, writer_is_gone
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import check_max_entities, check_text_len
 from deleaker.models import check_model_source
-from .defaults import BACKENDS, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN, FP8_SCALES
+from .backend_options import check_backend_options
+from .defaults import BACKENDS, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN
 from .images import (
     OutputError,
     carries_record,
@@ -101,26 +102,12 @@ class RuntimeSpec:
             raise ConfigError(f"unknown backend {self.backend!r}; allowed: {BACKENDS}")
         if self.model is not None and self.precision is not None:
             raise ConfigError("--precision selects engines (--engines DIR); a --model runs in its own dtype")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile must be True or False, got {self.compile!r:.40}")
-        if self.compile and (self.engines is not None or self.backend != "torch"):
-            used = "an engine directory" if self.engines is not None else f"the {self.backend or 'onnxruntime'} backend"
-            raise ConfigError(
-                f"--compile applies to the torch backend of a model (--model ... --backend torch), not to {used}"
-            )
-        if self.fp8 is not None:
-            if self.fp8 not in FP8_SCALES:
-                raise ConfigError(f"fp8 scales must be one of {FP8_SCALES}, got {self.fp8!r:.40}")
-            if self.engines is not None or self.backend != "torch":
-                used = "an engine directory" if self.engines is not None else f"the {self.backend or 'onnxruntime'} backend"
-                raise ConfigError(
-                    f"--fp8 applies to the torch backend of a model (--model ... --backend torch), not to {used} "
-                    "(FP8 engines: build --precision fp8)"
-                )
-        if not isinstance(self.offload_encoders, bool):
-            raise ConfigError(f"offload_encoders must be True or False, got {self.offload_encoders!r:.40}")
-        if self.offload_encoders and (self.engines is not None or self.backend != "torch"):
-            raise ConfigError("--offload-encoders applies to the torch backend of a model (--model ... --backend torch)")
+        check_backend_options(  # the table from_model checks too
+            self.backend,
+            {"compile": self.compile, "fp8": self.fp8, "offload_encoders": self.offload_encoders},
+            engines=self.engines is not None,
+            as_flags=True,
+        )
         if self.offload_encoders and self.device is not None and not self.device.startswith("cuda"):
             raise ConfigError(
                 f"--offload-encoders keeps the text encoders in CPU memory for a GPU run; --device {self.device} runs "
@@ -774,10 +761,10 @@ def verify(
     cand = candidate if candidate is not None else job.candidate.open()
     request = cand.resolve(job.request)
     ref = reference if reference is not None else reference_spec(cand, job.candidate).open()
-    ref.resolve(request)
+    ref_request = ref.resolve(request)  # each runtime resolves the request once, for its own model
     label = execution_label(cand)
     got = _generate_compared(cand, request, progress_factory, f"the candidate ({label})")
-    want = _generate_compared(ref, request, progress_factory, "the PyTorch reference")
+    want = _generate_compared(ref, ref_request, progress_factory, "the PyTorch reference")
     errors = [
         float(torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
         for a, b in zip(got.latents, want.latents)

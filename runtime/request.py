@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Optional
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Optional
 
 from deleaker.config import shown
 from deleaker.entities import check_entity_words, unicode_problem
@@ -35,6 +35,9 @@ from deleaker.errors import ConfigError, DeLeakerError, EntityError
 
 from deleaker.export.limits import check_side
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+if TYPE_CHECKING:  # this module is imported where torch is not (the CLI's fast paths)
+    import torch
 
 #: Longest prompt in characters (far above what 512 T5 tokens spell; see the module docstring).
 MAX_PROMPT_CHARS = 20_000
@@ -167,3 +170,27 @@ class GenerationRequest:
         _set_fields(self, _checked_settings(self.seed, self.steps, self.guidance, self.height, self.width))
         if not isinstance(self.deleaker, bool):
             raise ConfigError(f"deleaker must be a bool, got {shown(self.deleaker)}")
+
+
+@dataclass(frozen=True)
+class ResolvedRequest(GenerationRequest):
+    """A `GenerationRequest` checked against one runtime's model (`DeLeakerRuntime.resolve`), with what the checks
+    computed kept for the generation: the size filled in, the prompt's T5 token count and the entities' token mask.
+
+    Resolved once, carried through the job, the runtime's ``prepare``/``generate`` and the backend's inputs:
+    ``resolve`` returns a request resolved by the same runtime for the same text and size as it is, so the
+    tokenizer and the entity lookup run once per request, however many times it is checked. ``dataclasses.replace``
+    keeps the mask; one that changes the prompt, entities or size makes a request that is resolved again.
+
+    ``entity_mask``: ``(E_max, T)`` bool, each entity's T5 tokens (a plain-FLUX run, ``deleaker=False``, passes
+    zeros instead). ``resolved_for``: which runtime resolved which prompt, entities and size (an identity, not
+    compared).
+    """
+
+    t5_tokens: int = 0
+    entity_mask: Optional["torch.Tensor"] = field(default=None, compare=False, repr=False)
+    resolved_for: tuple = field(default=(), compare=False, repr=False)
+
+    def is_resolved_by(self, runtime_id: str) -> bool:
+        """True when the runtime named ``runtime_id`` resolved this prompt, these entities and this size."""
+        return self.resolved_for == (runtime_id, self.prompt, self.entities, self.height, self.width)

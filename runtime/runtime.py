@@ -17,7 +17,8 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -29,10 +30,11 @@ from deleaker.geometry import latent_grid, vae_scale_factor
 from deleaker.guidance import check_guidance
 from deleaker.export_lock import torch_work
 from deleaker.errors import ConfigError, NonFiniteError, ShapeError
-from deleaker.fp8_linear import check_granularity, quantize_transformer_fp8
+from deleaker.fp8_linear import quantize_transformer_fp8
 from deleaker.lora import LoraAdapter, check_loras, lora_records
 from deleaker.lora_fusion import fuse_loras
 
+from .backend_options import check_backend_options
 from .backends import TorchBackend, TransformerBackend, resolve_device
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import check_max_entities, check_text_len
@@ -50,7 +52,7 @@ from .schedule import (
     text_ids,
     unpack_latents,
 )
-from .request import GenerationRequest
+from .request import GenerationRequest, ResolvedRequest
 from .sources import AnyResolution, PerResolution, TransformerSource
 from .text import TextEncoders
 
@@ -127,6 +129,8 @@ class DeLeakerRuntime:
         #: The LoRA adapters fused into the transformer (``{name, sha256, scale}`` each, in order; `deleaker.lora`).
         self.lora_records = [dict(record) for record in lora_records]
         self._lock = threading.Lock()
+        #: Names this runtime in the requests it resolves (`ResolvedRequest.resolved_for`): an id, not a reference.
+        self._resolver_id = uuid.uuid4().hex
 
     # --- construction -----------------------------------------------------------------------------------------
 
@@ -175,9 +179,10 @@ class DeLeakerRuntime:
         adapters = check_loras(loras)  # paths and scales, before the model loads
         start = time.perf_counter()
         # A device this backend cannot use is refused before the model loads.
-        check_offload(offload_encoders, model_device(backend, device))
+        device = model_device(backend, device)
+        check_offload(offload_encoders, device)
         components, model_id = load_components(model)
-        return cls.from_components(
+        return cls._from_checked_components(
             components,
             model_id=model_id,
             weights_key=folder_fingerprint(model_id),
@@ -235,6 +240,39 @@ class DeLeakerRuntime:
         adapters = check_loras(loras)
         device = model_device(backend, device)
         check_offload(offload_encoders, device)
+        return cls._from_checked_components(
+            components, model_id=model_id, backend=backend, text_len=text_len, max_entities=max_entities,
+            deleaker_config=deleaker_config, cache_dir=cache_dir, device=device, dtype=dtype,
+            ort_providers=ort_providers, default_size=default_size, started_at=start, compile=compile, fp8=fp8,
+            weights_key=weights_key, offload_encoders=offload_encoders, loras=adapters,
+        )
+
+    @classmethod
+    def _from_checked_components(
+        cls,
+        components: Mapping[str, Any],
+        *,
+        model_id: str,
+        backend: str,
+        text_len: int,
+        max_entities: int,
+        deleaker_config: DeLeakerConfig | Mapping[str, Any] | None,
+        cache_dir: str | Path | None,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        ort_providers: Optional[list[str]],
+        default_size: tuple[int, int],
+        started_at: float,
+        compile: bool,
+        fp8: Optional[str],
+        weights_key: Optional[str],
+        offload_encoders: bool,
+        loras: Sequence[LoraAdapter],
+    ) -> "DeLeakerRuntime":
+        """`from_components` after its checks (`check_model_options`, `check_loras`, `model_device`,
+        `check_offload`), which `from_model` makes once, before the model loads."""
+        start = started_at
+        adapters = list(loras)
         components = dict(components)
         transformer = components["transformer"]
         # Fused before the cast to ``dtype`` (in the weights' loaded precision) and before any backend sees them;
@@ -321,23 +359,35 @@ class DeLeakerRuntime:
 
     # --- validation -------------------------------------------------------------------------------------------
 
-    def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """``request`` with the default size filled in; raises a typed error for anything that cannot run.
+    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        """``request`` checked against this model, with the default size filled in and the checks' results kept (a
+        `ResolvedRequest`, which is a `GenerationRequest`); raises a typed error for anything that cannot run.
 
         Checks, without running any model: prompt length in T5 tokens, entities (found, distinct, 2..E_max),
-        resolution (multiple of ``2 * vae_scale_factor``, served by the backend).
+        resolution (multiple of ``2 * vae_scale_factor``, served by the backend). The prompt is tokenized and the
+        entity mask made here, once: a request this runtime resolved already is returned as it is, so ``prepare``
+        and ``generate`` given it do no work again.
         """
         if not isinstance(request, GenerationRequest):
             raise ConfigError(
                 f"expected a GenerationRequest, got {type(request).__name__} (or call the runtime: rt(prompt, entities))"
             )
+        if isinstance(request, ResolvedRequest) and request.is_resolved_by(self._resolver_id):
+            return request
         height = self.default_size[0] if request.height is None else request.height
         width = self.default_size[1] if request.width is None else request.width
-        request = replace(request, height=height, width=width)
         self.text.check_prompt(request.prompt, self.text_len)
-        self.text.entity_mask(request.prompt, request.entities, text_len=self.text_len, max_entities=self.max_entities)
+        mask = self.text.entity_mask(request.prompt, request.entities, text_len=self.text_len,
+                                     max_entities=self.max_entities)
         self.source.check_resolution(height, width)
-        return request
+        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(GenerationRequest)}
+        fields.update(height=height, width=width)
+        return ResolvedRequest(
+            **fields,
+            t5_tokens=self.text.t5_token_count(request.prompt),
+            entity_mask=mask,
+            resolved_for=(self._resolver_id, request.prompt, request.entities, height, width),
+        )
 
     # --- generation -------------------------------------------------------------------------------------------
 
@@ -437,9 +487,7 @@ class DeLeakerRuntime:
         embeds, pooled, masks = [], [], []
         for request in requests:
             embed, pool = self.text.encode(request.prompt, text_len=self.text_len, dtype=self.dtype)
-            mask = self.text.entity_mask(
-                request.prompt, request.entities, text_len=self.text_len, max_entities=self.max_entities
-            )
+            mask = request.entity_mask  # made once, by `resolve`
             embeds.append(embed)
             pooled.append(pool)
             masks.append(mask if request.deleaker else torch.zeros_like(mask))
@@ -651,24 +699,7 @@ def check_model_options(
             f"backend {backend!r:.40} cannot load a model; allowed: {MODEL_BACKENDS} "
             "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
         )
-    if not isinstance(compile, bool):
-        raise ConfigError(f"compile must be True or False, got {compile!r:.40}")
-    if compile and backend != "torch":
-        raise ConfigError(
-            f"compile applies to the torch backend only (torch.compile of the transformer), not {backend}; "
-            "use backend='torch' (--backend torch)"
-        )
-    if not isinstance(offload_encoders, bool):
-        raise ConfigError(f"offload_encoders must be True or False, got {offload_encoders!r:.40}")
-    if offload_encoders and backend != "torch":
-        raise ConfigError(f"offload_encoders applies to the torch backend on a GPU, not {backend}")
-    if fp8 is not None:
-        check_granularity(fp8)
-        if backend != "torch":
-            raise ConfigError(
-                f"fp8 applies to the torch backend only (FP8 linears in PyTorch), not {backend}; use backend='torch' "
-                "(--backend torch), or FP8 engines (build --precision fp8)"
-            )
+    check_backend_options(backend, {"compile": compile, "fp8": fp8, "offload_encoders": offload_encoders})
     check_text_len(text_len)
     check_max_entities(max_entities)
     if dtype is not None and dtype not in MODEL_DTYPES:
