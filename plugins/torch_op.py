@@ -230,12 +230,26 @@ def deleaker_attention_cuda_debug(
 
 def _strides(x: Tensor) -> Tuple[int, int, int]:
     """Batch, head and row strides in elements; 0 for a dimension of size 1 (whose stride is never used)."""
-    return tuple(x.stride(d) if x.shape[d] > 1 else 0 for d in range(3))
+    return _zeroed_strides(tuple(x.shape), x.stride())
+
+
+def _zeroed_strides(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> Tuple[int, int, int]:
+    # One shape and one stride query per tensor: each x.stride(d) / x.shape[d] is a call into torch (host time).
+    return (
+        stride[0] if shape[0] > 1 else 0,
+        stride[1] if shape[1] > 1 else 0,
+        stride[2] if shape[2] > 1 else 0,
+    )
 
 
 def _rows_ok(x: Tensor) -> bool:
     # The kernels read rows with 16-byte accesses: the last dimension contiguous, every other stride 8-aligned.
-    return (x.stride(-1) == 1 or x.shape[-1] == 1) and all(s % 8 == 0 for s in _strides(x)) and x.data_ptr() % 16 == 0
+    shape, stride = tuple(x.shape), x.stride()
+    return (
+        (stride[-1] == 1 or shape[-1] == 1)
+        and all(s % 8 == 0 for s in _zeroed_strides(shape, stride))
+        and x.data_ptr() % 16 == 0
+    )
 
 
 def _contiguous_rows(x: Tensor) -> Tensor:
@@ -372,36 +386,17 @@ def launch_kernels(
     else:
         block_offset, num_blocks = int(block_step), 1
 
-    params = kernels.DeLeakerParams(
-        q=q.data_ptr(),
-        k=k.data_ptr(),
-        v=v.data_ptr(),
-        out=out.data_ptr(),
-        lse=lse.data_ptr(),
-        entity_mask=mask_bytes.data_ptr(),
-        history_in=history_in.data_ptr() if history_in is not None else None,
-        history_out=new_history.data_ptr(),
-        step=step_tensor.data_ptr() if step_tensor is not None else None,
-        **_stride_fields(q=q, k=k, v=v, o=out),
-        lse_batch_stride=lse.stride(0),
-        lse_head_stride=lse.stride(1),
-        batch=batch,
-        heads=heads,
-        tokens=tokens,
-        text_tokens=text_len,
-        head_dim=head_dim,
-        grid_h=grid[0],
-        grid_w=grid[1],
-        num_entities=num_entities,
-        dtype=_DTYPES[q.dtype],
-        block_offset=block_offset,
-        num_blocks=num_blocks,
-        softmax_scale=1.0 / math.sqrt(head_dim),
-        fallback_threshold=fallback_threshold,
-        **kernels.config_fields(config),
-        reserved=0,
+    template, workspace_bytes = _launch_template(
+        library, tuple(q.shape), q.dtype, q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(), text_len,
+        num_entities, (int(grid[0]), int(grid[1])), config, float(fallback_threshold),
     )
-    workspace_bytes = library.workspace_bytes(params)
+    params = kernels.DeLeakerParams.from_buffer_copy(template)
+    params.q, params.k, params.v, params.out = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    params.lse, params.entity_mask = lse.data_ptr(), mask_bytes.data_ptr()
+    params.history_in = history_in.data_ptr() if history_in is not None else None
+    params.history_out = new_history.data_ptr()
+    params.step = step_tensor.data_ptr() if step_tensor is not None else None
+    params.block_offset, params.num_blocks = block_offset, num_blocks
     # The kernels want it 256-byte aligned: CUDA allocations are; host memory (the emulator's) may not be.
     raw_workspace = torch.empty(workspace_bytes + 512, dtype=torch.uint8, device=q.device)
     if debug:
@@ -415,13 +410,51 @@ def launch_kernels(
     return out, new_history, views
 
 
-def _stride_fields(**tensors: Tensor) -> Dict[str, int]:
-    """``{name}_batch_stride``, ``{name}_head_stride`` and ``{name}_row_stride`` of each tensor."""
-    fields = {}
-    for name, x in tensors.items():
-        for dim, stride in zip(("batch", "head", "row"), _strides(x)):
-            fields[f"{name}_{dim}_stride"] = stride
-    return fields
+@functools.lru_cache(maxsize=256)
+def _launch_template(
+    library: "kernels.KernelLibrary",
+    shape: Tuple[int, int, int, int],
+    dtype: torch.dtype,
+    q_stride: Tuple[int, ...],
+    k_stride: Tuple[int, ...],
+    v_stride: Tuple[int, ...],
+    o_stride: Tuple[int, ...],
+    lse_stride: Tuple[int, ...],
+    text_len: int,
+    num_entities: int,
+    grid: Tuple[int, int],
+    config: DeLeakerConfig,
+    fallback_threshold: float,
+) -> Tuple["kernels.DeLeakerParams", int]:
+    """The per-shape host state of a launch: `kernels.DeLeakerParams` with every field but the pointers and the
+    block step filled in (a template each call copies), and the workspace size the library asks for. Built once
+    per (library, shape, strides, knobs), keyed by the tensors' own ``stride()`` tuples: a call then copies the
+    structure and sets its pointers instead of building it field by field and asking the library again (host
+    time per call, issue 21 item 5)."""
+    batch, heads, tokens, head_dim = shape
+    strides = {}
+    for name, stride in (("q", q_stride), ("k", k_stride), ("v", v_stride), ("o", o_stride)):
+        for dim, value in zip(("batch", "head", "row"), _zeroed_strides(shape, stride)):
+            strides[f"{name}_{dim}_stride"] = value
+    params = kernels.DeLeakerParams(
+        **strides,
+        lse_batch_stride=lse_stride[0],
+        lse_head_stride=lse_stride[1],
+        batch=batch,
+        heads=heads,
+        tokens=tokens,
+        text_tokens=text_len,
+        head_dim=head_dim,
+        grid_h=grid[0],
+        grid_w=grid[1],
+        num_entities=num_entities,
+        dtype=_DTYPES[dtype],
+        softmax_scale=1.0 / math.sqrt(head_dim),
+        fallback_threshold=fallback_threshold,
+        **kernels.config_fields(config),
+        reserved=0,
+    )
+    return params, library.workspace_bytes(params)
 
 
 def debug_views(
