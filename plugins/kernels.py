@@ -26,7 +26,7 @@ MAX_KERNEL_BATCH = 65535
 MAX_HEADS = 65535
 MAX_IMAGE_TOKENS = 65535 * 64
 MAX_TOKENS = 2**31 - 1
-ABI_VERSION = 4
+ABI_VERSION = 5
 #: The library's own error codes (negative; CUDA's are not).
 ERROR_INVALID_ARGUMENT = -1
 ERROR_NOT_INITIALIZED = -2
@@ -113,6 +113,8 @@ LAYOUT_FIELDS: tuple[tuple[str, type], ...] = tuple(
         "fallback_rows",
         "fallback_counts",
         "fallback_count",
+        "affinity_arrivals",
+        "union_largest",
         "band_rows",
         "bands",
         "tiles",

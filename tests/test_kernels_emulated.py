@@ -28,7 +28,7 @@ import cuda_emulator
 import trt_plugin_host
 from deleaker.decomposed import decomposed_intermediates, plain_attention_with_lse
 from deleaker.export import onnx_node
-from deleaker.plugins import kernels, torch_op
+from deleaker.plugins import kernels, kernels_build, torch_op
 from deleaker import deleaker_attention_reference
 from deleaker.errors import ShapeError
 from deleaker.ops import smooth_masks
@@ -301,7 +301,9 @@ def test_results_do_not_depend_on_thread_order_or_fragment_layout(library, head_
 
 def test_statistics_striding_over_slots_gives_the_same_results(library):
     """On a one-SM device the image-image statistics get 2 blocks for their 256 slots (each block strides over
-    many); on the 132-SM device every slot has a block of its own. The slots fix the summation order."""
+    many), and the persistent grids of the cut bits, the correction and the fallback 2 to 4 blocks that stride over
+    every tile of U; on the 132-SM device every slot and tile has a block of its own. The slots fix the summation
+    order; the band kernels' items are independent."""
     (q, k, v), entity_mask = structured_inputs(1, 2, 77, (33, 33), 64, 3, 4, torch.bfloat16, 5, device="cpu")
     run = runner(library)
     call = functools.partial(run, q, k, v, entity_mask, grid=(33, 33), block_step=INSIDE, history=None,
@@ -349,6 +351,39 @@ def test_host_step_skips_the_kernels_the_window_does_not_need(library):
     _assert_identical(_call(library, 0), _call(library, torch.tensor(0)), "host vs device step 0",
                       VIEWS_ALWAYS_WRITTEN)
     _assert_identical(_call(library, INSIDE), _call(library, torch.tensor(INSIDE)), "host vs device step inside")
+
+
+def test_launches_after_the_first_are_dependent_on_sm90_only(library):
+    """On the emulated sm_90 (device 0) every launch of a call but its first is a programmatic dependent launch; on
+    the emulated sm_80 (device 1) none is; the results are the same bits."""
+    counts = []
+    results = []
+    for device in (0, 1):
+        library.configure(device=device)
+        try:
+            library.init()
+            launches, dependent = library.launches(), library.dependent_launches()
+            results.append(_call(library, INSIDE))
+            counts.append((library.launches() - launches, library.dependent_launches() - dependent))
+        finally:
+            library.configure()
+    assert counts == [(10, 9), (10, 0)]
+    _assert_identical(*results, "sm_90 with dependent launches vs sm_80 without")
+
+
+def test_every_kernel_waits_for_the_previous_one_first():
+    """A dependent launch may start before the previous kernel ends: each kernel's first statement (after its
+    shared-memory declarations) must be wait_for_previous_kernel(), also in kernels that return early, or the
+    chain's order breaks (the emulator runs grids one after another, so only the source can show this)."""
+    kernel = re.compile(r"__global__ void __launch_bounds__\([^)]*\) (\w+)\([^)]*\) \{\n((?:.*\n){1,6})")
+    found = {}
+    for path in kernels_build.kernel_sources():
+        for name, body in kernel.findall(path.read_text()):
+            statements = [line.strip() for line in body.splitlines()]
+            first = next(line for line in statements if not line.startswith(("__shared__", "using ", "constexpr ")))
+            found[name] = first
+    assert len(found) == 10, sorted(found)
+    assert all(first == "wait_for_previous_kernel();" for first in found.values()), found
 
 
 def test_a_host_step_beyond_int32_runs_as_a_device_step(library):
@@ -502,11 +537,23 @@ MUTANTS = {
         "      __syncthreads();  // V and every W are written\n",
         "",
     ),
-    # A barrier reached by only some threads of the block.
+    # A barrier reached by only some threads of the block (one thread leaves the correction's persistent loop).
     "divergent_syncthreads": (
         "deleaker_correction.cuh",
-        "if (row_tile * kTile >= U) return;",
-        "if (row_tile * kTile >= U || threadIdx.x == 5) return;",
+        "  if (!window_of(p).intervene) return;\n  const int64_t per_tile",
+        "  if (!window_of(p).intervene || threadIdx.x == 5) return;\n  const int64_t per_tile",
+    ),
+    # The first head block of a row tile to finish takes the head mean, before the other heads wrote theirs.
+    "head_mean_by_first_block": (
+        "deleaker_affinity.cuh",
+        "blockIdx.x, 1) == p.heads - 1;",
+        "blockIdx.x, 1) == 0;",
+    ),
+    # The arrival counters keep whatever the workspace held (a previous call's counts, or garbage).
+    "arrivals_not_reset": (
+        "deleaker_affinity.cuh",
+        "ws.affinity_arrivals[idx] = 0;",
+        "(void)idx;",
     ),
     # The correction adds what it should subtract.
     "wrong_correction_sign": (
@@ -590,6 +637,15 @@ def test_mutant_threshold_reduction_without_its_barrier_is_caught(library):
             mutant.configure()
     with pytest.raises(AssertionError, match="differ"):
         _assert_identical(results[0], results[1], "ascending vs descending order")
+
+
+@pytest.mark.parametrize("name", ["head_mean_by_first_block", "arrivals_not_reset"])
+def test_mutant_in_the_affinity_head_mean_is_caught(library, name):
+    """The head mean taken by the last head block of each row tile: taken by the first one (the other heads'
+    sums not written yet), or counted from a stale counter (nobody, or the wrong block, takes it)."""
+    mutant = _mutant(name)
+    with pytest.raises(AssertionError):
+        check_matches_decomposed(runner(mutant), SHAPES[1], torch.bfloat16, 11, "cpu")
 
 
 @pytest.mark.parametrize("name", ["wrong_correction_sign", "fallback_never_taken"])

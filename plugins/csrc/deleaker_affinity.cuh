@@ -1,6 +1,7 @@
 // Step (a): the entity text tokens, and the affinities of image rows from the caller's LSE and those columns only:
-// head_affinity[b, h, e, i] = sum_{t in T_e} exp(s[h, T+i, t] - l[h, T+i]) (the mask kernel takes the mean over
-// heads and tokens). An (image rows x entity tokens) product per head: a few percent of an attention.
+// head_affinity[b, h, e, i] = sum_{t in T_e} exp(s[h, T+i, t] - l[h, T+i]), and then, by the last of a row tile's
+// H blocks to finish, the mean over heads and tokens c_e[i] (affinity[b, e, i]) with no pass or launch of its own.
+// An (image rows x entity tokens) product per head: a few percent of an attention.
 #pragma once
 
 #include "deleaker_common.cuh"
@@ -13,8 +14,13 @@ constexpr int kTokenThreads = 1024;
 // the intervention window (the correction reads the list) when the affinities are not needed.
 __global__ void __launch_bounds__(kTokenThreads) entity_tokens_kernel(DeLeakerParams p, Workspace ws) {
   __shared__ int warp_totals[32];
+  wait_for_previous_kernel();
   const Window win = window_of(p);
   if (!win.need_affinity && !win.intervene) return;
+  // The affinity kernel's arrival counters start from zero in every call (never from a previous call's state, so
+  // a CUDA-graph replay, or a call after an aborted one, counts the same).
+  if (win.need_affinity)
+    for (int idx = threadIdx.x; idx < p.batch * ws.tiles; idx += blockDim.x) ws.affinity_arrivals[idx] = 0;
   int base = 0;
   for (int chunk = 0; chunk < p.text_tokens; chunk += blockDim.x) {
     const int t = chunk + (int)threadIdx.x;
@@ -41,10 +47,45 @@ struct AffinitySmem {
   static constexpr int kBytes = kColBits + smem_align(kTile * 4);
 };
 
-// One block = 64 image rows of one head; the entity tokens stream through in tiles of 64.
+// The last block of row tile `tile` (all H heads' head_affinity rows are written): c_e[i] = (sum over heads 0..H-1
+// in order) / H / |T_e|, the same expression and order as the decomposed op, so the block that happens to finish
+// last does not change a bit; 0 for an entity without tokens (its history row stays zero).
+__device__ __forceinline__ void affinity_head_mean(const DeLeakerParams& p, const Workspace& ws, int b, int tile) {
+  __shared__ int warp_token_counts[kWarps][DELEAKER_MAX_ENTITIES];  // per warp: tokens of each entity
+  const int n_img = p.grid_h * p.grid_w, E = p.num_entities, H = p.heads;
+  const int count = *ws.entity_token_count;
+  int mine[DELEAKER_MAX_ENTITIES];  // integer counts: exact in any order
+#pragma unroll
+  for (int e = 0; e < DELEAKER_MAX_ENTITIES; ++e) mine[e] = 0;
+  for (int at = threadIdx.x; at < count; at += blockDim.x) {
+    const uint32_t bits = ws.entity_token_bits[at];
+#pragma unroll
+    for (int e = 0; e < DELEAKER_MAX_ENTITIES; ++e) mine[e] += (bits >> e) & 1u;
+  }
+#pragma unroll
+  for (int e = 0; e < DELEAKER_MAX_ENTITIES; ++e)
+    for (int o = 16; o > 0; o >>= 1) mine[e] += __shfl_xor_sync(0xffffffffu, mine[e], o);
+  if (threadIdx.x % 32 == 0)
+    for (int e = 0; e < DELEAKER_MAX_ENTITIES; ++e) warp_token_counts[threadIdx.x / 32][e] = mine[e];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < E * kTile; idx += blockDim.x) {
+    const int e = idx / kTile, i = tile * kTile + idx % kTile;
+    if (i >= n_img) continue;
+    int tokens = 0;
+    for (int w = 0; w < kWarps; ++w) tokens += warp_token_counts[w][e];
+    float sum = 0.0f;
+    for (int h = 0; h < H; ++h) sum += __ldcg(ws.head_affinity + (((int64_t)b * H + h) * E + e) * n_img + i);
+    ws.affinity[((int64_t)b * E + e) * n_img + i] = tokens > 0 ? sum / (float)H / (float)tokens : 0.0f;
+  }
+}
+
+// One block = 64 image rows of one head; the entity tokens stream through in tiles of 64. The last of a row
+// tile's H blocks to finish also takes the head mean (affinity_head_mean).
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kThreads) affinity_kernel(DeLeakerParams p, Workspace ws) {
   using Smem = AffinitySmem<Elem, D>;
+  __shared__ int last_of_tile;
+  wait_for_previous_kernel();
   if (!window_of(p).need_affinity) return;
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -93,6 +134,16 @@ __global__ void __launch_bounds__(kThreads) affinity_kernel(DeLeakerParams p, Wo
     for (int e = 0; e < DELEAKER_MAX_ENTITIES; ++e)
       if (e < E) ws.head_affinity[(bh * E + e) * n_img + i] = acc[e];
   }
+  // Count this head in (an integer atomic: exact whatever the order the heads finish in); the fence makes this
+  // block's rows visible device-wide before the count that the last block acts on.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0)
+    last_of_tile = atomicAdd(ws.affinity_arrivals + (int64_t)b * ws.tiles + blockIdx.x, 1) == p.heads - 1;
+  __syncthreads();
+  if (!last_of_tile) return;
+  __threadfence();  // the other heads' rows are read after their counts
+  affinity_head_mean(p, ws, b, (int)blockIdx.x);
 }
 
 }  // namespace deleaker

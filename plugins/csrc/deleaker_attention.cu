@@ -3,9 +3,10 @@
 //
 // The caller has run a fused attention: `out` holds o = softmax(s) v and `lse` the row log-sum-exp l. Per call,
 // all on one stream, without host synchronisation (the block step is read on the device), without allocation:
-//   (a) entity_tokens_kernel, affinity_kernel   the entity text tokens; per-head affinities from l (text columns)
+//   (a) entity_tokens_kernel, affinity_kernel   the entity text tokens; per-head affinities from l (text columns),
+//                                                and their head mean (the last head block of each row tile)
 //   (b) mask_kernel (entity x batch blocks)      history, source, threshold, morphology, |M_e|
-//       union_kernel                             entity bits per image token, U grouped by bits
+//       union_kernel                             entity bits per image token, U grouped by bits, largest |U|
 //   (c) region_stats_kernel, threshold_kernel    pbar sums per region pair in fixed slots; thresholds
 //   per band of at most DELEAKER_BAND_ROWS rows of U:
 //       cut_kernel                               the band's cut bits (U x U columns) from the pbar the
@@ -13,6 +14,11 @@
 //   (d) correction_kernel                        Z and o' = (o - sum W v) / Z of the band's rows, per head
 //   (e) fallback_list_kernel, fallback_kernel    rows whose Z < fallback_threshold (or not finite): exact edited
 //                                                attention of those rows only
+// The band kernels (cut bits, correction, fallback) and the statistics run persistent grids of a few blocks per
+// SM that stride over the work the device built (the tiles of U, from union_largest), not grids sized for a union
+// of every image token. On sm_90+ every launch after the first is a programmatic dependent launch: its blocks may
+// be resident before the previous kernel ends and wait for it in their first statement, which hides the launch
+// gaps between the small kernels (wait_for_previous_kernel in deleaker_common.cuh).
 // Outside the intervention window only (a) (while the affinities are needed) and the history part of (b) run;
 // `out` is then left as it is. With a host step (step == NULL) the launches that would return at once are
 // skipped; with a device step every launch happens and the kernels decide on the device.
@@ -31,9 +37,9 @@
 //   4 H D FLOPs per cell of the tiles that hold a cut (Q K^T again, then W V) plus 4 H D |T_entities| per U row
 //   on CUDA cores; the fallback 4 D N per recomputed row and head. Against 4 H D N^2 for the attention itself:
 //   with two entities' masks over 25% of the image, R ~ 0.025 N^2, so about 0.05x an attention's FLOPs, plus
-//   the tiles' granularity and the launches (ten per call).
-// - Parallelism: the correction runs one block per (64 U rows, head), so a union of 1024 rows still gives
-//   16 x 24 blocks; the statistics and the cut bits one block per tile.
+//   the tiles' granularity and the launches (ten per call, dependent launches on sm_90+).
+// - Parallelism: the correction's work item is (64 U rows, head), so a union of 1024 rows still gives 16 x 24
+//   items for its 2 blocks per SM; the statistics and the cut bits one item per tile.
 // Alternatives weighed: one block per 64 U rows looping over heads, with the per-head numerator in a
 // B H Nimg D float buffer (48 MiB at the FLUX shape), needs no cut bits but gives only ceil(|U| / 64) blocks
 // (16 at a 25% union, an eighth of an H100); a dense Nimg x Nimg cut bitmask is 2 MiB at the FLUX shape but
@@ -137,6 +143,8 @@ Workspace workspace_views(void* base, const DeLeakerWorkspaceLayout& w) {
   ws.fallback_rows = reinterpret_cast<int32_t*>(at + w.fallback_rows);
   ws.fallback_counts = reinterpret_cast<int32_t*>(at + w.fallback_counts);
   ws.fallback_count = reinterpret_cast<int32_t*>(at + w.fallback_count);
+  ws.affinity_arrivals = reinterpret_cast<int32_t*>(at + w.affinity_arrivals);
+  ws.union_largest = reinterpret_cast<int32_t*>(at + w.union_largest);
   ws.band_rows = (int)w.band_rows;
   ws.bands = (int)w.bands;
   ws.tiles = (int)w.tiles;
@@ -149,6 +157,13 @@ Workspace workspace_views(void* base, const DeLeakerWorkspaceLayout& w) {
 constexpr int kMaxDevices = 64;
 std::mutex g_init_mutex;
 std::atomic<int> g_sm_count[kMaxDevices];  // 0 until deleaker_init() ran on that device
+std::atomic<bool> g_dependent_launch[kMaxDevices];  // sm_90+: programmatic dependent launch (set before g_sm_count)
+
+// What the launcher needs of the current device, read once by deleaker_init().
+struct DeviceInfo {
+  int sms;
+  bool dependent_launch;
+};
 
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, int bytes) {
@@ -182,9 +197,10 @@ int init_current_device() {
   if (device < 0 || device >= kMaxDevices) return fail(DELEAKER_ERROR_UNSUPPORTED_DEVICE, "device index above 63");
   std::lock_guard<std::mutex> lock(g_init_mutex);
   if (g_sm_count[device].load(std::memory_order_acquire) > 0) return 0;
-  int smem_limit = 0, sms = 0;
+  int smem_limit = 0, sms = 0, major = 0;
   err = cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess) return (int)err;
   const int needed = max_smem<__half, 128>();  // the largest instantiation (bf16 is the same size)
   if (smem_limit < needed || sms < 1)
@@ -194,6 +210,7 @@ int init_current_device() {
   if (err == cudaSuccess) err = allow_smem_all<__nv_bfloat16, 64>();
   if (err == cudaSuccess) err = allow_smem_all<__nv_bfloat16, 128>();
   if (err != cudaSuccess) return (int)err;
+  g_dependent_launch[device].store(major >= 9, std::memory_order_relaxed);
   g_sm_count[device].store(sms, std::memory_order_release);
   return 0;
 }
@@ -201,16 +218,23 @@ int init_current_device() {
 // ---- launches ------------------------------------------------------------------------------------------------
 
 // One kernel launch; its own return code is the launch's error (nothing is read from the sticky error state).
+// `after_previous`: the launch may begin while the previous kernel of the stream still runs (programmatic stream
+// serialization, sm_90+); every kernel's first statement waits for that kernel (wait_for_previous_kernel), so only
+// the launch latency and the block prologue overlap. Never on the call's first launch: the caller's attention,
+// which wrote out and lse, keeps an ordinary boundary.
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
-                   Args&&... args) {
+                   bool after_previous, Args&&... args) {
+  cudaLaunchAttribute attribute[1] = {};
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3((unsigned)threads);
   config.dynamicSmemBytes = (size_t)smem_bytes;
   config.stream = stream;
-  config.attrs = nullptr;
-  config.numAttrs = 0;
+  config.attrs = after_previous ? attribute : nullptr;
+  config.numAttrs = after_previous ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
@@ -220,39 +244,64 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, int threads, int smem_b
     if (err_ != cudaSuccess) return err_;   \
   } while (0)
 
+// Blocks of a persistent grid over `items` at most: `per_sm` blocks on each SM (what their shared memory and
+// registers let reside together), never more blocks than items.
+unsigned persistent_blocks(int sms, int per_sm, uint64_t items) {
+  const uint64_t blocks = (uint64_t)sms * (uint64_t)per_sm;
+  return (unsigned)(items < blocks ? (items > 0 ? items : 1) : blocks);
+}
+
+// The launches of one call, in stream order. Grids: the per-head affinity one block per (row tile, head, sample);
+// the small kernels a block per entity row, sample or region pair; the image-image statistics and the band kernels
+// (cut bits, correction, fallback) persistent grids of a few blocks per SM whose blocks stride over the work the
+// device built (U's tiles, from union_largest): no grid sized for a union of every image token.
 template <typename Elem, int D>
-cudaError_t run(const DeLeakerParams& p, const Workspace& ws, int sms, cudaStream_t stream) {
+cudaError_t run(const DeLeakerParams& p, const Workspace& ws, const DeviceInfo& device, cudaStream_t stream) {
   const unsigned B = (unsigned)p.batch, H = (unsigned)p.heads, E = (unsigned)p.num_entities;
-  const unsigned tiles = (unsigned)ws.tiles, band_tiles = (unsigned)(ws.band_rows / kTile);
+  const uint64_t tiles = (uint64_t)ws.tiles, band_tiles = (uint64_t)(ws.band_rows / kTile);
+  const int sms = device.sms;
   const bool device_step = p.step != nullptr;
   const Window host = window_at(p, 0);
   const bool affinity = device_step || host.need_affinity;
   const bool intervene = device_step || host.intervene;
   const bool image_image = p.do_image_image != 0;
+  bool after = false;  // the call's first launch waits for the caller's work in the ordinary way
+  const auto next = [&]() {
+    const bool dependent = after && device.dependent_launch;
+    after = true;
+    return dependent;
+  };
 
-  if (affinity || intervene) DELEAKER_TRY(launch(entity_tokens_kernel, dim3(1), kTokenThreads, 0, stream, p, ws));
+  if (affinity || intervene)
+    DELEAKER_TRY(launch(entity_tokens_kernel, dim3(1), kTokenThreads, 0, stream, next(), p, ws));
   if (affinity)
-    DELEAKER_TRY(launch(affinity_kernel<Elem, D>, dim3(tiles, H, B), kThreads, AffinitySmem<Elem, D>::kBytes, stream,
-                        p, ws));
-  DELEAKER_TRY(launch(mask_kernel, dim3(E, B), kMaskThreads, 0, stream, p, ws));
+    DELEAKER_TRY(launch(affinity_kernel<Elem, D>, dim3((unsigned)tiles, H, B), kThreads, AffinitySmem<Elem, D>::kBytes,
+                        stream, next(), p, ws));
+  DELEAKER_TRY(launch(mask_kernel, dim3(E, B), kMaskThreads, 0, stream, next(), p, ws));
   if (!intervene) return cudaSuccess;
-  DELEAKER_TRY(launch(union_kernel, dim3(B), kUnionThreads, 0, stream, p, ws));
+  DELEAKER_TRY(launch(union_kernel, dim3(B), kUnionThreads, 0, stream, next(), p, ws));
   if (image_image) {
-    // |U| is only known on the device: a grid for the largest U; blocks stride over the fixed slots.
+    // |U| is only known on the device: blocks stride over the fixed slots.
     const unsigned slot_blocks = (unsigned)(2 * sms < DELEAKER_REGION_SLOTS ? 2 * sms : DELEAKER_REGION_SLOTS);
     DELEAKER_TRY(launch(region_stats_kernel<Elem, D>, dim3(slot_blocks, B), kThreads, RegionSmem<Elem, D>::kBytes,
-                        stream, p, ws));
-    DELEAKER_TRY(launch(threshold_kernel, dim3(E * E, B), kThresholdThreads, 0, stream, p, ws));
+                        stream, next(), p, ws));
+    DELEAKER_TRY(launch(threshold_kernel, dim3(E * E, B), kThresholdThreads, 0, stream, next(), p, ws));
   }
+  // The most items a band can have (every image token in U): a bound for the persistent grids only.
+  const uint64_t band_items = band_tiles * (uint64_t)H * B;
+  const unsigned cut_blocks = persistent_blocks(sms, kCutBlocksPerSm, band_tiles * tiles * B);
+  const unsigned correction_blocks = persistent_blocks(sms, kCorrectionBlocksPerSm, band_items);
+  const unsigned fallback_blocks = persistent_blocks(sms, kFallbackBlocksPerSm, band_items);
   for (int band = 0; band < ws.bands; ++band) {
     if (image_image)
-      DELEAKER_TRY(launch(cut_kernel<Elem, D>, dim3(band_tiles, tiles, B), kThreads, CutSmem<Elem, D>::kBytes, stream,
-                          p, ws, band));
-    DELEAKER_TRY(launch(correction_kernel<Elem, D>, dim3(band_tiles, H, B), kThreads,
-                        CorrectionSmem<Elem, D>::kBytes, stream, p, ws, band));
-    DELEAKER_TRY(launch(fallback_list_kernel, dim3(H, B), kFallbackListThreads, 0, stream, p, ws, band));
-    DELEAKER_TRY(launch(fallback_kernel<Elem, D>, dim3(band_tiles, H, B), kThreads, FallbackSmem<Elem, D>::kBytes,
-                        stream, p, ws, band));
+      DELEAKER_TRY(launch(cut_kernel<Elem, D>, dim3(cut_blocks), kThreads, CutSmem<Elem, D>::kBytes, stream, next(), p,
+                          ws, band));
+    DELEAKER_TRY(launch(correction_kernel<Elem, D>, dim3(correction_blocks), kThreads,
+                        CorrectionSmem<Elem, D>::kBytes, stream, next(), p, ws, band));
+    DELEAKER_TRY(
+        launch(fallback_list_kernel, dim3(H, B), kFallbackListThreads, 0, stream, next(), p, ws, band));
+    DELEAKER_TRY(launch(fallback_kernel<Elem, D>, dim3(fallback_blocks), kThreads, FallbackSmem<Elem, D>::kBytes,
+                        stream, next(), p, ws, band));
   }
   return cudaSuccess;
 }
@@ -303,6 +352,7 @@ int deleaker_attention_launch(const DeLeakerParams* params, void* workspace, siz
   const int sms = device >= 0 && device < deleaker::kMaxDevices
                       ? deleaker::g_sm_count[device].load(std::memory_order_acquire)
                       : 0;
+  const deleaker::DeviceInfo info{sms, sms > 0 && deleaker::g_dependent_launch[device].load(std::memory_order_relaxed)};
   if (sms == 0)
     return deleaker::fail(DELEAKER_ERROR_NOT_INITIALIZED,
                           "deleaker_init() was not called for the current device (call it once, outside stream "
@@ -312,11 +362,11 @@ int deleaker_attention_launch(const DeLeakerParams* params, void* workspace, siz
   const bool bf16 = params->dtype == DELEAKER_DTYPE_BFLOAT16;
   cudaError_t result;
   if (params->head_dim == 64) {
-    result = bf16 ? deleaker::run<__nv_bfloat16, 64>(*params, ws, sms, stream)
-                  : deleaker::run<__half, 64>(*params, ws, sms, stream);
+    result = bf16 ? deleaker::run<__nv_bfloat16, 64>(*params, ws, info, stream)
+                  : deleaker::run<__half, 64>(*params, ws, info, stream);
   } else {
-    result = bf16 ? deleaker::run<__nv_bfloat16, 128>(*params, ws, sms, stream)
-                  : deleaker::run<__half, 128>(*params, ws, sms, stream);
+    result = bf16 ? deleaker::run<__nv_bfloat16, 128>(*params, ws, info, stream)
+                  : deleaker::run<__half, 128>(*params, ws, info, stream);
   }
   return (int)result;
 }

@@ -42,6 +42,22 @@ __device__ __forceinline__ Window window_of(const DeLeakerParams& p) {
   return window_at(p, p.step != nullptr ? *p.step : 0);
 }
 
+// ---- programmatic dependent launch (sm_90+) -------------------------------------------------------------------
+
+// The first statement of every kernel. The launcher starts each kernel after the first with programmatic stream
+// serialization on sm_90+ (deleaker_attention.cu): its blocks may then be resident while the previous kernel still
+// runs, and this wait holds them until that kernel has completed and its writes are visible. Every kernel waits
+// before anything else, also before an early return, so each one completes only after its predecessor did and
+// the order of the whole chain is the stream's order. It then lets the next kernel's blocks launch (they wait in
+// turn): the launch latency hides behind this kernel's work. Without the attribute (sm_80/sm_89, or the first
+// launch) both are no-ops; the CPU emulator runs kernels one after another, so it needs neither.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // ---- tiles -------------------------------------------------------------------------------------------------
 
 constexpr int kWarps = 4;
@@ -217,6 +233,8 @@ struct Workspace {
   int32_t* fallback_rows;
   int32_t* fallback_counts;
   int32_t* fallback_count;
+  int32_t* affinity_arrivals;
+  int32_t* union_largest;
   int band_rows, bands, tiles, stored_tiles;
 };
 
@@ -233,6 +251,20 @@ __device__ __forceinline__ uint64_t* cut_words_of(const Workspace& ws, int b, in
 }
 __device__ __forceinline__ int32_t* cut_tiles_of(const Workspace& ws, int b, int row_tile) {
   return ws.cut_tiles + ((int64_t)b * (ws.band_rows / kTile) + row_tile) * ws.tiles;
+}
+
+// The work of band `band` as the device knows it after union_kernel: the U row tiles of the band and the U column
+// tiles, for the batch's largest |U|. The band kernels run a persistent grid (a few blocks per SM, sized on the
+// host from the SM count) whose blocks stride over these items; a sample with a smaller U skips the items beyond
+// its own. No grid sized for the worst case (every image token in U), no work that depends on the grid size.
+struct BandTiles {
+  int rows, cols;
+};
+__device__ __forceinline__ BandTiles band_tiles_of(const Workspace& ws, int band) {
+  const int largest = *ws.union_largest;
+  const int in_band = largest - band * ws.band_rows;
+  const int rows = in_band <= 0 ? 0 : in_band < ws.band_rows ? in_band : ws.band_rows;
+  return BandTiles{(rows + kTile - 1) / kTile, (largest + kTile - 1) / kTile};
 }
 
 // Byte offset of a shared-memory part, rounded up so wmma pointers stay 256-bit aligned.

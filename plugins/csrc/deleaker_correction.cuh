@@ -51,17 +51,16 @@ struct CorrectionSmem {
   static_assert(kWarps * 16 * kLdP * 2 <= kLse - kNum, "W must fit in the numerator's buffer");
 };
 
-// Grid (row tiles of a band, H, B).
+// One work item of correction_kernel: the 64 U rows of row tile `band_tile` of band `band`, head h, sample b.
+// Returns at once (the whole block) for a tile beyond this sample's U.
 template <typename Elem, int D>
-__global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, Workspace ws, int band) {
+__device__ void correction_tile(const DeLeakerParams& p, const Workspace& ws, int band, int b, int h, int band_tile) {
   using Smem = CorrectionSmem<Elem, D>;
   using FragO = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   constexpr int kLd = Smem::kLd, kLdP = Smem::kLdP, kLdO = Smem::kLdO;
   constexpr float kScale = WeightScale<Elem>::kValue;
-  if (!window_of(p).intervene) return;
-  const int b = blockIdx.z, h = blockIdx.y;
   const int U = ws.union_count[b];
-  const int row_tile = band * (ws.band_rows / kTile) + (int)blockIdx.x;
+  const int row_tile = band * (ws.band_rows / kTile) + band_tile;
   if (row_tile * kTile >= U) return;
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -97,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
   load_rows<Elem, D>(q_s, q, p.q_row_stride, row_token);
   const uint32_t my_bits = row_bits[me.row];
   const float row_lse = lse_s[me.row];
-  const int64_t band_row = (int64_t)blockIdx.x * kTile + me.row;
+  const int64_t band_row = (int64_t)band_tile * kTile + me.row;
   float weight_sum = 0.0f;  // sum of this thread's W
 
   // Image part: the numerator of the cut image keys on tensor cores.
@@ -106,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
   for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
   if (p.do_image_image != 0) {
     const int u_tiles = ceil_div(U, kTile);
-    const int32_t* tile_has_cut = cut_tiles_of(ws, b, (int)blockIdx.x);
+    const int32_t* tile_has_cut = cut_tiles_of(ws, b, band_tile);
     for (int ct = 0; ct < u_tiles; ++ct) {
       if (tile_has_cut[ct] == 0) continue;  // the same for the whole block
       __syncthreads();  // the previous tile's V and column list are no longer read
@@ -216,11 +215,34 @@ __global__ void __launch_bounds__(kThreads) correction_kernel(DeLeakerParams p, 
   }
 }
 
+// Persistent grid (a few blocks per SM): the blocks stride over the band's (row tile, head, sample) items, heads
+// fastest, for the row tiles the device's union holds (band_tiles_of); each item is independent, so the result
+// does not depend on the grid.
+//! Blocks per SM of correction_kernel's persistent grid (two blocks of 87 KiB of shared memory at D = 128 fit an
+//! SM), the occupancy its registers are held to.
+constexpr int kCorrectionBlocksPerSm = 2;
+
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kThreads, kCorrectionBlocksPerSm) correction_kernel(DeLeakerParams p, Workspace ws,
+                                                                                     int band) {
+  wait_for_previous_kernel();
+  if (!window_of(p).intervene) return;
+  const int64_t per_tile = (int64_t)p.heads * p.batch;
+  const int64_t items = band_tiles_of(ws, band).rows * per_tile;
+#pragma unroll 1
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    __syncthreads();  // the previous item's shared memory is no longer read
+    const int64_t bh = item % per_tile;
+    correction_tile<Elem, D>(p, ws, band, (int)(bh / p.heads), (int)(bh % p.heads), (int)(item / per_tile));
+  }
+}
+
 constexpr int kFallbackListThreads = 256;
 
 // Block (h, b): the U positions of band `band` whose correction does not stand, ascending, and their count.
 __global__ void __launch_bounds__(kFallbackListThreads) fallback_list_kernel(DeLeakerParams p, Workspace ws, int band) {
   __shared__ int warp_totals[32];
+  wait_for_previous_kernel();
   if (!window_of(p).intervene) return;
   const int h = blockIdx.x, b = blockIdx.y;
   const int n_img = p.grid_h * p.grid_w;

@@ -33,18 +33,17 @@ struct FallbackSmem {
   static_assert(kTile * kLdO * 4 <= kS - kK, "O must fit in the K and V buffers");
 };
 
-// Grid (row tiles of a band, H, B): block x takes entries [64 x, 64 x + 64) of the (b, h, band) list.
+// One work item of fallback_kernel: entries [64 x, 64 x + 64) of the (b, h, band) list, x = `list_tile`.
+// Returns at once (the whole block) past the end of the list.
 template <typename Elem, int D>
-__global__ void __launch_bounds__(kThreads) fallback_kernel(DeLeakerParams p, Workspace ws, int band) {
+__device__ void fallback_tile(const DeLeakerParams& p, const Workspace& ws, int band, int b, int h, int list_tile) {
   using Smem = FallbackSmem<Elem, D>;
   constexpr int kLd = Smem::kLd, kLdP = Smem::kLdP, kLdO = Smem::kLdO;
   using FragO = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  if (!window_of(p).intervene) return;
-  const int b = blockIdx.z, h = blockIdx.y;
   const int T = p.text_tokens, N = p.tokens, n_img = N - T;
   const int64_t bh = (int64_t)b * p.heads + h;
   const int count = ws.fallback_counts[bh * ws.bands + band];
-  const int entry0 = blockIdx.x * kTile;
+  const int entry0 = list_tile * kTile;
   if (entry0 >= count) return;
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -175,6 +174,27 @@ __global__ void __launch_bounds__(kThreads) fallback_kernel(DeLeakerParams p, Wo
       for (int x = 0; x < 8; ++x) pack[x] = from_float<Elem>(o_w[r * kLdO + c + x] * inv_l);
       *reinterpret_cast<uint4*>(out + c) = *reinterpret_cast<const uint4*>(pack);
     }
+  }
+}
+
+// Persistent grid (a few blocks per SM): the blocks stride over the band's (list tile, head, sample) items, heads
+// fastest; a list holds at most the band's U rows (band_tiles_of), and items past a list's end return at once.
+//! Blocks per SM of fallback_kernel's persistent grid, the occupancy its registers are held to.
+constexpr int kFallbackBlocksPerSm = 2;
+
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kThreads, kFallbackBlocksPerSm) fallback_kernel(DeLeakerParams p, Workspace ws,
+                                                                                 int band) {
+  wait_for_previous_kernel();
+  if (!window_of(p).intervene) return;
+  if (*ws.fallback_count == 0) return;  // no list of this call holds a row so far: nothing to recompute
+  const int64_t per_tile = (int64_t)p.heads * p.batch;
+  const int64_t items = band_tiles_of(ws, band).rows * per_tile;
+#pragma unroll 1
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    __syncthreads();  // the previous item's shared memory is no longer read
+    const int64_t bh = item % per_tile;
+    fallback_tile<Elem, D>(p, ws, band, (int)(bh / p.heads), (int)(bh % p.heads), (int)(item / per_tile));
   }
 }
 

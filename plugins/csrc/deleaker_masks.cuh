@@ -34,15 +34,18 @@ __device__ __forceinline__ void morph_step(const uint8_t* in, uint8_t* out, int 
   __syncthreads();  // also makes the global writes visible to the whole block
 }
 
-// Block (e, b): c_e from the per-head sums, the history, the source map, and inside the intervention window the
+// Block (e, b): c_e (the affinity kernel's head mean), the history, the source map, and inside the intervention window the
 // threshold, the morphology and |M_e|.
 __global__ void __launch_bounds__(kMaskThreads) mask_kernel(DeLeakerParams p, Workspace ws) {
   __shared__ double red_d[32];
   __shared__ int red_i[32];
   __shared__ uint8_t morph[2][kMorphSmemTokens];
+  wait_for_previous_kernel();
   const Window win = window_of(p);
   const int e = blockIdx.x, b = blockIdx.y;
-  const int T = p.text_tokens, n_img = p.grid_h * p.grid_w, E = p.num_entities, H = p.heads;
+  const int T = p.text_tokens, n_img = p.grid_h * p.grid_w, E = p.num_entities;
+  // union_kernel takes the batch's largest |U| with integer atomicMax from zero, every call.
+  if (e == 0 && b == 0 && threadIdx.x == 0) *ws.union_largest = 0;
   const int64_t start = p.start_aggregating_from, stop = p.stop_aggregating_at;
   const int64_t row = (int64_t)b * E + e;
 
@@ -53,12 +56,8 @@ __global__ void __launch_bounds__(kMaskThreads) mask_kernel(DeLeakerParams p, Wo
 
   // Steps 2-3: affinity of this block, the running mean, the source map.
   for (int i = threadIdx.x; i < n_img; i += blockDim.x) {
-    float c = 0.0f;
-    if (win.need_affinity && present) {
-      float sum = 0.0f;
-      for (int h = 0; h < H; ++h) sum += ws.head_affinity[(((int64_t)b * H + h) * E + e) * n_img + i];
-      c = sum / (float)H / (float)tokens;
-    }
+    // The affinity kernel took the head mean (its last block per row tile).
+    const float c = win.need_affinity && present ? ws.affinity[row * n_img + i] : 0.0f;
     const float old = p.history_in != nullptr ? p.history_in[row * n_img + i] : 0.0f;
     float updated = old;
     if (p.use_history != 0) {
@@ -128,6 +127,7 @@ __global__ void __launch_bounds__(kUnionThreads) union_kernel(DeLeakerParams p, 
   constexpr int kGroups = 1 << DELEAKER_MAX_ENTITIES, kWarpsPerBlock = kUnionThreads / 32;
   __shared__ int group_start[kGroups];                  // next free place of each group
   __shared__ int warp_offset[kWarpsPerBlock][kGroups];  // per chunk: a warp's count, then its first place
+  wait_for_previous_kernel();
   const int b = blockIdx.x;
   if (!window_of(p).intervene) return;
   const int n_img = p.grid_h * p.grid_w, E = p.num_entities, groups = 1 << E;
@@ -147,7 +147,10 @@ __global__ void __launch_bounds__(kUnionThreads) union_kernel(DeLeakerParams p, 
     int at = 0;
     for (int step = 1; step <= groups; ++step) {  // groups 1 .. 2^E - 1 (U), then group 0 (the rest)
       const int group = step & (groups - 1);
-      if (group == 0) ws.union_count[b] = at;
+      if (group == 0) {
+        ws.union_count[b] = at;
+        atomicMax(ws.union_largest, at);  // an integer maximum: the same in any order
+      }
       const int count = group_start[group];
       group_start[group] = at;
       at += count;

@@ -3,7 +3,8 @@
 // Plain C: usable from C++ (and ctypes) without CUDA headers. The Python mirror of these structs lives in
 // plugins/kernels.py (one field list), and tests/test_cuda_compile.py checks both layouts against this header.
 //
-// ABI version 4 (4: the workspace keeps the region tiles' pbar, DELEAKER_PBAR_TILES; 3: the workspace keeps four
+// ABI version 5 (5: the workspace keeps the affinity kernel's per-tile arrival counters and the batch's largest |U|,
+// affinity_arrivals and union_largest; 4: the workspace keeps the region tiles' pbar, DELEAKER_PBAR_TILES; 3: the workspace keeps four
 // statistics per region pair, DELEAKER_PAIR_STATS; 2: the plain
 // attention and its LSE come from the caller). The caller computes the plain attention first (any fused attention that returns the row
 // log-sum-exp): `out` holds o = softmax(s) v of every row, `lse` the natural-log LSE of s = softmax_scale q k^T.
@@ -18,7 +19,7 @@
 extern "C" {
 #endif
 
-enum { DELEAKER_ABI_VERSION = 4 };
+enum { DELEAKER_ABI_VERSION = 5 };
 
 enum { DELEAKER_DTYPE_FLOAT16 = 0, DELEAKER_DTYPE_BFLOAT16 = 1 };
 
@@ -103,7 +104,8 @@ typedef struct DeLeakerWorkspaceLayout {
   uint64_t entity_token_bits;   // uint8 (T): bit e set iff that token is in T_e
   uint64_t entity_token_count;  // int32: entries of the two lists above
   uint64_t head_affinity;       // float (B, H, E, Nimg): per head, sum_{t in T_e} p[h, T+i, t]
-  uint64_t affinity;            // float (B, E, Nimg): c_e[i] of this block (step 2)
+  uint64_t affinity;            // float (B, E, Nimg): c_e[i] of this block (step 2), the head mean the affinity
+                                //   kernel's last block per row tile takes
   uint64_t source;              // float (B, E, Nimg): the map thresholded in step 5
   uint64_t raw_masks;           // uint8 (B, E, Nimg): thresholded, before morphology
   uint64_t masks;               // uint8 (B, E, Nimg): M_e (after morphology when do_smoothing)
@@ -128,6 +130,10 @@ typedef struct DeLeakerWorkspaceLayout {
                                 //   recomputed exactly, ascending, from u = band * band_rows
   uint64_t fallback_counts;     // int32 (B, H, bands): entries of each list
   uint64_t fallback_count;      // int32: rows recomputed exactly, summed over B, H and bands
+  uint64_t affinity_arrivals;   // int32 (B, tiles): heads of a row tile done (the last one takes the head mean);
+                                //   zeroed by entity_tokens_kernel each call
+  uint64_t union_largest;       // int32: the largest |U| over the batch (sizes the band kernels' work lists);
+                                //   zeroed by mask_kernel each call
   uint64_t band_rows;           // rows of U per band: min(DELEAKER_BAND_ROWS, 64 * tiles)
   uint64_t bands;               // ceil(Nimg / band_rows)
   uint64_t tiles;               // ceil(Nimg / 64)
@@ -172,6 +178,8 @@ static inline DeLeakerWorkspaceLayout deleaker_workspace_layout(const DeLeakerPa
   w.fallback_rows = at;      at = deleaker_align256(at + b * h * n * 4);
   w.fallback_counts = at;    at = deleaker_align256(at + b * h * w.bands * 4);
   w.fallback_count = at;     at = deleaker_align256(at + 4);
+  w.affinity_arrivals = at;  at = deleaker_align256(at + b * w.tiles * 4);
+  w.union_largest = at;      at = deleaker_align256(at + 4);
   w.total_bytes = at;
   return w;
 }

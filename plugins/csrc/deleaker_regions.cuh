@@ -107,6 +107,7 @@ __device__ __forceinline__ void pair_partners_from_thresholds(const float* thres
 // Grid (blocks, B): block x takes slots x, x + gridDim.x, ...; slot s covers U tiles [s * per_slot, ...).
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p, Workspace ws) {
+  wait_for_previous_kernel();
   if (!window_of(p).intervene) return;
   extern __shared__ __align__(128) unsigned char smem[];
   const RegionBuffers<Elem, D> s(smem);
@@ -202,6 +203,7 @@ constexpr int kThresholdThreads = DELEAKER_REGION_SLOTS;  // one thread per slot
 // the same on every run, for every grid, so a CUDA-graph replay still equals an eager run bit for bit.
 __global__ void __launch_bounds__(kThresholdThreads) threshold_kernel(DeLeakerParams p, Workspace ws) {
   __shared__ double reduced[DELEAKER_PAIR_STATS][kThresholdThreads];
+  wait_for_previous_kernel();
   if (!window_of(p).intervene) return;
   const int b = blockIdx.y, E = p.num_entities, pairs = E * E;
   const int pair = blockIdx.x, e = pair / E, f = pair % E;
@@ -234,14 +236,14 @@ __global__ void __launch_bounds__(kThresholdThreads) threshold_kernel(DeLeakerPa
 template <typename Elem, int D>
 using CutSmem = RegionSmem<Elem, D>;
 
-// Grid (row tiles of a band, U column tiles, B): the cut bits of one 64 x 64 tile of U rows in band `band`
-// against U columns, and whether the tile has any cut. Tiles outside U write nothing (nothing reads them).
+// One work item of cut_kernel: the cut bits of one 64 x 64 tile of U rows (row tile `band_tile` of band `band`)
+// against U columns (column tile `col_tile`) of sample b, and whether the tile has any cut. Tiles outside U write
+// nothing (nothing reads them); it then returns at once, for the whole block.
 template <typename Elem, int D>
-__global__ void __launch_bounds__(kThreads) cut_kernel(DeLeakerParams p, Workspace ws, int band) {
-  if (!window_of(p).intervene) return;
-  const int b = blockIdx.z, E = p.num_entities;
+__device__ void cut_tile(const DeLeakerParams& p, const Workspace& ws, int band, int b, int band_tile, int col_tile) {
+  const int E = p.num_entities;
   const int U = ws.union_count[b];
-  const int row_tile = band * (ws.band_rows / kTile) + (int)blockIdx.x, col_tile = blockIdx.y;
+  const int row_tile = band * (ws.band_rows / kTile) + band_tile;
   if (row_tile * kTile >= U || col_tile * kTile >= U) return;
   extern __shared__ __align__(128) unsigned char smem[];
   const RegionBuffers<Elem, D> s(smem);
@@ -272,10 +274,32 @@ __global__ void __launch_bounds__(kThreads) cut_kernel(DeLeakerParams p, Workspa
     }
     word = tile_cut_word(me, pbar, my_row_bits, col_bits, thresholds, E);
   }
-  const int64_t band_row = (int64_t)blockIdx.x * kTile + me.row;
+  const int64_t band_row = (int64_t)band_tile * kTile + me.row;
   if (me.half == 0) cut_words_of(ws, b, band_row)[col_tile] = word;
   const int any_cut = __syncthreads_or(word != 0u);
-  if (threadIdx.x == 0) cut_tiles_of(ws, b, (int)blockIdx.x)[col_tile] = any_cut;
+  if (threadIdx.x == 0) cut_tiles_of(ws, b, band_tile)[col_tile] = any_cut;
+}
+
+// Persistent grid (a few blocks per SM): the blocks stride over the band's (row tile, column tile, sample) items,
+// samples fastest, for the tiles the device's union holds (band_tiles_of); each item is independent, so the result
+// does not depend on the grid.
+//! Blocks per SM of cut_kernel's persistent grid, and the occupancy its registers are held to (three blocks of
+//! 53 KiB of shared memory at D = 128 fit an SM; 170 registers a thread at most).
+constexpr int kCutBlocksPerSm = 3;
+
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kThreads, kCutBlocksPerSm) cut_kernel(DeLeakerParams p, Workspace ws, int band) {
+  wait_for_previous_kernel();
+  if (!window_of(p).intervene) return;
+  const BandTiles work = band_tiles_of(ws, band);
+  const int64_t per_row = (int64_t)work.cols * p.batch;
+  const int64_t items = work.rows * per_row;
+#pragma unroll 1
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    __syncthreads();  // the previous item's shared memory is no longer read
+    const int64_t rest = item % per_row;
+    cut_tile<Elem, D>(p, ws, band, (int)(rest % p.batch), (int)(item / per_row), (int)(rest / p.batch));
+  }
 }
 
 }  // namespace deleaker

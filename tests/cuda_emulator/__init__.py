@@ -140,15 +140,21 @@ class EmulatedLibrary(kernels.KernelLibrary):
         emulator.deleaker_emulator_configure.restype = ctypes.c_int
         emulator.deleaker_emulator_launches.argtypes = []
         emulator.deleaker_emulator_launches.restype = ctypes.c_uint64
+        emulator.deleaker_emulator_dependent_launches.argtypes = []
+        emulator.deleaker_emulator_dependent_launches.restype = ctypes.c_uint64
         self._emulator = emulator
 
     def configure(self, *, schedule_seed: int = 0, layout_seed: int = 0, device: int = 0) -> None:
-        """Thread resume order (0 ascending, 1 descending, >= 2 shuffled), accumulator layout (0: sm_80's) and
-        the current device (0: 132 SMs like an H100; 1: a single SM, so the image-image statistics' blocks
-        stride over their slots). The kernel library's own ``init`` is the caller's, per device."""
+        """Thread and block order (0 ascending, 1 descending, >= 2 shuffled), accumulator layout (0: sm_80's)
+        and the current device (0: 132 SMs and sm_90 like an H100; 1: a single sm_80 SM, so the persistent
+        grids' blocks stride over their work and no launch is a dependent one). The kernel library's own ``init`` is the caller's, per device."""
         if self._emulator.deleaker_emulator_configure(schedule_seed, layout_seed, device) != 0:
             raise ValueError(f"the emulator has devices 0 and 1, got {device}")
 
     def launches(self) -> int:
         """Kernel launches so far."""
         return int(self._emulator.deleaker_emulator_launches())
+
+    def dependent_launches(self) -> int:
+        """Of those, launches with programmatic stream serialization (sm_90's programmatic dependent launch)."""
+        return int(self._emulator.deleaker_emulator_dependent_launches())

@@ -61,9 +61,12 @@ uint64_t g_schedule_seed = 0;
 // Emulated devices: 0 has an H100 SXM's 132 SMs; 1 has a single SM, so that grids sized from the SM count
 // (the image-image pass) are smaller than the work and their blocks stride over it.
 constexpr int kSmCounts[] = {132, 1};
+// ... and their compute capability (major): 0 is an sm_90 (programmatic dependent launch), 1 an sm_80.
+constexpr int kCapabilityMajor[] = {9, 8};
 constexpr int kDevices = sizeof(kSmCounts) / sizeof(kSmCounts[0]);
 int g_device = 0;
 uint64_t g_launches = 0;
+uint64_t g_dependent_launches = 0;
 AccumulatorLayout g_layout;
 std::vector<void*> g_stacks;
 
@@ -289,6 +292,21 @@ bool in_dynamic_smem(const void* address, size_t bytes) {
   const unsigned char* at = static_cast<const unsigned char*>(address);
   return g_smem != nullptr && at >= g_smem && at + bytes <= g_smem + g_smem_size;
 }
+
+cudaError_t check_launch_attributes(const cudaLaunchAttribute* attrs, unsigned count) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  if (count > 0 && attrs == nullptr) return fail_call(cudaErrorInvalidValue, "launch attributes: NULL with a count");
+  bool dependent = false;
+  for (unsigned i = 0; i < count; ++i) {
+    if (attrs[i].id != cudaLaunchAttributeProgrammaticStreamSerialization)
+      return fail_call(cudaErrorInvalidValue, "the emulator takes only programmatic stream serialization");
+    dependent = dependent || attrs[i].val.programmaticStreamSerializationAllowed != 0;
+  }
+  if (dependent && kCapabilityMajor[g_device] < 9)
+    return fail_call(cudaErrorInvalidValue, "programmatic dependent launch on a device below sm_90");
+  g_dependent_launches += dependent;
+  return cudaSuccess;
+}
 const AccumulatorLayout& accumulator_layout() { return g_layout; }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
@@ -322,23 +340,31 @@ cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block_dim, size_t smem_
   Block* saved_block = g_block;
   g_block = &block;
   const size_t smem_alloc = (smem_bytes + 127) / 128 * 128 + 128;
+  // Blocks in launch order, reversed (schedule seed 1) or shuffled (>= 2): a result that depends on which block
+  // runs first (or finishes last) changes with the seed.
+  std::vector<dim3> blocks;
+  blocks.reserve((size_t)grid.x * grid.y * grid.z);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        g_smem = static_cast<unsigned char*>(std::aligned_alloc(128, smem_alloc));
-        g_smem_size = smem_bytes;
-        memset(g_smem, 0xFF, smem_alloc);  // NaN as floats: a read before any write shows
-        g_failure.clear();
-        run_block(block, dim3(x, y, z), block_dim, grid);
-        std::free(g_smem);
-        g_smem = nullptr;
-        if (!g_failure.empty()) {
-          g_block = saved_block;
-          return fail_call(cudaErrorLaunchFailure, "emulated kernel failed in block (" + std::to_string(x) + ", " +
-                                                       std::to_string(y) + ", " + std::to_string(z) + "): " +
-                                                       g_failure);
-        }
-      }
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(dim3(x, y, z));
+  if (g_schedule_seed == 1) std::reverse(blocks.begin(), blocks.end());
+  if (g_schedule_seed >= 2) std::shuffle(blocks.begin(), blocks.end(), std::mt19937_64(g_schedule_seed));
+  for (const dim3& at : blocks) {
+    const unsigned x = at.x, y = at.y, z = at.z;
+    g_smem = static_cast<unsigned char*>(std::aligned_alloc(128, smem_alloc));
+    g_smem_size = smem_bytes;
+    memset(g_smem, 0xFF, smem_alloc);  // NaN as floats: a read before any write shows
+    g_failure.clear();
+    run_block(block, dim3(x, y, z), block_dim, grid);
+    std::free(g_smem);
+    g_smem = nullptr;
+    if (!g_failure.empty()) {
+      g_block = saved_block;
+      return fail_call(cudaErrorLaunchFailure, "emulated kernel failed in block (" + std::to_string(x) + ", " +
+                                                   std::to_string(y) + ", " + std::to_string(z) + "): " +
+                                                   g_failure);
+    }
+  }
   g_block = saved_block;
   return cudaSuccess;
 }
@@ -355,6 +381,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = emu::kSmCounts[device]; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = emu::kOptinSmemLimit; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = emu::kCapabilityMajor[device]; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
@@ -381,5 +408,8 @@ int deleaker_emulator_configure(uint64_t schedule_seed, uint64_t layout_seed, in
 
 //! Kernel launches so far.
 uint64_t deleaker_emulator_launches(void) { return emu::g_launches; }
+
+//! Of those, the launches with programmatic stream serialization (dependent launches).
+uint64_t deleaker_emulator_dependent_launches(void) { return emu::g_dependent_launches; }
 
 }  // extern "C"

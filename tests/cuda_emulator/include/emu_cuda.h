@@ -3,8 +3,10 @@
 // barriers, warp collectives, the wmma accumulator row mapping, masks, windows), never their speed, and never
 // the behaviour of real hardware (memory model, tensor-core rounding, the real fragment layout is assumed).
 //
-// Model: a launch runs its blocks one after another; the threads of a block are cooperative fibers (ucontext)
-// that run until they reach a synchronisation point (__syncthreads, __syncwarp, shuffles, ballots, wmma::mma_sync).
+// Model: a launch runs its blocks one after another (in launch order, or reversed or shuffled by the schedule knob,
+// so that a result that depends on the order blocks run or finish in shows); the threads of a block are
+// cooperative fibers (ucontext) that run until they reach a synchronisation point (__syncthreads, __syncwarp,
+// shuffles, ballots, wmma::mma_sync).
 // The scheduler then releases a barrier once every thread it concerns has arrived, and fails the launch, naming
 // the barrier, when threads diverge (a warp collective not reached by all 32 lanes, __syncthreads reached by
 // some threads after others exited, a deadlock). The order in which runnable threads resume is a knob
@@ -97,15 +99,29 @@ enum cudaError_t {
   cudaErrorLaunchFailure = 719,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 
-struct cudaLaunchAttribute;
+// Launch attributes: the emulator takes programmatic stream serialization only (its grids run one after another,
+// so a dependent launch is an ordinary one; it counts them, and refuses one on a device below sm_90).
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 5 };
+union cudaLaunchAttributeValue {
+  unsigned char pad[64];
+  int programmaticStreamSerializationAllowed;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
 struct cudaLaunchConfig_t {
   dim3 gridDim;
   dim3 blockDim;
   size_t dynamicSmemBytes;
   cudaStream_t stream;
-  cudaLaunchAttribute* attrs;  // the emulator takes none
+  cudaLaunchAttribute* attrs;
   unsigned int numAttrs;
 };
 
@@ -141,6 +157,9 @@ unsigned warp_ballot(int predicate);
 unsigned char* dynamic_smem();
 //! Whether [address, address + bytes) lies in the running block's dynamic shared memory.
 bool in_dynamic_smem(const void* address, size_t bytes);
+//! Checks a launch's attributes (programmatic stream serialization only, sm_90+ only) and counts the dependent
+//! launches; cudaSuccess or the error the launch returns.
+cudaError_t check_launch_attributes(const cudaLaunchAttribute* attrs, unsigned count);
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 //! Runs a whole grid, block after block; the launch's own error code (and cudaGetErrorString's message).
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
@@ -179,7 +198,8 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int val
 // The runtime's type-safe launch (cuda_runtime.h): the emulated grid runs to completion before it returns.
 template <typename... ExpTypes, typename... ActTypes>
 cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(ExpTypes...), ActTypes&&... args) {
-  if (config->numAttrs != 0) return cudaErrorInvalidValue;
+  const cudaError_t bad = emu::check_launch_attributes(config->attrs, config->numAttrs);
+  if (bad != cudaSuccess) return bad;
   return emu::launch(kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes,
                      std::forward<ActTypes>(args)...);
 }
@@ -217,6 +237,18 @@ inline int atomicAdd(int* address, int value) {
   const int old = *address;
   *address = old + value;
   return old;
+}
+inline int atomicMax(int* address, int value) {
+  const int old = *address;
+  *address = old > value ? old : value;
+  return old;
+}
+// Blocks run one after another, and each sees every write of the blocks before it: a fence has nothing to order,
+// and an L2 load (__ldcg) is a plain load.
+inline void __threadfence() {}
+template <typename T>
+inline T __ldcg(const T* address) {
+  return *address;
 }
 
 // ---- PTX tensor-core instructions (plugins/csrc/deleaker_mma.cuh) ------------------------------------------
