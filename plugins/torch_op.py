@@ -245,9 +245,12 @@ def _zeroed_strides(shape: Tuple[int, ...], stride: Tuple[int, ...]) -> Tuple[in
 def _rows_ok(x: Tensor) -> bool:
     # The kernels read rows with 16-byte accesses: the last dimension contiguous, every other stride 8-aligned.
     shape, stride = tuple(x.shape), x.stride()
+    batch, head, row = _zeroed_strides(shape, stride)
     return (
         (stride[-1] == 1 or shape[-1] == 1)
-        and all(s % 8 == 0 for s in _zeroed_strides(shape, stride))
+        and batch % 8 == 0
+        and head % 8 == 0
+        and row % 8 == 0
         and x.data_ptr() % 16 == 0
     )
 
