@@ -283,20 +283,25 @@ __device__ void cut_tile(const DeLeakerParams& p, const Workspace& ws, int band,
 // Persistent grid (a few blocks per SM): the blocks stride over the band's (row tile, column tile, sample) items,
 // samples fastest, for the tiles the device's union holds (band_tiles_of); each item is independent, so the result
 // does not depend on the grid.
-//! Blocks per SM of cut_kernel's persistent grid, and the occupancy its registers are held to (three blocks of
-//! 53 KiB of shared memory at D = 128 fit an SM; 170 registers a thread at most).
-constexpr int kCutBlocksPerSm = 3;
+//! Blocks per SM of cut_kernel's persistent grid, and the occupancy its registers are held to. Shared memory would
+//! fit four (53 KiB each at D = 128), but at three (170 registers a thread) ptxas 13.0 spills 50 to 90 bytes on
+//! sm_90a (the item indices, no longer free special registers, push the tile past 168), and a 25% union of the
+//! FLUX shape has 256 tiles, one wave of 2 x 132 blocks.
+constexpr int kCutBlocksPerSm = 2;
 
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kThreads, kCutBlocksPerSm) cut_kernel(DeLeakerParams p, Workspace ws, int band) {
   wait_for_previous_kernel();
   if (!window_of(p).intervene) return;
-  const BandTiles work = band_tiles_of(ws, band);
-  const int64_t per_row = (int64_t)work.cols * p.batch;
-  const int64_t items = work.rows * per_row;
+  // Nothing but the iteration count lives across an item (the work is read again after the barrier, from L1/L2):
+  // the tile's registers stay what they were with one block per tile.
 #pragma unroll 1
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+  for (int round = 0;; ++round) {
     __syncthreads();  // the previous item's shared memory is no longer read
+    const BandTiles work = band_tiles_of(ws, band);
+    const int64_t per_row = (int64_t)work.cols * p.batch;
+    const int64_t item = blockIdx.x + (int64_t)round * gridDim.x;
+    if (item >= work.rows * per_row) break;
     const int64_t rest = item % per_row;
     cut_tile<Elem, D>(p, ws, band, (int)(rest % p.batch), (int)(item / per_row), (int)(rest / p.batch));
   }
