@@ -516,6 +516,20 @@ def test_launch_before_init_is_an_error(library, tmp_path):
     _assert_identical(_call(fresh), _call(library), "fresh library after init")
 
 
+
+def test_dependent_launches_can_be_turned_off_for_profiling(library, tmp_path, monkeypatch):
+    """DELEAKER_DEPENDENT_LAUNCH=0 at init (a fresh copy of the library: its own globals): no dependent launch on
+    the sm_90 device, the same bits."""
+    copy = tmp_path / "libdeleaker_plain_launches.so"
+    shutil.copy(library.path, copy)
+    fresh = cuda_emulator.EmulatedLibrary(copy)
+    monkeypatch.setenv("DELEAKER_DEPENDENT_LAUNCH", "0")
+    fresh.init()
+    launches, dependent = fresh.launches(), fresh.dependent_launches()
+    result = _call(fresh)
+    assert fresh.launches() - launches == 10 and fresh.dependent_launches() == dependent
+    _assert_identical(result, _call(library), "without vs with dependent launches")
+
 # ---- mutants: the checks above catch the bugs they are for ----------------------------------------------------
 
 MUTANTS = {

@@ -53,6 +53,8 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "deleaker_affinity.cuh"
@@ -210,7 +212,11 @@ int init_current_device() {
   if (err == cudaSuccess) err = allow_smem_all<__nv_bfloat16, 64>();
   if (err == cudaSuccess) err = allow_smem_all<__nv_bfloat16, 128>();
   if (err != cudaSuccess) return (int)err;
-  g_dependent_launch[device].store(major >= 9, std::memory_order_relaxed);
+  // DELEAKER_DEPENDENT_LAUNCH=0 turns dependent launches off (read here, once per device): a per-kernel profile
+  // then times each kernel alone, without the span its blocks wait for the previous one.
+  const char* dependent = std::getenv("DELEAKER_DEPENDENT_LAUNCH");
+  const bool allowed = dependent == nullptr || std::strcmp(dependent, "0") != 0;
+  g_dependent_launch[device].store(major >= 9 && allowed, std::memory_order_relaxed);
   g_sm_count[device].store(sms, std::memory_order_release);
   return 0;
 }
