@@ -278,6 +278,15 @@ def test_cli_run_engines_with_another_lora_is_one_error_line(lora_engines, adapt
     assert not out.exists()
 
 
+def test_cli_verify_engines_needs_the_adapters_they_were_built_with(lora_engines, adapters, tmp_path):
+    verify = ["verify", "--engines", lora_engines, "--cache-dir", tmp_path / "cache", "--prompt", PROMPT,
+              "--entities", "cat,cheetah", "--steps", "1", "--no-progress"]
+    result = invoke_cli(*verify)
+    assert result.exit_code == 1 and "pass the same --lora" in result.output, result.output
+    result = invoke_cli(*verify, "--lora", f"{adapters['a']}:0.75")
+    assert result.exit_code == 0 and "verify: PASS" in result.output, result.output
+
+
 def test_engines_refuse_an_adapter_of_the_text_encoder_before_any_work(adapters, tmp_path):
     request = build_lib.BuildRequest(
         model="tiny", precision="fp16", out_dir=tmp_path / "out", height=64, width=64, text_len=TEXT_LEN,
