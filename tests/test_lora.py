@@ -409,6 +409,22 @@ def test_cli_bad_adapter_is_one_error_line_and_no_image(tiny_components, adapter
         assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["run", "verify", "serve", "demo", "build"])
+def test_every_command_refuses_a_missing_adapter_in_one_line(command, tmp_path):
+    args = {
+        "run": ["--prompt", PROMPT, "--entities", "cat,cheetah", "--out", tmp_path / "x.png"],
+        "verify": ["--prompt", PROMPT, "--entities", "cat,cheetah"],
+        "serve": ["--port", "0"],
+        "demo": ["--port", "0"],
+        "build": ["--onnx-only", "--out", tmp_path / "engines"],
+    }[command]
+    result = invoke_cli(command, "--model", "tiny", *args, "--lora", f"{tmp_path / 'missing.safetensors'}:0.5")
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: LoRA file '{tmp_path / 'missing.safetensors'}' does not exist"], result.output
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "engines").exists()
+
+
 def test_cli_run_and_verify_with_a_lora(adapters, onnx_cache, tmp_path):
     out = tmp_path / "x.png"
     # The adapter, knobs and T of the ONNX Runtime test above: verify reuses its export from the cache.
