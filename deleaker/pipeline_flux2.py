@@ -38,7 +38,7 @@ from .geometry import latent_grid
 from .guidance import check_guidance, real_scalar
 from .pipeline import _check_step_latents, _check_user_latents, _one_prompt, _refuse_non_finite_decode
 from .processor import DeLeakerProcessorBase, DeLeakerState, place_deleaker_processors
-from .processor_flux2 import install_deleaker_flux2_processors
+from .processor_flux2 import install_deleaker_flux2_processors, misplaced_flux2_processors
 
 
 class _DeLeakerFlux2Calls:
@@ -89,6 +89,13 @@ class _DeLeakerFlux2Calls:
             raise ConfigError(
                 f"the transformer's attention processors were replaced ({others}); entities need DeLeaker's: call "
                 "deleaker.processor_flux2.install_deleaker_flux2_processors(pipe.transformer)"
+            )
+        misplaced = misplaced_flux2_processors(self.transformer)
+        if misplaced:
+            raise ConfigError(
+                f"blocks {misplaced[:4]} hold the DeLeaker processor of the other block kind (double-stream vs "
+                "parallel single-stream); call deleaker.processor_flux2.install_deleaker_flux2_processors"
+                "(pipe.transformer)"
             )
         if getattr(self.transformer, "_parallel_config", None) is not None:
             raise ConfigError(

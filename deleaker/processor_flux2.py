@@ -121,6 +121,19 @@ class DeLeakerFlux2ParallelAttnProcessor(DeLeakerProcessorBase):
         return attn.to_out(torch.cat([attn_output, mlp_hidden_states], dim=-1))
 
 
+def misplaced_flux2_processors(transformer: Flux2Transformer2DModel) -> list[str]:
+    """Blocks whose DeLeaker processor is of the other block kind (e.g. one processor set on every block with
+    ``set_attn_processor``): a double-stream processor cannot run a parallel single-stream attention, nor the
+    reverse. Returns their names (``transformer_blocks.0``...), empty when every block has its own kind."""
+    wrong = []
+    for prefix, blocks, kind in (
+        ("transformer_blocks", transformer.transformer_blocks, DeLeakerFlux2ParallelAttnProcessor),
+        ("single_transformer_blocks", transformer.single_transformer_blocks, DeLeakerFlux2AttnProcessor),
+    ):
+        wrong += [f"{prefix}.{i}" for i, block in enumerate(blocks) if isinstance(block.attn.processor, kind)]
+    return wrong
+
+
 def install_deleaker_flux2_processors(transformer: Flux2Transformer2DModel) -> int:
     """Give every joint attention of a ``Flux2Transformer2DModel`` its DeLeaker processor; returns ``num_blocks``.
 
