@@ -7,6 +7,10 @@ engine's and the library's bytes, and `EngineManifest.check_compatible` checks a
 has and wants, raising `EngineCompatibilityError` with a machine-readable ``reason`` instead of letting TensorRT
 fail (or silently mis-run) later. Hashes let a cache tell a stale artifact from a fresh one without trusting file
 names or times.
+
+Over 400 lines, one job: a manifest is untrusted input (``run --engines`` reads folders it did not write), so every
+field is checked where the record is made, before anything is sized or loaded from it; the checks are most of the
+module and belong beside the fields they guard.
 """
 
 from __future__ import annotations
