@@ -24,7 +24,7 @@ _EXPORTS = {
     "TransformerBackend": "backends",
     "TorchBackend": "backends",
     "OnnxRuntimeBackend": "backends",
-    "TensorRTBackend": "backends",
+    "TensorRTBackend": "tensorrt_backend",
     "BackendError": "backends",
     "MemoryBudgetError": "memory",
     "FlowMatchSchedule": "schedule",

@@ -42,11 +42,12 @@ from deleaker.lora import check_loras, describe_records, lora_records, same_adap
 
 from deleaker.models import load_components, transformer_config, transformer_sha256
 
-from .backends import OnnxRuntimeBackend, TensorRTBackend, TransformerBackend, resolve_device
+from .backends import OnnxRuntimeBackend, TransformerBackend, resolve_device
 from .memory import AttentionMemory
 from .onnx_cache import default_cache_dir
 from .schedule import ShiftConfig
 from .sources import PerResolution
+from .tensorrt_backend import TensorRTBackend
 from .text import TextEncoders
 
 #: The runtime class `load_engine_dir` makes (`DeLeakerRuntime`; passed in, so this module does not import it).
