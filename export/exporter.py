@@ -9,6 +9,10 @@ larger than 2 GB (or when asked).
 
 The contract and the DeLeaker config are stored in the model's metadata (`read_export_metadata`), so an engine
 builder or runtime can recover them from the ONNX file alone.
+
+Over 400 lines, one job: the whole transformer and one attention alone (`export_attention_onnx`, for the plugin's
+and the decomposition's checks and `deleaker.export.portable`) go through the same private steps (trace under the
+export lock, translate, optimize, check, stage and rename); loading a model from disk is `deleaker.export.model_export`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import onnx
 import torch
@@ -33,7 +37,6 @@ from deleaker.errors import ConfigError, DeLeakerError, ShapeError
 from deleaker.jsonio import loads_strict
 from deleaker.staging import make_staging_dir, publish_staged
 from deleaker.hashing import sha256_file
-from deleaker.geometry import vae_scale_factor
 from deleaker.export_lock import tracing
 
 from .contract import FluxTransformerIO, dtype_name
@@ -349,91 +352,6 @@ def read_export_metadata(onnx_path: Union[str, Path]) -> Tuple[FluxTransformerIO
     io = FluxTransformerIO.from_dict(loads_strict(meta[META_IO]))
     config = DeLeakerConfig(**loads_strict(meta[META_CONFIG]))
     return io, config, meta[META_DECOMPOSED] == "1"
-
-
-def _vae_scale_factor(model_dir: Path) -> int:
-    vae_config = model_dir / "vae" / "config.json"
-    if not vae_config.is_file():
-        return 8  # FLUX.1's
-    try:
-        config = loads_strict(vae_config.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise ConfigError(f"cannot read the VAE config {vae_config}: {str(exc):.200}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"the VAE config {vae_config} is not a JSON object")
-    return vae_scale_factor({"block_out_channels": [0, 0, 0, 0], **config})
-
-
-def load_transformer(
-    model_path_or_tiny: Union[str, Path], precision: Union[str, torch.dtype] = "float32", *, seed: int = 0
-) -> Tuple[torch.nn.Module, int]:
-    """``(transformer, vae_scale_factor)`` of ``"tiny"`` (`deleaker.tiny`, weights from ``seed``) or a local folder.
-
-    A folder is a diffusers pipeline folder (with ``transformer/`` and ``vae/``) or a transformer folder itself.
-    The model is loaded on the CPU in ``precision`` (float32/float16/bfloat16, or fp32/fp16/bf16).
-    """
-    from diffusers import FluxTransformer2DModel
-
-    from deleaker.models import TINY_MODEL_NAME, names_builtin_tiny
-    from deleaker.tiny import build_tiny_flux_components
-
-    try:
-        dtype = dtype_name(precision)
-    except ConfigError:
-        dtype = None
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"precision must be float32, float16 or bfloat16 (fp32/fp16/bf16), got {precision!r}")
-    torch_dtype = getattr(torch, dtype)
-    if names_builtin_tiny(model_path_or_tiny):  # the string "tiny" only: Path("tiny") is a folder
-        components = build_tiny_flux_components(seed)
-        transformer = components["transformer"]
-        scale = vae_scale_factor(components["vae"].config)
-        return (transformer if torch_dtype == torch.float32 else transformer.to(torch_dtype)), scale
-    path = Path(model_path_or_tiny)
-    if (path / "transformer" / "config.json").is_file():
-        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype)
-        return transformer.eval(), _vae_scale_factor(path)
-    if (path / "config.json").is_file():
-        transformer = FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch_dtype)
-        return transformer.eval(), _vae_scale_factor(path.parent)
-    raise ConfigError(
-        f"model must be {TINY_MODEL_NAME!r} or a local diffusers folder (with transformer/config.json), got {path}"
-    )
-
-
-def export_model_onnx(
-    model_path_or_tiny: Union[str, Path],
-    *,
-    height: int,
-    width: int,
-    text_len: int,
-    max_entities: int,
-    precision: Union[str, torch.dtype],
-    out_dir: Union[str, Path],
-    batch: Tuple[int, int, int] = (1, 1, 4),
-    decompose: bool = False,
-    deleaker_config: Union[DeLeakerConfig, Mapping[str, Any], None] = None,
-    seed: int = 0,
-) -> ExportResult:
-    """Load a model (`load_transformer`) and export it to ``out_dir`` (what ``deleaker-trt build --onnx-only`` does).
-
-    The file is ``out_dir/transformer_{H}x{W}_t{T}_e{E}_{precision}[_decomposed].onnx``; ``deleaker_config`` is
-    resolved for the model (``DeLeakerConfig.resolve``: defaults scaled to its blocks per step). Returns the
-    `ExportResult` (its ``onnx_path``, ``data_path`` and hashes are the paths to record).
-    """
-    transformer, vae_scale_factor = load_transformer(model_path_or_tiny, precision, seed=seed)
-    io = FluxTransformerIO.from_transformer(
-        transformer,
-        height=height,
-        width=width,
-        text_len=text_len,
-        max_entities=max_entities,
-        vae_scale_factor=vae_scale_factor,
-        batch=batch,
-    )
-    config = DeLeakerConfig.resolve(deleaker_config, io.num_blocks)
-    name = f"transformer_{height}x{width}_t{text_len}_e{max_entities}_{io.dtype}{'_decomposed' if decompose else ''}.onnx"
-    return export_transformer_onnx(transformer, io, Path(out_dir) / name, config=config, decompose=decompose)
 
 
 class _AttentionOnly(torch.nn.Module):

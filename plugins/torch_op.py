@@ -15,6 +15,10 @@ Importing this module registers `cuda_kernel` as the CUDA kernel of the core's o
 (``deleaker.library``): the dependency runs from the plugins to the core, never back. Inputs the kernels do not
 take (float32, other head dims, sizes beyond their grids) and a machine where the kernel library does not load
 run the op's PyTorch reference.
+
+Over 400 lines, one job (the fast path's host side): the fused-attention providers with their one-time LSE check,
+the launch of the kernels over one workspace, and the debug views that read that workspace back share its layout
+and checks; apart, each would need the others' internals.
 """
 
 from __future__ import annotations

@@ -29,12 +29,11 @@ from deleaker.export.contract import BATCH_AXIS, FluxTransformerIO
 from deleaker.export.exporter import (
     ExportError,
     check_onnx_model,
-    export_model_onnx,
     export_transformer_onnx,
-    load_transformer,
     read_export_metadata,
     sha256_file,
 )
+from deleaker.export.model_export import export_model_onnx, load_transformer
 from deleaker.export.onnx_node import DOMAIN, OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, config_from_attributes
 from deleaker.export.ort_reference import make_reference_session
 from deleaker.export.ort_session import make_session, session_feeds
@@ -423,12 +422,12 @@ def test_failed_export_leaves_no_partial_file(tmp_path):
 @pytest.mark.parametrize("text", ["{", "1" + "0" * 5000, "[1]", "[" * 100_000 + "]" * 100_000],
                          ids=["truncated", "int-of-5000-digits", "not-an-object", "nested-too-deeply"])
 def test_unreadable_vae_config_is_a_config_error(tmp_path, text):
-    from deleaker.export import exporter
+    from deleaker.export import model_export
 
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(text)
     with pytest.raises(ConfigError, match="VAE config"):
-        exporter._vae_scale_factor(tmp_path)
+        model_export._vae_scale_factor(tmp_path)
 
 
 def test_the_wrapper_places_processors_that_diffusers_rebuilt_without_arguments(tiny_components):
