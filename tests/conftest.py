@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny offline FLUX (deleaker.tiny) and the reference prompts with their entities."""
+"""Shared fixtures: the tiny offline FLUX (deleaker.tiny), the reference prompts with their entities, and the TensorRT
+importable here."""
 
 from __future__ import annotations
 
@@ -143,3 +144,14 @@ def fresh_tiny_components() -> dict[str, Any]:
 def slim_examples() -> tuple[dict[str, Any], ...]:
     """The reference prompts, each ``{"prompt", "entities", "subset"}`` (read-only)."""
     return SLIM_EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def trt():
+    """The TensorRT module builds use (``tensorrt``, else ``tensorrt_rtx``); skips the test where neither imports."""
+    from deleaker.plugins import trt_library
+
+    try:
+        return trt_library.import_tensorrt()
+    except trt_library.TensorRTUnavailableError as err:
+        pytest.skip(f"neither tensorrt nor tensorrt_rtx imports ({type(err).__name__})")

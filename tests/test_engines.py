@@ -426,14 +426,6 @@ def test_a_folder_keeps_the_plugin_library_its_engines_were_built_with(tmp_path)
 # --- TensorRT loaders against TensorRT(-RTX)'s real builder ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trt():
-    try:
-        return trt_library.import_tensorrt()
-    except trt_library.TensorRTUnavailableError as err:
-        pytest.skip(f"neither tensorrt nor tensorrt_rtx imports ({type(err).__name__})")
-
-
 def _matmul_onnx(path: Path) -> Path:
     weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float16), "w")
     graph = helper.make_graph(

@@ -14,17 +14,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from deleaker.engines import loaders
-from deleaker.plugins import trt_library
 
 pytest.importorskip("polygraphy")
-
-
-@pytest.fixture(scope="module")
-def trt():
-    try:
-        return trt_library.import_tensorrt()
-    except trt_library.TensorRTUnavailableError as err:
-        pytest.skip(f"neither tensorrt nor tensorrt_rtx imports ({type(err).__name__})")
 
 
 def _relu_onnx(path: Path, op_type: str = "Relu", domain: str = "") -> Path:
