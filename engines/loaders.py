@@ -7,8 +7,8 @@ serialized engine with one optimization profile and a timing cache.
   through the registry's ``load_library``.
 - `build_serialized_engine` is ``EngineBytesFromNetwork(network, CreateConfig(profiles=[Profile], load_timing_cache=
   ..., memory_pool_limits=...), save_timing_cache=...)``. The timing cache goes in and out through anonymous
-  temporary files and is written atomically here: Polygraphy would rewrite the file in place and leave a ``<cache>.lock`` in the engine
-  folder, whose builds the build lock already serializes.
+  temporary files and is written atomically here: Polygraphy would rewrite the file in place and leave a
+  ``<cache>.lock`` in the engine folder, whose builds the build lock already serializes.
 - the engine file is written by `deleaker.engines.build.save_engine`, atomically: Polygraphy's ``SaveEngine`` wants a
   deserialized engine, which TensorRT can only make with a GPU, and writes in place.
 
@@ -18,9 +18,10 @@ Two pieces of glue, both here:
   first imported (``polygraphy.config.USE_TENSORRT_RTX``, from ``POLYGRAPHY_USE_TENSORRT_RTX``). `polygraphy_backend`
   points it at the TensorRT the build imported (`import_tensorrt`) and refuses a process where it drives the other.
 - Polygraphy prints its log on stdout, which the CLI keeps for its results. While a loader runs its log goes to
-  Python's logging instead and its errors are gathered into the `BuildError`. TensorRT keeps one logger per process,
-  the one of the first live builder: a `Network` holds a builder made with `tensorrt_logger` from before Polygraphy's,
-  so TensorRT's messages (and our plugin library's) go to the ``deleaker.tensorrt`` logger, never to stdout.
+  Python's logging instead, below errors dropped, and its errors (the ONNX parser's among them: Polygraphy makes the
+  parser with its own logger) are gathered into the `BuildError`. The builder keeps one logger per process, the one
+  of the first live builder: a `Network` holds a builder made with `tensorrt_logger` from before Polygraphy's, so
+  the builder's messages (and our plugin library's) go to the ``deleaker.tensorrt`` logger, never to stdout.
 
 Nothing here imports TensorRT or Polygraphy at import time.
 """

@@ -1,5 +1,5 @@
-"""`deleaker.engines.loaders`: Polygraphy's loaders as the build uses them, on the TensorRT importable here (TensorRT-RTX
-on a CPU-only machine: it parses and builds without a GPU). The loaders' engine and parse-error tests are in
+"""`deleaker.engines.loaders`: Polygraphy's loaders as the build uses them, on the TensorRT importable here
+(TensorRT-RTX on a CPU-only machine: it parses and builds without a GPU). The loaders' engine and parse-error tests are in
 tests/test_engines.py; these check the glue: which TensorRT Polygraphy drives, and where its log goes."""
 
 from __future__ import annotations
