@@ -259,23 +259,9 @@ class DeLeakerFluxPipeline(FluxPipeline):
     ):
         """``FluxPipeline.__call__(**flux_args)`` with a step callback that checks the latents (and advances the
         DeLeaker ``state``, when there is one) before the user's callback, and a check of what the VAE decodes."""
-        user_inputs = list(user_tensor_inputs) if user_tensor_inputs is not None else None
-
-        def check_then_user_callback(pipe, step_index, timestep, callback_kwargs):
-            steps = getattr(pipe, "num_timesteps", "?")
-            _check_step_latents(callback_kwargs["latents"], f"after step {step_index + 1} of {steps}")
-            if state is not None:
-                state.advance()
-            if user_callback is None:
-                return {}
-            outputs = user_callback(pipe, step_index, timestep, {k: callback_kwargs[k] for k in user_inputs or []})
-            if isinstance(outputs, Mapping) and outputs.get("latents") is not None:
-                _check_step_latents(outputs["latents"], f"returned by the step callback at step {step_index + 1}")
-            return outputs
-
-        # FluxPipeline gives the callback only the tensors named here; ours needs the latents. Names it does not
-        # know stay in the list, so that its own check refuses them with its own message.
-        tensor_inputs = list(dict.fromkeys([*(user_inputs or []), "latents"]))
+        callback, tensor_inputs = checked_step_callback(
+            user_callback, user_tensor_inputs, None if state is None else (lambda step_index: state.advance())
+        )
         hook = None
         decoder = getattr(self.vae, "decoder", None)
         if isinstance(decoder, torch.nn.Module):
@@ -283,12 +269,40 @@ class DeLeakerFluxPipeline(FluxPipeline):
         try:
             return super().__call__(
                 **flux_args,
-                callback_on_step_end=check_then_user_callback,
+                callback_on_step_end=callback,
                 callback_on_step_end_tensor_inputs=tensor_inputs,
             )
         finally:
             if hook is not None:
                 hook.remove()
+
+
+def checked_step_callback(
+    user_callback: Callable | None,
+    user_tensor_inputs: Sequence[str] | None,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[Callable, list[str]]:
+    """The step callback a DeLeaker pipeline gives its stock ``__call__``, and the tensor names to ask for.
+
+    Each step it checks the latents (`NonFiniteError`), runs ``on_step(step_index)`` (DeLeaker's state), then the
+    user's callback with the tensors the user named, and checks the latents that callback returns."""
+    user_inputs = list(user_tensor_inputs) if user_tensor_inputs is not None else None
+
+    def check_then_user_callback(pipe, step_index, timestep, callback_kwargs):
+        steps = getattr(pipe, "num_timesteps", "?")
+        _check_step_latents(callback_kwargs["latents"], f"after step {step_index + 1} of {steps}")
+        if on_step is not None:
+            on_step(step_index)
+        if user_callback is None:
+            return {}
+        outputs = user_callback(pipe, step_index, timestep, {k: callback_kwargs[k] for k in user_inputs or []})
+        if isinstance(outputs, Mapping) and outputs.get("latents") is not None:
+            _check_step_latents(outputs["latents"], f"returned by the step callback at step {step_index + 1}")
+        return outputs
+
+    # The stock pipeline gives the callback only the tensors named here; ours needs the latents. Names it does not
+    # know stay in the list, so that its own check refuses them with its own message.
+    return check_then_user_callback, list(dict.fromkeys([*(user_inputs or []), "latents"]))
 
 
 def _check_user_latents(latents: Any) -> None:

@@ -36,7 +36,7 @@ from .entities import DEFAULT_MAX_ENTITIES, check_entity_rows
 from .errors import ConfigError
 from .geometry import latent_grid
 from .guidance import check_guidance, real_scalar
-from .pipeline import _check_step_latents, _check_user_latents, _one_prompt, _refuse_non_finite_decode
+from .pipeline import _check_user_latents, _one_prompt, _refuse_non_finite_decode, checked_step_callback
 from .processor import DeLeakerProcessorBase, DeLeakerState, place_deleaker_processors
 from .processor_flux2 import install_deleaker_flux2_processors, misplaced_flux2_processors
 
@@ -153,25 +153,19 @@ class _DeLeakerFlux2Calls:
         """The stock ``__call__(**stock_args)`` with a step callback that checks the latents (and advances the
         DeLeaker ``state``) before the user's callback, and a check of what the VAE decodes. With a state and
         ``passes_per_step == 2`` (true CFG), the second transformer call of each step runs without DeLeaker."""
-        user_inputs = list(user_tensor_inputs) if user_tensor_inputs is not None else None
         calls = [0]
 
-        def check_then_user_callback(pipe, step_index, timestep, callback_kwargs):
-            steps = getattr(pipe, "num_timesteps", "?")
-            _check_step_latents(callback_kwargs["latents"], f"after step {step_index + 1} of {steps}")
-            if state is not None:
-                if calls[0] != (step_index + 1) * passes_per_step:
-                    raise ConfigError(
-                        f"the denoising loop called the transformer {calls[0]} times by step {step_index + 1}, not "
-                        f"{passes_per_step} per step: DeLeaker cannot tell its passes apart in this diffusers version"
-                    )
-                state.advance()
-            if user_callback is None:
-                return {}
-            outputs = user_callback(pipe, step_index, timestep, {k: callback_kwargs[k] for k in user_inputs or []})
-            if isinstance(outputs, Mapping) and outputs.get("latents") is not None:
-                _check_step_latents(outputs["latents"], f"returned by the step callback at step {step_index + 1}")
-            return outputs
+        def count_then_advance(step_index: int) -> None:
+            if calls[0] != (step_index + 1) * passes_per_step:
+                raise ConfigError(
+                    f"the denoising loop called the transformer {calls[0]} times by step {step_index + 1}, not "
+                    f"{passes_per_step} per step: DeLeaker cannot tell its passes apart in this diffusers version"
+                )
+            state.advance()
+
+        callback, tensor_inputs = checked_step_callback(
+            user_callback, user_tensor_inputs, None if state is None else count_then_advance
+        )
 
         def conditional_pass_only(module, args, kwargs):
             calls[0] += 1
@@ -180,7 +174,6 @@ class _DeLeakerFlux2Calls:
                 return args, {**kwargs, "joint_attention_kwargs": joint or None}
             return None
 
-        tensor_inputs = list(dict.fromkeys([*(user_inputs or []), "latents"]))
         hooks = []
         decoder = getattr(self.vae, "decoder", None)
         if isinstance(decoder, torch.nn.Module):
@@ -190,7 +183,7 @@ class _DeLeakerFlux2Calls:
         try:
             return super().__call__(
                 **stock_args,
-                callback_on_step_end=check_then_user_callback,
+                callback_on_step_end=callback,
                 callback_on_step_end_tensor_inputs=tensor_inputs,
             )
         finally:
