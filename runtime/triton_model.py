@@ -84,6 +84,7 @@ class TritonPythonModel:
         warmup = record.pop("warmup_size")
         record.pop("python_path", None)  # used by model.py before this module was imported
         overrides = tuple(tuple(pair) for pair in record.pop("deleaker_overrides"))
+        record["loras"] = tuple(tuple(pair) for pair in record.get("loras", ()))  # [path, scale] each
         spec = RuntimeSpec(**{**record, "deleaker_overrides": overrides,
                               "engines": None if record["engines"] is None else Path(record["engines"]),
                               "cache_dir": None if record["cache_dir"] is None else Path(record["cache_dir"])})

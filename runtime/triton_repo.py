@@ -92,6 +92,7 @@ def _absolute(runtime: "RuntimeSpec") -> "RuntimeSpec":
         engines=None if runtime.engines is None else Path(runtime.engines).resolve(),
         model=runtime.model if runtime.model in (None, TINY_MODEL_NAME) else str(Path(runtime.model).resolve()),
         cache_dir=None if runtime.cache_dir is None else Path(runtime.cache_dir).resolve(),
+        loras=tuple((adapter.path.resolve(), adapter.scale) for adapter in runtime.loras),
     )
 
 
@@ -287,7 +288,7 @@ def write_repository(spec: TritonRepoSpec) -> TritonRepository:
 def runtime_record(spec: TritonRepoSpec) -> dict[str, Any]:
     """``runtime.json``: the `RuntimeSpec` fields the python model opens its runtime with, paths made absolute."""
     runtime = spec.runtime
-    return {
+    record = {
         "engines": None if runtime.engines is None else str(runtime.engines),
         "model": runtime.model,
         "backend": runtime.backend,
@@ -299,3 +300,6 @@ def runtime_record(spec: TritonRepoSpec) -> dict[str, Any]:
         "warmup_size": None if spec.warmup_size is None else list(spec.warmup_size),
         "python_path": [str(Path(folder).resolve()) for folder in spec.python_path],
     }
+    if runtime.loras:  # only with adapters: the runtime.json of a repository without any keeps its fields
+        record["loras"] = [[str(adapter.path), adapter.scale] for adapter in runtime.loras]
+    return record

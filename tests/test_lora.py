@@ -425,6 +425,20 @@ def test_every_command_refuses_a_missing_adapter_in_one_line(command, tmp_path):
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "engines").exists()
 
 
+def test_triton_repo_records_the_adapters_for_its_generation_model(adapters, tmp_path, monkeypatch):
+    from deleaker.runtime.jobs import RuntimeSpec
+
+    monkeypatch.chdir(adapters["a"].parent)  # a relative --lora path is recorded absolute
+    result = invoke_cli("triton-repo", "--model", "tiny", "--out", tmp_path / "repo", "--lora", "adapter.safetensors:0.5")
+    assert result.exit_code == 0, result.output
+    (record_path,) = (tmp_path / "repo").glob("*/1/runtime.json")
+    record = json.loads(record_path.read_text())
+    assert record["loras"] == [[str(adapters["a"].resolve()), 0.5]]
+    # What the python model opens (runtime/triton_model.py reads the pairs back into a RuntimeSpec).
+    spec = RuntimeSpec(model="tiny", loras=tuple(tuple(pair) for pair in record["loras"]))
+    assert spec.loras == (LoraAdapter(adapters["a"].resolve(), 0.5),)
+
+
 def test_cli_run_and_verify_with_a_lora(adapters, onnx_cache, tmp_path):
     out = tmp_path / "x.png"
     # The adapter, knobs and T of the ONNX Runtime test above: verify reuses its export from the cache.

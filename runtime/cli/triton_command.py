@@ -16,7 +16,7 @@ from deleaker.runtime.defaults import BACKENDS
 
 from .errors import CHECKED_INT, reported_errors
 from .knobs import knob_option
-from .options import runtime_spec
+from .options import lora_option, runtime_spec
 
 
 @click.command("triton-repo")
@@ -32,6 +32,7 @@ from .options import runtime_spec
               help="Export cache of the generation model (as `run --cache-dir`).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Engines of this precision for the generation model (--engines only, as `run`).")
+@lora_option("Of the generation model, as `run --lora` (recorded with absolute paths).")
 @knob_option("Override a DeLeaker knob of the generation model (--model only), as `run --set`.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="The model repository to write: a new folder (never written into or over).")
@@ -42,13 +43,15 @@ from .options import runtime_spec
 @click.option("--python-path", type=click.Path(path_type=Path), multiple=True,
               help="A folder Triton's python stub puts first on sys.path before importing deleaker (it ignores "
               "PYTHONPATH), e.g. a venv's site-packages or a folder with numpy<2; repeatable.")
-def triton_repo(engines, model, backend, text_len, max_entities, cache_dir, precision, overrides, out, max_batch,
-                queue_delay_us, python_path) -> None:
+def triton_repo(engines, model, backend, text_len, max_entities, cache_dir, precision, loras, overrides, out,
+                max_batch, queue_delay_us, python_path) -> None:
     """Write a Triton Inference Server model repository (python-backend generation; TensorRT transformer steps)."""
     from ..triton_repo import TritonRepoSpec, write_repository
 
     with reported_errors("the repository"):
-        runtime = runtime_spec(engines, model, backend, text_len, max_entities, cache_dir, None, precision, overrides)
+        runtime = runtime_spec(
+            engines, model, backend, text_len, max_entities, cache_dir, None, precision, overrides, loras=loras
+        )
         spec = TritonRepoSpec(out=out, runtime=runtime, max_batch=max_batch, queue_delay_us=queue_delay_us,
                               python_path=tuple(python_path))
         repository = write_repository(spec)
