@@ -48,12 +48,41 @@ def check_model_source(model: Any) -> None:
         raise ConfigError(f"model {str(model)!r:.200} is neither 'tiny' nor a directory")
 
 
+#: The diffusers pipelines of FLUX.2 ([dev], [klein]), by ``model_index.json``'s ``_class_name``.
+FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
+#: What the runtime (run, verify, serve, Triton) says of a FLUX.2 model: it runs FLUX.1 only so far.
+FLUX2_RUNTIME_MESSAGE = (
+    "is a FLUX.2 model; the runtime (run, verify, serve, triton-repo) runs FLUX.1 (dev, schnell) only so far: "
+    "generate with deleaker.pipeline_flux2 (DeLeakerFlux2Pipeline, DeLeakerFlux2KleinPipeline) in Python, and "
+    "export or build its engines with `deleaker-trt build`"
+)
+
+
+def pipeline_class_name(model: str | Path) -> str | None:
+    """``model_index.json``'s ``_class_name`` of a diffusers folder (no torch, no weights); None for ``"tiny"``, a
+    folder without a readable one, or one that is not a JSON object."""
+    if isinstance(model, str) and model == TINY_MODEL_NAME:
+        return None
+    try:
+        index = loads_strict((Path(model) / "model_index.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def is_flux2_model(model: str | Path) -> bool:
+    """True when ``model`` is a FLUX.2 [dev] or [klein] diffusers folder (`FLUX2_PIPELINES`)."""
+    return pipeline_class_name(model) in FLUX2_PIPELINES
+
+
 #: Serialises builds of the tiny model (see `load_components`).
 _TINY_BUILD_LOCK = threading.Lock()
 
 
 def load_components(model: str | Path, *, with_transformer: bool = True) -> tuple[dict[str, Any], str]:
-    """FluxPipeline components of ``model`` (``"tiny"`` or a local diffusers folder) and a stable model id.
+    """FluxPipeline components of ``model`` (``"tiny"`` or a local diffusers folder) and a stable model id; a FLUX.2
+    folder (`is_flux2_model`) gives its own pipeline's components (``Flux2Pipeline``, ``Flux2KleinPipeline``).
 
     The id is ``"tiny"`` or the folder's resolved path; caches also hash the weights, so a changed folder never
     reuses an old export. ``with_transformer=False`` skips loading a folder's transformer weights (engines
@@ -70,13 +99,16 @@ def load_components(model: str | Path, *, with_transformer: bool = True) -> tupl
     path = Path(model)
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"{path} is not a diffusers model folder (no model_index.json)")
-    from diffusers import FluxPipeline
+    import diffusers
 
+    # FLUX.2 folders load with their own pipeline class (`build` exports their transformer); anything else as FLUX.1.
+    name = pipeline_class_name(path)
+    pipeline_class = getattr(diffusers, name) if name in FLUX2_PIPELINES else diffusers.FluxPipeline
     try:
         if with_transformer:
-            pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
+            pipe = pipeline_class.from_pretrained(path, local_files_only=True)
         else:
-            pipe = FluxPipeline.from_pretrained(path, transformer=None, local_files_only=True)
+            pipe = pipeline_class.from_pretrained(path, transformer=None, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the FLUX model in {path}: {exc}") from exc
     return dict(pipe.components), str(path.resolve())

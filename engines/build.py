@@ -272,6 +272,14 @@ def build_engines(request: BuildRequest, progress: Optional[Progress] = None) ->
     from deleaker.export.contract import FluxTransformerIO, dtype_name
     from deleaker.export.limits import check_size
 
+    from deleaker.models import is_flux2_model
+
+    if request.precision == "fp8" and is_flux2_model(request.model):
+        # The calibration encodes prompts with FLUX.1's CLIP and T5 (`calibration_batches`).
+        raise ConfigError(
+            f"--precision fp8 calibrates on prompts encoded as FLUX.1 encodes them; {request.model} is a FLUX.2 "
+            "model: build it in fp16 or bf16"
+        )
     stage = _Stages(progress)
     out_dir = Path(request.out_dir)
     library = None if request.plugin_library is None else inspect_plugin_library(request.plugin_library)

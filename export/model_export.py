@@ -40,7 +40,7 @@ def load_transformer(
     A folder is a diffusers pipeline folder (with ``transformer/`` and ``vae/``) or a transformer folder itself.
     The model is loaded on the CPU in ``precision`` (float32/float16/bfloat16, or fp32/fp16/bf16).
     """
-    from diffusers import FluxTransformer2DModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
 
     from deleaker.models import TINY_MODEL_NAME, names_builtin_tiny
     from deleaker.tiny import build_tiny_flux_components
@@ -58,11 +58,21 @@ def load_transformer(
         scale = vae_scale_factor(components["vae"].config)
         return (transformer if torch_dtype == torch.float32 else transformer.to(torch_dtype)), scale
     path = Path(model_path_or_tiny)
+
+    def model_class(config_path: Path) -> type:
+        # FLUX.2 ([dev], [klein]) by its config's class name; anything else loads as FLUX.1.
+        try:
+            name = loads_strict(config_path.read_text()).get("_class_name")
+        except (OSError, ValueError, RecursionError, AttributeError):
+            name = None
+        return Flux2Transformer2DModel if name == "Flux2Transformer2DModel" else FluxTransformer2DModel
+
     if (path / "transformer" / "config.json").is_file():
-        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype)
+        cls = model_class(path / "transformer" / "config.json")
+        transformer = cls.from_pretrained(path, subfolder="transformer", torch_dtype=torch_dtype)
         return transformer.eval(), _vae_scale_factor(path)
     if (path / "config.json").is_file():
-        transformer = FluxTransformer2DModel.from_pretrained(path, torch_dtype=torch_dtype)
+        transformer = model_class(path / "config.json").from_pretrained(path, torch_dtype=torch_dtype)
         return transformer.eval(), _vae_scale_factor(path.parent)
     raise ConfigError(
         f"model must be {TINY_MODEL_NAME!r} or a local diffusers folder (with transformer/config.json), got {path}"

@@ -174,6 +174,10 @@ def load_engine_dir(
         )
 
     from deleaker.export.contract import FluxTransformerIO
+    from deleaker.models import FLUX2_RUNTIME_MESSAGE
+
+    if first.io.get("family") == "flux2":  # before any artifact is read
+        raise EngineDirError(f"{engine_dir} holds engines of {first.model_id}, which {FLUX2_RUNTIME_MESSAGE}")
 
     env = current_environment(first.tensorrt_version) if wanted_kind == "engine" else None
 

@@ -38,7 +38,13 @@ from .backend_options import check_backend_options
 from .backends import TorchBackend, TransformerBackend, resolve_device
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import check_max_entities, check_text_len
-from deleaker.models import folder_fingerprint, load_components, transformer_sha256
+from deleaker.models import (
+    FLUX2_RUNTIME_MESSAGE,
+    folder_fingerprint,
+    is_flux2_model,
+    load_components,
+    transformer_sha256,
+)
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_MODEL_BACKEND, DEFAULT_STEPS, DEFAULT_TEXT_LEN, MODEL_BACKENDS
 from .entity_masks import mask_step, masks_from_history
 from .memory import AttentionMemory
@@ -178,6 +184,8 @@ class DeLeakerRuntime:
         )
         adapters = check_loras(loras)  # paths and scales, before the model loads
         start = time.perf_counter()
+        if is_flux2_model(model):  # before its weights load
+            raise ConfigError(f"{model} {FLUX2_RUNTIME_MESSAGE}")
         # A device this backend cannot use is refused before the model loads.
         device = model_device(backend, device)
         check_offload(offload_encoders, device)
@@ -275,6 +283,8 @@ class DeLeakerRuntime:
         adapters = list(loras)
         components = dict(components)
         transformer = components["transformer"]
+        if type(transformer).__name__ == "Flux2Transformer2DModel":
+            raise ConfigError(f"model {model_id!r} {FLUX2_RUNTIME_MESSAGE}")
         # Fused before the cast to ``dtype`` (in the weights' loaded precision) and before any backend sees them;
         # a bad adapter is refused here, before any generation.
         fuse_loras(components, adapters)
