@@ -1,4 +1,5 @@
-"""The FLUX.1 model a runtime or an engine build starts from: its diffusers components, loaded once.
+"""The FLUX.1 model a runtime or an engine build starts from: its diffusers components, loaded once. A FLUX.2
+folder (`is_flux2_model`, told by its ``model_index.json``) loads for an engine build; the runtime refuses it.
 
 Only the string ``"tiny"`` names the built-in offline test model (`deleaker.tiny`, random weights); anything else,
 a `Path("tiny")` or ``"./tiny"`` included, is a local diffusers folder. The string ``"tiny"`` where ``./tiny`` is a

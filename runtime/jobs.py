@@ -24,7 +24,7 @@ from deleaker.staging import staged_name, writer_is_gone
 
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import check_max_entities, check_text_len
-from deleaker.models import check_model_source
+from deleaker.models import FLUX2_RUNTIME_MESSAGE, check_model_source, is_flux2_model
 from .backend_options import check_backend_options
 from .defaults import BACKENDS, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN
 from .images import (
@@ -125,6 +125,8 @@ class RuntimeSpec:
         # Paths as they are now, so that a typo is answered before torch loads (opening checks them again).
         if self.model is not None:
             check_model_source(self.model)
+            if is_flux2_model(self.model):  # what every command of this spec (triton-repo too) would load
+                raise ConfigError(f"{self.model} {FLUX2_RUNTIME_MESSAGE}")
         if self.engines is not None and not Path(self.engines).is_dir():
             state = "is not a directory" if Path(self.engines).exists() else "does not exist"
             raise ConfigError(f"engine directory {self.engines} {state}")

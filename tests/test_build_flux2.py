@@ -47,6 +47,11 @@ def test_build_exports_a_flux2_folder_and_the_runtime_refuses_it(tmp_path):
         assert ran.exit_code == 1 and not (tmp_path / "no.png").exists()
         assert "is a FLUX.2 model; the runtime (run, verify, serve, triton-repo) runs FLUX.1" in ran.output
 
+    # triton-repo writes a repository without loading the model: refused when it is made, not on the server.
+    repo = runner.invoke(cli_main, ["triton-repo", "--model", str(model), "--out", str(tmp_path / "repo")])
+    assert repo.exit_code == 1 and not (tmp_path / "repo").exists()
+    assert "is a FLUX.2 model; the runtime" in repo.output
+
     fp8 = runner.invoke(cli_main, ["build", "--model", str(model), *size, "--precision", "fp8", "--onnx-only",
                                    "--out", str(tmp_path / "fp8")])
     assert fp8.exit_code == 1 and "is a FLUX.2 model: build it in fp16 or bf16" in fp8.output
