@@ -126,6 +126,15 @@ def fuse_loras(
     may change): a bad one raises `LoraError` with no weight changed. Raises `LoraError` when ``peft`` (which diffusers' LoRA loading needs) is missing."""
     if not adapters:
         return
+    from diffusers import FluxTransformer2DModel
+
+    transformer = components.get("transformer")
+    if not isinstance(transformer, FluxTransformer2DModel):
+        # FLUX.2 has its own LoRA loader (Flux2LoraLoaderMixin) and layer names; not wired up here yet.
+        raise LoraError(
+            f"LoRA adapters apply to FLUX.1 transformers (FluxTransformer2DModel) here, not to "
+            f"{type(transformer).__name__}"
+        )
     checked = []
     for adapter in adapters:
         tensors = read_lora_file(adapter)
@@ -137,7 +146,6 @@ def fuse_loras(
         raise LoraError("LoRA adapters need the peft package: pip install 'deleaker-trt[lora]'") from None
     from diffusers import FluxPipeline
 
-    transformer = components["transformer"]
     processors = {name: type(p) for name, p in transformer.attn_processors.items()}
     pipe = FluxPipeline(**{name: components.get(name) for name in _PIPELINE_PARTS})
     names = [ADAPTER_NAME.format(i) for i in range(len(adapters))]

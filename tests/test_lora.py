@@ -395,6 +395,14 @@ def test_bad_adapter_files_are_refused_before_any_weight_changes(case, tiny_comp
     assert all(torch.equal(before[name], after[name]) for name in before)
 
 
+def test_an_adapter_for_a_flux2_model_is_refused_before_any_work(adapters):
+    from deleaker.tiny_flux2 import build_tiny_flux2_klein_components
+
+    components = build_tiny_flux2_klein_components(0)
+    with pytest.raises(LoraError, match="apply to FLUX.1 transformers .* not to Flux2Transformer2DModel"):
+        fuse_loras(components, [LoraAdapter(adapters["a"])])
+
+
 def test_cli_bad_adapter_is_one_error_line_and_no_image(tiny_components, adapters, tmp_path):
     path, _ = bad_files(tmp_path, adapters)["wrong-shapes"]
     out = tmp_path / "x.png"
