@@ -1,20 +1,19 @@
-// Shared pieces of the DeLeaker kernels: the block-step window, tile shapes, tile loads, the tensor-core product
-// S = Q K^T of one warp (nvcuda::wmma, portable on sm_80+ for fp16 and bf16), the image-image head mean pbar of
-// a tile and its cut decision (one definition, so every kernel sees bit-identical values), block collectives.
+// Shared pieces of the DeLeaker kernels: the block-step window, tile shapes, tile loads, the tensor-core products
+// of one warp (mma.sync m16n8k16 with ldmatrix, deleaker_mma.cuh: S and P stay in registers, in the PTX ISA's
+// documented fragment layout), the image-image head mean pbar of a tile and its cut decision (one definition, so
+// every kernel sees bit-identical values), block collectives.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <stdint.h>
 
 #include <cmath>
 
+#include "deleaker_mma.cuh"
 #include "deleaker_params.h"
 
 namespace deleaker {
-
-namespace wmma = nvcuda::wmma;
 
 // ---- the block-step windows (spec steps 3-4), evaluated on the device from the device step ----------------
 
@@ -69,7 +68,8 @@ static_assert(DELEAKER_BAND_ROWS % kTile == 0 && DELEAKER_BAND_ROWS > 0, "DELEAK
 
 template <int D>
 struct HeadDim {
-  static constexpr int kLd = D + 8;  // Q/K/V rows in shared memory, padded (a multiple of 8 elements for wmma)
+  // Q/K/V rows in shared memory, padded: 16-byte aligned rows (ldmatrix) whose 8-row groups hit distinct banks
+  static constexpr int kLd = D + 8;
 };
 
 template <typename Elem>
@@ -135,43 +135,92 @@ __device__ __forceinline__ void load_rows2(Elem* smem_a, const Elem* base_a, int
   b.store(smem_b);
 }
 
-// One warp: S[16 x 64] = Q[16 x D] K[64 x D]^T, stored row-major (ld kLdS) as float at s_out.
-template <typename Elem, int D>
-__device__ __forceinline__ void warp_qk(const Elem* q_rows, const Elem* k_rows, float* s_out) {
-  constexpr int kLd = HeadDim<D>::kLd;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTile / 16];
-#pragma unroll
-  for (int n = 0; n < kTile / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, Elem, wmma::row_major> a;
-    wmma::load_matrix_sync(a, q_rows + kk * 16, kLd);
-#pragma unroll
-    for (int n = 0; n < kTile / 16; ++n) {
-      // K^T as a column-major matrix: element (d, j) sits at k_rows[j * kLd + d].
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, Elem, wmma::col_major> b;
-      wmma::load_matrix_sync(b, k_rows + n * 16 * kLd + kk * 16, kLd);
-      wmma::mma_sync(acc[n], a, b, acc[n]);
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < kTile / 16; ++n) wmma::store_matrix_sync(s_out + n * 16, acc[n], kLdS, wmma::mem_row_major);
+// ---- tensor cores: one warp's 16 rows against 64 keys --------------------------------------------------------
+
+// A warp's S (or P) tile of 16 rows x 64 columns as eight m16n8 accumulator tiles (deleaker_mma.cuh): lane
+// 4 g + t holds s[j][i] = element (row g + 8 (i / 2), column 8 j + 2 t + (i % 2)).
+using WarpTile = float[kTile / 8][4];
+
+// The cells of a warp's S tile a lane holds in registers, numbered i = 4 j + e for s[j][e] (WarpTile): two rows
+// (row(0) for e < 2, row(2) for e >= 2) and 16 columns of each.
+struct FragCells {
+  int warp, lane, g, t;
+  __device__ __forceinline__ int row(int i) const { return warp * 16 + g + 8 * ((i >> 1) & 1); }  // in the tile
+  __device__ __forceinline__ int col(int i) const { return 8 * (i >> 2) + 2 * t + (i & 1); }
+};
+
+__device__ __forceinline__ FragCells frag_cells() {
+  const int lane = threadIdx.x % 32;
+  return FragCells{(int)threadIdx.x / 32, lane, lane / 4, lane % 4};
 }
 
-// One warp: O[16 x D] += P[16 x 64] V[64 x D] on tensor cores (P row-major, ld kLdP; V rows in shared memory).
-template <typename Elem, int D, int kLdP>
-__device__ __forceinline__ void warp_pv(wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&o)[D / 16],
-                                        const Elem* p_rows, const Elem* v_rows) {
+// One warp: s = Q[16 x D] K[64 x D]^T, in registers. q_rows: the warp's 16 rows, k_rows: 64 rows (row stride
+// kLd, shared memory). A from Q by ldmatrix (matrices: rows 0-7 / 8-15 x columns 0-7 / 8-15 of a k-step); B from
+// K by ldmatrix without .trans (K's rows are B's columns: two n-tiles of 8 keys x 16 d per x4).
+template <typename Elem, int D>
+__device__ __forceinline__ void warp_qk_mma(const Elem* q_rows, const Elem* k_rows, WarpTile& s) {
   constexpr int kLd = HeadDim<D>::kLd;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < kTile / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, q_rows + (lane % 16) * kLd + kk * 16 + 8 * (lane / 16));
+#pragma unroll
+    for (int j = 0; j < kTile / 8; j += 2) {
+      uint32_t b[4];  // keys 8 j.. (d 0-7, d 8-15), then keys 8 j + 8.. (d 0-7, d 8-15)
+      ldmatrix_x4(b, k_rows + (8 * j + 8 * (lane / 16) + lane % 8) * kLd + kk * 16 + 8 * ((lane / 8) % 2));
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_m16n8k16<Elem>(s[j], a, b0);
+      mma_m16n8k16<Elem>(s[j + 1], a, b1);
+    }
+  }
+}
+
+// One warp: S[16 x 64] = Q[16 x D] K[64 x D]^T, stored row-major (ld kLdS) as float at s_out (the kernels whose
+// per-cell work is organised by CellOwner: the affinities and the correction's text part).
+template <typename Elem, int D>
+__device__ __forceinline__ void warp_qk(const Elem* q_rows, const Elem* k_rows, float* s_out) {
+  WarpTile s;
+  warp_qk_mma<Elem, D>(q_rows, k_rows, s);
+  const FragCells me = frag_cells();
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s_out[(me.row(i) - me.warp * 16) * kLdS + me.col(i)] = s[i >> 2][i & 3];
+}
+
+// The A operands of P V from a WarpTile of P (FlashAttention-2): the accumulator tiles 2 kk and 2 kk + 1 (columns
+// 16 kk .. 16 kk + 15) are, element for element, the m16n8k16 A fragment of k-step kk, rounded to Elem.
+template <typename Elem>
+__device__ __forceinline__ void pack_p(const WarpTile& p, uint32_t (&a)[kTile / 16][4]) {
 #pragma unroll
   for (int kk = 0; kk < kTile / 16; ++kk) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, Elem, wmma::row_major> a;
-    wmma::load_matrix_sync(a, p_rows + kk * 16, kLdP);
+    a[kk][0] = pack2(from_float<Elem>(p[2 * kk][0]), from_float<Elem>(p[2 * kk][1]));
+    a[kk][1] = pack2(from_float<Elem>(p[2 * kk][2]), from_float<Elem>(p[2 * kk][3]));
+    a[kk][2] = pack2(from_float<Elem>(p[2 * kk + 1][0]), from_float<Elem>(p[2 * kk + 1][1]));
+    a[kk][3] = pack2(from_float<Elem>(p[2 * kk + 1][2]), from_float<Elem>(p[2 * kk + 1][3]));
+  }
+}
+
+// One warp: o[16 x D] += P[16 x 64] V[64 x D], P as A fragments (pack_p), V's 64 rows in shared memory (stride
+// kLd) read by ldmatrix.trans (matrices: keys 0-7 / 8-15 of a k-step x two n-tiles of 8 d). o[n] is the m16n8
+// accumulator tile of columns 8 n .. 8 n + 7, in WarpTile's layout.
+template <typename Elem, int D>
+__device__ __forceinline__ void warp_pv_mma(float (&o)[D / 8][4], const uint32_t (&p)[kTile / 16][4],
+                                            const Elem* v_rows) {
+  constexpr int kLd = HeadDim<D>::kLd;
+  const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, Elem, wmma::row_major> bv;
-      wmma::load_matrix_sync(bv, v_rows + kk * 16 * kLd + n * 16, kLd);
-      wmma::mma_sync(o[n], a, bv, o[n]);
+  for (int kk = 0; kk < kTile / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < D / 8; n += 2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, v_rows + (kk * 16 + lane % 16) * kLd + 8 * n + 8 * (lane / 16));
+      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+      mma_m16n8k16<Elem>(o[n], p[kk], b0);
+      mma_m16n8k16<Elem>(o[n + 1], p[kk], b1);
     }
   }
 }
@@ -239,7 +288,7 @@ struct Workspace {
 };
 
 // The stored pbar of U x U tile `tile` of sample b (see DeLeakerWorkspaceLayout::pbar_tiles), or NULL when the
-// tile is beyond the stored ones. Cell i of thread x at [i * kThreads + x]: coalesced writes and reads.
+// tile is beyond the stored ones. Cell i (FragCells) of thread x at [i * kThreads + x]: coalesced writes and reads.
 __device__ __forceinline__ float* stored_pbar_of(const Workspace& ws, int b, int64_t tile) {
   return tile < ws.stored_tiles ? ws.pbar_tiles + ((int64_t)b * ws.stored_tiles + tile) * (kTile * kTile) : nullptr;
 }
@@ -267,7 +316,7 @@ __device__ __forceinline__ BandTiles band_tiles_of(const Workspace& ws, int band
   return BandTiles{(rows + kTile - 1) / kTile, (largest + kTile - 1) / kTile};
 }
 
-// Byte offset of a shared-memory part, rounded up so wmma pointers stay 256-bit aligned.
+// Byte offset of a shared-memory part, rounded up to 128 bytes (ldmatrix rows need 16).
 __host__ __device__ constexpr int smem_align(int bytes) { return (bytes + 127) / 128 * 128; }
 
 // ---- block collectives (fixed order: the same inputs give the same bits on every run) -----------------------
@@ -337,24 +386,24 @@ __device__ __forceinline__ uint32_t row_partners(uint32_t row_bits, const uint32
   return out;
 }
 
-// True iff a cell of this thread's 32 has a pair: some e in its row's masks and f in its column's with (e, f) on.
-__device__ __forceinline__ bool owns_region_cell(const CellOwner& me, uint32_t row_partner_bits, const uint32_t* col_bits) {
-  if (row_partner_bits == 0u) return false;
+// True iff a cell of this lane's 32 (FragCells) has a pair: some e in its row's masks and f in its column's with
+// (e, f) on. partner_bits[h]: the row partners (row_partners) of row me.row(2 h).
+__device__ __forceinline__ bool owns_region_cell(const FragCells& me, const uint32_t (&partner_bits)[2],
+                                                 const uint32_t* col_bits) {
+  if ((partner_bits[0] | partner_bits[1]) == 0u) return false;
   for (int i = 0; i < 32; ++i)
-    if (col_bits[me.col(i)] & row_partner_bits) return true;
+    if (col_bits[me.col(i)] & partner_bits[(i >> 1) & 1]) return true;
   return false;
 }
 
-// pbar of this thread's 32 cells of one 64 x 64 tile: the head mean of exp(s[h] - lse[h]), heads in order, for
-// the rows / columns whose tokens are row_token / col_token (-1: none). Every kernel that needs pbar calls this,
-// so they all see the same bits. Uses q_s, k_s (64 x kLd each), the warp's S tile and lse_s (64 floats); the
-// caller synchronises before it writes any of them again.
+// pbar of this lane's 32 cells (FragCells) of one 64 x 64 tile: the head mean of exp(s[h] - lse[h]), heads in
+// order, for the rows / columns whose tokens are row_token / col_token (-1: none). Every kernel that needs pbar
+// calls this, so they all see the same bits. S stays in registers; uses q_s, k_s (64 x kLd each) and lse_s (64
+// floats); the caller synchronises before it writes any of them again.
 template <typename Elem, int D>
 __device__ void tile_pbar(const DeLeakerParams& p, int b, const int* row_token, const int* col_token, Elem* q_s,
-                          Elem* k_s, float* s_all, float* lse_s, const CellOwner& me, float (&pbar)[32]) {
+                          Elem* k_s, float* lse_s, const FragCells& me, float (&pbar)[32]) {
   constexpr int kLd = HeadDim<D>::kLd;
-  const int warp = threadIdx.x / 32;
-  float* s_w = s_all + warp * 16 * kLdS;
 #pragma unroll
   for (int i = 0; i < 32; ++i) pbar[i] = 0.0f;
   // Head h + 1's Q, K and LSE are loaded into registers while head h's product and exps run (TileLoads): the
@@ -376,40 +425,41 @@ __device__ void tile_pbar(const DeLeakerParams& p, int b, const int* row_token, 
     if (threadIdx.x < kTile) lse_s[threadIdx.x] = lse_next;
     __syncthreads();
     if (h + 1 < p.heads) issue_head(h + 1);
-    warp_qk<Elem, D>(q_s + warp * 16 * kLd, k_s, s_w);
-    __syncwarp();
-    const float row_lse = lse_s[me.row];
-    const int r = me.row % 16;
+    WarpTile s;
+    warp_qk_mma<Elem, D>(q_s + me.warp * 16 * kLd, k_s, s);
+    const float row_lse[2] = {lse_s[me.row(0)], lse_s[me.row(2)]};
 #pragma unroll
-    for (int i = 0; i < 32; ++i) pbar[i] += expf(s_w[r * kLdS + me.col(i)] * p.softmax_scale - row_lse);
+    for (int i = 0; i < 32; ++i) pbar[i] += expf(s[i >> 2][i & 3] * p.softmax_scale - row_lse[(i >> 1) & 1]);
   }
   const float heads = (float)p.heads;
 #pragma unroll
   for (int i = 0; i < 32; ++i) pbar[i] /= heads;
 }
 
-// The 64-bit cut word of this thread's row in the tile (both lanes of the row get it): bit c set iff
-// pbar[c] > threshold(e, f) for some e in the row's masks and f in column c's (a NaN threshold cuts nothing).
-__device__ __forceinline__ uint64_t tile_cut_word(const CellOwner& me, const float (&pbar)[32], uint32_t row_bits,
-                                                  const uint32_t* col_bits, const float* thresholds, int num_entities) {
-  uint32_t mine = 0;
-  if (row_bits != 0u) {
+// The 64-bit cut words of this lane's two rows in the tile (words[h]: row me.row(2 h); the 4 lanes of a row get
+// the same): bit c set iff pbar[c] > threshold(e, f) for some e in the row's masks and f in column c's (a NaN
+// threshold cuts nothing). row_bits[h]: the masks of row me.row(2 h).
+__device__ __forceinline__ void tile_cut_words(const FragCells& me, const float (&pbar)[32],
+                                               const uint32_t (&row_bits)[2], const uint32_t* col_bits,
+                                               const float* thresholds, int num_entities, uint64_t (&words)[2]) {
+  words[0] = words[1] = 0u;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int c = me.col(i);
-      const uint32_t cb = col_bits[c];
-      bool cut = false;
-      for (int e = 0; e < num_entities; ++e) {
-        if (!((row_bits >> e) & 1u)) continue;
-        for (int f = 0; f < num_entities; ++f)
-          if (((cb >> f) & 1u) && pbar[i] > thresholds[e * num_entities + f]) cut = true;
-      }
-      if (cut) mine |= 1u << (c & 31);
+  for (int i = 0; i < 32; ++i) {
+    const int h = (i >> 1) & 1, c = me.col(i);
+    const uint32_t rb = row_bits[h], cb = col_bits[c];
+    bool cut = false;
+    for (int e = 0; e < num_entities; ++e) {
+      if (!((rb >> e) & 1u)) continue;
+      for (int f = 0; f < num_entities; ++f)
+        if (((cb >> f) & 1u) && pbar[i] > thresholds[e * num_entities + f]) cut = true;
     }
+    if (cut) words[h] |= 1ull << c;
   }
-  const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 1);
-  const uint32_t lo = me.half == 0 ? mine : other, hi = me.half == 0 ? other : mine;
-  return (uint64_t)lo | ((uint64_t)hi << 32);
+#pragma unroll
+  for (int o = 1; o <= 2; o <<= 1) {  // the 4 lanes of a row (t = 0..3), each 16 of its columns
+    words[0] |= __shfl_xor_sync(0xffffffffu, words[0], o);
+    words[1] |= __shfl_xor_sync(0xffffffffu, words[1], o);
+  }
 }
 
 }  // namespace deleaker

@@ -5,8 +5,9 @@
 //     Z_i  = 1 - sum_j W_ij,   o'_i = (o_i - sum_j W_ij v_j) / Z_i
 //
 // which is softmax(s') v for the spec's edited logits s'. One block = 64 U rows of one band and one head. The
-// image part runs on tensor cores over the U column tiles that have a cut (cut_kernel's bits), with W rounded to
-// the input dtype like P in a flash attention (scaled by 2^10 in fp16 to keep small p normal); the text part, over
+// image part runs on tensor cores over the U column tiles that have a cut (cut_kernel's bits): S = Q K^T and W
+// stay in registers (mma.sync), and W, rounded to the input dtype like P in a flash attention (scaled by 2^10 in
+// fp16 to keep small p normal), is the A operand of W V as it stands (FlashAttention-2); the text part, over
 // the entity tokens only, runs in float32 on CUDA cores, since p_a may exceed any fp16 range. Every sum runs in a
 // fixed order. A row whose Z is below the fallback threshold, or not finite, or whose corrected values are not
 // finite keeps o here; fallback_list_kernel lists it for the exact recomputation.
@@ -35,20 +36,18 @@ __device__ __forceinline__ bool correction_stands(float z, float fallback_thresh
 template <typename Elem, int D>
 struct CorrectionSmem {
   static constexpr int kLd = HeadDim<D>::kLd;
-  static constexpr int kLdP = kTile + 8;  // Elem rows of W, padded (a multiple of 8 for wmma)
-  static constexpr int kLdO = D + 4;      // float rows of the numerator, padded
+  static constexpr int kLdO = D + 4;  // float rows of the numerator, padded
   static constexpr int kQ = 0;
   static constexpr int kKV = kQ + smem_align(kTile * kLd * 2);  // K of a tile, then its V
-  static constexpr int kS = kKV + smem_align(kTile * kLd * 2);
+  static constexpr int kS = kKV + smem_align(kTile * kLd * 2);          // S of the text part, float
   static constexpr int kNum = kS + smem_align(kWarps * 16 * kLdS * 4);  // numerator sum_j W_ij v_j, float
-  static constexpr int kP = kNum;                                        // W of the image part, before kNum
-  static constexpr int kLse = kNum + smem_align(kTile * kLdO * 4);
+  static constexpr int kImageWeight = kNum + smem_align(kTile * kLdO * 4);  // per row: sum of the image part's W
+  static constexpr int kLse = kImageWeight + smem_align(kTile * 4);
   static constexpr int kRowToken = kLse + smem_align(kTile * 4);
   static constexpr int kRowBits = kRowToken + smem_align(kTile * 4);
   static constexpr int kColToken = kRowBits + smem_align(kTile * 4);
   static constexpr int kColBits = kColToken + smem_align(kTile * 4);
   static constexpr int kBytes = kColBits + smem_align(kTile * 4);
-  static_assert(kWarps * 16 * kLdP * 2 <= kLse - kNum, "W must fit in the numerator's buffer");
 };
 
 // One work item of correction_kernel: the 64 U rows of row tile `band_tile` of band `band`, head h, sample b.
@@ -56,8 +55,7 @@ struct CorrectionSmem {
 template <typename Elem, int D>
 __device__ void correction_tile(const DeLeakerParams& p, const Workspace& ws, int band, int b, int h, int band_tile) {
   using Smem = CorrectionSmem<Elem, D>;
-  using FragO = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  constexpr int kLd = Smem::kLd, kLdP = Smem::kLdP, kLdO = Smem::kLdO;
+  constexpr int kLd = Smem::kLd, kLdO = Smem::kLdO;
   constexpr float kScale = WeightScale<Elem>::kValue;
   const int U = ws.union_count[b];
   const int row_tile = band * (ws.band_rows / kTile) + band_tile;
@@ -68,7 +66,7 @@ __device__ void correction_tile(const DeLeakerParams& p, const Workspace& ws, in
   Elem* kv_s = reinterpret_cast<Elem*>(smem + Smem::kKV);
   float* s_all = reinterpret_cast<float*>(smem + Smem::kS);
   float* num_s = reinterpret_cast<float*>(smem + Smem::kNum);
-  Elem* p_all = reinterpret_cast<Elem*>(smem + Smem::kP);
+  float* image_weight = reinterpret_cast<float*>(smem + Smem::kImageWeight);
   float* lse_s = reinterpret_cast<float*>(smem + Smem::kLse);
   int* row_token = reinterpret_cast<int*>(smem + Smem::kRowToken);
   uint32_t* row_bits = reinterpret_cast<uint32_t*>(smem + Smem::kRowBits);
@@ -83,7 +81,7 @@ __device__ void correction_tile(const DeLeakerParams& p, const Workspace& ws, in
   const Elem* k = static_cast<const Elem*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
   const Elem* v = static_cast<const Elem*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
   float* s_w = s_all + warp * 16 * kLdS;
-  Elem* p_w = p_all + warp * 16 * kLdP;
+  const FragCells cells = frag_cells();  // the image part's cells, in registers
 
   if (threadIdx.x < kTile) {
     const int u = row_tile * kTile + (int)threadIdx.x;
@@ -96,14 +94,18 @@ __device__ void correction_tile(const DeLeakerParams& p, const Workspace& ws, in
   load_rows<Elem, D>(q_s, q, p.q_row_stride, row_token);
   const uint32_t my_bits = row_bits[me.row];
   const float row_lse = lse_s[me.row];
-  const int64_t band_row = (int64_t)band_tile * kTile + me.row;
-  float weight_sum = 0.0f;  // sum of this thread's W
 
-  // Image part: the numerator of the cut image keys on tensor cores.
-  FragO acc[D / 16];
+  // Image part: the numerator of the cut image keys on tensor cores, W in registers (rows cells.row(0), (2)).
+  float acc[D / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+  float image_sum[2] = {0.0f, 0.0f};  // this lane's part of the sum of W of its two rows
   if (p.do_image_image != 0) {
+    const float cell_lse[2] = {lse_s[cells.row(0)], lse_s[cells.row(2)]};
+    const uint64_t* cut_rows[2] = {cut_words_of(ws, b, (int64_t)band_tile * kTile + cells.row(0)),
+                                   cut_words_of(ws, b, (int64_t)band_tile * kTile + cells.row(2))};
     const int u_tiles = ceil_div(U, kTile);
     const int32_t* tile_has_cut = cut_tiles_of(ws, b, band_tile);
     for (int ct = 0; ct < u_tiles; ++ct) {
@@ -119,29 +121,39 @@ __device__ void correction_tile(const DeLeakerParams& p, const Workspace& ws, in
       // V's loads go out now, in flight during the product and the exps; stored once no warp reads K.
       TileLoads<Elem, D> v_rows;
       v_rows.issue(v, p.v_row_stride, col_token);
-      warp_qk<Elem, D>(q_s + warp * 16 * kLd, kv_s, s_w);
-      __syncwarp();
-      const uint64_t word = cut_words_of(ws, b, band_row)[ct];
+      WarpTile w;
+      warp_qk_mma<Elem, D>(q_s + warp * 16 * kLd, kv_s, w);
+      const uint64_t words[2] = {cut_rows[0][ct], cut_rows[1][ct]};
+#pragma unroll
       for (int i = 0; i < 32; ++i) {
-        const int c = me.col(i);
-        float w = 0.0f;
-        if ((word >> c) & 1u) w = expf(s_w[r * kLdS + c] * p.softmax_scale - row_lse);
-        weight_sum += w;
-        p_w[r * kLdP + c] = from_float<Elem>(w * kScale);
+        const int fr = (i >> 1) & 1;
+        float x = 0.0f;
+        if ((words[fr] >> cells.col(i)) & 1u) x = expf(w[i >> 2][i & 3] * p.softmax_scale - cell_lse[fr]);
+        image_sum[fr] += x;
+        w[i >> 2][i & 3] = x * kScale;
       }
+      uint32_t w_frag[kTile / 16][4];
+      pack_p<Elem>(w, w_frag);
       __syncthreads();  // every warp is done with K
       v_rows.store(kv_s);
-      __syncthreads();  // V and every W are written
-      warp_pv<Elem, D, kLdP>(acc, p_w, kv_s);
+      __syncthreads();  // V is written
+      warp_pv_mma<Elem, D>(acc, w_frag, kv_s);
     }
   }
-  __syncthreads();  // no warp reads W any more: the numerator overwrites it
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) {
+  for (int n = 0; n < D / 8; ++n)
 #pragma unroll
-    for (int x = 0; x < FragO::num_elements; ++x) acc[n].x[x] *= 1.0f / kScale;  // element-wise: any layout
-    wmma::store_matrix_sync(num_s + warp * 16 * kLdO + n * 16, acc[n], kLdO, wmma::mem_row_major);
+    for (int e = 0; e < 4; ++e) num_s[cells.row(e) * kLdO + 8 * n + cells.col(e)] = acc[n][e] * (1.0f / kScale);
+#pragma unroll
+  for (int o = 1; o <= 2; o <<= 1) {  // the 4 lanes of a row, in a fixed order
+    image_sum[0] += __shfl_xor_sync(0xffffffffu, image_sum[0], o);
+    image_sum[1] += __shfl_xor_sync(0xffffffffu, image_sum[1], o);
   }
+  if (cells.t == 0) {
+    image_weight[cells.row(0)] = image_sum[0];
+    image_weight[cells.row(2)] = image_sum[1];
+  }
+  float weight_sum = 0.0f;  // sum of this thread's W of the text part
 
   // Text part: the entity tokens only, float32.
   const bool weaken = p.do_image_text_weakening != 0, strengthen = p.do_image_text_strengthening != 0;
@@ -179,7 +191,7 @@ __device__ void correction_tile(const DeLeakerParams& p, const Workspace& ws, in
 
   // Z, o' = (o - numerator) / Z, written over o where it stands.
   weight_sum += __shfl_xor_sync(0xffffffffu, weight_sum, 1);
-  const float z = 1.0f - weight_sum;
+  const float z = 1.0f - (image_weight[me.row] + weight_sum);
   const int token = row_token[me.row];
   Elem* out_row = static_cast<Elem*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride +
                   (int64_t)(token >= 0 ? token : 0) * p.o_row_stride + me.half * (D / 2);

@@ -24,8 +24,7 @@ struct RegionSmem {
   static constexpr int kLd = HeadDim<D>::kLd;
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + smem_align(kTile * kLd * 2);
-  static constexpr int kS = kK + smem_align(kTile * kLd * 2);
-  static constexpr int kLse = kS + smem_align(kWarps * 16 * kLdS * 4);
+  static constexpr int kLse = kK + smem_align(kTile * kLd * 2);  // S and pbar stay in registers
   static constexpr int kRowToken = kLse + smem_align(kTile * 4);      // token of each row (or -1)
   static constexpr int kColToken = kRowToken + smem_align(kTile * 4);
   static constexpr int kRowBits = kColToken + smem_align(kTile * 4);  // entities whose mask holds the row
@@ -43,14 +42,13 @@ template <typename Elem, int D>
 struct RegionBuffers {
   using Smem = RegionSmem<Elem, D>;
   Elem *q, *k;
-  float *s_all, *lse, *thresholds;
+  float *lse, *thresholds;
   int *row_token, *col_token;
   uint32_t *row_bits, *col_bits, *partners;
   double* warp_sums;
   __device__ explicit RegionBuffers(unsigned char* smem)
       : q(reinterpret_cast<Elem*>(smem + Smem::kQ)),
         k(reinterpret_cast<Elem*>(smem + Smem::kK)),
-        s_all(reinterpret_cast<float*>(smem + Smem::kS)),
         lse(reinterpret_cast<float*>(smem + Smem::kLse)),
         thresholds(reinterpret_cast<float*>(smem + Smem::kThresholds)),
         row_token(reinterpret_cast<int*>(smem + Smem::kRowToken)),
@@ -112,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
   extern __shared__ __align__(128) unsigned char smem[];
   const RegionBuffers<Elem, D> s(smem);
   Elem *q_s = s.q, *k_s = s.k;
-  float *s_all = s.s_all, *lse_s = s.lse;
+  float* lse_s = s.lse;
   int *row_token = s.row_token, *col_token = s.col_token;
   uint32_t *row_bits = s.row_bits, *col_bits = s.col_bits, *partners = s.partners;
   double* warp_sums = s.warp_sums;
@@ -123,8 +121,7 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
   // int64: a union of more than 46340 tiles (2,965,760 image tokens; the kernels take 4,194,240) overflows int32.
   const int64_t tiles = (int64_t)u_tiles * u_tiles;
   const int64_t per_slot = (tiles + DELEAKER_REGION_SLOTS - 1) / DELEAKER_REGION_SLOTS;
-  const int warp = threadIdx.x / 32;
-  const CellOwner me = cell_owner();
+  const FragCells me = frag_cells();
   pair_partners_from_counts(ws, b, E, partners);
 
   for (int slot = blockIdx.x; slot < DELEAKER_REGION_SLOTS; slot += gridDim.x) {
@@ -139,11 +136,12 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
       load_union_tile(p, ws, b, U, (int)(tile / u_tiles), (int)(tile % u_tiles), row_token, row_bits, col_token,
                       col_bits);
       __syncthreads();
-      const uint32_t my_row_bits = row_bits[me.row];
-      const uint32_t my_partners = row_partners(my_row_bits, partners, E);
+      const uint32_t my_row_bits[2] = {row_bits[me.row(0)], row_bits[me.row(2)]};
+      const uint32_t my_partners[2] = {row_partners(my_row_bits[0], partners, E),
+                                       row_partners(my_row_bits[1], partners, E)};
       if (!__syncthreads_or(owns_region_cell(me, my_partners, col_bits))) continue;  // no region cell in the tile
       float pbar[32];
-      tile_pbar<Elem, D>(p, b, row_token, col_token, q_s, k_s, s_all, lse_s, me, pbar);
+      tile_pbar<Elem, D>(p, b, row_token, col_token, q_s, k_s, lse_s, me, pbar);
       // Kept for the cut bits, which then read the very values summed here instead of a third Q K^T.
       if (float* stored = stored_pbar_of(ws, b, tile)) {
 #pragma unroll
@@ -152,13 +150,13 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
       for (int pair = 0; pair < pairs; ++pair) {
         const int e = pair / E, f = pair % E;
         if (!((partners[e] >> f) & 1u)) continue;  // the same for the whole block
-        const bool row_in = (my_row_bits >> e) & 1u;
+        const bool row_in[2] = {((my_row_bits[0] >> e) & 1u) != 0u, ((my_row_bits[1] >> e) & 1u) != 0u};
         double sum = 0.0, sq = 0.0;
         float least = INFINITY, largest = -INFINITY;
-        if (row_in) {
+        if (row_in[0] || row_in[1]) {
 #pragma unroll
           for (int i = 0; i < 32; ++i) {
-            if ((col_bits[me.col(i)] >> f) & 1u) {
+            if (row_in[(i >> 1) & 1] && ((col_bits[me.col(i)] >> f) & 1u)) {
               const double x = pbar[i];
               sum += x;
               sq += x * x;
@@ -167,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
             }
           }
         }
-        if (__ballot_sync(0xffffffffu, row_in) == 0u) continue;  // the same for the whole warp
+        if (__ballot_sync(0xffffffffu, row_in[0] || row_in[1]) == 0u) continue;  // the same for the whole warp
         for (int o = 16; o > 0; o >>= 1) {
           sum += __shfl_xor_sync(0xffffffffu, sum, o);
           sq += __shfl_xor_sync(0xffffffffu, sq, o);
@@ -175,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) region_stats_kernel(DeLeakerParams p
           largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, o));
         }
         if (me.lane == 0) {
-          double* stats = warp_sums + (warp * pairs + pair) * DELEAKER_PAIR_STATS;
+          double* stats = warp_sums + (me.warp * pairs + pair) * DELEAKER_PAIR_STATS;
           stats[0] += sum;
           stats[1] += sq;
           stats[2] = fmin(stats[2], (double)least);
@@ -248,19 +246,21 @@ __device__ void cut_tile(const DeLeakerParams& p, const Workspace& ws, int band,
   extern __shared__ __align__(128) unsigned char smem[];
   const RegionBuffers<Elem, D> s(smem);
   Elem *q_s = s.q, *k_s = s.k;
-  float *s_all = s.s_all, *lse_s = s.lse, *thresholds = s.thresholds;
+  float *lse_s = s.lse, *thresholds = s.thresholds;
   int *row_token = s.row_token, *col_token = s.col_token;
   uint32_t *row_bits = s.row_bits, *col_bits = s.col_bits, *partners = s.partners;
 
-  const CellOwner me = cell_owner();
+  const FragCells me = frag_cells();
   if (threadIdx.x < (unsigned)(E * E)) thresholds[threadIdx.x] = ws.thresholds[(int64_t)b * E * E + threadIdx.x];
   load_union_tile(p, ws, b, U, row_tile, col_tile, row_token, row_bits, col_token, col_bits);
   __syncthreads();
   pair_partners_from_thresholds(thresholds, E, partners);
   __syncthreads();
-  const uint32_t my_row_bits = row_bits[me.row];
-  const bool any_region = __syncthreads_or(owns_region_cell(me, row_partners(my_row_bits, partners, E), col_bits));
-  uint64_t word = 0;
+  const uint32_t my_row_bits[2] = {row_bits[me.row(0)], row_bits[me.row(2)]};
+  const uint32_t my_partners[2] = {row_partners(my_row_bits[0], partners, E),
+                                   row_partners(my_row_bits[1], partners, E)};
+  const bool any_region = __syncthreads_or(owns_region_cell(me, my_partners, col_bits));
+  uint64_t words[2] = {0u, 0u};  // rows me.row(0) and me.row(2)
   if (any_region) {
     // Every tile with a cut candidate had a region cell for the statistics too (a pair with a threshold is a
     // region pair), so region_stats_kernel stored its pbar if it is among the stored tiles.
@@ -270,13 +270,15 @@ __device__ void cut_tile(const DeLeakerParams& p, const Workspace& ws, int band,
 #pragma unroll
       for (int i = 0; i < 32; ++i) pbar[i] = stored[i * kThreads + threadIdx.x];
     } else {
-      tile_pbar<Elem, D>(p, b, row_token, col_token, q_s, k_s, s_all, lse_s, me, pbar);
+      tile_pbar<Elem, D>(p, b, row_token, col_token, q_s, k_s, lse_s, me, pbar);
     }
-    word = tile_cut_word(me, pbar, my_row_bits, col_bits, thresholds, E);
+    tile_cut_words(me, pbar, my_row_bits, col_bits, thresholds, E, words);
   }
-  const int64_t band_row = (int64_t)band_tile * kTile + me.row;
-  if (me.half == 0) cut_words_of(ws, b, band_row)[col_tile] = word;
-  const int any_cut = __syncthreads_or(word != 0u);
+  if (me.t == 0) {
+    for (int fr = 0; fr < 2; ++fr)
+      cut_words_of(ws, b, (int64_t)band_tile * kTile + me.row(2 * fr))[col_tile] = words[fr];
+  }
+  const int any_cut = __syncthreads_or((words[0] | words[1]) != 0u);
   if (threadIdx.x == 0) cut_tiles_of(ws, b, band_tile)[col_tile] = any_cut;
 }
 

@@ -1,7 +1,7 @@
 """The DeLeaker kernels' real CUDA source, run on the CPU by a small CUDA emulator (test infrastructure).
 
-``include/`` stands in for ``<cuda_runtime.h>``, ``<cuda_fp16.h>``, ``<cuda_bf16.h>`` and ``<mma.h>``;
-``emu_runtime.cpp`` schedules each block's threads as cooperative fibers (see ``include/emu_cuda.h``). The
+``include/`` stands in for ``<cuda_runtime.h>``, ``<cuda_fp16.h>`` and ``<cuda_bf16.h>`` and provides the PTX
+tensor-core instructions of ``plugins/csrc/deleaker_mma.cuh`` (ldmatrix, mma.sync); ``emu_runtime.cpp`` schedules each block's threads as cooperative fibers (see ``include/emu_cuda.h``). The
 kernel sources of ``plugins/csrc`` are compiled by g++ unchanged except for one mechanical rewrite that C++
 cannot express: ``extern __shared__ ... smem[]`` becomes a pointer to the block's buffer. The rewrite must match
 the expected number of sites, so a source change the rewriter does not understand fails loudly. (Launches go
@@ -136,7 +136,7 @@ class EmulatedLibrary(kernels.KernelLibrary):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         emulator = ctypes.CDLL(str(path))
-        emulator.deleaker_emulator_configure.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+        emulator.deleaker_emulator_configure.argtypes = [ctypes.c_uint64, ctypes.c_int]
         emulator.deleaker_emulator_configure.restype = ctypes.c_int
         emulator.deleaker_emulator_launches.argtypes = []
         emulator.deleaker_emulator_launches.restype = ctypes.c_uint64
@@ -144,11 +144,11 @@ class EmulatedLibrary(kernels.KernelLibrary):
         emulator.deleaker_emulator_dependent_launches.restype = ctypes.c_uint64
         self._emulator = emulator
 
-    def configure(self, *, schedule_seed: int = 0, layout_seed: int = 0, device: int = 0) -> None:
-        """Thread and block order (0 ascending, 1 descending, >= 2 shuffled), accumulator layout (0: sm_80's)
-        and the current device (0: 132 SMs and sm_90 like an H100; 1: a single sm_80 SM, so the persistent
-        grids' blocks stride over their work and no launch is a dependent one). The kernel library's own ``init`` is the caller's, per device."""
-        if self._emulator.deleaker_emulator_configure(schedule_seed, layout_seed, device) != 0:
+    def configure(self, *, schedule_seed: int = 0, device: int = 0) -> None:
+        """Thread and block order (0 ascending, 1 descending, >= 2 shuffled) and the current device (0: 132 SMs
+        and sm_90 like an H100; 1: a single sm_80 SM, so the persistent grids' blocks stride over their work and
+        no launch is a dependent one). The kernel library's own ``init`` is the caller's, per device."""
+        if self._emulator.deleaker_emulator_configure(schedule_seed, device) != 0:
             raise ValueError(f"the emulator has devices 0 and 1, got {device}")
 
     def launches(self) -> int:

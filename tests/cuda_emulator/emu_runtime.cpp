@@ -67,33 +67,8 @@ constexpr int kDevices = sizeof(kSmCounts) / sizeof(kSmCounts[0]);
 int g_device = 0;
 uint64_t g_launches = 0;
 uint64_t g_dependent_launches = 0;
-AccumulatorLayout g_layout;
 std::vector<void*> g_stacks;
 
-void make_layout(uint64_t seed) {
-  std::vector<int> cells(256);
-  std::iota(cells.begin(), cells.end(), 0);
-  if (seed != 0) std::shuffle(cells.begin(), cells.end(), std::mt19937_64(seed));
-  for (int l = 0; l < 32; ++l)
-    for (int i = 0; i < 8; ++i) {
-      int r, c;
-      if (seed == 0) {  // sm_80+: two m16n8 tiles side by side (PTX ISA, mma.m16n8k16 C/D fragment)
-        r = l / 4 + 8 * ((i / 2) % 2);
-        c = 8 * (i / 4) + 2 * (l % 4) + (i % 2);
-      } else {
-        r = cells[l * 8 + i] / 16;
-        c = cells[l * 8 + i] % 16;
-      }
-      g_layout.rows[l][i] = r;
-      g_layout.cols[l][i] = c;
-      g_layout.lane_of[r][c] = l;
-      g_layout.element_of[r][c] = i;
-    }
-}
-
-struct LayoutInit {
-  LayoutInit() { make_layout(0); }
-} g_layout_init;
 
 // A failed call: its code, and the message cudaGetErrorString gives for that code.
 cudaError_t fail_call(cudaError_t code, const std::string& message) {
@@ -307,7 +282,6 @@ cudaError_t check_launch_attributes(const cudaLaunchAttribute* attrs, unsigned c
   g_dependent_launches += dependent;
   return cudaSuccess;
 }
-const AccumulatorLayout& accumulator_layout() { return g_layout; }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
@@ -394,14 +368,12 @@ const char* cudaGetErrorString(cudaError_t code) {
 
 extern "C" {
 
-//! Resume order of runnable threads (0: ascending, 1: descending, >= 2: shuffled with that seed), the
-//! accumulator layout (0: sm_80's, else a random one from that seed) and the current device (0: 132 SMs,
-//! 1: one SM); returns 0, or 1 for an unknown device.
-int deleaker_emulator_configure(uint64_t schedule_seed, uint64_t layout_seed, int device) {
+//! Resume order of runnable threads (0: ascending, 1: descending, >= 2: shuffled with that seed) and the current
+//! device (0: 132 SMs, 1: one SM); returns 0, or 1 for an unknown device.
+int deleaker_emulator_configure(uint64_t schedule_seed, int device) {
   std::lock_guard<std::mutex> lock(emu::g_launch_mutex);
   if (device < 0 || device >= emu::kDevices) return 1;
   emu::g_schedule_seed = schedule_seed;
-  emu::make_layout(layout_seed);
   emu::g_device = device;
   return 0;
 }

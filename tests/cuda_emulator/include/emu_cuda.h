@@ -1,12 +1,12 @@
 // A CPU emulation of the parts of CUDA the DeLeaker kernels use, so that their real source (plugins/csrc) runs
 // and is checked on machines without a GPU. Test infrastructure only: it proves the kernels' logic (indexing,
-// barriers, warp collectives, the wmma accumulator row mapping, masks, windows), never their speed, and never
-// the behaviour of real hardware (memory model, tensor-core rounding, the real fragment layout is assumed).
+// barriers, warp collectives, the tensor-core fragment layouts as NVIDIA's PTX ISA documents them, masks,
+// windows), never their speed, and never the behaviour of real hardware (memory model, tensor-core rounding).
 //
 // Model: a launch runs its blocks one after another (in launch order, or reversed or shuffled by the schedule knob,
 // so that a result that depends on the order blocks run or finish in shows); the threads of a block are
 // cooperative fibers (ucontext) that run until they reach a synchronisation point (__syncthreads, __syncwarp,
-// shuffles, ballots, wmma::mma_sync).
+// shuffles, ballots, ldmatrix, mma.sync).
 // The scheduler then releases a barrier once every thread it concerns has arrived, and fails the launch, naming
 // the barrier, when threads diverge (a warp collective not reached by all 32 lanes, __syncthreads reached by
 // some threads after others exited, a deadlock). The order in which runnable threads resume is a knob
@@ -164,15 +164,6 @@ cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 //! Runs a whole grid, block after block; the launch's own error code (and cudaGetErrorString's message).
 cudaError_t run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
 
-//! The wmma accumulator layout in use: element i of lane l holds (row, col) = (rows[l][i], cols[l][i]).
-struct AccumulatorLayout {
-  int rows[32][8];
-  int cols[32][8];
-  int lane_of[16][16];
-  int element_of[16][16];
-};
-const AccumulatorLayout& accumulator_layout();
-
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
   // Arguments are converted to the kernel's parameter types once, as a real launch copies them.
@@ -269,39 +260,44 @@ inline float element_value(uint16_t bits) {
   return emu::to_float(e);
 }
 
-//! Every lane's row address, after one collective (each checked: 16 bytes of shared memory, 16-byte aligned).
-inline void ldmatrix_rows(const void* row, const unsigned char* rows[32], const char* what) {
+//! One ldmatrix: each lane reads the 16 bytes of the row its address names when it reaches the instruction
+//! (checked: 16-byte aligned, in the block's dynamic shared memory), before the warp's collective. Reading at
+//! arrival, not after the whole warp arrived, keeps a write by another warp that no barrier orders before the
+//! read visible as a result that depends on the thread order.
+struct MatrixRows {
+  uint16_t row[32][8];  // row[l]: the 8 elements at lane l's address
+};
+
+inline void ldmatrix_rows(const void* row, MatrixRows& rows, const char* what) {
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail_now("ldmatrix: a row address is not 16-byte aligned");
   if (!in_dynamic_smem(row, 16)) fail_now("ldmatrix: a row address is not in the block's dynamic shared memory");
-  warp_collective(&row, sizeof(row), what);
+  uint16_t mine[8];
+  memcpy(mine, row, sizeof(mine));
+  warp_collective(mine, sizeof(mine), what);
   const void* slots[32];
   peer_slots(slots);
-  for (int l = 0; l < 32; ++l) memcpy(&rows[l], slots[l], sizeof(rows[l]));
-}
-
-inline uint16_t bits_at(const unsigned char* row, int column) {
-  uint16_t out;
-  memcpy(&out, row + 2 * column, 2);
-  return out;
+  for (int l = 0; l < 32; ++l) memcpy(rows.row[l], slots[l], sizeof(rows.row[l]));
 }
 
 //! ldmatrix.sync.aligned.m8n8.x4.shared.b16: register m of lane l = matrix m's row l / 4, columns 2 (l % 4) and
 //! 2 (l % 4) + 1, the lower column in the low half; matrix m's row j is at the address lane 8 m + j gave.
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-  const unsigned char* rows[32];
+  MatrixRows rows;
   ldmatrix_rows(row, rows, "ldmatrix.x4");
   const int l = lane(), g = l / 4, t = l % 4;
-  for (int m = 0; m < 4; ++m)
-    r[m] = (uint32_t)bits_at(rows[8 * m + g], 2 * t) | ((uint32_t)bits_at(rows[8 * m + g], 2 * t + 1) << 16);
+  for (int m = 0; m < 4; ++m) {
+    const uint16_t* source = rows.row[8 * m + g];
+    r[m] = (uint32_t)source[2 * t] | ((uint32_t)source[2 * t + 1] << 16);
+  }
 }
 
 //! The same with .trans: register m of lane l = matrix m's column l / 4, rows 2 (l % 4) and 2 (l % 4) + 1.
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-  const unsigned char* rows[32];
+  MatrixRows rows;
   ldmatrix_rows(row, rows, "ldmatrix.x4.trans");
   const int l = lane(), g = l / 4, t = l % 4;
   for (int m = 0; m < 4; ++m)
-    r[m] = (uint32_t)bits_at(rows[8 * m + 2 * t], g) | ((uint32_t)bits_at(rows[8 * m + 2 * t + 1], g) << 16);
+    r[m] = (uint32_t)rows.row[8 * m + 2 * t][g] | ((uint32_t)rows.row[8 * m + 2 * t + 1][g] << 16);
 }
 
 //! mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d = a b + d over the warp's fragments. Each product is
@@ -341,103 +337,3 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
 
 }  // namespace ptx
 }  // namespace emu
-
-// ---- nvcuda::wmma (16x16x16, fp16/bf16 inputs, fp32 accumulator) -------------------------------------------
-
-namespace nvcuda {
-namespace wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment;
-
-// Input fragments: lane l holds the 8 cells l * 8 .. l * 8 + 7 of the 16x16 tile in row-major order (cell
-// r * 16 + c is element (r, c)), as float (exact for fp16/bf16). The kernels never index input fragments, so
-// this per-lane split only has to be one the emulator's mma_sync reads back.
-template <typename Use, typename T, typename Layout>
-struct fragment<Use, 16, 16, 16, T, Layout> {
-  static_assert(std::is_same<Use, matrix_a>::value || std::is_same<Use, matrix_b>::value, "input fragment");
-  float part[8];
-};
-
-// The accumulator: 8 floats per lane in the layout of emu::accumulator_layout() (sm_80's by default).
-template <>
-struct fragment<accumulator, 16, 16, 16, float, void> {
-  static constexpr int num_elements = 8;
-  float x[8];
-};
-
-template <typename Use, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& frag, float value) {
-  for (float& x : frag.part) x = value;
-}
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float, void>& frag, float value) {
-  for (float& x : frag.x) x = value;
-}
-
-template <typename Use, typename T, typename Layout, typename Elem>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& frag, const Elem* ptr, unsigned ldm) {
-  static_assert(std::is_same<T, Elem>::value, "fragment and memory element types differ");
-  const int l = emu::lane();
-  for (int i = 0; i < 8; ++i) {
-    const int r = (l * 8 + i) / 16, c = (l * 8 + i) % 16;
-    // Element (r, c) of the logical matrix: row-major memory holds it at r * ldm + c, column-major at c * ldm + r.
-    const size_t at = std::is_same<Layout, row_major>::value ? (size_t)r * ldm + c : (size_t)c * ldm + r;
-    frag.part[i] = emu::to_float(ptr[at]);
-  }
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float, void>& frag, const float* ptr, unsigned ldm,
-                             layout_t layout) {
-  const emu::AccumulatorLayout& map = emu::accumulator_layout();
-  const int l = emu::lane();
-  for (int i = 0; i < 8; ++i) {
-    const int r = map.rows[l][i], c = map.cols[l][i];
-    frag.x[i] = ptr[layout == mem_row_major ? (size_t)r * ldm + c : (size_t)c * ldm + r];
-  }
-}
-
-inline void store_matrix_sync(float* ptr, const fragment<accumulator, 16, 16, 16, float, void>& frag, unsigned ldm,
-                              layout_t layout) {
-  const emu::AccumulatorLayout& map = emu::accumulator_layout();
-  const int l = emu::lane();
-  for (int i = 0; i < 8; ++i) {
-    const int r = map.rows[l][i], c = map.cols[l][i];
-    ptr[layout == mem_row_major ? (size_t)r * ldm + c : (size_t)c * ldm + r] = frag.x[i];
-  }
-}
-
-// D = A B + C for the whole warp. Products are exact in float; the sum is taken in double and rounded once.
-template <typename T, typename LayoutA, typename LayoutB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
-                     const fragment<accumulator, 16, 16, 16, float, void>& c) {
-  float mine[24];  // this lane's parts of A, B and C
-  memcpy(mine, a.part, 32);
-  memcpy(mine + 8, b.part, 32);
-  memcpy(mine + 16, c.x, 32);
-  emu::warp_collective(mine, sizeof(mine), "wmma::mma_sync");
-  const float* slots[32];
-  emu::peer_slots(reinterpret_cast<const void**>(slots));
-  const emu::AccumulatorLayout& map = emu::accumulator_layout();
-  const int l = emu::lane();
-  for (int i = 0; i < 8; ++i) {
-    const int r = map.rows[l][i], col = map.cols[l][i];
-    double sum = slots[map.lane_of[r][col]][16 + map.element_of[r][col]];
-    for (int k = 0; k < 16; ++k) {
-      const int a_cell = r * 16 + k, b_cell = k * 16 + col;
-      sum += (double)slots[a_cell / 8][a_cell % 8] * (double)slots[b_cell / 8][8 + b_cell % 8];
-    }
-    d.x[i] = (float)sum;  // d may be c: this lane's C was copied into its slot above
-  }
-}
-
-}  // namespace wmma
-}  // namespace nvcuda
