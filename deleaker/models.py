@@ -1,5 +1,6 @@
 """The FLUX.1 model a runtime or an engine build starts from: its diffusers components, loaded once. A FLUX.2
-folder (`is_flux2_model`, told by its ``model_index.json``) loads for an engine build; the runtime refuses it.
+folder (`is_flux2_model`, told by its ``model_index.json``) loads for an engine build and for the runtime's
+torch backend (`deleaker.runtime.flux2_runtime`).
 
 Only the string ``"tiny"`` names the built-in offline test model (`deleaker.tiny`, random weights); anything else,
 a `Path("tiny")` or ``"./tiny"`` included, is a local diffusers folder. The string ``"tiny"`` where ``./tiny`` is a
@@ -51,11 +52,11 @@ def check_model_source(model: Any) -> None:
 
 #: The diffusers pipelines of FLUX.2 ([dev], [klein]), by ``model_index.json``'s ``_class_name``.
 FLUX2_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
-#: What the runtime (run, verify, serve, Triton) says of a FLUX.2 model: it runs FLUX.1 only so far.
+#: What the parts of the runtime that run FLUX.1 only (engines, ONNX Runtime, verify, serve, triton-repo) say of a
+#: FLUX.2 model.
 FLUX2_RUNTIME_MESSAGE = (
-    "is a FLUX.2 model; the runtime (run, verify, serve, triton-repo) runs FLUX.1 (dev, schnell) only so far: "
-    "generate with deleaker.pipeline_flux2 (DeLeakerFlux2Pipeline, DeLeakerFlux2KleinPipeline) in Python, and "
-    "export or build its engines with `deleaker-trt build`"
+    "is a FLUX.2 model; the runtime runs FLUX.2 from its diffusers folder with the torch backend only (run --model "
+    "DIR); its engines and ONNX files, verify, serve and triton-repo run FLUX.1 (dev, schnell) only so far"
 )
 
 

@@ -69,3 +69,27 @@ def check_backend_options(
             f"{option.name} applies to the torch backend only ({option.purpose}), not {backend}; use "
             f"backend='torch' (--backend torch){elsewhere}"
         )
+
+
+def check_flux2_options(
+    model: Any, backend: Optional[str], options: Mapping[str, Any], *, loras: bool = False, as_flags: bool = False
+) -> None:
+    """Raise `ConfigError` for what the runtime does not run on a FLUX.2 model (``model`` names it in the
+    message): any backend but torch (None, the CLI's default, means torch here), and the torch backend's
+    ``compile``, ``fp8``, ``offload_encoders`` and LoRA adapters, which are FLUX.1's so far (`Flux2Runtime`)."""
+    if backend not in (None, "torch"):
+        what = "--backend torch (the default for a FLUX.2 folder)" if as_flags else "backend='torch'"
+        raise ConfigError(
+            f"{model} is a FLUX.2 model, which the runtime runs with the torch backend only (its {backend} backend "
+            f"and engines run FLUX.1 so far): use {what}"
+        )
+    refused = [option for option in TORCH_ONLY_OPTIONS if _is_set(options.get(option.name))]
+    if loras:
+        refused.append(TorchOnlyOption("loras", "--lora", "LoRA adapters"))
+    if refused:
+        option = refused[0]
+        name = option.flag if as_flags else option.name
+        raise ConfigError(
+            f"{name} ({option.purpose}) is not available for a FLUX.2 model ({model}) so far: the runtime runs "
+            "FLUX.2 eagerly in its own dtype, without adapters; drop it"
+        )

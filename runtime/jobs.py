@@ -25,7 +25,7 @@ from deleaker.staging import staged_name, writer_is_gone
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import check_max_entities, check_text_len
 from deleaker.models import FLUX2_RUNTIME_MESSAGE, check_model_source, is_flux2_model
-from .backend_options import check_backend_options
+from .backend_options import check_backend_options, check_flux2_options
 from .defaults import BACKENDS, DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN
 from .images import (
     OutputError,
@@ -103,7 +103,7 @@ class RuntimeSpec:
         if self.model is not None and self.precision is not None:
             raise ConfigError("--precision selects engines (--engines DIR); a --model runs in its own dtype")
         check_backend_options(  # the table from_model checks too
-            self.backend,
+            self.backend if self.backend is not None or self.model is None else self.default_backend,
             {"compile": self.compile, "fp8": self.fp8, "offload_encoders": self.offload_encoders},
             engines=self.engines is not None,
             as_flags=True,
@@ -125,13 +125,29 @@ class RuntimeSpec:
         # Paths as they are now, so that a typo is answered before torch loads (opening checks them again).
         if self.model is not None:
             check_model_source(self.model)
-            if is_flux2_model(self.model):  # what every command of this spec (triton-repo too) would load
-                raise ConfigError(f"{self.model} {FLUX2_RUNTIME_MESSAGE}")
+            if is_flux2_model(self.model):  # the FLUX.2 runtime's limits (`Flux2Runtime`), before torch loads
+                check_flux2_options(
+                    self.model, self.backend,
+                    {"compile": self.compile, "fp8": self.fp8, "offload_encoders": self.offload_encoders},
+                    loras=bool(self.loras), as_flags=True,
+                )
         if self.engines is not None and not Path(self.engines).is_dir():
             state = "is not a directory" if Path(self.engines).exists() else "does not exist"
             raise ConfigError(f"engine directory {self.engines} {state}")
         if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
             raise ConfigError(f"cache directory {self.cache_dir} is not a directory")
+
+    @property
+    def default_backend(self) -> str:
+        """The backend a model runs with when none is named: torch for a FLUX.2 folder (its only one), else the
+        default (`DEFAULT_MODEL_BACKEND`)."""
+        return "torch" if self.model is not None and is_flux2_model(self.model) else DEFAULT_MODEL_BACKEND
+
+    def refuse_flux2(self, command: str) -> None:
+        """Raise `ConfigError` when this spec's model is a FLUX.2 folder, which ``command`` (verify, serve,
+        triton-repo) does not run so far."""
+        if self.model is not None and is_flux2_model(self.model):
+            raise ConfigError(f"{command}: {self.model} {FLUX2_RUNTIME_MESSAGE}")
 
     @property
     def model_text_len(self) -> int:
@@ -160,7 +176,7 @@ class RuntimeSpec:
             )
         return DeLeakerRuntime.from_model(
             self.model,
-            backend=self.backend or DEFAULT_MODEL_BACKEND,
+            backend=self.backend or self.default_backend,
             text_len=self.model_text_len,
             max_entities=self.model_max_entities,
             cache_dir=self.cache_dir,
@@ -746,6 +762,8 @@ def verify(
     candidate that is itself the torch backend would be compared with the same computation (a PASS that verifies
     nothing), so it is refused with `ConfigError` before anything loads -- unless it runs differently from the
     eager reference: compiled (``--compile``) or with FP8 linears (``--fp8``)."""
+    # FLUX.2 runs on eager PyTorch only (`Flux2Runtime`): there is no other execution to compare it with.
+    job.candidate.refuse_flux2("verify")
     backend = candidate.backend_name if candidate is not None else job.candidate.backend
     if candidate is not None:
         differs = bool(getattr(candidate, "compiled", False) or getattr(candidate, "fp8", None))

@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -34,7 +33,7 @@ from deleaker.fp8_linear import quantize_transformer_fp8
 from deleaker.lora import LoraAdapter, check_loras, lora_records
 from deleaker.lora_fusion import fuse_loras
 
-from .backend_options import check_backend_options
+from .backend_options import check_backend_options, check_flux2_options
 from .backends import TorchBackend, TransformerBackend, resolve_device
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import check_max_entities, check_text_len
@@ -59,31 +58,12 @@ from .schedule import (
     unpack_latents,
 )
 from .request import GenerationRequest, ResolvedRequest
+from .results import GenerationResult
 from .sources import AnyResolution, PerResolution, TransformerSource
 from .text import TextEncoders
 
 Tensor = torch.Tensor
 
-
-
-@dataclass
-class GenerationResult:
-    """An image, the time each stage took (seconds) and, when asked for, the latents after every step.
-
-    ``latents``: ``steps`` tensors ``(1, Nimg, C)`` float32 (CPU), in order; None unless ``record_latents``.
-    ``entity_masks``: the masks DeLeaker used in its last intervening block, ``(len(entities), gh, gw)`` bool (CPU)
-    on the latent grid, in the order of the request's entities; None when DeLeaker did not act or its masks cannot
-    be recovered exactly (see `deleaker.runtime.entity_masks.mask_step`).
-    """
-
-    image: Image.Image
-    timings: dict[str, float]
-    request: GenerationRequest
-    latents: Optional[list[Tensor]] = None
-    entity_masks: Optional[Tensor] = None
-    #: The most GPU memory torch allocated during the generation (GiB; every tensor of this process, the weights
-    #: included); None off a GPU.
-    peak_gpu_gib: Optional[float] = None
 
 
 class DeLeakerRuntime:
@@ -160,6 +140,10 @@ class DeLeakerRuntime:
     ) -> "DeLeakerRuntime":
         """A runtime for a diffusers FLUX folder (``model`` = path) or the built-in tiny model (``"tiny"``).
 
+        A FLUX.2 [dev] or [klein] folder gives a `deleaker.runtime.flux2_runtime.Flux2Runtime` (called the same
+        way), which runs with ``backend="torch"`` only, without ``compile``, ``fp8``, ``offload_encoders`` or
+        ``loras`` (each refused with `ConfigError` before the model loads).
+
         ``backend``: ``"onnxruntime"`` (default) exports the transformer with DeLeaker nodes once per resolution
         into ``cache_dir`` (default `default_cache_dir`), keyed by a hash of the weights, contract and knobs, and
         checked against its manifest on reuse; ``"torch"`` runs the diffusers transformer with DeLeaker
@@ -184,8 +168,17 @@ class DeLeakerRuntime:
         )
         adapters = check_loras(loras)  # paths and scales, before the model loads
         start = time.perf_counter()
-        if is_flux2_model(model):  # before its weights load
-            raise ConfigError(f"{model} {FLUX2_RUNTIME_MESSAGE}")
+        if is_flux2_model(model):  # before its weights load: the FLUX.2 runtime drives DeLeaker's FLUX.2 pipeline
+            check_flux2_options(
+                model, backend, {"compile": compile, "fp8": fp8, "offload_encoders": offload_encoders},
+                loras=bool(adapters),
+            )
+            from .flux2_runtime import Flux2Runtime
+
+            return Flux2Runtime.load(  # type: ignore[return-value]  (the same calls; see `Flux2Runtime`)
+                model, text_len=text_len, max_entities=max_entities, deleaker_config=deleaker_config,
+                device=model_device("torch", device), dtype=dtype, started_at=start,
+            )
         # A device this backend cannot use is refused before the model loads.
         device = model_device(backend, device)
         check_offload(offload_encoders, device)

@@ -198,7 +198,8 @@ def app(
 
 
 def app_for_spec(spec: RuntimeSpec, settings: ServeSettings = ServeSettings()) -> "serve.Application":
-    """`app` for a `RuntimeSpec` already made (the CLI's)."""
+    """`app` for a `RuntimeSpec` already made (the CLI's); a FLUX.2 model is refused (`RuntimeSpec.refuse_flux2`)."""
+    spec.refuse_flux2("serve")
     gpus = settings.num_gpus if settings.num_gpus is not None else (1.0 if needs_gpu(spec) else 0.0)
     options: dict[str, Any] = {
         "name": "deleaker",

@@ -79,6 +79,7 @@ class TritonRepoSpec:
         for folder in self.python_path:
             if not Path(folder).is_dir():
                 raise TritonRepoError(f"--python-path {folder} is not a folder")
+        self.runtime.refuse_flux2("triton-repo")  # its server would load what the runtime does not serve
         check_new_folder(self.out)
         object.__setattr__(self, "runtime", _absolute(self.runtime))
 

@@ -1,6 +1,7 @@
 """A FLUX.2 diffusers folder through ``deleaker-trt build`` (its pipeline class read from model_index.json, the
-transformer exported with FLUX.2's contract) and the runtime, which runs FLUX.1 only so far and refuses a FLUX.2
-folder or engine folder before any work; FP8 builds, whose calibration is FLUX.1's, are refused for FLUX.2."""
+transformer exported with FLUX.2's contract) and the runtime, which runs a FLUX.2 folder with the torch backend
+(tests/test_runtime_flux2.py) but not its engines, nor triton-repo, refused before any work; FP8 builds, whose
+calibration is FLUX.1's, are refused for FLUX.2."""
 
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ def test_flux2_folders_are_told_apart_by_their_model_index(tmp_path):
     assert pipeline_class_name(tmp_path / "broken") is None  # left to the load, which names the problem
 
 
-def test_build_exports_a_flux2_folder_and_the_runtime_refuses_it(tmp_path):
-    """``build --model`` takes a FLUX.2 [klein] folder (its pipeline class from model_index.json); the runtime (run
-    with ``--model`` or ``--engines``) runs FLUX.1 only so far and says so before any work; FP8's calibration is
-    FLUX.1's and is refused for FLUX.2 before the model loads."""
+def test_build_exports_a_flux2_folder_and_the_runtime_refuses_its_engines(tmp_path):
+    """``build --model`` takes a FLUX.2 [klein] folder (its pipeline class from model_index.json); the runtime runs
+    FLUX.1's engines only so far (``run --engines``) and says so before any work; FP8's calibration is FLUX.1's and
+    is refused for FLUX.2 before the model loads."""
     model = save_tiny_flux2_klein(tmp_path / "klein")
     runner = CliRunner()
     out = tmp_path / "engines"
@@ -42,15 +43,14 @@ def test_build_exports_a_flux2_folder_and_the_runtime_refuses_it(tmp_path):
     ]
 
     request = ["--prompt", "A cat and a dog", "--entities", "cat,dog", "--steps", "1", "--no-progress"]
-    for source in (["--engines", str(out)], ["--model", str(model)]):
-        ran = runner.invoke(cli_main, ["run", *source, *request, "--out", str(tmp_path / "no.png")])
-        assert ran.exit_code == 1 and not (tmp_path / "no.png").exists()
-        assert "is a FLUX.2 model; the runtime (run, verify, serve, triton-repo) runs FLUX.1" in ran.output
+    ran = runner.invoke(cli_main, ["run", "--engines", str(out), *request, "--out", str(tmp_path / "no.png")])
+    assert ran.exit_code == 1 and not (tmp_path / "no.png").exists()
+    assert "is a FLUX.2 model; the runtime runs FLUX.2 from its diffusers folder with the torch backend only" in ran.output
 
     # triton-repo writes a repository without loading the model: refused when it is made, not on the server.
     repo = runner.invoke(cli_main, ["triton-repo", "--model", str(model), "--out", str(tmp_path / "repo")])
     assert repo.exit_code == 1 and not (tmp_path / "repo").exists()
-    assert "is a FLUX.2 model; the runtime" in repo.output
+    assert "triton-repo: " in repo.output and "is a FLUX.2 model; the runtime" in repo.output
 
     fp8 = runner.invoke(cli_main, ["build", "--model", str(model), *size, "--precision", "fp8", "--onnx-only",
                                    "--out", str(tmp_path / "fp8")])

@@ -109,6 +109,7 @@ def serve(
         spec = runtime_spec(
             engines, model, backend, text_len, max_entities, cache_dir, device, precision, overrides, loras=loras
         )
+        spec.refuse_flux2("serve")  # before Ray starts
         from deleaker.runtime.serving_settings import ServeSettings
 
         settings = ServeSettings(
