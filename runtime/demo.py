@@ -15,6 +15,8 @@ from typing import Any
 
 from deleaker.errors import DeLeakerError
 
+from .defaults import DEFAULT_GUIDANCE
+
 #: Requests waiting for the one runtime; more are refused by Gradio ("queue is full") instead of piling up.
 MAX_QUEUE = 16
 #: The page's initial values.
@@ -39,10 +41,13 @@ def split_entities(text: str) -> tuple[str, ...]:
 
 def generate(runtime: Any, prompt: str, entities: str, seed: Any, steps: Any, guidance: Any) -> DemoResult:
     """Both images and the overlay for one request of the page (the runtime's default size). Raises `DeLeakerError`
-    (the CLI's message) for bad input before any generation."""
+    (the CLI's message) for bad input before any generation. A model without a guidance embedding (FLUX.1-schnell)
+    uses no guidance: the page hides the field, and a value sent to the API is not used (as the library)."""
     from .images import mask_overlay
     from .request import ImageSettings
 
+    if not runtime.embeds_guidance:
+        guidance = None
     settings = ImageSettings(seed=_number(seed), steps=_number(steps), guidance=_number(guidance, float))
     request = runtime.resolve(settings.request(prompt, split_entities(entities)))
     result = runtime.generate(request)
@@ -82,8 +87,11 @@ def build_demo(runtime: Any) -> Any:
             entities = gr.Textbox(label="Entities (comma-separated)", value=EXAMPLE_ENTITIES, scale=1)
         with gr.Row():
             seed = gr.Number(label="Seed", value=0, precision=0)
-            steps = gr.Number(label="Steps", value=4 if runtime.model_source == "tiny" else 20, precision=0)
-            guidance = gr.Number(label="Guidance", value=3.5)
+            # The model's step count (4 for schnell), and 4 for the tiny test model whatever its kind (seconds).
+            steps = gr.Number(label="Steps", value=4 if runtime.model_source == "tiny" else runtime.default_steps,
+                              precision=0)
+            # Hidden for a model without a guidance embedding (schnell): it has no guidance to set.
+            guidance = gr.Number(label="Guidance", value=DEFAULT_GUIDANCE, visible=runtime.embeds_guidance)
         button = gr.Button("Generate", variant="primary")
         with gr.Row():
             plain = gr.Image(label="FLUX", type="pil", format="png")

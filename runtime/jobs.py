@@ -250,7 +250,8 @@ class ItemReport:
     entities: list[str]
     seed: int
     steps: int
-    guidance: float
+    #: None for a model without a guidance embedding (FLUX.1-schnell uses no guidance).
+    guidance: Optional[float]
     height: int
     width: int
     skipped: bool = False
@@ -439,7 +440,8 @@ def output_record(rt: "DeLeakerRuntime", request: GenerationRequest) -> dict[str
         "entities": list(request.entities),
         "seed": request.seed,
         "steps": request.steps,
-        "guidance": float(request.guidance),
+        # None for a model without a guidance embedding: it used none (records before said 3.5; see `_same_record`).
+        "guidance": None if request.guidance is None else float(request.guidance),
         "height": request.height,
         "width": request.width,
         "model": rt.model_source,
@@ -472,6 +474,7 @@ def _existing_outputs(job: RenderJob, records: list[dict[str, Any]]) -> list[boo
         states = []
         for path in item.outputs:
             valid, stored = read_png_record(path)
+            stored = _as_current_record(stored, expected)
             states.append(valid and stored == expected)
             if valid and stored != expected:
                 stored_keys = (stored or {}).keys()
@@ -486,6 +489,20 @@ def _existing_outputs(job: RenderJob, records: list[dict[str, Any]]) -> list[boo
             "to replace them, or choose another --out-dir"
         )
     return done
+
+
+def _as_current_record(stored: Optional[dict[str, Any]], expected: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """``stored`` as this version writes it. Records written before guidance followed the model hold the unused
+    default guidance (3.5) for a model without a guidance embedding, whose images do not depend on it: where this
+    run records None (such a model), a stored number is the same setting, so a resumed batch keeps those images."""
+    if (
+        isinstance(stored, dict)
+        and "guidance" in expected
+        and expected["guidance"] is None
+        and isinstance(stored.get("guidance"), (int, float))
+    ):
+        return {**stored, "guidance": None}
+    return stored
 
 
 def _remove_stale_staging(job: RenderJob) -> None:
@@ -571,7 +588,7 @@ def run_job(
             entities=list(request.entities),
             seed=request.seed,
             steps=request.steps,
-            guidance=float(request.guidance),
+            guidance=None if request.guidance is None else float(request.guidance),
             height=int(request.height),
             width=int(request.width),
             skipped=skip,

@@ -13,8 +13,12 @@ Ranges (and why):
   words (case-insensitive), no duplicates.
 - ``seed``: an int in ``[0, 2**63)`` (``torch.Generator.manual_seed`` takes an int64). Numbers may be numpy
   scalars; the request holds them as Python ints and floats.
-- ``steps``: an int in ``[1, MAX_STEPS]``.
-- ``guidance``: a finite number in ``[0, MAX_GUIDANCE]``. FLUX.1-dev's guidance embedding was distilled for
+- ``steps``: an int in ``[1, MAX_STEPS]``, or None (the default): the model's step count (`DeLeakerRuntime.resolve`
+  fills it in: 4 for a model without a guidance embedding, FLUX.1-schnell; 20 otherwise).
+- ``guidance``: a finite number in ``[0, MAX_GUIDANCE]``, or None (the default): 3.5 for a model with a guidance
+  embedding. A model without one (FLUX.1-schnell) uses no guidance: its resolved request holds None, whatever was
+  given, as diffusers ignores it. A 0-d numpy array or torch tensor of a real (not bool) dtype counts as its value,
+  as ``FluxPipeline`` takes it. FLUX.1-dev's guidance embedding was distilled for
   about 1 to 10; the transformer multiplies it by 1000 and embeds it with sinusoids in float32/bf16, so far larger
   values (``1e308``, ``inf``) overflow to inf/NaN and give black images.
 - ``height``/``width``: None (the runtime's default size) or an int in ``[1, MAX_SIDE]``; the runtime then checks
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
@@ -34,7 +39,6 @@ from deleaker.entities import check_entity_words, unicode_problem
 from deleaker.errors import ConfigError, DeLeakerError, EntityError
 
 from deleaker.export.limits import check_side
-from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 if TYPE_CHECKING:  # this module is imported where torch is not (the CLI's fast paths)
     import torch
@@ -65,14 +69,29 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _zero_dim_real(value: Any) -> Any:
+    """A 0-d numpy array or torch tensor of a real, non-bool dtype as its Python number (what ``FluxPipeline``
+    computes with); anything else as it is, for the checks to judge. Looked up in ``sys.modules``: an array of a
+    library not imported cannot be passed, and this module stays free of torch."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.ndarray):
+        return value.item() if value.ndim == 0 and value.dtype.kind in "iuf" else value
+    torch_module = sys.modules.get("torch")
+    if torch_module is not None and isinstance(value, torch_module.Tensor):
+        real = not value.dtype.is_complex and value.dtype != torch_module.bool
+        return value.item() if value.dim() == 0 and real else value
+    return value
+
+
 def _checked_settings(seed: Any, steps: Any, guidance: Any, height: Any, width: Any) -> dict[str, Any]:
-    """The settings as Python ints and float (numpy scalars are accepted), or a typed error naming the first bad
-    one with its allowed range."""
+    """The settings as Python ints and float (numpy scalars are accepted; steps and guidance may be None, the
+    model's default), or a typed error naming the first bad one with its allowed range."""
     if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
         raise ConfigError(f"seed must be an int in [0, 2**63), got {shown(seed)}")
-    if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
+    if steps is not None and (not _is_int(steps) or not 1 <= steps <= MAX_STEPS):
         raise ConfigError(f"steps must be an int in [1, {MAX_STEPS}], got {shown(steps)}")
-    if (
+    guidance = _zero_dim_real(guidance)
+    if guidance is not None and (
         isinstance(guidance, bool)
         or not isinstance(guidance, numbers.Real)
         or not 0 <= guidance <= MAX_GUIDANCE  # before isfinite: that overflows on an int beyond float's range
@@ -87,8 +106,8 @@ def _checked_settings(seed: Any, steps: Any, guidance: Any, height: Any, width: 
             check_side(side, value)
     return {
         "seed": int(seed),
-        "steps": int(steps),
-        "guidance": float(guidance),
+        "steps": None if steps is None else int(steps),
+        "guidance": None if guidance is None else float(guidance),
         "height": None if height is None else int(height),
         "width": None if width is None else int(width),
     }
@@ -105,8 +124,8 @@ class ImageSettings:
     (the CLI's options, shared by every line of a batch)."""
 
     seed: int = 0
-    steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
     height: Optional[int] = None
     width: Optional[int] = None
 
@@ -141,8 +160,8 @@ class GenerationRequest:
     prompt: str
     entities: tuple[str, ...]
     seed: int = 0
-    steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
     height: Optional[int] = None
     width: Optional[int] = None
     deleaker: bool = True
@@ -175,7 +194,8 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class ResolvedRequest(GenerationRequest):
     """A `GenerationRequest` checked against one runtime's model (`DeLeakerRuntime.resolve`), with what the checks
-    computed kept for the generation: the size filled in, the prompt's T5 token count and the entities' token mask.
+    computed kept for the generation: the size, steps and guidance filled in (the model's defaults; guidance None for
+    a model without a guidance embedding, which uses none), the prompt's T5 token count and the entities' token mask.
 
     Resolved once, carried through the job, the runtime's ``prepare``/``generate`` and the backend's inputs:
     ``resolve`` returns a request resolved by the same runtime for the same text and size as it is, so the

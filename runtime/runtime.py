@@ -44,7 +44,7 @@ from deleaker.models import (
     load_components,
     transformer_sha256,
 )
-from .defaults import DEFAULT_GUIDANCE, DEFAULT_MODEL_BACKEND, DEFAULT_STEPS, DEFAULT_TEXT_LEN, MODEL_BACKENDS
+from .defaults import DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN, MODEL_BACKENDS, default_guidance, default_steps
 from .entity_masks import mask_step, masks_from_history
 from .memory import AttentionMemory
 from .onnx_cache import default_cache_dir
@@ -360,6 +360,16 @@ class DeLeakerRuntime:
 
         return load_engine_dir(cls, engine_dir, **kwargs)
 
+    @property
+    def embeds_guidance(self) -> bool:
+        """True when the transformer embeds guidance (FLUX.1-dev); False for FLUX.1-schnell, which uses none."""
+        return bool(self.transformer_config.get("guidance_embeds", False))
+
+    @property
+    def default_steps(self) -> int:
+        """The step count a request without one gets: 4 without a guidance embedding (schnell), else 20."""
+        return default_steps(self.embeds_guidance)
+
     # --- validation -------------------------------------------------------------------------------------------
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
@@ -369,14 +379,21 @@ class DeLeakerRuntime:
         Checks, without running any model: prompt length in T5 tokens, entities (found, distinct, 2..E_max),
         resolution (multiple of ``2 * vae_scale_factor``, served by the backend). The prompt is tokenized and the
         entity mask made here, once: a request this runtime resolved already is returned as it is, so ``prepare``
-        and ``generate`` given it do no work again.
+        and ``generate`` given it do no work again. Steps None becomes `default_steps`; guidance None becomes 3.5,
+        and any guidance becomes None for a model without a guidance embedding (it uses none, as diffusers).
         """
         if not isinstance(request, GenerationRequest):
             raise ConfigError(
                 f"expected a GenerationRequest, got {type(request).__name__} (or call the runtime: rt(prompt, entities))"
             )
+        steps = self.default_steps if request.steps is None else request.steps
+        guidance = default_guidance(self.embeds_guidance)
+        if self.embeds_guidance and request.guidance is not None:
+            guidance = request.guidance
         if isinstance(request, ResolvedRequest) and request.is_resolved_by(self._resolver_id):
-            return request
+            if (request.steps, request.guidance) == (steps, guidance):
+                return request
+            return dataclasses.replace(request, steps=steps, guidance=guidance)  # keeps the mask: same text, size
         height = self.default_size[0] if request.height is None else request.height
         width = self.default_size[1] if request.width is None else request.width
         self.text.check_prompt(request.prompt, self.text_len)
@@ -384,7 +401,7 @@ class DeLeakerRuntime:
                                      max_entities=self.max_entities)
         self.source.check_resolution(height, width)
         fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(GenerationRequest)}
-        fields.update(height=height, width=width)
+        fields.update(height=height, width=width, steps=steps, guidance=guidance)
         return ResolvedRequest(
             **fields,
             t5_tokens=self.text.t5_token_count(request.prompt),
@@ -400,13 +417,13 @@ class DeLeakerRuntime:
         entities: Sequence[str],
         *,
         seed: int = 0,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
         deleaker: bool = True,
     ) -> GenerationResult:
-        """Generate one image; see `GenerationRequest` for the arguments. Returns image and per-stage timings."""
+        """Generate one image; see `GenerationRequest` for the arguments (steps/guidance None: the model's). Returns image and per-stage timings."""
         return self.generate(GenerationRequest(prompt, entities, seed, steps, guidance, height, width, deleaker))
 
     def prepare(self, request: GenerationRequest) -> float:
@@ -611,7 +628,7 @@ class DeLeakerRuntime:
         which = "" if len(requests) == 1 else f" (batch rows {torch.nonzero(~finite).flatten().tolist()})"
         raise NonFiniteError(
             f"the latents hold NaN or inf after step {i + 1} of {num_steps} ({self.backend_name}, "
-            f"{height}x{width}, guidance {requests[0].guidance}){which}: the model overflowed; no image "
+            f"{height}x{width}, {_guidance_text(requests[0].guidance)}){which}: the model overflowed; no image "
             "was made",
             latents=latents,
         )
@@ -709,3 +726,5 @@ def check_model_options(
         raise ConfigError(f"dtype must be None or one of {MODEL_DTYPES}, got {dtype!r:.40}")
 
 
+def _guidance_text(guidance: Optional[float]) -> str:
+    return "no guidance" if guidance is None else f"guidance {guidance}"

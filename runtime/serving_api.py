@@ -15,7 +15,6 @@ import base64
 import json
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .jobs import MAX_LINE_BYTES, PER_RUN_SETTINGS, BatchFileError, parse_prompts_line
 from .request import GenerationRequest, ImageSettings
 
@@ -57,8 +56,8 @@ def parse_generate_body(body: bytes) -> GenerationRequest:
         )
     settings = ImageSettings(
         seed=record.get("seed", 0),
-        steps=record.get("steps", DEFAULT_STEPS),
-        guidance=record.get("guidance", DEFAULT_GUIDANCE),
+        steps=record.get("steps"),  # None: the model's (the runtime fills it in)
+        guidance=record.get("guidance"),
         height=record.get("height"),
         width=record.get("width"),
     ).square()

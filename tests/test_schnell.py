@@ -11,6 +11,7 @@ take the folder and refuse ``--guidance``; the default windows at 1 to 4 steps a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -32,7 +33,7 @@ from deleaker.processor import DeLeakerState, install_deleaker_processors
 from deleaker.runtime import onnx_cache as onnx_cache_mod
 from deleaker.runtime import schedule as sched
 from deleaker.runtime.cli import main as cli_main
-from deleaker.runtime.images import psnr
+from deleaker.runtime.images import psnr, read_png_record
 from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest
 from deleaker.tiny import build_tiny_flux_components, save_tiny_flux
 # The plugin library built against the stand-in headers (a session fixture) and the TensorRT-RTX child helpers.
@@ -241,11 +242,14 @@ def test_build_onnx_only_then_run_engines_in_onnx_runtime(schnell_dir, tmp_path)
         "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
         "entity_mask", "history", "step",
     ]
-    args = ["--prompt", PROMPT, "--entities", "cat,cheetah", "--steps", "4", "--no-progress", "--height", "64"]
+    # No --steps: the engine folder's manifest says the model has no guidance embedding, so 4 steps, no guidance.
+    args = ["--prompt", PROMPT, "--entities", "cat,cheetah", "--no-progress", "--height", "64"]
     ran = runner.invoke(cli_main, ["run", "--engines", str(out), *args, "--cache-dir", str(tmp_path / "cache"),
                                    "--out", str(tmp_path / "cat.png")])
     assert ran.exit_code == 0, ran.output
-    assert (tmp_path / "cat.png").is_file()
+    assert ", 4 steps, onnxruntime" in ran.output
+    valid, record = read_png_record(tmp_path / "cat.png")
+    assert valid and (record["steps"], record["guidance"]) == (4, None)
     refused = runner.invoke(cli_main, ["run", "--engines", str(out), *args, "--guidance", "5",
                                        "--out", str(tmp_path / "no.png")])
     assert refused.exit_code == 1 and not (tmp_path / "no.png").exists()
@@ -257,14 +261,17 @@ def test_build_onnx_only_then_run_engines_in_onnx_runtime(schnell_dir, tmp_path)
 
 def test_cli_run_and_verify_take_a_schnell_folder(schnell_dir, tmp_path):
     runner = CliRunner()
-    args = ["--model", str(schnell_dir), "--prompt", PROMPT, "--entities", "cat,cheetah", "--steps", "4",
+    args = ["--model", str(schnell_dir), "--prompt", PROMPT, "--entities", "cat,cheetah",  # schnell's 4 steps
             "--height", "64", "--text-len", str(TEXT_LEN), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     ran = runner.invoke(cli_main, ["run", *args, "--json", "--out", str(tmp_path / "cat.png")])
     assert ran.exit_code == 0, ran.output
     assert (tmp_path / "cat.png").is_file()
+    assert [(i["steps"], i["guidance"]) for i in json.loads(ran.stdout)["images"]] == [(4, None)]
     verified = runner.invoke(cli_main, ["verify", *args])
     assert verified.exit_code == 0, verified.output
     assert "verify: PASS" in verified.output
+    (errors,) = [line for line in verified.output.splitlines() if "latent rel. error per step" in line]
+    assert len(errors.split("per step")[1].split()) == 4
 
 
 @pytest.mark.parametrize("command", ["run", "verify"])
@@ -374,3 +381,96 @@ def test_tensorrt_rtx_builds_the_schnell_engine_with_the_plugin_library(schnell_
     layers = read_every_plan_fields(engine.read_bytes())
     assert sorted(fields["block_offset"] for fields in layers) == [0, 1, 2, 3]
     assert all(fields["num_blocks"] == 4 and (fields["grid_h"], fields["grid_w"]) == (8, 8) for fields in layers)
+
+
+# --- defaults that follow the model: 4 steps and no guidance for schnell ------------------------------------------
+
+
+def test_requests_without_steps_or_guidance_get_the_models_defaults(torch_runtime, tiny_components):
+    """schnell: 4 steps and no guidance (None, whatever was given: it has no embedding); a guided model (the tiny
+    dev-shaped one): 20 steps and 3.5. A request's explicit steps are kept; the mask is made once."""
+    resolved = torch_runtime.resolve(GenerationRequest(PROMPT, ENTITIES, seed=3, **SIZE))
+    assert (resolved.steps, resolved.guidance) == (4, None)
+    assert torch_runtime.default_steps == 4 and torch_runtime.embeds_guidance is False
+    given = torch_runtime.resolve(GenerationRequest(PROMPT, ENTITIES, steps=2, guidance=7.0, **SIZE))
+    assert (given.steps, given.guidance) == (2, None)
+    again = torch_runtime.resolve(resolved)
+    assert again is resolved
+    # A resolved request whose steps were reset to None gets them back, keeping its mask (no second lookup).
+    reset = torch_runtime.resolve(dataclasses.replace(resolved, steps=None))
+    assert reset.steps == 4 and reset.entity_mask is resolved.entity_mask
+
+    dev = DeLeakerRuntime.from_components(tiny_components, model_id="tiny", backend="torch", text_len=TEXT_LEN)
+    assert dev.embeds_guidance is True and dev.default_steps == 20
+    guided = dev.resolve(GenerationRequest(PROMPT, ENTITIES, **SIZE))
+    assert (guided.steps, guided.guidance) == (20, 3.5)
+    assert dev.resolve(GenerationRequest(PROMPT, ENTITIES, steps=3, guidance=np.float32(5.0), **SIZE)).guidance == 5.0
+
+
+def test_generate_without_steps_runs_four_steps_as_flux_pipeline(schnell_components, torch_runtime):
+    """The default request on schnell is FluxPipeline at schnell's 4 steps, and reports them."""
+    plain_latents, plain_image = _flux_latents(FluxPipeline(**_copy(schnell_components)), 4)
+    result = torch_runtime.generate(GenerationRequest(PROMPT, ENTITIES, seed=3, deleaker=False, **SIZE),
+                                    record_latents=True)
+    assert len(result.latents) == 4 and result.request.steps == 4 and result.request.guidance is None
+    assert np.array_equal(np.asarray(result.image), np.asarray(plain_image))
+
+
+@pytest.mark.parametrize("guidance", [np.array(5.0), torch.tensor(5.0), torch.tensor(5, dtype=torch.int64),
+                                      np.float32(5.0), np.int16(5), torch.tensor(5.0, dtype=torch.bfloat16)])
+def test_request_guidance_takes_the_real_scalars_the_pipeline_takes(guidance):
+    request = GenerationRequest(PROMPT, ENTITIES, guidance=guidance)
+    assert request.guidance == 5.0 and type(request.guidance) is float
+
+
+@pytest.mark.parametrize("guidance", [np.array(np.nan), torch.tensor(float("inf")), np.array(True),
+                                      torch.tensor(True), np.bool_(True), True, np.array([5.0]), torch.ones(1),
+                                      torch.tensor(5 + 0j), np.array(5 + 0j), np.array(101.0), "5"])
+def test_request_guidance_still_refuses_what_is_no_finite_real_number(guidance):
+    with pytest.raises(ConfigError, match=r"guidance must be a finite number in \[0, 100\]"):
+        GenerationRequest(PROMPT, ENTITIES, guidance=guidance)
+
+
+def test_cli_run_defaults_to_four_steps_and_records_no_guidance(schnell_dir, tmp_path):
+    """``run`` without --steps on schnell: 4 steps, its PNG's record and the JSON report say so, and guidance is
+    None (it used none). A batch written before (guidance 3.5 recorded for schnell) is resumed, not refused."""
+    from deleaker.runtime.images import save_pngs_atomic
+
+    runner = CliRunner()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT, "entities": list(ENTITIES), "seed": 1}) + "\n")
+    args = ["run", "--model", str(schnell_dir), "--prompts", str(prompts), "--out-dir", str(tmp_path / "out"),
+            "--height", "64", "--text-len", str(TEXT_LEN), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+            "--backend", "torch", "--json"]
+    ran = runner.invoke(cli_main, args)
+    assert ran.exit_code == 0, ran.output
+    (image,) = json.loads(ran.stdout)["images"]
+    assert (image["steps"], image["guidance"]) == (4, None)
+    png = tmp_path / "out" / "0000.png"
+    valid, record = read_png_record(png)
+    assert valid and (record["steps"], record["guidance"]) == (4, None)
+
+    # The record as the previous version wrote it: the unused default guidance.
+    from PIL import Image
+
+    with Image.open(png) as old:
+        pixels = old.copy()
+    save_pngs_atomic([(pixels, png)], {**record, "guidance": 3.5})
+    resumed = runner.invoke(cli_main, args)
+    assert resumed.exit_code == 0, resumed.output
+    report = json.loads(resumed.stdout)
+    assert (report["generated"], report["skipped"]) == (0, 1)
+    # Other settings still tell images apart: 20 steps is not what this run makes.
+    save_pngs_atomic([(pixels, png)], {**record, "guidance": 3.5, "steps": 20})
+    refused = runner.invoke(cli_main, args)
+    assert refused.exit_code == 1 and "was made with other steps" in refused.output
+
+
+def test_demo_page_of_schnell_defaults_to_four_steps_and_hides_guidance(torch_runtime):
+    pytest.importorskip("gradio")
+    from deleaker.runtime.demo import build_demo
+
+    demo = build_demo(torch_runtime)
+    fields = {c["props"].get("label"): c["props"] for c in demo.config["components"] if "props" in c}
+    assert fields["Steps"]["value"] == 4
+    assert fields["Guidance"]["visible"] is False

@@ -13,7 +13,14 @@ import click
 from deleaker.entities import DEFAULT_MAX_ENTITIES
 from deleaker.export.limits import MAX_TEXT_LEN, PRECISIONS
 from deleaker.plugins.kernels import MAX_ENTITIES
-from deleaker.runtime.defaults import BACKENDS, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_LEN, FP8_SCALES
+from deleaker.runtime.defaults import (
+    BACKENDS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    DEFAULT_TEXT_LEN,
+    FP8_SCALES,
+    UNGUIDED_STEPS,
+)
 
 from .errors import CHECKED_FLOAT, CHECKED_INT
 from .knobs import knob_option, knob_overrides
@@ -131,15 +138,20 @@ def request_options(func):
         click.option(
             "--seed", type=CHECKED_INT, default=0, show_default=True, help="Starting noise, an int in [0, 2**63)."
         ),
+        # Defaults follow the model (the runtime fills them in): FLUX.1-schnell runs 4 steps and no guidance.
         click.option(
-            "--steps", type=CHECKED_INT, default=DEFAULT_STEPS, show_default=True, help="Denoising steps, 1 to 1000."
+            "--steps",
+            type=CHECKED_INT,
+            default=None,
+            help=f"Denoising steps, 1 to 1000 (default: {UNGUIDED_STEPS} for a model without a guidance embedding, "
+            f"FLUX.1-schnell; {DEFAULT_STEPS} otherwise).",
         ),
         click.option(
             "--guidance",
             type=CHECKED_FLOAT,
-            default=DEFAULT_GUIDANCE,
-            show_default=True,
-            help="Guidance, a finite number in [0, 100].",
+            default=None,
+            help=f"Guidance, a finite number in [0, 100] (default: {DEFAULT_GUIDANCE:g}; refused for a model without a "
+            "guidance embedding).",
         ),
         click.option(
             "--height", type=CHECKED_INT, default=None, help="Pixels (default: the engine's, 64 for tiny, else 512)."
