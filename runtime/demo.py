@@ -46,7 +46,7 @@ def generate(runtime: Any, prompt: str, entities: str, seed: Any, steps: Any, gu
     from .images import mask_overlay
     from .request import ImageSettings
 
-    if not runtime.embeds_guidance:
+    if not runtime.uses_guidance:
         guidance = None
     settings = ImageSettings(seed=_number(seed), steps=_number(steps), guidance=_number(guidance, float))
     request = runtime.resolve(settings.request(prompt, split_entities(entities)))
@@ -91,7 +91,7 @@ def build_demo(runtime: Any) -> Any:
             steps = gr.Number(label="Steps", value=4 if runtime.model_source == "tiny" else runtime.default_steps,
                               precision=0)
             # Hidden for a model without a guidance embedding (schnell): it has no guidance to set.
-            guidance = gr.Number(label="Guidance", value=DEFAULT_GUIDANCE, visible=runtime.embeds_guidance)
+            guidance = gr.Number(label="Guidance", value=DEFAULT_GUIDANCE, visible=runtime.uses_guidance)
         button = gr.Button("Generate", variant="primary")
         with gr.Row():
             plain = gr.Image(label="FLUX", type="pil", format="png")

@@ -130,12 +130,29 @@ class Flux2Runtime:
         encoded = _text_tokenizer(tokenizer)(templated, add_special_tokens=chat.add_special_tokens(tokenizer, templated))
         return len(encoded["input_ids"])
 
+    @property
+    def uses_guidance(self) -> bool:
+        """Always: FLUX.2 [dev] embeds guidance, and [klein] runs classifier-free guidance with it."""
+        return True
+
+    @property
+    def default_steps(self) -> int:
+        """The step count a request without one gets (`DEFAULT_STEPS`, as before steps followed FLUX.1 models)."""
+        return DEFAULT_STEPS
+
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
-        """``request`` checked against this model, the default size filled in (a `ResolvedRequest`); raises a
-        typed error for anything that cannot run, before any model runs (see the module docstring)."""
+        """``request`` checked against this model, the default size, steps (`DEFAULT_STEPS`) and guidance
+        (`DEFAULT_GUIDANCE`) filled in (a `ResolvedRequest`); raises a typed error for anything that cannot run,
+        before any model runs (see the module docstring)."""
         if not isinstance(request, GenerationRequest):
             raise ConfigError(
                 f"expected a GenerationRequest, got {type(request).__name__} (or call the runtime: rt(prompt, entities))"
+            )
+        if request.steps is None or request.guidance is None:  # the defaults, then resolved as any request
+            request = dataclasses.replace(
+                request,
+                steps=DEFAULT_STEPS if request.steps is None else request.steps,
+                guidance=DEFAULT_GUIDANCE if request.guidance is None else request.guidance,
             )
         if isinstance(request, ResolvedRequest) and request.is_resolved_by(self._resolver_id):
             return request
@@ -173,8 +190,8 @@ class Flux2Runtime:
         entities: Sequence[str],
         *,
         seed: int = 0,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
         deleaker: bool = True,

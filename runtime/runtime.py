@@ -361,14 +361,14 @@ class DeLeakerRuntime:
         return load_engine_dir(cls, engine_dir, **kwargs)
 
     @property
-    def embeds_guidance(self) -> bool:
+    def uses_guidance(self) -> bool:
         """True when the transformer embeds guidance (FLUX.1-dev); False for FLUX.1-schnell, which uses none."""
         return bool(self.transformer_config.get("guidance_embeds", False))
 
     @property
     def default_steps(self) -> int:
         """The step count a request without one gets: 4 without a guidance embedding (schnell), else 20."""
-        return default_steps(self.embeds_guidance)
+        return default_steps(self.uses_guidance)
 
     # --- validation -------------------------------------------------------------------------------------------
 
@@ -387,8 +387,8 @@ class DeLeakerRuntime:
                 f"expected a GenerationRequest, got {type(request).__name__} (or call the runtime: rt(prompt, entities))"
             )
         steps = self.default_steps if request.steps is None else request.steps
-        guidance = default_guidance(self.embeds_guidance)
-        if self.embeds_guidance and request.guidance is not None:
+        guidance = default_guidance(self.uses_guidance)
+        if self.uses_guidance and request.guidance is not None:
             guidance = request.guidance
         if isinstance(request, ResolvedRequest) and request.is_resolved_by(self._resolver_id):
             if (request.steps, request.guidance) == (steps, guidance):

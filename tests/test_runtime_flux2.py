@@ -128,3 +128,17 @@ def test_cli_run_writes_a_png_with_our_record_and_refuses_what_flux2_lacks(folde
         assert result.exit_code == 1 and not no.exists(), (args, result.output)
         lines = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0] and "FLUX.2" in lines[0], (args, result.output)
+
+
+def test_cli_run_takes_guidance_for_klein_which_runs_cfg_with_it(folders, tmp_path):
+    """[klein] has no guidance embedding but runs classifier-free guidance with it: ``--guidance`` is used, not
+    refused as for FLUX.1-schnell, and its record says the value."""
+    out = tmp_path / "cfg.png"
+    ran = CliRunner().invoke(cli_main, [
+        "run", "--model", str(folders["klein"]), "--prompt", PROMPT, "--entities", "cat,dog", "--steps", "1",
+        "--guidance", "2.5", "--height", str(SIZE), "--width", str(SIZE), "--text-len", str(TEXT_LEN),
+        "--no-progress", "--out", str(out),
+    ])
+    assert ran.exit_code == 0, ran.output
+    ours, record = read_png_record(out)
+    assert ours and record["guidance"] == 2.5 and record["steps"] == 1

@@ -391,7 +391,7 @@ def test_requests_without_steps_or_guidance_get_the_models_defaults(torch_runtim
     dev-shaped one): 20 steps and 3.5. A request's explicit steps are kept; the mask is made once."""
     resolved = torch_runtime.resolve(GenerationRequest(PROMPT, ENTITIES, seed=3, **SIZE))
     assert (resolved.steps, resolved.guidance) == (4, None)
-    assert torch_runtime.default_steps == 4 and torch_runtime.embeds_guidance is False
+    assert torch_runtime.default_steps == 4 and torch_runtime.uses_guidance is False
     given = torch_runtime.resolve(GenerationRequest(PROMPT, ENTITIES, steps=2, guidance=7.0, **SIZE))
     assert (given.steps, given.guidance) == (2, None)
     again = torch_runtime.resolve(resolved)
@@ -401,7 +401,7 @@ def test_requests_without_steps_or_guidance_get_the_models_defaults(torch_runtim
     assert reset.steps == 4 and reset.entity_mask is resolved.entity_mask
 
     dev = DeLeakerRuntime.from_components(tiny_components, model_id="tiny", backend="torch", text_len=TEXT_LEN)
-    assert dev.embeds_guidance is True and dev.default_steps == 20
+    assert dev.uses_guidance is True and dev.default_steps == 20
     guided = dev.resolve(GenerationRequest(PROMPT, ENTITIES, **SIZE))
     assert (guided.steps, guided.guidance) == (20, 3.5)
     assert dev.resolve(GenerationRequest(PROMPT, ENTITIES, steps=3, guidance=np.float32(5.0), **SIZE)).guidance == 5.0

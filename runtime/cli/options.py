@@ -208,9 +208,11 @@ def refuse_unused_guidance(spec: Any) -> None:
 
     try:
         if spec.model is not None:
-            from deleaker.models import embeds_guidance
+            from deleaker.models import embeds_guidance, is_flux2_model
 
-            guided, name = embeds_guidance(spec.model), f"the model {spec.model}"
+            # FLUX.2 [klein] has no guidance embedding but runs classifier-free guidance with it: guidance is used.
+            guided = is_flux2_model(spec.model) or embeds_guidance(spec.model)
+            name = f"the model {spec.model}"
         else:
             from deleaker.engines.manifest import MANIFEST_SUFFIX, EngineManifest
 
