@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
-from deleaker.errors import ConfigError, EntityError, ShapeError
+from deleaker.errors import ConfigError, EntityError, NonFiniteError, ShapeError
 from deleaker.pipeline_flux2 import DeLeakerFlux2KleinPipeline, DeLeakerFlux2Pipeline
 from deleaker.runtime.cli import main as cli_main
 from deleaker.runtime.flux2_runtime import Flux2Runtime
@@ -92,6 +92,17 @@ def test_requests_are_checked_before_any_work(folders):
         rt(PROMPT, ENTITIES, steps=1, height=SIZE + 4, width=SIZE)
     with pytest.raises(PromptError, match="non-empty"):
         rt("   ", ENTITIES, steps=1, height=SIZE, width=SIZE)
+
+
+def test_non_finite_latents_are_an_error_not_an_image(folders):
+    """A transformer that overflows (here: a NaN weight) gives `NonFiniteError` naming FLUX.2, with the steps
+    recorded before it (none: the first step fails), never a black image."""
+    rt = DeLeakerRuntime.from_model(folders["klein"], backend="torch", text_len=TEXT_LEN)
+    with torch.no_grad():
+        rt.pipeline.transformer.proj_out.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="after step 1 of 2.*FLUX.2") as caught:
+        rt.generate(_request(0, 2, 3.5), record_latents=True)
+    assert caught.value.latents == []
 
 
 def test_what_the_runtime_does_not_run_on_flux2_is_refused_before_the_load(folders):
