@@ -15,7 +15,7 @@ import base64
 import json
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .jobs import MAX_LINE_BYTES, PER_RUN_SETTINGS, BatchFileError, parse_prompts_line
+from .batch_file import MAX_LINE_BYTES, PER_RUN_SETTINGS, BatchFileError, parse_prompts_line
 from .request import GenerationRequest, ImageSettings
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -11,7 +11,7 @@ from typing import Optional
 from deleaker.config import shown
 from deleaker.errors import ConfigError
 
-from .jobs import RuntimeSpec
+from .spec import RuntimeSpec
 
 #: File suffix of a TensorRT engine in an engine folder (an ONNX folder runs on the CPU).
 ENGINE_SUFFIX = ".plan"

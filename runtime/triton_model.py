@@ -75,7 +75,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from .jobs import RuntimeSpec
+        from .spec import RuntimeSpec
         from .request import ImageSettings
 
         self._pb = pb_utils

@@ -31,7 +31,7 @@ from deleaker.errors import ConfigError, DeLeakerError
 from deleaker.staging import publish_staged, staging_path
 
 if TYPE_CHECKING:
-    from .jobs import RuntimeSpec
+    from .spec import RuntimeSpec
 
 #: The python-backend model's name, inputs and outputs (the client's side of the contract).
 PYTHON_MODEL = "deleaker"
