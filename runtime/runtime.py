@@ -7,13 +7,14 @@ step) through the transformer, VAE decode -- and asks a `TransformerBackend` for
 Thread safety: an instance holds one set of models and preallocated buffers, so calls on one instance run one at a
 time (a lock serialises them; concurrent callers wait). Use one instance per thread for parallel generation. There
 is no global state: two instances are independent.
+Over 400 lines, one job (the inference runtime, to be read in one sitting): the constructors' documented options,
+the request's resolution and the denoising loop with its batching and non-finite checks. Making a runtime from a
+model in memory is `deleaker.runtime.model_loading`, from built engines `deleaker.runtime.engine_dir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import sys
 import threading
 import time
@@ -29,25 +30,15 @@ from deleaker.geometry import latent_grid, vae_scale_factor
 from deleaker.guidance import check_guidance
 from deleaker.export_lock import torch_work
 from deleaker.errors import ConfigError, NonFiniteError, ShapeError
-from deleaker.fp8_linear import quantize_transformer_fp8
-from deleaker.lora import LoraAdapter, check_loras, lora_records
-from deleaker.lora_fusion import fuse_loras
+from deleaker.lora import LoraAdapter, check_loras
 
-from .backend_options import check_backend_options, check_flux2_options
-from .backends import TorchBackend, TransformerBackend, resolve_device
+from .backend_options import check_flux2_options
+from .backends import TransformerBackend
 from deleaker.entities import DEFAULT_MAX_ENTITIES
-from deleaker.export.limits import check_max_entities, check_text_len
-from deleaker.models import (
-    FLUX2_RUNTIME_MESSAGE,
-    folder_fingerprint,
-    is_flux2_model,
-    load_components,
-    transformer_sha256,
-)
-from .defaults import DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN, MODEL_BACKENDS, default_guidance, default_steps
+from deleaker.models import folder_fingerprint, is_flux2_model, load_components
+from .defaults import DEFAULT_MODEL_BACKEND, DEFAULT_TEXT_LEN, default_guidance, default_steps
 from .entity_masks import mask_step, masks_from_history
-from .memory import AttentionMemory
-from .onnx_cache import default_cache_dir
+from .model_loading import check_model_options, check_offload, model_device, runtime_from_checked_components
 from .schedule import (
     ShiftConfig,
     euler_step,
@@ -59,11 +50,10 @@ from .schedule import (
 )
 from .request import GenerationRequest, ResolvedRequest
 from .results import GenerationResult
-from .sources import AnyResolution, PerResolution, TransformerSource
+from .sources import TransformerSource
 from .text import TextEncoders
 
 Tensor = torch.Tensor
-
 
 
 class DeLeakerRuntime:
@@ -183,7 +173,8 @@ class DeLeakerRuntime:
         device = model_device(backend, device)
         check_offload(offload_encoders, device)
         components, model_id = load_components(model)
-        return cls._from_checked_components(
+        return runtime_from_checked_components(
+            cls,
             components,
             model_id=model_id,
             weights_key=folder_fingerprint(model_id),
@@ -241,112 +232,12 @@ class DeLeakerRuntime:
         adapters = check_loras(loras)
         device = model_device(backend, device)
         check_offload(offload_encoders, device)
-        return cls._from_checked_components(
+        return runtime_from_checked_components(
+            cls,
             components, model_id=model_id, backend=backend, text_len=text_len, max_entities=max_entities,
             deleaker_config=deleaker_config, cache_dir=cache_dir, device=device, dtype=dtype,
             ort_providers=ort_providers, default_size=default_size, started_at=start, compile=compile, fp8=fp8,
             weights_key=weights_key, offload_encoders=offload_encoders, loras=adapters,
-        )
-
-    @classmethod
-    def _from_checked_components(
-        cls,
-        components: Mapping[str, Any],
-        *,
-        model_id: str,
-        backend: str,
-        text_len: int,
-        max_entities: int,
-        deleaker_config: DeLeakerConfig | Mapping[str, Any] | None,
-        cache_dir: str | Path | None,
-        device: torch.device,
-        dtype: torch.dtype | None,
-        ort_providers: Optional[list[str]],
-        default_size: tuple[int, int],
-        started_at: float,
-        compile: bool,
-        fp8: Optional[str],
-        weights_key: Optional[str],
-        offload_encoders: bool,
-        loras: Sequence[LoraAdapter],
-    ) -> "DeLeakerRuntime":
-        """`from_components` after its checks (`check_model_options`, `check_loras`, `model_device`,
-        `check_offload`), which `from_model` makes once, before the model loads."""
-        start = started_at
-        adapters = list(loras)
-        components = dict(components)
-        transformer = components["transformer"]
-        if type(transformer).__name__ == "Flux2Transformer2DModel":
-            raise ConfigError(f"model {model_id!r} {FLUX2_RUNTIME_MESSAGE}")
-        # Fused before the cast to ``dtype`` (in the weights' loaded precision) and before any backend sees them;
-        # a bad adapter is refused here, before any generation.
-        fuse_loras(components, adapters)
-        records = lora_records(adapters)
-        num_blocks = num_joint_blocks(transformer.config)
-        config = DeLeakerConfig.resolve(deleaker_config, num_blocks)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        for name in ("text_encoder", "text_encoder_2", "vae", "transformer"):
-            module = components[name]
-            # Casting only when needed: diffusers warns on every dtype cast of a loaded model.
-            if next(module.parameters()).dtype != dtype:
-                module.to(dtype=dtype)
-            if offload_encoders and name in ("text_encoder", "text_encoder_2"):
-                module.to("cpu")  # moved to the GPU for each new prompt only (`TextEncoders.offload_to`)
-            else:
-                module.to(device)
-        scale = vae_scale_factor(components["vae"].config)
-        patch = 2 * scale
-        memory = AttentionMemory.of(transformer.config, text_len=text_len, max_entities=max_entities, patch=patch)
-        if fp8 is not None:
-            quantize_transformer_fp8(transformer, fp8)  # after the cast: FP8 weights from the model's dtype
-        if backend == "torch":
-            source: TransformerSource = AnyResolution(
-                TorchBackend(transformer, config, compile=compile), patch, memory=memory if device.type == "cpu" else None
-            )
-        else:
-            from .onnx_cache import model_backend  # onnx/onnxscript are optional: import on use
-
-            model_key = _model_key(transformer, weights_key, dtype, records)
-
-            def export_for(height: int, width: int) -> TransformerBackend:
-                return model_backend(
-                    transformer,
-                    model_key=model_key(),
-                    model_id=model_id,
-                    height=height,
-                    width=width,
-                    text_len=text_len,
-                    max_entities=max_entities,
-                    vae_scale_factor=scale,
-                    config=config,
-                    cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
-                    providers=ort_providers,
-                )
-
-            source = PerResolution("onnxruntime", patch, {}, factory=export_for, memory=memory)
-        return cls(
-            text=TextEncoders(
-                components["tokenizer"],
-                components["text_encoder"],
-                components["tokenizer_2"],
-                components["text_encoder_2"],
-                offload_to=device if offload_encoders else None,
-            ),
-            vae=components["vae"],
-            transformer_config=transformer.config,
-            source=source,
-            shift=ShiftConfig.from_scheduler_config(components["scheduler"].config),
-            text_len=text_len,
-            max_entities=max_entities,
-            default_size=default_size,
-            dtype=dtype,
-            device=device,
-            load_seconds=time.perf_counter() - start,
-            model_source=model_id,
-            deleaker_config=dataclasses.asdict(config),
-            compiled=compile,
-            fp8=fp8,
-            lora_records=records,
         )
 
     @classmethod
@@ -658,72 +549,6 @@ def backend_max_batch(backend: TransformerBackend) -> int:
     unbounded (PyTorch)."""
     io = getattr(backend, "io", None)
     return int(io.batch_max) if io is not None and getattr(io, "batch_max", None) else sys.maxsize
-
-
-def _model_key(
-    transformer: torch.nn.Module,
-    weights_key: Optional[str],
-    dtype: torch.dtype,
-    loras: Sequence[Mapping[str, Any]] = (),
-) -> Callable[[], str]:
-    """The ONNX cache's key of the weights, computed once per runtime on first use: ``weights_key`` (what the
-    folder's files say) with the dtype the weights were cast to, else the hash of every weight; with each fused LoRA
-    adapter's content hash and scale, in order (so an export made with other adapters is never served)."""
-    key: list[str] = []
-
-    def once() -> str:
-        if not key:
-            if weights_key is None:
-                base = transformer_sha256(transformer)
-            else:
-                base = hashlib.sha256(f"{weights_key}:{dtype}".encode()).hexdigest()
-            if loras:
-                adapters = json.dumps([[record["sha256"], float(record["scale"])] for record in loras])
-                base = hashlib.sha256(f"{base}:loras:{adapters}".encode()).hexdigest()
-            key.append(base)
-        return key[0]
-
-    return once
-
-
-def model_device(backend: str, device: str | torch.device | None) -> torch.device:
-    """Where ``backend`` runs a model: the torch backend on ``device`` (default CUDA when available, else the
-    CPU; see `resolve_device`), ONNX Runtime on the CPU. Raises `ConfigError` for a device it cannot use."""
-    if backend == "torch":
-        return resolve_device(device, default="cuda" if torch.cuda.is_available() else "cpu")
-    if device is not None and str(device) != "cpu":
-        raise ConfigError(f"the {backend} backend runs on the CPU; device {str(device)!r} is for the torch backend")
-    return torch.device("cpu")
-
-
-#: The dtypes a model can run in (``dtype`` of `DeLeakerRuntime.from_model`).
-MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_offload(offload_encoders: bool, device: torch.device) -> None:
-    """Raise `ConfigError` when the text encoders are to be offloaded but the model does not run on a GPU."""
-    if offload_encoders and device.type != "cuda":
-        raise ConfigError(
-            f"offload_encoders (--offload-encoders) keeps the text encoders in CPU memory between prompts for a GPU "
-            f"run; the model runs on {device}, where they already are"
-        )
-
-
-def check_model_options(
-    backend: Any, *, text_len: Any, max_entities: Any, dtype: Any, compile: Any = False, fp8: Any = None,
-    offload_encoders: Any = False,
-) -> None:
-    """Raise `ConfigError` for options of `DeLeakerRuntime.from_model` out of range (before any work)."""
-    if backend not in MODEL_BACKENDS:
-        raise ConfigError(
-            f"backend {backend!r:.40} cannot load a model; allowed: {MODEL_BACKENDS} "
-            "(tensorrt runs prebuilt engines: use --engines DIR / from_engines)"
-        )
-    check_backend_options(backend, {"compile": compile, "fp8": fp8, "offload_encoders": offload_encoders})
-    check_text_len(text_len)
-    check_max_entities(max_entities)
-    if dtype is not None and dtype not in MODEL_DTYPES:
-        raise ConfigError(f"dtype must be None or one of {MODEL_DTYPES}, got {dtype!r:.40}")
 
 
 def _guidance_text(guidance: Optional[float]) -> str:

@@ -207,7 +207,7 @@ def test_onnxruntime_exports_the_fused_weights_and_keys_the_cache_by_adapter(tin
 def test_the_cache_key_holds_each_adapters_hash_and_scale(tiny_components, adapters, tmp_path):
     """The key of an export (weights as the folder's files say, plus adapters): another file, another scale or
     another order is another key; the same adapters, copied elsewhere, the same key."""
-    from deleaker.runtime.runtime import _model_key
+    from deleaker.runtime.model_loading import _model_key
 
     transformer = tiny_components["transformer"]
 
