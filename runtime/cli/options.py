@@ -150,8 +150,8 @@ def request_options(func):
             "--guidance",
             type=CHECKED_FLOAT,
             default=None,
-            help=f"Guidance, a finite number in [0, 100] (default: {DEFAULT_GUIDANCE:g}; refused for a model without a "
-            "guidance embedding).",
+            help=f"Guidance, a finite number in [0, 100] (default: {DEFAULT_GUIDANCE:g}; refused for a FLUX.1 model "
+            "without a guidance embedding, FLUX.1-schnell).",
         ),
         click.option(
             "--height", type=CHECKED_INT, default=None, help="Pixels (default: the engine's, 64 for tiny, else 512)."
