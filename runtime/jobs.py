@@ -146,6 +146,7 @@ def single_job(
 ) -> RenderJob:
     """A job of one image written to ``out`` (and its comparison beside it with ``compare``, the overlay of the
     entity masks DeLeaker used with ``save_masks``)."""
+    runtime.refuse_flux2_masks(save_masks)
     out = Path(out)
     item = JobItem(
         request, out, compare_path(out) if compare else None, masks_out=masks_path(out) if save_masks else None
@@ -167,6 +168,7 @@ def batch_job(
     ``out_dir/{i:04d}.png``; a line without ``seed`` takes ``settings.seed``; other settings come from ``settings``.
     Outputs made with the same settings are kept; ``overwrite`` writes every line again (see `RenderJob`).
     """
+    runtime.refuse_flux2_masks(save_masks)
     out_dir = Path(out_dir)
     items = []
     for index, (number, record) in enumerate(read_prompts(prompts_file)):

@@ -120,6 +120,15 @@ class RuntimeSpec:
         if self.model is not None and is_flux2_model(self.model):
             raise ConfigError(f"{command}: {self.model} {FLUX2_RUNTIME_MESSAGE}")
 
+    def refuse_flux2_masks(self, save_masks: bool) -> None:
+        """Raise `ConfigError` for ``save_masks`` on a FLUX.2 folder: its runtime drives diffusers' FLUX.2 pipeline,
+        whose processors keep the entity masks they form, so an overlay would wrongly say that DeLeaker did not act."""
+        if save_masks and self.model is not None and is_flux2_model(self.model):
+            raise ConfigError(
+                f"--save-masks (the entity masks' overlay) is not available for a FLUX.2 model ({self.model}) so far: "
+                "its runtime does not expose the masks DeLeaker formed; drop --save-masks"
+            )
+
     @property
     def model_text_len(self) -> int:
         """``T`` a model runs with: ``text_len``, or the default."""

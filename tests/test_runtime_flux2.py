@@ -132,6 +132,7 @@ def test_cli_run_writes_a_png_with_our_record_and_refuses_what_flux2_lacks(folde
         "--compile": ["run", "--model", model, "--compile"],
         "--fp8": ["run", "--model", model, "--backend", "torch", "--fp8", "row"],
         "verify: ": ["verify", "--model", model],
+        "--save-masks": ["run", "--model", model, "--save-masks"],  # the overlay would say DeLeaker did not act
     }
     for expected, args in refusals.items():
         no = tmp_path / "no.png"
