@@ -28,6 +28,10 @@ Writes ``device_check.json`` (after every stage, so a timeout keeps what was don
 ``--out`` (default ``$OUT``). ``--smoke-cpu`` runs the same code at tiny shapes on the CPU with the decomposed op
 standing in for the kernels (CI runs it so that this script does not rot between GPU sessions); its numbers mean
 nothing.
+
+Over 400 lines, one job: a lease is one call of a few minutes, so the whole check is one script the device machine
+runs as it is, with every stage beside the others (each a short function) rather than spread over modules that
+must all travel and import there.
 """
 
 from __future__ import annotations
@@ -428,7 +432,11 @@ def kernel_times(ctx: Context, *, grid, coverage: float, entities: int, step: in
                 "median_ms": round(statistics.median(times), 4)}
                for name, times in per_name.items()]
     kernels.sort(key=lambda k: -k["median_ms"] * k["calls_per_op"])
-    return {"union": union, "kernels": kernels if ctx.cuda else kernels[:10]}
+    # On sm_90+ each kernel after a call's first is a programmatic dependent launch (unless
+    # DELEAKER_DEPENDENT_LAUNCH=0): its profiled time may include the wait for the one before, so say which.
+    dependent = (ctx.cuda and torch.cuda.get_device_capability(ctx.device)[0] >= 9
+                 and os.environ.get("DELEAKER_DEPENDENT_LAUNCH", "1") != "0")
+    return {"union": union, "dependent_launch": dependent, "kernels": kernels if ctx.cuda else kernels[:10]}
 
 
 def stage_cuda_graph(ctx: Context) -> Dict[str, Any]:

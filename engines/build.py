@@ -23,6 +23,10 @@ One folder holds one plugin library (TensorRT's registry takes one per plugin na
 to replace the folder's library while another engine of the folder was built with it.
 
 Every failure is a typed `DeLeakerError` raised after cleaning up: no half-written engine is ever left behind.
+
+Over 400 lines, one job: the stages above in their order, each a short function; the folder's names and checks
+(`deleaker.engines.folder`), the loaders (`deleaker.engines.loaders`), FP8 (`deleaker.engines.fp8`) and the
+manifests (`deleaker.engines.manifest`) already live apart, and what is left is the sequence a reader follows.
 """
 
 from __future__ import annotations

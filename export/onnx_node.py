@@ -15,6 +15,10 @@ One joint attention of the transformer exports as either
 
 Both are plain Python translation functions for ``torch.onnx.export(dynamo=True, custom_translation_table=...)``
 (see `translation_table`): the exporter calls them with symbolic values while recording onnxscript calls.
+
+Over 400 lines, one job: the node's schema and its two translations must change together (an attribute added to
+the schema is read by both), so they stay in one module; the decomposition is most of it, one short function per
+step of the specification.
 """
 
 from __future__ import annotations

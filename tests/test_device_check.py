@@ -47,6 +47,7 @@ def test_device_check_smoke_run_writes_strict_json_and_table(tmp_path):
     profiled = timing["kernels_inside"]
     assert [(c["coverage_asked"], c["entities"]) for c in profiled] == [(0.25, 2), (0.25, 8)]
     assert all(c["kernels"] and 0 < c["union"] < 1 for c in profiled)
+    assert all(c["dependent_launch"] is False for c in profiled)  # on the CPU: no dependent launches to label
     assert timing["kernels_inside_25pct"] == profiled[0]["kernels"] and timing["kernels_outside"]
     table = (tmp_path / "device_check.md").read_text()
     assert "| correctness | ok |" in table and "inside/SDPA" in table
