@@ -106,6 +106,54 @@ class DeLeakerProcessorBase:
         if getattr(attn, "fused_projections", False):
             raise ShapeError("DeLeaker attention needs unfused projections; call transformer.unfuse_qkv_projections()")
 
+    def _check_text_len(self, state: DeLeakerState, text_len: int) -> None:
+        """Raise unless the entity mask covers the ``text_len`` text tokens of the prompt embedding."""
+        if text_len != state.entity_mask.shape[1]:
+            raise ShapeError(
+                f"the entity mask covers T = {state.entity_mask.shape[1]} text tokens but the prompt embedding has "
+                f"{text_len}; build the mask with the pipeline's max_sequence_length"
+            )
+
+    @staticmethod
+    def _rotate(
+        query: Tensor, key: Tensor, image_rotary_emb: Optional[Tuple[Tensor, Tensor]]
+    ) -> Tuple[Tensor, Tensor]:
+        """``query`` and ``key`` (B, N, H, D) with the rotary embedding applied, when there is one."""
+        if image_rotary_emb is None:
+            return query, key
+        return (
+            apply_rotary_emb(query, image_rotary_emb, sequence_dim=1),
+            apply_rotary_emb(key, image_rotary_emb, sequence_dim=1),
+        )
+
+    def _text_first_projections(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Optional[Tensor],
+        image_rotary_emb: Optional[Tuple[Tensor, Tensor]],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value (B, N, H, D) of an attention with unfused projections, after QK-norm and RoPE.
+
+        With ``encoder_hidden_states`` (a double-stream block, FLUX.1 or FLUX.2) the text tokens' own projections
+        are put first, ``[text, image]``; without, ``hidden_states`` already holds the whole sequence.
+        """
+        query, key, value = (
+            proj(hidden_states).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if encoder_hidden_states is not None:  # double-stream block: text tokens come in separately
+            text_query, text_key, text_value = (
+                proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
+                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+            query = torch.cat([text_query, query], dim=1)
+            key = torch.cat([text_key, key], dim=1)
+            value = torch.cat([text_value, value], dim=1)
+        query, key = self._rotate(query, key, image_rotary_emb)
+        return query, key, value
+
     def _deleaker_attention(self, attn, query: Tensor, key: Tensor, value: Tensor, state: DeLeakerState) -> Tensor:
         """DeLeaker attention of text-first ``(B, N, H, D)`` projections (after QK-norm and RoPE), as
         ``(B, N, H * D)`` in the query's dtype; replaces ``state.history`` with the block's updated history."""
@@ -159,30 +207,11 @@ class DeLeakerFluxAttnProcessor(DeLeakerProcessorBase):
             return self._plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         self._check_state_allowed(attn, attention_mask)
 
-        query, key, value = (
-            proj(hidden_states).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if encoder_hidden_states is not None:  # double-stream block: text tokens come in separately
-            text_query, text_key, text_value = (
-                proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
-                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-            )
-            text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
-            query = torch.cat([text_query, query], dim=1)
-            key = torch.cat([text_key, key], dim=1)
-            value = torch.cat([text_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
+        query, key, value = self._text_first_projections(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         state = deleaker_state
         text_len = state.entity_mask.shape[1]
-        if encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text_len:
-            raise ShapeError(
-                f"the entity mask covers T = {text_len} text tokens but the prompt embedding has "
-                f"{encoder_hidden_states.shape[1]}; build the mask with the pipeline's max_sequence_length"
-            )
+        if encoder_hidden_states is not None:
+            self._check_text_len(state, encoder_hidden_states.shape[1])
         hidden_states = self._deleaker_attention(attn, query, key, value, state)
 
         if encoder_hidden_states is None:
@@ -195,7 +224,7 @@ class DeLeakerFluxAttnProcessor(DeLeakerProcessorBase):
         return hidden_states, encoder_hidden_states
 
 
-def _joint_attention_blocks(transformer) -> list:
+def joint_attention_blocks(transformer) -> list:
     """The blocks of ``transformer`` that hold a joint attention, in execution order (double, then single)."""
     num_blocks = num_joint_blocks(transformer.config)
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
@@ -209,7 +238,7 @@ def install_deleaker_processors(transformer) -> int:
 
     Double-stream blocks get offsets ``0 .. num_layers - 1``, single-stream blocks follow, in execution order.
     """
-    blocks = _joint_attention_blocks(transformer)
+    blocks = joint_attention_blocks(transformer)
     for offset, block in enumerate(blocks):
         block.attn.set_processor(DeLeakerFluxAttnProcessor(offset, len(blocks)))
     return len(blocks)
@@ -224,7 +253,7 @@ def place_deleaker_processors(transformer) -> int:
     one processor shares that object between every block: such processors get their place here, a shared one as
     a copy per block, so no block runs with another block's offset.
     """
-    blocks = _joint_attention_blocks(transformer)
+    blocks = joint_attention_blocks(transformer)
     seen: set[int] = set()
     for offset, block in enumerate(blocks):
         processor = block.attn.processor

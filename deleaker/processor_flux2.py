@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2AttnProcessor,
     Flux2ParallelSelfAttnProcessor,
@@ -21,17 +20,9 @@ from diffusers.models.transformers.transformer_flux2 import (
 )
 
 from .errors import ShapeError
-from .processor import DeLeakerProcessorBase, DeLeakerState, _joint_attention_blocks
+from .processor import DeLeakerProcessorBase, DeLeakerState, joint_attention_blocks
 
 Tensor = torch.Tensor
-
-
-def _check_text_len(state: DeLeakerState, text_len: int) -> None:
-    if text_len != state.entity_mask.shape[1]:
-        raise ShapeError(
-            f"the entity mask covers T = {state.entity_mask.shape[1]} text tokens but the prompt embedding has "
-            f"{text_len}; build the mask with the pipeline's max_sequence_length"
-        )
 
 
 class DeLeakerFlux2AttnProcessor(DeLeakerProcessorBase):
@@ -54,24 +45,9 @@ class DeLeakerFlux2AttnProcessor(DeLeakerProcessorBase):
         self._check_state_allowed(attn, attention_mask)
         if encoder_hidden_states is None or attn.added_kv_proj_dim is None:
             raise ShapeError("a FLUX.2 double-stream attention needs the text tokens (encoder_hidden_states)")
-        _check_text_len(deleaker_state, encoder_hidden_states.shape[1])
+        self._check_text_len(deleaker_state, encoder_hidden_states.shape[1])
 
-        query, key, value = (
-            proj(hidden_states).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        text_query, text_key, text_value = (
-            proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
-            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
-        query = torch.cat([text_query, query], dim=1)
-        key = torch.cat([text_key, key], dim=1)
-        value = torch.cat([text_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
+        query, key, value = self._text_first_projections(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         hidden_states = self._deleaker_attention(attn, query, key, value, deleaker_state)
         text_len = encoder_hidden_states.shape[1]
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -111,10 +87,7 @@ class DeLeakerFlux2ParallelAttnProcessor(DeLeakerProcessorBase):
             )
         qkv, mlp_hidden_states = projected.split([qkv_dim, projected.shape[-1] - qkv_dim], dim=-1)
         query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in qkv.chunk(3, dim=-1))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key = self._rotate(attn.norm_q(query), attn.norm_k(key), image_rotary_emb)
 
         attn_output = self._deleaker_attention(attn, query, key, value, deleaker_state)
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
@@ -140,7 +113,7 @@ def install_deleaker_flux2_processors(transformer: Flux2Transformer2DModel) -> i
     Double-stream blocks get `DeLeakerFlux2AttnProcessor` at offsets ``0 .. num_layers - 1``, the single-stream
     blocks `DeLeakerFlux2ParallelAttnProcessor` after them, in execution order (as for FLUX.1).
     """
-    blocks = _joint_attention_blocks(transformer)
+    blocks = joint_attention_blocks(transformer)
     num_double = len(transformer.transformer_blocks)
     for offset, block in enumerate(blocks):
         kind = DeLeakerFlux2AttnProcessor if offset < num_double else DeLeakerFlux2ParallelAttnProcessor
