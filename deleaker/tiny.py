@@ -146,7 +146,7 @@ Left, right, up, down, front, back, inside, outside, above, below, between, behi
 """
 
 
-def _corpus_lines() -> list[str]:
+def corpus_lines() -> list[str]:
     return [line for line in _CORPUS.strip().splitlines() if line.strip()]
 
 
@@ -161,17 +161,31 @@ def _clip_vocab_and_merges() -> tuple[str, tuple[tuple[str, str], ...]]:
     """
     backend = CLIPTokenizerFast().backend_tokenizer  # empty vocabulary: only its normalizer/pre-tokenizer are used
     words: Counter[str] = Counter()
-    for line in _corpus_lines():
+    for line in corpus_lines():
         for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(line)):
             words[word] += 1
     # A word's last symbol carries the end-of-word suffix, as in CLIP.
     splits = {w: (*w[:-1], w[-1] + "</w>") for w in sorted(words)}
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {}
-    for piece in [*alphabet, *(ch + "</w>" for ch in alphabet)]:
-        vocab.setdefault(piece, len(vocab))
+    pieces = list(dict.fromkeys([*alphabet, *(ch + "</w>" for ch in alphabet)]))
+    merges = learn_bpe_merges(words, splits, pieces, _CLIP_VOCAB_SIZE - 2)
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    for special in ("<|startoftext|>", "<|endoftext|>"):  # last, as in CLIP's vocabulary
+        vocab[special] = len(vocab)
+    return json.dumps(vocab), tuple(merges)
+
+
+def learn_bpe_merges(
+    words: Counter[str], splits: dict[str, tuple[str, ...]], pieces: list[str], vocab_size: int
+) -> tuple[tuple[str, str], ...]:
+    """Learn BPE merges greedily: the most frequent adjacent pair of symbols, ties to the lexicographically smallest
+    (deterministic in every process, unlike ``tokenizers.BpeTrainer``), until ``pieces`` holds ``vocab_size``
+    pieces or no pair occurs twice. ``words`` counts each word, ``splits`` holds its initial symbols (rewritten
+    in place); each new merged piece is appended to ``pieces`` (id order). Returns the merges in order. The tiny
+    CLIP (tiny.py) and the tiny FLUX.2 tokenizers (tiny_flux2.py) both train with it."""
+    known = set(pieces)
     merges: list[tuple[str, str]] = []
-    while len(vocab) < _CLIP_VOCAB_SIZE - 2:
+    while len(pieces) < vocab_size:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, symbols in splits.items():
             for pair in zip(symbols, symbols[1:]):
@@ -182,12 +196,12 @@ def _clip_vocab_and_merges() -> tuple[str, tuple[tuple[str, str], ...]]:
         if pairs[best] < 2:
             break
         merges.append(best)
-        vocab.setdefault(best[0] + best[1], len(vocab))
+        if best[0] + best[1] not in known:
+            known.add(best[0] + best[1])
+            pieces.append(best[0] + best[1])
         for word, symbols in splits.items():
             splits[word] = _merge_pair(symbols, best)
-    for special in ("<|startoftext|>", "<|endoftext|>"):  # last, as in CLIP's vocabulary
-        vocab[special] = len(vocab)
-    return json.dumps(vocab), tuple(merges)
+    return tuple(merges)
 
 
 def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
@@ -215,7 +229,7 @@ def _t5_vocab() -> tuple[tuple[str, float], ...]:
     """
     specials = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
     words: Counter[str] = Counter()
-    for line in _corpus_lines():
+    for line in corpus_lines():
         for word in line.split():
             words["▁" + word] += 1  # Metaspace with prepend_scheme="always"
     chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + "▁").union(*words))

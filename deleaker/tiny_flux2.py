@@ -50,7 +50,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from .tiny import _corpus_lines, _merge_pair
+from .tiny import corpus_lines, learn_bpe_merges
 
 #: Names the CLI and tests use for these models (``--model tiny-flux2``, ``--model tiny-flux2-klein``).
 TINY_FLUX2_NAME = "tiny-flux2"
@@ -133,7 +133,7 @@ def _qwen_pre_tokenizer() -> Any:
 
 def _training_lines() -> list[str]:
     # The system message twice: its words then merge into a few pieces each, as in a real vocabulary.
-    return [*_corpus_lines(), *SYSTEM_MESSAGE.splitlines() * 2, "user assistant system think"]
+    return [*corpus_lines(), *SYSTEM_MESSAGE.splitlines() * 2, "user assistant system think"]
 
 
 @functools.cache
@@ -149,24 +149,7 @@ def _byte_level_bpe() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
             words[word] += 1
     splits = {w: tuple(w) for w in sorted(words)}
     pieces: list[str] = sorted(pre_tokenizers.ByteLevel.alphabet())
-    known = set(pieces)
-    merges: list[tuple[str, str]] = []
-    while len(pieces) < _BPE_VOCAB_SIZE:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, symbols in splits.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += words[word]
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        if pairs[best] < 2:
-            break
-        merges.append(best)
-        if best[0] + best[1] not in known:
-            known.add(best[0] + best[1])
-            pieces.append(best[0] + best[1])
-        for word, symbols in splits.items():
-            splits[word] = _merge_pair(symbols, best)
+    merges = learn_bpe_merges(words, splits, pieces, _BPE_VOCAB_SIZE)
     return tuple(pieces), tuple(merges)
 
 
