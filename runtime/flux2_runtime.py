@@ -37,14 +37,16 @@ from deleaker.models import load_components, pipeline_class_name
 from deleaker.pipeline_flux2 import DeLeakerFlux2KleinPipeline, DeLeakerFlux2Pipeline
 
 from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from .request import GenerationRequest, PromptError, ResolvedRequest
-from .results import GenerationResult
+from .request import (
+    GenerationRequest, PromptError, ResolvedRequest, require_request, require_requests,
+)
+from .results import CallableRuntime, GenerationResult
 
 #: The DeLeaker pipeline of each FLUX.2 pipeline class (``model_index.json``'s ``_class_name``).
 DELEAKER_PIPELINES = {"Flux2Pipeline": DeLeakerFlux2Pipeline, "Flux2KleinPipeline": DeLeakerFlux2KleinPipeline}
 
 
-class Flux2Runtime:
+class Flux2Runtime(CallableRuntime):
     """FLUX.2 [dev] or [klein] with DeLeaker, loaded once (`load`); called like `DeLeakerRuntime`
     (``rt(prompt, entities, ...)``, `generate`, `generate_batch`, `resolve`, `prepare`). Calls on one instance are
     serialised by a lock."""
@@ -144,10 +146,7 @@ class Flux2Runtime:
         """``request`` checked against this model, the default size, steps (`DEFAULT_STEPS`) and guidance
         (`DEFAULT_GUIDANCE`) filled in (a `ResolvedRequest`); raises a typed error for anything that cannot run,
         before any model runs (see the module docstring)."""
-        if not isinstance(request, GenerationRequest):
-            raise ConfigError(
-                f"expected a GenerationRequest, got {type(request).__name__} (or call the runtime: rt(prompt, entities))"
-            )
+        request = require_request(request)
         if request.steps is None or request.guidance is None:  # the defaults, then resolved as any request
             request = dataclasses.replace(
                 request,
@@ -156,8 +155,7 @@ class Flux2Runtime:
             )
         if isinstance(request, ResolvedRequest) and request.is_resolved_by(self._resolver_id):
             return request
-        height = self.default_size[0] if request.height is None else request.height
-        width = self.default_size[1] if request.width is None else request.width
+        height, width = request.size_or(self.default_size)
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise PromptError("the prompt must be a non-empty string")
         count = self.text_token_count(request.prompt)
@@ -173,31 +171,11 @@ class Flux2Runtime:
         check_size(height, width, 2 * self.vae_scale_factor)
         if self.transformer_config.get("guidance_embeds", False):
             check_guidance("guidance", request.guidance, self.dtype)
-        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(GenerationRequest)}
-        fields.update(height=height, width=width)
-        return ResolvedRequest(
-            **fields,
-            t5_tokens=count,
-            entity_mask=mask,
-            resolved_for=(self._resolver_id, request.prompt, request.entities, height, width),
+        return ResolvedRequest.of(
+            request, self._resolver_id, height=height, width=width, t5_tokens=count, entity_mask=mask
         )
 
     # --- generation -------------------------------------------------------------------------------------------
-
-    def __call__(
-        self,
-        prompt: str,
-        entities: Sequence[str],
-        *,
-        seed: int = 0,
-        steps: Optional[int] = None,
-        guidance: Optional[float] = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        deleaker: bool = True,
-    ) -> GenerationResult:
-        """Generate one image; see `GenerationRequest` for the arguments."""
-        return self.generate(GenerationRequest(prompt, entities, seed, steps, guidance, height, width, deleaker))
 
     def prepare(self, request: GenerationRequest) -> float:
         """Validate ``request``; 0 seconds: the one backend is loaded with the model."""
@@ -221,8 +199,7 @@ class Flux2Runtime:
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """The requests one after another (each image is the request's alone); all are resolved first, so a bad
         one is refused before any work."""
-        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
-            raise ConfigError(f"requests must be a non-empty list of GenerationRequest, got {requests!r:.80}")
+        requests = require_requests(requests)
         with self._lock:
             resolved = [self.resolve(request) for request in requests]
             return [self._generate(request, False, None) for request in resolved]

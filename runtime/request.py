@@ -27,6 +27,7 @@ Ranges (and why):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import sys
@@ -190,6 +191,13 @@ class GenerationRequest:
         if not isinstance(self.deleaker, bool):
             raise ConfigError(f"deleaker must be a bool, got {shown(self.deleaker)}")
 
+    def size_or(self, default_size: tuple[int, int]) -> tuple[int, int]:
+        """``(height, width)``: this request's, each None taken from ``default_size`` (a runtime's default)."""
+        return (
+            default_size[0] if self.height is None else self.height,
+            default_size[1] if self.width is None else self.width,
+        )
+
 
 @dataclass(frozen=True)
 class ResolvedRequest(GenerationRequest):
@@ -214,3 +222,44 @@ class ResolvedRequest(GenerationRequest):
     def is_resolved_by(self, runtime_id: str) -> bool:
         """True when the runtime named ``runtime_id`` resolved this prompt, these entities and this size."""
         return self.resolved_for == (runtime_id, self.prompt, self.entities, self.height, self.width)
+
+    @classmethod
+    def of(
+        cls,
+        request: GenerationRequest,
+        runtime_id: str,
+        *,
+        height: int,
+        width: int,
+        t5_tokens: int,
+        entity_mask: "torch.Tensor",
+        **settings: Any,
+    ) -> "ResolvedRequest":
+        """``request`` resolved by the runtime named ``runtime_id`` at ``height x width``, with what its checks
+        computed; ``settings`` (steps, guidance) replace the request's."""
+        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(GenerationRequest)}
+        fields.update(height=height, width=width, **settings)
+        return cls(
+            **fields,
+            t5_tokens=t5_tokens,
+            entity_mask=entity_mask,
+            resolved_for=(runtime_id, request.prompt, request.entities, height, width),
+        )
+
+
+def require_request(request: object) -> GenerationRequest:
+    """``request`` when it is a `GenerationRequest`; else a `ConfigError` (a runtime's ``resolve`` was given
+    something else)."""
+    if not isinstance(request, GenerationRequest):
+        raise ConfigError(
+            f"expected a GenerationRequest, got {type(request).__name__} (or call the runtime: rt(prompt, entities))"
+        )
+    return request
+
+
+def require_requests(requests: object) -> Sequence[GenerationRequest]:
+    """``requests`` when it is a non-empty list or tuple (a runtime's ``generate_batch``; each is checked as it is
+    resolved); else a `ConfigError`."""
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
+        raise ConfigError(f"requests must be a non-empty list of GenerationRequest, got {requests!r:.80}")
+    return requests

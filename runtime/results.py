@@ -1,10 +1,11 @@
 """`GenerationResult`: what one generation of a runtime gives back (FLUX.1's `DeLeakerRuntime`, FLUX.2's
-`Flux2Runtime`), in a module of its own so that both runtimes share it without importing each other."""
+`Flux2Runtime`), and `CallableRuntime`, the ``rt(prompt, entities, ...)`` call that gives it, in a module of their
+own so that both runtimes share them without importing each other."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image
@@ -30,3 +31,28 @@ class GenerationResult:
     #: The most GPU memory torch allocated during the generation (GiB; every tensor of this process, the weights
     #: included); None off a GPU.
     peak_gpu_gib: Optional[float] = None
+
+
+class CallableRuntime:
+    """What both runtimes (`DeLeakerRuntime`, `Flux2Runtime`) do when called: make the `GenerationRequest` from
+    the arguments and pass it to their ``generate``."""
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """One image for ``request``; each runtime defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define generate")
+
+    def __call__(
+        self,
+        prompt: str,
+        entities: Sequence[str],
+        *,
+        seed: int = 0,
+        steps: Optional[int] = None,
+        guidance: Optional[float] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        deleaker: bool = True,
+    ) -> GenerationResult:
+        """Generate one image; see `GenerationRequest` for the arguments (steps/guidance None: the model's).
+        Returns image and per-stage timings."""
+        return self.generate(GenerationRequest(prompt, entities, seed, steps, guidance, height, width, deleaker))

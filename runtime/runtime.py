@@ -48,15 +48,15 @@ from .schedule import (
     text_ids,
     unpack_latents,
 )
-from .request import GenerationRequest, ResolvedRequest
-from .results import GenerationResult
+from .request import GenerationRequest, ResolvedRequest, require_request, require_requests
+from .results import CallableRuntime, GenerationResult
 from .sources import TransformerSource
 from .text import TextEncoders
 
 Tensor = torch.Tensor
 
 
-class DeLeakerRuntime:
+class DeLeakerRuntime(CallableRuntime):
     """FLUX.1 with DeLeaker; load once (`from_model`, `from_engines`), then call ``rt(prompt, entities, ...)``.
 
     Calls on one instance are serialised by a lock (see the module docstring).
@@ -273,10 +273,7 @@ class DeLeakerRuntime:
         and ``generate`` given it do no work again. Steps None becomes `default_steps`; guidance None becomes 3.5,
         and any guidance becomes None for a model without a guidance embedding (it uses none, as diffusers).
         """
-        if not isinstance(request, GenerationRequest):
-            raise ConfigError(
-                f"expected a GenerationRequest, got {type(request).__name__} (or call the runtime: rt(prompt, entities))"
-            )
+        request = require_request(request)
         steps = self.default_steps if request.steps is None else request.steps
         guidance = default_guidance(self.uses_guidance)
         if self.uses_guidance and request.guidance is not None:
@@ -285,37 +282,17 @@ class DeLeakerRuntime:
             if (request.steps, request.guidance) == (steps, guidance):
                 return request
             return dataclasses.replace(request, steps=steps, guidance=guidance)  # keeps the mask: same text, size
-        height = self.default_size[0] if request.height is None else request.height
-        width = self.default_size[1] if request.width is None else request.width
+        height, width = request.size_or(self.default_size)
         self.text.check_prompt(request.prompt, self.text_len)
         mask = self.text.entity_mask(request.prompt, request.entities, text_len=self.text_len,
                                      max_entities=self.max_entities)
         self.source.check_resolution(height, width)
-        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(GenerationRequest)}
-        fields.update(height=height, width=width, steps=steps, guidance=guidance)
-        return ResolvedRequest(
-            **fields,
-            t5_tokens=self.text.t5_token_count(request.prompt),
-            entity_mask=mask,
-            resolved_for=(self._resolver_id, request.prompt, request.entities, height, width),
+        return ResolvedRequest.of(
+            request, self._resolver_id, height=height, width=width, t5_tokens=self.text.t5_token_count(request.prompt),
+            entity_mask=mask, steps=steps, guidance=guidance,
         )
 
     # --- generation -------------------------------------------------------------------------------------------
-
-    def __call__(
-        self,
-        prompt: str,
-        entities: Sequence[str],
-        *,
-        seed: int = 0,
-        steps: Optional[int] = None,
-        guidance: Optional[float] = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        deleaker: bool = True,
-    ) -> GenerationResult:
-        """Generate one image; see `GenerationRequest` for the arguments (steps/guidance None: the model's). Returns image and per-stage timings."""
-        return self.generate(GenerationRequest(prompt, entities, seed, steps, guidance, height, width, deleaker))
 
     def prepare(self, request: GenerationRequest) -> float:
         """Validate ``request`` and load the backend for its resolution now (the first use of a resolution may
@@ -352,8 +329,7 @@ class DeLeakerRuntime:
         whose entity mask is the same (the contract's ``entity_mask`` is one per call, not per sample), in chunks
         of the backend's largest batch. Timings are the whole batch's (each result has the same numbers).
         """
-        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
-            raise ConfigError(f"requests must be a non-empty list of GenerationRequest, got {requests!r:.80}")
+        requests = require_requests(requests)
         with self._lock:
             return self._generate(list(requests), False, None)
 
