@@ -26,6 +26,7 @@ from .entities import (
     _check_prompt,
     _find_spans,
     _tokens_of_span,
+    check_disjoint_entities,
     check_entity_rows,
 )
 from .errors import ConfigError, EntityError
@@ -159,14 +160,7 @@ def chat_entity_token_positions(
             f"{len(full_offsets)} tokens of this prompt, system message and control tokens included): "
             f"{', '.join(cut)}; shorten the prompt or raise max_sequence_length"
         )
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
-            shared = sorted(set(positions[i]) & set(positions[j]))
-            if shared:
-                raise EntityError(
-                    f"entities {names[i]!r} and {names[j]!r} overlap (both use token(s) {shared} at their first "
-                    "occurrences); entities must not share words: give each entity once, as separate words"
-                )
+    check_disjoint_entities(names, positions, "token(s)")
     return positions
 
 

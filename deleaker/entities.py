@@ -101,15 +101,21 @@ def entity_token_positions(
             f"{max_sequence_length - 1}: shorten the prompt or raise max_sequence_length"
         )
 
+    check_disjoint_entities(names, positions, "T5 token(s)")
+    return positions
+
+
+def check_disjoint_entities(names: Sequence[str], positions: Sequence[Sequence[int]], tokens: str) -> None:
+    """Raise `EntityError` if two entities share a token position; ``tokens`` names them in the message
+    ("T5 token(s)" here, "token(s)" for the FLUX.2 chat prompts)."""
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             shared = sorted(set(positions[i]) & set(positions[j]))
             if shared:
                 raise EntityError(
-                    f"entities {names[i]!r} and {names[j]!r} overlap (both use T5 token(s) {shared} at their first "
+                    f"entities {names[i]!r} and {names[j]!r} overlap (both use {tokens} {shared} at their first "
                     "occurrences); entities must not share words: give each entity once, as separate words"
                 )
-    return positions
 
 
 def check_entity_rows(max_entities: Any) -> None:
