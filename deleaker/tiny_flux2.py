@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import (
@@ -238,16 +238,38 @@ def _check_seed(seed: Any) -> None:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 
 
+def _seeded_components(
+    seed: int, tokenizer: Any, text_encoder: Callable[[], torch.nn.Module], guidance_embeds: bool
+) -> dict[str, Any]:
+    """The components both tiny FLUX.2 pipelines take: the VAE, ``text_encoder()`` and the transformer, each made
+    under its own seed (``seed * 16`` + its offset, so one part's change leaves the others' weights as they were),
+    in eval mode; the global torch RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 16 + _SEED_OFFSETS["vae"])
+        vae = _vae()
+        torch.manual_seed(seed * 16 + _SEED_OFFSETS["text_encoder"])
+        encoder = text_encoder()
+        torch.manual_seed(seed * 16 + _SEED_OFFSETS["transformer"])
+        transformer = _transformer(guidance_embeds=guidance_embeds)
+    for module in (vae, encoder, transformer):
+        module.eval()
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG),
+        "vae": vae,
+        "text_encoder": encoder,
+        "tokenizer": tokenizer,
+        "transformer": transformer,
+    }
+
+
 def build_tiny_flux2_components(seed: int = 0) -> dict[str, Any]:
     """Everything ``diffusers.Flux2Pipeline(**components)`` (FLUX.2 [dev]) takes, small and random, deterministic
     in ``seed``; new modules each call; the global torch RNG is left as it was."""
     _check_seed(seed)
     tokenizer = build_tiny_mistral3_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 16 + _SEED_OFFSETS["vae"])
-        vae = _vae()
-        torch.manual_seed(seed * 16 + _SEED_OFFSETS["text_encoder"])
-        text_encoder = Mistral3ForConditionalGeneration(
+
+    def text_encoder() -> torch.nn.Module:
+        return Mistral3ForConditionalGeneration(
             Mistral3Config(
                 text_config=MistralConfig(
                     vocab_size=len(tokenizer),
@@ -275,17 +297,8 @@ def build_tiny_flux2_components(seed: int = 0) -> dict[str, Any]:
                 tie_word_embeddings=False,
             )
         )
-        torch.manual_seed(seed * 16 + _SEED_OFFSETS["transformer"])
-        transformer = _transformer(guidance_embeds=True)
-    for module in (vae, text_encoder, transformer):
-        module.eval()
-    return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG),
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "transformer": transformer,
-    }
+
+    return _seeded_components(seed, tokenizer, text_encoder, guidance_embeds=True)
 
 
 def build_tiny_flux2_klein_components(seed: int = 0) -> dict[str, Any]:
@@ -293,11 +306,9 @@ def build_tiny_flux2_klein_components(seed: int = 0) -> dict[str, Any]:
     deterministic in ``seed`` (``is_distilled=False``: guidance above 1 runs true CFG, as the base [klein])."""
     _check_seed(seed)
     tokenizer = build_tiny_qwen3_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 16 + _SEED_OFFSETS["vae"])
-        vae = _vae()
-        torch.manual_seed(seed * 16 + _SEED_OFFSETS["text_encoder"])
-        text_encoder = Qwen3ForCausalLM(
+
+    def text_encoder() -> torch.nn.Module:
+        return Qwen3ForCausalLM(
             Qwen3Config(
                 vocab_size=len(tokenizer),
                 hidden_size=_TEXT_HIDDEN,
@@ -313,18 +324,8 @@ def build_tiny_flux2_klein_components(seed: int = 0) -> dict[str, Any]:
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-        torch.manual_seed(seed * 16 + _SEED_OFFSETS["transformer"])
-        transformer = _transformer(guidance_embeds=False)
-    for module in (vae, text_encoder, transformer):
-        module.eval()
-    return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG),
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "transformer": transformer,
-        "is_distilled": False,
-    }
+
+    return {**_seeded_components(seed, tokenizer, text_encoder, guidance_embeds=False), "is_distilled": False}
 
 
 def save_tiny_flux2(path: str | Path, seed: int = 0) -> Path:
