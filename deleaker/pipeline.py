@@ -23,6 +23,31 @@ from .processor import (
     place_deleaker_processors,
 )
 
+
+def new_deleaker_state(
+    entity_mask: torch.Tensor, grid: tuple[int, int], config: DeLeakerConfig, device: torch.device
+) -> DeLeakerState:
+    """A fresh per-call `DeLeakerState` on ``device`` (step 0, no history yet); FLUX.1 and FLUX.2 pipelines."""
+    return DeLeakerState(
+        entity_mask=entity_mask.to(device),
+        grid=grid,
+        config=config,
+        step=torch.zeros((), dtype=torch.int64, device=device),
+    )
+
+
+def place_unparallel_processors(transformer) -> None:
+    """Raise `ConfigError` if ``transformer`` runs with parallelism, else give its DeLeaker processors their place
+    in the block order (`place_deleaker_processors`); the last check of FLUX.1's and FLUX.2's pipelines."""
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise ConfigError(
+            "the transformer runs with parallelism (enable_parallelism), and DeLeaker's entity masks and history "
+            "are computed over every head and image token of a block: call without entities, or load the "
+            "transformer without parallelism"
+        )
+    place_deleaker_processors(transformer)
+
+
 class DeLeakerFluxPipeline(FluxPipeline):
     """``FluxPipeline`` that mitigates leakage between the ``entities`` named in the prompt.
 
@@ -79,13 +104,8 @@ class DeLeakerFluxPipeline(FluxPipeline):
         mask = entity_token_mask(
             self.tokenizer_2, prompt, entities, max_sequence_length=max_sequence_length, max_entities=max_entities
         )
-        device = self._execution_device
-        return DeLeakerState(
-            entity_mask=mask.to(device),
-            grid=latent_grid(height, width, self.vae_scale_factor),
-            config=config,
-            step=torch.zeros((), dtype=torch.int64, device=device),
-        )
+        grid = latent_grid(height, width, self.vae_scale_factor)
+        return new_deleaker_state(mask, grid, config, self._execution_device)
 
     def _check_processors(self) -> None:
         """Raise `ConfigError` unless every joint attention still runs DeLeaker's processor, unfused and without
@@ -109,13 +129,7 @@ class DeLeakerFluxPipeline(FluxPipeline):
             raise ConfigError(
                 "DeLeaker attention needs unfused projections; call pipe.transformer.unfuse_qkv_projections()"
             )
-        if getattr(self.transformer, "_parallel_config", None) is not None:
-            raise ConfigError(
-                "the transformer runs with parallelism (enable_parallelism), and DeLeaker's entity masks and history "
-                "are computed over every head and image token of a block: call without entities, or load the "
-                "transformer without parallelism"
-            )
-        place_deleaker_processors(self.transformer)
+        place_unparallel_processors(self.transformer)
 
     @torch.no_grad()
     def __call__(

@@ -36,8 +36,15 @@ from .entities import DEFAULT_MAX_ENTITIES, check_entity_rows
 from .errors import ConfigError
 from .geometry import latent_grid
 from .guidance import check_guidance, real_scalar
-from .pipeline import _check_user_latents, _one_prompt, _refuse_non_finite_decode, checked_step_callback
-from .processor import DeLeakerProcessorBase, DeLeakerState, place_deleaker_processors
+from .pipeline import (
+    _check_user_latents,
+    _one_prompt,
+    _refuse_non_finite_decode,
+    checked_step_callback,
+    new_deleaker_state,
+    place_unparallel_processors,
+)
+from .processor import DeLeakerProcessorBase, DeLeakerState
 from .processor_flux2 import install_deleaker_flux2_processors, misplaced_flux2_processors
 
 
@@ -72,13 +79,18 @@ class _DeLeakerFlux2Calls:
             self.tokenizer, prompt, entities, self._chat(),
             max_sequence_length=max_sequence_length, max_entities=max_entities,
         )
-        device = self._execution_device
-        return DeLeakerState(
-            entity_mask=mask.to(device),
-            grid=latent_grid(height, width, self.vae_scale_factor),
-            config=config,
-            step=torch.zeros((), dtype=torch.int64, device=device),
-        )
+        grid = latent_grid(height, width, self.vae_scale_factor)
+        return new_deleaker_state(mask, grid, config, self._execution_device)
+
+    def _checked_config(
+        self, latents: Any, deleaker_config: DeLeakerConfig | Mapping[str, Any] | None, max_entities: int
+    ) -> DeLeakerConfig:
+        """What both FLUX.2 calls check before any work, in this order: the caller's latents, the DeLeaker config
+        (resolved for this transformer), the entity-row count; returns the resolved config."""
+        _check_user_latents(latents)
+        config = DeLeakerConfig.resolve(deleaker_config, self.num_blocks or REFERENCE_NUM_BLOCKS)
+        check_entity_rows(max_entities)
+        return config
 
     def _check_processors(self) -> None:
         """Raise `ConfigError` unless every joint attention still runs a DeLeaker processor, without
@@ -97,13 +109,7 @@ class _DeLeakerFlux2Calls:
                 "parallel single-stream); call deleaker.processor_flux2.install_deleaker_flux2_processors"
                 "(pipe.transformer)"
             )
-        if getattr(self.transformer, "_parallel_config", None) is not None:
-            raise ConfigError(
-                "the transformer runs with parallelism (enable_parallelism), and DeLeaker's entity masks and history "
-                "are computed over every head and image token of a block: call without entities, or load the "
-                "transformer without parallelism"
-            )
-        place_deleaker_processors(self.transformer)
+        place_unparallel_processors(self.transformer)
 
     def _entity_state(
         self,
@@ -254,9 +260,7 @@ class DeLeakerFlux2Pipeline(_DeLeakerFlux2Calls, Flux2Pipeline):
         height, width, num_inference_steps, num_images_per_prompt, max_sequence_length, max_entities = _plain_ints(
             height, width, num_inference_steps, num_images_per_prompt, max_sequence_length, max_entities
         )
-        _check_user_latents(latents)
-        config = DeLeakerConfig.resolve(deleaker_config, self.num_blocks or REFERENCE_NUM_BLOCKS)
-        check_entity_rows(max_entities)
+        config = self._checked_config(latents, deleaker_config, max_entities)
         stock_args = dict(
             image=image, prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
             sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
@@ -321,9 +325,7 @@ class DeLeakerFlux2KleinPipeline(_DeLeakerFlux2Calls, Flux2KleinPipeline):
         height, width, num_inference_steps, num_images_per_prompt, max_sequence_length, max_entities = _plain_ints(
             height, width, num_inference_steps, num_images_per_prompt, max_sequence_length, max_entities
         )
-        _check_user_latents(latents)
-        config = DeLeakerConfig.resolve(deleaker_config, self.num_blocks or REFERENCE_NUM_BLOCKS)
-        check_entity_rows(max_entities)
+        config = self._checked_config(latents, deleaker_config, max_entities)
         stock_args = dict(
             image=image, prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
             sigmas=sigmas, guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
