@@ -9,7 +9,7 @@ them in block order.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
@@ -36,6 +36,20 @@ from .contract import FluxTransformerIO
 Tensor = torch.Tensor
 
 
+def float32_rotary_embedding(ids: Tensor, axes_dim: Sequence[int], theta: int) -> Tuple[Tensor, Tensor]:
+    """``(cos, sin)`` of the rotary embedding of ``ids`` (``(..., len(axes_dim))``: one position per axis, the last
+    dimension), the axes concatenated, as diffusers' ``FluxPosEmbed``/``Flux2PosEmbed`` but with float32 angles."""
+    pos = ids.float()
+    cos_out, sin_out = [], []
+    for axis, dim in enumerate(axes_dim):
+        cos, sin = get_1d_rotary_pos_embed(
+            dim, pos[..., axis], theta=theta, repeat_interleave_real=True, use_real=True, freqs_dtype=torch.float32,
+        )
+        cos_out.append(cos)
+        sin_out.append(sin)
+    return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
+
+
 class Float32FluxPosEmbed(FluxPosEmbed):
     """``FluxPosEmbed`` with its rotary angles in float32 instead of float64.
 
@@ -45,16 +59,7 @@ class Float32FluxPosEmbed(FluxPosEmbed):
     """
 
     def forward(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
-        pos = ids.float()
-        cos_out, sin_out = [], []
-        for i in range(ids.shape[-1]):
-            cos, sin = get_1d_rotary_pos_embed(
-                self.axes_dim[i], pos[:, i], theta=self.theta, repeat_interleave_real=True, use_real=True,
-                freqs_dtype=torch.float32,
-            )
-            cos_out.append(cos)
-            sin_out.append(sin)
-        return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
+        return float32_rotary_embedding(ids, self.axes_dim, self.theta)
 
 
 class Float32Flux2PosEmbed(Flux2PosEmbed):
@@ -62,16 +67,7 @@ class Float32Flux2PosEmbed(Flux2PosEmbed):
     of `Float32FluxPosEmbed`."""
 
     def forward(self, ids: Tensor) -> Tuple[Tensor, Tensor]:
-        pos = ids.float()
-        cos_out, sin_out = [], []
-        for i in range(len(self.axes_dim)):
-            cos, sin = get_1d_rotary_pos_embed(
-                self.axes_dim[i], pos[..., i], theta=self.theta, repeat_interleave_real=True, use_real=True,
-                freqs_dtype=torch.float32,
-            )
-            cos_out.append(cos)
-            sin_out.append(sin)
-        return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
+        return float32_rotary_embedding(ids, self.axes_dim, self.theta)
 
 
 @contextlib.contextmanager
