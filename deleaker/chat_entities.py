@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from .entities import (
     DEFAULT_MAX_ENTITIES,
-    _check_entities,
-    _check_prompt,
-    _find_spans,
-    _tokens_of_span,
+    check_entities,
+    check_prompt,
+    find_spans,
+    tokens_of_span,
     check_disjoint_entities,
     check_entity_rows,
 )
@@ -124,15 +124,15 @@ def chat_entity_token_positions(
 ) -> list[list[int]]:
     """Positions, in the pipeline's padded token sequence of length ``max_sequence_length``, of each entity's
     tokens (entity order, each ascending, non-empty). Raises `EntityError` (see the module docstring)."""
-    names = _check_entities(entities, max_entities)
-    _check_prompt(prompt)
+    names = check_entities(entities, max_entities)
+    check_prompt(prompt)
     if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 2:
         raise ConfigError(f"max_sequence_length must be an int >= 2, got {max_sequence_length!r}")
     text_tokenizer = _text_tokenizer(tokenizer)
     if not getattr(text_tokenizer, "is_fast", False):
         raise TypeError(f"entity positions need a fast tokenizer with offsets, got {type(text_tokenizer).__name__}")
     templated, user_text, start = templated_prompt(tokenizer, prompt, chat)
-    spans = [(s + start, e + start) for s, e in _find_spans(user_text, names)]
+    spans = [(s + start, e + start) for s, e in find_spans(user_text, names)]
     user_span = (start, start + len(user_text))
 
     add_special = chat.add_special_tokens(tokenizer, templated)
@@ -172,9 +172,9 @@ def _user_tokens(
     name: str,
     chat: ChatPrompt,
 ) -> list[int]:
-    """The tokens of ``span`` (see `deleaker.entities._tokens_of_span`) that lie in the user's text; a leading
+    """The tokens of ``span`` (see `deleaker.entities.tokens_of_span`) that lie in the user's text; a leading
     whitespace token of the template is dropped, a token that spells the entity and template text is refused."""
-    hits = _tokens_of_span(text, offsets, span)
+    hits = tokens_of_span(text, offsets, span)
     if hits and offsets[hits[0]][0] < user_span[0] and offsets[hits[0]][1] <= span[0]:
         hits = hits[1:]  # the whitespace token in front is the template's, not the user's
     for i in hits:

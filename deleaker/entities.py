@@ -58,11 +58,11 @@ def entity_token_positions(
     (``tokenizer(prompt, truncation=False, return_offsets_mapping=True)``), so the prompt is not tokenized again.
     Raises `EntityError` when the entities do not fit the prompt (see the module docstring).
     """
-    names = _check_entities(entities, max_entities)
-    _check_prompt(prompt)
+    names = check_entities(entities, max_entities)
+    check_prompt(prompt)
     if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 2:
         raise ConfigError(f"max_sequence_length must be an int >= 2, got {max_sequence_length!r}")
-    spans = _find_spans(prompt, names)
+    spans = find_spans(prompt, names)
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             "entity positions need a fast tokenizer with offsets (e.g. T5TokenizerFast), "
@@ -87,8 +87,8 @@ def entity_token_positions(
     positions: list[list[int]] = []
     cut: list[str] = []
     for name, span in zip(names, spans):
-        in_full = _tokens_of_span(prompt, full_offsets, span)
-        in_kept = _tokens_of_span(prompt, kept_offsets, span)
+        in_full = tokens_of_span(prompt, full_offsets, span)
+        in_kept = tokens_of_span(prompt, kept_offsets, span)
         if not in_full:
             raise EntityError(f"entity {name!r} spells no T5 token (the tokenizer drops its characters)")
         if in_kept != in_full:
@@ -154,13 +154,13 @@ def entity_token_mask(
 def check_entity_words(prompt: str, entities: Sequence[str], *, max_entities: int | None = None) -> list[str]:
     """The entity checks that need no tokenizer (type, count, empty, duplicates, whole words of ``prompt``);
     returns the stripped names. Raises `EntityError`. `entity_token_positions` runs these first."""
-    names = _check_entities(entities, max_entities)
-    _check_prompt(prompt)
-    _find_spans(prompt, names)
+    names = check_entities(entities, max_entities)
+    check_prompt(prompt)
+    find_spans(prompt, names)
     return names
 
 
-def _check_entities(entities: Sequence[str], max_entities: int | None) -> list[str]:
+def check_entities(entities: Sequence[str], max_entities: int | None) -> list[str]:
     """Entity strings stripped, after the checks that need no tokenizer."""
     if max_entities is not None:
         # A bound below 2 would contradict the minimum; one that is not an int would fail the comparison below.
@@ -223,7 +223,7 @@ def unicode_problem(text: str) -> str | None:
     return None
 
 
-def _check_prompt(prompt: Any) -> None:
+def check_prompt(prompt: Any) -> None:
     """`EntityError` unless ``prompt`` is a str the tokenizer can take."""
     if not isinstance(prompt, str):
         raise EntityError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -232,7 +232,7 @@ def _check_prompt(prompt: Any) -> None:
         raise EntityError(f"the prompt {problem}; it must be text T5 can read")
 
 
-def _find_spans(prompt: str, names: list[str]) -> list[tuple[int, int]]:
+def find_spans(prompt: str, names: list[str]) -> list[tuple[int, int]]:
     """Character span ``[start, end)`` of each entity's first whole-word, case-insensitive occurrence."""
     spans: list[tuple[int, int]] = []
     missing: list[str] = []
@@ -271,7 +271,7 @@ def _is_mark(ch: str) -> bool:
     return unicodedata.category(ch).startswith("M")
 
 
-def _tokens_of_span(prompt: str, offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+def tokens_of_span(prompt: str, offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:
     """Positions of the tokens whose character span overlaps ``span`` (zero-width spans, i.e. special tokens and
     padding, are skipped), plus a whitespace-only token (a bare ``▁``) right in front of them."""
     start, end = span

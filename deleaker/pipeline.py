@@ -188,7 +188,7 @@ class DeLeakerFluxPipeline(FluxPipeline):
             int(v) if isinstance(v, np.integer) else v
             for v in (height, width, num_inference_steps, num_images_per_prompt, max_sequence_length, max_entities)
         )
-        _check_user_latents(latents)
+        check_user_latents(latents)
         config = DeLeakerConfig.resolve(deleaker_config, self.num_blocks or REFERENCE_NUM_BLOCKS)
         check_entity_rows(max_entities)
 
@@ -222,10 +222,10 @@ class DeLeakerFluxPipeline(FluxPipeline):
         if entities is None or (isinstance(entities, (list, tuple)) and len(entities) == 0):
             return self._call_checked(flux_args, callback_on_step_end, callback_on_step_end_tensor_inputs, None)
 
-        _one_prompt("prompt", prompt)
+        one_prompt("prompt", prompt)
         # The entity mask indexes T5's tokens, and T5 reads prompt_2 when it is given (FluxPipeline.encode_prompt:
         # ``prompt_2 or prompt``): entities are looked up in that text, or they would mark unrelated tokens.
-        t5_text = _one_prompt("prompt_2", prompt_2 or prompt)
+        t5_text = one_prompt("prompt_2", prompt_2 or prompt)
         if (negative_prompt is not None or negative_prompt_embeds is not None) and true_cfg_scale > 1:
             raise ConfigError("DeLeaker does not support true CFG (negative prompts): its history is per pass")
         ip_inputs = dict(
@@ -279,7 +279,7 @@ class DeLeakerFluxPipeline(FluxPipeline):
         hook = None
         decoder = getattr(self.vae, "decoder", None)
         if isinstance(decoder, torch.nn.Module):
-            hook = decoder.register_forward_hook(_refuse_non_finite_decode)
+            hook = decoder.register_forward_hook(refuse_non_finite_decode)
         try:
             return super().__call__(
                 **flux_args,
@@ -319,7 +319,7 @@ def checked_step_callback(
     return check_then_user_callback, list(dict.fromkeys([*(user_inputs or []), "latents"]))
 
 
-def _check_user_latents(latents: Any) -> None:
+def check_user_latents(latents: Any) -> None:
     """Raise `ConfigError` unless ``latents`` is None or a tensor of finite values (NaN ones make a black image)."""
     if latents is None:
         return
@@ -337,14 +337,14 @@ def _check_step_latents(latents: torch.Tensor, when: str) -> None:
         raise NonFiniteError(f"the latents hold NaN or inf {when}: the model overflowed; no image was made")
 
 
-def _refuse_non_finite_decode(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+def refuse_non_finite_decode(module: torch.nn.Module, inputs: Any, output: Any) -> None:
     """Forward hook of the VAE decoder: `NonFiniteError` when the decoded image is not finite (it would become
     black or noise in 8 bit)."""
     if isinstance(output, torch.Tensor) and not bool(torch.isfinite(output).all()):
         raise NonFiniteError("the decoded image holds NaN or inf (the VAE overflowed); no image was made")
 
 
-def _one_prompt(name: str, prompt: Any) -> str:
+def one_prompt(name: str, prompt: Any) -> str:
     """The one text ``prompt`` holds (a str, or a list of copies of one str); `ConfigError` otherwise."""
     if isinstance(prompt, (list, tuple)):
         if len(prompt) == 0 or len(set(prompt)) != 1:

@@ -37,9 +37,9 @@ from .errors import ConfigError
 from .geometry import latent_grid
 from .guidance import check_guidance, real_scalar
 from .pipeline import (
-    _check_user_latents,
-    _one_prompt,
-    _refuse_non_finite_decode,
+    check_user_latents,
+    one_prompt,
+    refuse_non_finite_decode,
     checked_step_callback,
     new_deleaker_state,
     place_unparallel_processors,
@@ -87,7 +87,7 @@ class _DeLeakerFlux2Calls:
     ) -> DeLeakerConfig:
         """What both FLUX.2 calls check before any work, in this order: the caller's latents, the DeLeaker config
         (resolved for this transformer), the entity-row count; returns the resolved config."""
-        _check_user_latents(latents)
+        check_user_latents(latents)
         config = DeLeakerConfig.resolve(deleaker_config, self.num_blocks or REFERENCE_NUM_BLOCKS)
         check_entity_rows(max_entities)
         return config
@@ -120,7 +120,7 @@ class _DeLeakerFlux2Calls:
     ) -> DeLeakerState:
         """Check what DeLeaker cannot combine with entities, then build this call's state; updates ``stock_args``
         (its height, width and attention kwargs)."""
-        prompt = _one_prompt("prompt", stock_args["prompt"])
+        prompt = one_prompt("prompt", stock_args["prompt"])
         if stock_args.get("image") is not None:
             raise ConfigError(
                 "DeLeaker cannot combine entities with reference images (image=...): their tokens join the image "
@@ -183,7 +183,7 @@ class _DeLeakerFlux2Calls:
         hooks = []
         decoder = getattr(self.vae, "decoder", None)
         if isinstance(decoder, torch.nn.Module):
-            hooks.append(decoder.register_forward_hook(_refuse_non_finite_decode))
+            hooks.append(decoder.register_forward_hook(refuse_non_finite_decode))
         if state is not None:
             hooks.append(self.transformer.register_forward_pre_hook(conditional_pass_only, with_kwargs=True))
         try:
