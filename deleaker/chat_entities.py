@@ -69,7 +69,7 @@ def flux2_dev_chat(system_message: str) -> ChatPrompt:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)[0]
 
     def add_special(tokenizer: Any, templated: str) -> bool:
-        inner = _text_tokenizer(tokenizer)
+        inner = text_tokenizer(tokenizer)
         if inner is tokenizer:
             return False
         return not (inner.bos_token is not None and templated.startswith(inner.bos_token))
@@ -89,7 +89,7 @@ def flux2_klein_chat() -> ChatPrompt:
     return ChatPrompt("FLUX.2 [klein]", lambda p: p, render, lambda tokenizer, templated: True)
 
 
-def _text_tokenizer(tokenizer: Any) -> Any:
+def text_tokenizer(tokenizer: Any) -> Any:
     """The fast tokenizer behind ``tokenizer`` (a processor's ``.tokenizer``, or itself)."""
     inner = getattr(tokenizer, "tokenizer", None)
     return inner if inner is not None and not getattr(tokenizer, "is_fast", False) else tokenizer
@@ -128,16 +128,16 @@ def chat_entity_token_positions(
     check_prompt(prompt)
     if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 2:
         raise ConfigError(f"max_sequence_length must be an int >= 2, got {max_sequence_length!r}")
-    text_tokenizer = _text_tokenizer(tokenizer)
-    if not getattr(text_tokenizer, "is_fast", False):
-        raise TypeError(f"entity positions need a fast tokenizer with offsets, got {type(text_tokenizer).__name__}")
+    encode = text_tokenizer(tokenizer)
+    if not getattr(encode, "is_fast", False):
+        raise TypeError(f"entity positions need a fast tokenizer with offsets, got {type(encode).__name__}")
     templated, user_text, start = templated_prompt(tokenizer, prompt, chat)
     spans = [(s + start, e + start) for s, e in find_spans(user_text, names)]
     user_span = (start, start + len(user_text))
 
     add_special = chat.add_special_tokens(tokenizer, templated)
-    full = text_tokenizer(templated, add_special_tokens=add_special, return_offsets_mapping=True, verbose=False)
-    kept = text_tokenizer(
+    full = encode(templated, add_special_tokens=add_special, return_offsets_mapping=True, verbose=False)
+    kept = encode(
         templated, add_special_tokens=add_special, padding="max_length", truncation=True,
         max_length=max_sequence_length, return_offsets_mapping=True,
     )

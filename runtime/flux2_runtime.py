@@ -20,6 +20,7 @@ does not keep DeLeaker's history.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from deleaker.chat_entities import _text_tokenizer, chat_entity_token_mask, templated_prompt
+from deleaker.chat_entities import chat_entity_token_mask, templated_prompt, text_tokenizer
 from deleaker.config import DeLeakerConfig
 from deleaker.errors import ConfigError, NonFiniteError
 from deleaker.export.limits import check_size
@@ -36,7 +37,6 @@ from deleaker.guidance import check_guidance
 from deleaker.models import load_components, pipeline_class_name
 from deleaker.pipeline_flux2 import DeLeakerFlux2KleinPipeline, DeLeakerFlux2Pipeline
 
-from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .request import (
     GenerationRequest, PromptError, ResolvedRequest, require_request, require_requests,
 )
@@ -129,7 +129,8 @@ class Flux2Runtime(CallableRuntime):
         tokenizer = self.pipeline.tokenizer
         chat = self.pipeline._chat()
         templated, _, _ = templated_prompt(tokenizer, prompt, chat)
-        encoded = _text_tokenizer(tokenizer)(templated, add_special_tokens=chat.add_special_tokens(tokenizer, templated))
+        add_special = chat.add_special_tokens(tokenizer, templated)
+        encoded = text_tokenizer(tokenizer)(templated, add_special_tokens=add_special)
         return len(encoded["input_ids"])
 
     @property
@@ -139,19 +140,30 @@ class Flux2Runtime(CallableRuntime):
 
     @property
     def default_steps(self) -> int:
-        """The step count a request without one gets (`DEFAULT_STEPS`, as before steps followed FLUX.1 models)."""
-        return DEFAULT_STEPS
+        """The step count a request without one gets: the pipeline's own default (diffusers' ``num_inference_steps``,
+        50 in diffusers 0.42)."""
+        return self._call_default("num_inference_steps")
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance a request without one gets: the pipeline's own default (diffusers' ``guidance_scale``, 4.0
+        in diffusers 0.42)."""
+        return self._call_default("guidance_scale")
+
+    def _call_default(self, name: str) -> Any:
+        # The DeLeaker pipelines keep the stock ``__call__`` signature, so its defaults are diffusers' own.
+        return inspect.signature(type(self.pipeline).__call__).parameters[name].default
 
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
-        """``request`` checked against this model, the default size, steps (`DEFAULT_STEPS`) and guidance
-        (`DEFAULT_GUIDANCE`) filled in (a `ResolvedRequest`); raises a typed error for anything that cannot run,
+        """``request`` checked against this model, the default size, steps (`default_steps`) and guidance
+        (`default_guidance`) filled in (a `ResolvedRequest`); raises a typed error for anything that cannot run,
         before any model runs (see the module docstring)."""
         request = require_request(request)
         if request.steps is None or request.guidance is None:  # the defaults, then resolved as any request
             request = dataclasses.replace(
                 request,
-                steps=DEFAULT_STEPS if request.steps is None else request.steps,
-                guidance=DEFAULT_GUIDANCE if request.guidance is None else request.guidance,
+                steps=self.default_steps if request.steps is None else request.steps,
+                guidance=self.default_guidance if request.guidance is None else request.guidance,
             )
         if isinstance(request, ResolvedRequest) and request.is_resolved_by(self._resolver_id):
             return request

@@ -17,7 +17,7 @@ from deleaker.pipeline_flux2 import DeLeakerFlux2KleinPipeline, DeLeakerFlux2Pip
 from deleaker.runtime.cli import main as cli_main
 from deleaker.runtime.flux2_runtime import Flux2Runtime
 from deleaker.runtime.images import read_png_record
-from deleaker.runtime.request import PromptError
+from deleaker.runtime.request import GenerationRequest, PromptError
 from deleaker.runtime.runtime import DeLeakerRuntime
 from deleaker.tiny_flux2 import save_tiny_flux2, save_tiny_flux2_klein
 
@@ -154,3 +154,17 @@ def test_cli_run_takes_guidance_for_klein_which_runs_cfg_with_it(folders, tmp_pa
     assert ran.exit_code == 0, ran.output
     ours, record = read_png_record(out)
     assert ours and record["guidance"] == 2.5 and record["steps"] == 1
+
+
+def test_a_request_without_steps_or_guidance_takes_the_stock_pipelines_defaults(folders):
+    """Steps and guidance left out are the stock FLUX.2 pipeline's own ``__call__`` defaults, not FLUX.1's."""
+    import inspect
+
+    for variant, stock in (("klein", Flux2KleinPipeline), ("dev", Flux2Pipeline)):
+        rt = DeLeakerRuntime.from_model(folders[variant], backend="torch")
+        defaults = inspect.signature(stock.__call__).parameters
+        resolved = rt.resolve(GenerationRequest(PROMPT, ENTITIES, seed=0, height=SIZE, width=SIZE))
+        assert resolved.steps == rt.default_steps == defaults["num_inference_steps"].default
+        assert resolved.guidance == rt.default_guidance == defaults["guidance_scale"].default
+        given = GenerationRequest(PROMPT, ENTITIES, seed=0, steps=2, guidance=2.5, height=SIZE, width=SIZE)
+        assert (rt.resolve(given).steps, rt.resolve(given).guidance) == (2, 2.5)

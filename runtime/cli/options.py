@@ -144,14 +144,14 @@ def request_options(func):
             type=CHECKED_INT,
             default=None,
             help=f"Denoising steps, 1 to 1000 (default: {UNGUIDED_STEPS} for a model without a guidance embedding, "
-            f"FLUX.1-schnell; {DEFAULT_STEPS} otherwise).",
+            f"FLUX.1-schnell; the pipeline's own for FLUX.2; {DEFAULT_STEPS} otherwise).",
         ),
         click.option(
             "--guidance",
             type=CHECKED_FLOAT,
             default=None,
-            help=f"Guidance, a finite number in [0, 100] (default: {DEFAULT_GUIDANCE:g}; refused for a FLUX.1 model "
-            "without a guidance embedding, FLUX.1-schnell).",
+            help=f"Guidance, a finite number in [0, 100] (default: {DEFAULT_GUIDANCE:g}, FLUX.2's pipeline's own; "
+            "refused for a FLUX.1 model without a guidance embedding, FLUX.1-schnell).",
         ),
         click.option(
             "--height", type=CHECKED_INT, default=None, help="Pixels (default: the engine's, 64 for tiny, else 512)."
