@@ -24,22 +24,12 @@ from deleaker.processor_flux2 import (
     install_deleaker_flux2_processors,
 )
 from deleaker.tiny_flux2 import build_tiny_flux2_components, build_tiny_flux2_klein_components
+# FLUX.1's prompt, entities and DeLeaker windows (inside the first steps of the 4-block tiny model, smoothing off so
+# random weights' scattered masks survive and the edits really happen) serve FLUX.2's tiny models too.
+from test_processor_pipeline import CONFIG, ENTITIES, PROMPT
 
-PROMPT = "A cat and a cheetah are splashing each other with water in a shallow river"
-ENTITIES = ["cat", "cheetah"]
 # The [dev] chat puts FLUX.2's system message (about 45 tokens here) before the prompt.
 TEXT_LEN = {"dev": 96, "klein": 40}
-# Windows inside the first steps of the 4-block tiny model; smoothing off so random weights' scattered masks
-# survive and the edits really happen (as tests/test_processor_pipeline.py).
-CONFIG = DeLeakerConfig(
-    do_smoothing=False,
-    start_aggregating_from=1,
-    stop_aggregating_at=9,
-    start_intervention_from=2,
-    stop_intervention_at=40,
-    std_mul_text=0.5,
-    std_mul_image_image=0.5,
-)
 KINDS = {
     "dev": (build_tiny_flux2_components, Flux2Pipeline, DeLeakerFlux2Pipeline),
     "klein": (build_tiny_flux2_klein_components, Flux2KleinPipeline, DeLeakerFlux2KleinPipeline),

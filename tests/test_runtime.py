@@ -4,6 +4,7 @@ ONNX Runtime equals PyTorch, engine directories are checked before use, one inst
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import threading
@@ -25,20 +26,15 @@ from deleaker.runtime.images import psnr
 from deleaker.runtime.request import MAX_PROMPT_CHARS, EntitiesTypeError
 from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest, NonFiniteError
 from deleaker.runtime.text import PromptError
+from test_processor_pipeline import CONFIG as PIPELINE_CONFIG
 
 PROMPT = "A cat and a cheetah are splashing each other with water in a shallow river"
 ENTITIES = ("cat", "cheetah")
 TEXT_LEN = 32
-# Windows inside the first steps of the 4-block tiny model and thresholds that give masks on random weights, so
-# DeLeaker changes the image (the spec defaults scaled to 4 blocks find no masks on random weights).
-CONFIG = DeLeakerConfig(
-    start_aggregating_from=1,
-    stop_aggregating_at=9,
-    start_intervention_from=2,
-    stop_intervention_at=40,
-    std_mul_text=0.5,
-    std_mul_image_image=0.5,
-)
+# tests/test_processor_pipeline.py's windows inside the first steps of the 4-block tiny model and thresholds that
+# give masks on random weights, so DeLeaker changes the image (the spec defaults scaled to 4 blocks find no masks on
+# random weights); smoothing stays on (the default) here.
+CONFIG = dataclasses.replace(PIPELINE_CONFIG, do_smoothing=DeLeakerConfig().do_smoothing)
 FLUX_DEV_SCHEDULER = dict(
     num_train_timesteps=1000,
     shift=3.0,

@@ -8,22 +8,13 @@ import copy
 import numpy as np
 import pytest
 
-from deleaker import DeLeakerConfig
 from deleaker.errors import ConfigError, ShapeError
 from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest
 from deleaker.runtime.sources import TransformerSource
+# tests/test_runtime.py's windows and thresholds give masks on the tiny model's random weights, so DeLeaker changes
+# the image and the history each request carries matters.
+from test_runtime import CONFIG, TEXT_LEN
 
-TEXT_LEN = 32
-# As tests/test_runtime.py: windows and thresholds that give masks on the tiny model's random weights, so DeLeaker
-# changes the image and the history each request carries matters.
-CONFIG = DeLeakerConfig(
-    start_aggregating_from=1,
-    stop_aggregating_at=9,
-    start_intervention_from=2,
-    stop_intervention_at=40,
-    std_mul_text=0.5,
-    std_mul_image_image=0.5,
-)
 CAT = "A cat and a cheetah are splashing each other with water in a shallow river"
 DOG = "A red dog chases a small bird across a snowy field"
 # Five requests share an entity mask, one has its own, one is plain FLUX (an all-zero mask): three groups, and the

@@ -37,24 +37,14 @@ from deleaker.runtime.images import psnr, read_png_record
 from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest
 from deleaker.tiny import build_tiny_flux_components, save_tiny_flux
 # The plugin library built against the stand-in headers (a session fixture) and the TensorRT-RTX child helpers.
+# FLUX.1's prompt, T and DeLeaker windows (inside the first steps of the 4-block tiny model, thresholds that give
+# masks on random weights, no smoothing): DeLeaker really edits the tiny schnell too.
+from test_processor_pipeline import CONFIG, PROMPT, TEXT_LEN
 from test_trt_plugin_library import _rtx_env, deleaker_trt, read_every_plan_fields, stand_in_library  # noqa: F401
 
-PROMPT = "A cat and a cheetah are splashing each other with water in a shallow river"
 ENTITIES = ("cat", "cheetah")
-TEXT_LEN = 32
 #: A model folder's runtime defaults to 512x512 (the built-in "tiny" to 64x64): every request here says its size.
 SIZE = dict(height=64, width=64)
-# Windows inside the first steps of the 4-block tiny model, thresholds that give masks on random weights and no
-# smoothing (the 3x3 opening erases random weights' scattered masks): DeLeaker really edits here.
-CONFIG = DeLeakerConfig(
-    do_smoothing=False,
-    start_aggregating_from=1,
-    stop_aggregating_at=9,
-    start_intervention_from=2,
-    stop_intervention_at=40,
-    std_mul_text=0.5,
-    std_mul_image_image=0.5,
-)
 
 
 @pytest.fixture(scope="module")
