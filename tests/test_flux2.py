@@ -12,7 +12,7 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.models.transformers import transformer_flux2
 
-from deleaker import DeLeakerConfig, deleaker_attention
+from deleaker import DeLeakerConfig
 from deleaker.chat_entities import chat_entity_token_mask
 from deleaker.errors import ConfigError, EntityError
 from deleaker.geometry import latent_grid
@@ -26,7 +26,7 @@ from deleaker.processor_flux2 import (
 from deleaker.tiny_flux2 import build_tiny_flux2_components, build_tiny_flux2_klein_components
 # FLUX.1's prompt, entities and DeLeaker windows (inside the first steps of the 4-block tiny model, smoothing off so
 # random weights' scattered masks survive and the edits really happen) serve FLUX.2's tiny models too.
-from test_processor_pipeline import CONFIG, ENTITIES, PROMPT
+from test_processor_pipeline import CONFIG, ENTITIES, PROMPT, OpAttention, assert_stock_with_op_equals, run_with_state
 
 # The [dev] chat puts FLUX.2's system message (about 45 tokens here) before the prompt.
 TEXT_LEN = {"dev": 96, "klein": 40}
@@ -94,31 +94,14 @@ def test_processors_equal_the_op_called_on_stock_projections(built, monkeypatch,
     steps = 3
 
     state = DeLeakerState(entity_mask=mask, grid=grid, config=CONFIG)
-    ours, histories = [], []
-    for _ in range(steps):
-        ours.append(transformer(**inputs, joint_attention_kwargs={"deleaker_state": state})[0])
-        histories.append(state.history.clone())
-        state.advance()
+    ours, histories = run_with_state(transformer, inputs, state, steps)
 
-    calls = {"n": 0, "history": None}
-
-    def op_attention(query, key, value, attn_mask=None, **_):
-        t = calls["n"]
-        calls["n"] += 1
-        out, calls["history"] = deleaker_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask,
-            grid=grid, block_step=t, history=calls["history"], config=CONFIG,
-        )
-        return out.transpose(1, 2)
-
+    op = OpAttention(mask, grid, CONFIG)
     stock = _stock_copy(transformer)
     assert not any(isinstance(p, DeLeakerProcessorBase) for p in stock.attn_processors.values())
-    monkeypatch.setattr(transformer_flux2, "dispatch_attention_fn", op_attention)
-    for step in range(steps):
-        theirs = stock(**inputs)[0]
-        torch.testing.assert_close(ours[step], theirs, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(histories[step], calls["history"], rtol=1e-5, atol=1e-7)
-    assert calls["n"] == steps * pipe.num_blocks
+    monkeypatch.setattr(transformer_flux2, "dispatch_attention_fn", op)
+    assert_stock_with_op_equals(stock, inputs, op, ours, histories)
+    assert op.calls == steps * pipe.num_blocks
 
     monkeypatch.undo()
     plain = stock(**inputs)[0]

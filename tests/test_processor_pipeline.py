@@ -67,6 +67,52 @@ def _entity_mask(pipe):
     return entity_token_mask(pipe.tokenizer_2, PROMPT, ENTITIES, max_sequence_length=TEXT_LEN, max_entities=4)
 
 
+class OpAttention:
+    """The independent path the processors are checked against: diffusers' attention call (``dispatch_attention_fn``
+    in a stock processor) replaced by the functional op, block steps counted from the call order (every block of every
+    step runs, in order) and the history carried from call to call. Also used by tests/test_flux2.py and
+    tests/test_schnell.py."""
+
+    def __init__(self, entity_mask: torch.Tensor, grid: tuple[int, int], config: DeLeakerConfig) -> None:
+        self.entity_mask, self.grid, self.config = entity_mask, grid, config
+        self.calls = 0
+        self.history: torch.Tensor | None = None
+
+    def __call__(self, query, key, value, attn_mask=None, **_):
+        out, self.history = deleaker_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            self.entity_mask,
+            grid=self.grid,
+            block_step=self.calls,
+            history=self.history,
+            config=self.config,
+        )
+        self.calls += 1
+        return out.transpose(1, 2)
+
+
+def run_with_state(transformer, inputs: dict, state: DeLeakerState, steps: int) -> tuple[list, list]:
+    """``steps`` calls of ``transformer`` with our processors acting on ``state``: each call's output and the history
+    the state holds after it."""
+    outputs, histories = [], []
+    for _ in range(steps):
+        outputs.append(transformer(**inputs, joint_attention_kwargs={"deleaker_state": state})[0])
+        histories.append(state.history.clone())
+        state.advance()
+    return outputs, histories
+
+
+def assert_stock_with_op_equals(stock, inputs: dict, op: OpAttention, ours: list, histories: list) -> None:
+    """``stock`` (diffusers' processors, its attention patched to ``op``) called once per step gives ``ours`` and the
+    op carries ``histories``."""
+    for step in range(len(ours)):
+        theirs = stock(**inputs)[0]
+        torch.testing.assert_close(ours[step], theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(histories[step], op.history, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_processor_equals_the_op_called_on_stock_projections(components, monkeypatch, batch):
     """Our processor inside FLUX == diffusers' own processor with its attention replaced by deleaker_attention."""
@@ -77,39 +123,15 @@ def test_processor_equals_the_op_called_on_stock_projections(components, monkeyp
     steps = 3
 
     state = DeLeakerState(entity_mask=mask, grid=grid, config=CONFIG)
-    ours, histories = [], []
-    for _ in range(steps):
-        ours.append(transformer(**inputs, joint_attention_kwargs={"deleaker_state": state})[0])
-        histories.append(state.history.clone())
-        state.advance()
+    ours, histories = run_with_state(transformer, inputs, state, steps)
 
-    # Independent path: stock FluxAttnProcessor everywhere, its attention call replaced by the functional op,
-    # block steps counted from the call order (every block of every step runs, in order).
-    calls = {"n": 0, "history": None}
-
-    def op_attention(query, key, value, attn_mask=None, **_):
-        t = calls["n"]
-        calls["n"] += 1
-        out, calls["history"] = deleaker_attention(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            mask,
-            grid=grid,
-            block_step=t,
-            history=calls["history"],
-            config=CONFIG,
-        )
-        return out.transpose(1, 2)
-
+    # Independent path: stock FluxAttnProcessor everywhere, its attention call replaced by the functional op.
+    op = OpAttention(mask, grid, CONFIG)
     stock = copy.deepcopy(transformer)
     stock.set_attn_processor(transformer_flux.FluxAttnProcessor())
-    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", op_attention)
-    for step in range(steps):
-        theirs = stock(**inputs)[0]
-        torch.testing.assert_close(ours[step], theirs, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(histories[step], calls["history"], rtol=1e-5, atol=1e-7)
-    assert calls["n"] == steps * pipe.num_blocks
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", op)
+    assert_stock_with_op_equals(stock, inputs, op, ours, histories)
+    assert op.calls == steps * pipe.num_blocks
 
     # The case exercised the edits: the output differs from the same model without DeLeaker.
     monkeypatch.undo()

@@ -23,7 +23,7 @@ from diffusers.models.transformers import transformer_flux
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift
 from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
-from deleaker import DeLeakerConfig, deleaker_attention
+from deleaker import DeLeakerConfig
 from deleaker import processor as processor_mod
 from deleaker.config import REFERENCE_NUM_BLOCKS
 from deleaker.errors import ConfigError
@@ -39,7 +39,7 @@ from deleaker.tiny import build_tiny_flux_components, save_tiny_flux
 # The plugin library built against the stand-in headers (a session fixture) and the TensorRT-RTX child helpers.
 # FLUX.1's prompt, T and DeLeaker windows (inside the first steps of the 4-block tiny model, thresholds that give
 # masks on random weights, no smoothing): DeLeaker really edits the tiny schnell too.
-from test_processor_pipeline import CONFIG, PROMPT, TEXT_LEN
+from test_processor_pipeline import CONFIG, PROMPT, TEXT_LEN, OpAttention
 from test_trt_plugin_library import _rtx_env, deleaker_trt, read_every_plan_fields, stand_in_library  # noqa: F401
 
 ENTITIES = ("cat", "cheetah")
@@ -161,21 +161,12 @@ def test_every_deleaker_attention_is_the_op_on_the_models_projections(schnell_co
     state = pipe.deleaker_state(PROMPT, list(ENTITIES), height=64, width=64, max_sequence_length=TEXT_LEN,
                                 deleaker_config=CONFIG)
 
-    calls = {"n": 0, "history": None}
-
-    def op_attention(query, key, value, attn_mask=None, **_):
-        out, calls["history"] = deleaker_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), state.entity_mask, grid=state.grid,
-            block_step=calls["n"], history=calls["history"], config=CONFIG,
-        )
-        calls["n"] += 1
-        return out.transpose(1, 2)
-
+    op = OpAttention(state.entity_mask, state.grid, CONFIG)
     stock = FluxPipeline(**_copy(schnell_components))
-    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", op_attention)
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", op)
     theirs_latents, theirs_image = _flux_latents(stock, 4)
     monkeypatch.undo()
-    assert calls["n"] == 4 * pipe.num_blocks
+    assert op.calls == 4 * pipe.num_blocks
     for ours, theirs in zip(ours_latents, theirs_latents):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert psnr(ours_image, theirs_image) > 40
