@@ -3,6 +3,10 @@ importable here."""
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,3 +159,33 @@ def trt():
         return trt_library.import_tensorrt()
     except trt_library.TensorRTUnavailableError as err:
         pytest.skip(f"neither tensorrt nor tensorrt_rtx imports ({type(err).__name__})")
+
+
+@pytest.fixture
+def make_special_file() -> Iterator[Callable[..., None]]:
+    """``make(path, kind, target=None, target_bytes=b"theirs")`` puts something that is not a regular file at
+    ``path``: a "symlink" to ``target`` (written with ``target_bytes`` first), a "dangling symlink" to ``target``, a
+    "fifo", a "socket" (bound; closed at teardown) or a "folder". For the refusals of our lock and output names."""
+    sockets: list[socket.socket] = []
+
+    def make(path: Path, kind: str, target: Path | None = None, target_bytes: bytes = b"theirs") -> None:
+        if kind == "symlink":
+            assert target is not None
+            target.write_bytes(target_bytes)
+            path.symlink_to(target)
+        elif kind == "dangling symlink":
+            assert target is not None
+            path.symlink_to(target)
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "socket":
+            sockets.append(socket.socket(socket.AF_UNIX))
+            sockets[-1].bind(str(path))
+        elif kind == "folder":
+            path.mkdir()
+        else:
+            raise ValueError(f"unknown special file kind {kind!r}")
+
+    yield make
+    for sock in sockets:
+        sock.close()

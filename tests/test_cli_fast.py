@@ -334,32 +334,19 @@ def test_batch_never_replaces_a_file_it_did_not_write(tmp_path, stranger, overwr
 
 @pytest.mark.parametrize("kind", ["fifo", "socket", "symlink"])
 @pytest.mark.parametrize("mode", ["batch", "single"])
-def test_special_file_at_an_output_path_is_refused_unopened(tmp_path, kind, mode):
+def test_special_file_at_an_output_path_is_refused_unopened(tmp_path, kind, mode, make_special_file):
     """A FIFO at an output path blocked forever in Image.open once the model had loaded. Whatever is there and is
     not a regular file is refused before any work, never opened nor replaced."""
     import os
-    import socket
 
     prompts = _one_line_batch(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     target = out / ("0000.png" if mode == "batch" else "x.png")
-    sock = None
-    if kind == "fifo":
-        os.mkfifo(target)
-    elif kind == "socket":
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(str(target))
-    else:
-        (tmp_path / "elsewhere.png").write_bytes(b"the user's")
-        target.symlink_to(tmp_path / "elsewhere.png")
-    try:
-        args = ["--prompts", prompts, "--out-dir", out] if mode == "batch" else [
-            "--prompt", "a cat and a dog", "--entities", "cat,dog", "--out", target]
-        done, seconds = _cli("run", "--model", "tiny", *args)
-    finally:
-        if sock is not None:
-            sock.close()
+    make_special_file(target, kind, tmp_path / "elsewhere.png", b"the user's")
+    args = ["--prompts", prompts, "--out-dir", out] if mode == "batch" else [
+        "--prompt", "a cat and a dog", "--entities", "cat,dog", "--out", target]
+    done, seconds = _cli("run", "--model", "tiny", *args)
     named = {"fifo": "a FIFO", "socket": "a socket", "symlink": "a symbolic link"}[kind]
     assert done.returncode == 1 and f"output {target} is {named}, not a regular file" in done.stderr, done.stderr
     assert "TORCH_IMPORTED=False" in done.stderr and seconds < BOUND_S

@@ -4,7 +4,6 @@ name, no folder created), with real processes and threads holding real ``flock``
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -69,20 +68,10 @@ def test_another_process_holds_it_until_it_dies(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "socket", "folder"])
-def test_anything_but_a_regular_file_at_the_name_is_refused_unopened(tmp_path: Path, kind: str) -> None:
+def test_anything_but_a_regular_file_at_the_name_is_refused_unopened(tmp_path: Path, kind: str,
+                                                                    make_special_file) -> None:
     path, target = tmp_path / ".x.lock", tmp_path / "target"
-    if kind == "symlink":
-        target.write_text("theirs")
-        path.symlink_to(target)
-    elif kind == "dangling symlink":
-        path.symlink_to(target)
-    elif kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "socket":
-        server = socket.socket(socket.AF_UNIX)
-        server.bind(str(path))
-    else:
-        path.mkdir()
+    make_special_file(path, kind, target)
     with pytest.raises(LockError, match="is not a regular file"):
         with exclusive_lock(path):
             pass
