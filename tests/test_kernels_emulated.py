@@ -560,8 +560,8 @@ MUTANTS = {
     # A barrier reached by only some threads of the block (one thread leaves the correction's persistent loop).
     "divergent_syncthreads": (
         "deleaker_correction.cuh",
-        "  if (!window_of(p).intervene) return;\n  // Nothing but the iteration count",
-        "  if (!window_of(p).intervene || threadIdx.x == 5) return;\n  // Nothing but the iteration count",
+        "  if (!window_of(p).intervene) return;\n  for_each_band_row_tile(",
+        "  if (!window_of(p).intervene || threadIdx.x == 5) return;\n  for_each_band_row_tile(",
     ),
     # The first head block of a row tile to finish takes the head mean, before the other heads wrote theirs.
     "head_mean_by_first_block": (

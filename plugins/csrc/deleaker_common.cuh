@@ -316,6 +316,24 @@ __device__ __forceinline__ BandTiles band_tiles_of(const Workspace& ws, int band
   return BandTiles{(rows + kTile - 1) / kTile, (largest + kTile - 1) / kTile};
 }
 
+// The persistent-grid loop of the kernels whose items are band `band`'s (row tile, head, sample), heads fastest:
+// block blockIdx.x runs items blockIdx.x, blockIdx.x + gridDim.x, ... below the band's U row tiles (band_tiles_of)
+// times heads times batch, each as run_tile(b, h, row_tile). Nothing but the iteration count lives across an item
+// (the work is read again after the barrier), so the tile's registers stay what they are with one block per tile.
+template <typename RunTile>
+__device__ __forceinline__ void for_each_band_row_tile(const DeLeakerParams& p, const Workspace& ws, int band,
+                                                       RunTile run_tile) {
+#pragma unroll 1
+  for (int round = 0;; ++round) {
+    __syncthreads();  // the previous item's shared memory is no longer read
+    const int64_t per_tile = (int64_t)p.heads * p.batch;
+    const int64_t item = blockIdx.x + (int64_t)round * gridDim.x;
+    if (item >= band_tiles_of(ws, band).rows * per_tile) break;
+    const int64_t bh = item % per_tile;
+    run_tile((int)(bh / p.heads), (int)(bh % p.heads), (int)(item / per_tile));
+  }
+}
+
 // Byte offset of a shared-memory part, rounded up to 128 bytes (ldmatrix rows need 16).
 __host__ __device__ constexpr int smem_align(int bytes) { return (bytes + 127) / 128 * 128; }
 

@@ -207,16 +207,9 @@ __global__ void __launch_bounds__(kThreads, kFallbackBlocksPerSm) fallback_kerne
   wait_for_previous_kernel();
   if (!window_of(p).intervene) return;
   if (*ws.fallback_count == 0) return;  // no list of this call holds a row so far: nothing to recompute
-  // Nothing but the iteration count lives across an item (the work is read again after the barrier).
-#pragma unroll 1
-  for (int round = 0;; ++round) {
-    __syncthreads();  // the previous item's shared memory is no longer read
-    const int64_t per_tile = (int64_t)p.heads * p.batch;
-    const int64_t item = blockIdx.x + (int64_t)round * gridDim.x;
-    if (item >= band_tiles_of(ws, band).rows * per_tile) break;
-    const int64_t bh = item % per_tile;
-    fallback_tile<Elem, D>(p, ws, band, (int)(bh / p.heads), (int)(bh % p.heads), (int)(item / per_tile));
-  }
+  for_each_band_row_tile(p, ws, band, [&](int b, int h, int list_tile) {
+    fallback_tile<Elem, D>(p, ws, band, b, h, list_tile);
+  });
 }
 
 }  // namespace deleaker
