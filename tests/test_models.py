@@ -17,7 +17,7 @@ import torch
 from deleaker import models
 from deleaker.errors import ConfigError
 from deleaker.models import check_model_source, names_builtin_tiny
-from deleaker.runtime import runtime as runtime_mod
+from deleaker.runtime import model_loading as model_loading_mod
 from deleaker.runtime.runtime import DeLeakerRuntime, GenerationRequest
 from deleaker.tiny import save_tiny_flux
 
@@ -112,8 +112,8 @@ def test_a_runtime_from_a_folder_reuses_its_export_without_hashing_the_weights(t
     (entry,) = [p for p in (cache / "onnx").iterdir() if p.is_dir() and not p.name.startswith(".")]
 
     hashed = []
-    real_hash = runtime_mod.transformer_sha256
-    monkeypatch.setattr(runtime_mod, "transformer_sha256", lambda t: hashed.append(t) or real_hash(t))
+    real_hash = model_loading_mod.transformer_sha256
+    monkeypatch.setattr(model_loading_mod, "transformer_sha256", lambda t: hashed.append(t) or real_hash(t))
     again = DeLeakerRuntime.from_model(folder, text_len=16, cache_dir=cache).generate(request)
     assert hashed == [] and again.image.tobytes() == first.image.tobytes()
     assert [p for p in (cache / "onnx").iterdir() if p.is_dir() and not p.name.startswith(".")] == [entry]
@@ -130,8 +130,8 @@ def test_in_memory_components_are_hashed_once_per_runtime(tiny_components, tmp_p
     import copy
 
     hashed = []
-    real_hash = runtime_mod.transformer_sha256
-    monkeypatch.setattr(runtime_mod, "transformer_sha256", lambda t: hashed.append(t) or real_hash(t))
+    real_hash = model_loading_mod.transformer_sha256
+    monkeypatch.setattr(model_loading_mod, "transformer_sha256", lambda t: hashed.append(t) or real_hash(t))
     components = {k: copy.deepcopy(v) for k, v in tiny_components.items()}
     rt = DeLeakerRuntime.from_components(components, model_id="tiny", text_len=16, cache_dir=tmp_path)
     for side in (64, 128):
