@@ -44,6 +44,12 @@ def _op_inputs(batch: int = 2, heads: int = 2, head_dim: int = 8, seed: int = 0)
     return q, k, v, mask, history
 
 
+
+def _runs_ok_in_a_fresh_python(script: str, *, timeout: int) -> None:
+    """``script`` run by a new interpreter (nothing imported yet) exits 0 and prints ``ok`` last."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
 def test_knob_order_is_the_configs():
     assert config_from_knobs(*config_kwargs(CONFIG).values()) == CONFIG
     assert KNOB_NAMES == tuple(config_kwargs(CONFIG))
@@ -145,8 +151,7 @@ def test_core_does_not_import_the_plugins_and_the_plugins_register_the_cuda_kern
         "assert has('deleaker::attention', 'CUDA')\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    _runs_ok_in_a_fresh_python(script, timeout=300)
 
 
 def test_cuda_kernel_runs_the_reference_for_inputs_the_kernels_cannot_take():
@@ -182,8 +187,7 @@ def test_kernel_providers_come_from_the_entry_point_group_and_load_only_off_the_
         "assert 'deleaker.plugins.torch_op' in sys.modules and has('deleaker::attention', 'CUDA')\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    _runs_ok_in_a_fresh_python(script, timeout=300)
 
 
 @pytest.mark.gpu
@@ -209,5 +213,4 @@ def test_first_cuda_call_loads_the_fused_kernels_and_takes_them():
         "assert all(torch.equal(a, b) for a, b in zip(got, want))\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    _runs_ok_in_a_fresh_python(script, timeout=600)
